@@ -1,0 +1,17 @@
+# The README's two set-up commands: `make run` (default job) and `make test` (the tests).
+# Both install everything a fresh machine needs first (Debian data package + pip packages).
+PYTHON ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+WORKDIR ?= runs/default
+
+.PHONY: install run test
+install:
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+run: install
+	$(PYTHON) -m cmix_jax.main --config=configs/default.py --workdir=$(WORKDIR)
+
+test: install
+	$(PYTHON) -m pytest tests

@@ -1,0 +1,35 @@
+"""Entry point: `python -m cmix_jax.main --config=configs/default.py --workdir=DIR`.
+
+Any config field can be overridden on the command line, e.g. `--config.seed=3`.
+"""
+
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and pictures.')
+flags.DEFINE_bool('allow_config_change', False,
+                  'Resume a workdir even if its saved config differs from --config.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep it off accelerators.
+  from cmix_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('workdir: %s', FLAGS.workdir)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+
+
+if __name__ == '__main__':
+  app.run(main)

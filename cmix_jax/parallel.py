@@ -1,0 +1,136 @@
+"""All data-parallel wiring: device mesh, replication, batch sharding, pmap / shard_map.
+
+Step functions elsewhere are written as per-device code whose collectives name
+the axis `AXIS`. This module is the only place that maps them over devices, so
+`pmap`, `shard_map` and a one-device run share one layout: every array carries a
+leading device axis [D, ...], sharded over the 1-D mesh axis 'batch'.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = 'batch'
+BACKENDS = ('pmap', 'shard_map')
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """The devices a run uses: a 1-D mesh over all processes' devices, axis 'batch'."""
+  mesh: Mesh
+
+  @property
+  def devices(self) -> list:
+    return list(self.mesh.devices.flat)
+
+  @property
+  def local_devices(self) -> list:
+    return [d for d in self.devices if d.process_index == jax.process_index()]
+
+  @property
+  def num_devices(self) -> int:
+    return len(self.devices)
+
+  @property
+  def num_local_devices(self) -> int:
+    return len(self.local_devices)
+
+  @property
+  def stacked(self) -> NamedSharding:
+    """Sharding of a [D, ...] array: row i lives on device i."""
+    return NamedSharding(self.mesh, P(AXIS))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+
+def make_topology(num_devices: int = -1) -> Topology:
+  """Mesh over every device of every process, or the first `num_devices` (one process)."""
+  devices = jax.devices()
+  if num_devices not in (-1, None):
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise ValueError(
+          f'num_devices={num_devices} is only supported in a single process; '
+          f'multi-host runs use all {len(devices)} devices (set --config.num_devices=-1).')
+    if not 1 <= num_devices <= len(devices):
+      raise ValueError(f'num_devices={num_devices} but {len(devices)} devices exist; '
+                       'set --config.num_devices to -1 or a number in range.')
+    devices = devices[:num_devices]
+  return Topology(Mesh(np.asarray(devices), (AXIS,)))
+
+
+def _stack_local(x, topo: Topology):
+  """Host value -> global [D, ...] array holding one copy per device."""
+  x = np.asarray(x)
+  local = np.broadcast_to(x[None], (topo.num_local_devices,) + x.shape)
+  return jax.make_array_from_process_local_data(
+      topo.stacked, local, (topo.num_devices,) + x.shape)
+
+
+def replicate(tree: Any, topo: Topology) -> Any:
+  """Copies a host/replicated pytree onto every device as stacked [D, ...] arrays."""
+  return jax.tree.map(lambda x: _stack_local(jax.device_get(x), topo), tree)
+
+
+def shard_batch(batch: dict, topo: Topology) -> dict:
+  """This process's [L, b, ...] numpy batch -> global [D, b, ...] arrays."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(
+        topo.stacked, x, (topo.num_devices,) + x.shape[1:])
+  return jax.tree.map(put, batch)
+
+
+@functools.lru_cache(maxsize=None)
+def _first_replica_fn(topo: Topology):
+  return jax.jit(lambda t: jax.tree.map(lambda x: x[0], t), out_shardings=topo.replicated)
+
+
+def unreplicate(tree: Any, topo: Topology) -> Any:
+  """Stacked [D, ...] pytree -> device 0's copy, replicated (checkpointable on any host)."""
+  return _first_replica_fn(topo)(tree)
+
+
+def first_replica_to_host(tree: Any) -> Any:
+  """Stacked pytree -> numpy copy of the first local replica (metrics, logging)."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0]
+                      if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
+
+
+def _squeeze_apply(fn: Callable, num_args: int):
+  """Per-device fn on [1, ...] blocks: drop the device axis, call, put it back."""
+  def wrapped(*args):
+    squeezed = jax.tree.map(lambda x: x[0], args[:num_args])
+    out = fn(*squeezed)
+    return jax.tree.map(lambda x: jnp.expand_dims(x, 0), out)
+  return wrapped
+
+
+def parallelize(fn: Callable, topo: Topology, *, backend: str = 'pmap',
+                num_args: int = 2, donate_first: bool = True) -> Callable:
+  """Maps per-device `fn(*args)` over the mesh; all args and outputs are stacked [D, ...]."""
+  donate = (0,) if donate_first else ()
+  if backend == 'pmap':
+    return jax.pmap(fn, axis_name=AXIS, devices=topo.local_devices if jax.process_count() == 1
+                    else None, donate_argnums=donate)
+  if backend == 'shard_map':
+    mapped = jax.shard_map(_squeeze_apply(fn, num_args), mesh=topo.mesh,
+                           in_specs=(P(AXIS),) * num_args, out_specs=P(AXIS),
+                           check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate)
+  raise ValueError(f'unknown parallel backend {backend!r}; use one of {BACKENDS}.')
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, cpu_collectives: str | None = None) -> None:
+  """Joins a multi-host run (no-op for single-process runs with no address given)."""
+  if cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)

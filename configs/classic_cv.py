@@ -1,0 +1,81 @@
+"""The paper's USB classic-CV settings, built from `algorithm,dataset,num_labels,seed[,variant]`.
+
+Command (needs the TFDS data set in --config.data.data_dir; see README "Data"):
+  python -m cmix_jax.main --config=configs/classic_cv.py:softmatch,cifar10,40,0 \
+      --config.calibratemix.enabled=True --workdir=runs/softmatch_cifar10_40_0_cmix
+`variant` is `base` (default), `cmix` (CalibrateMix on) or `randmix` (random-mixup ablation).
+Hyperparameters are USB's classic CV configs (METHOD.md section 2): 2^20 steps, B=64,
+mu=7, SGD 0.03 Nesterov, wd 5e-4 (1e-3 for CIFAR-100), EMA 0.999, CalibrateMix warm-up
+150,000 steps, passes=2 as the reference code. Expected result (WRN-28-2, CIFAR-10, 40
+labels): USB's published error rates in ../shared/usb_reference_results.csv
+(FixMatch 8.33 +- 1.41 %); CalibrateMix should keep the error and lower ECE.
+"""
+
+from configs import default
+
+# dataset -> (our data name, network, weight decay, labels settings of the paper)
+SETTINGS = {
+    'cifar10': ('cifar10', 'wrn_28_2', 5e-4, (40, 250, 4000)),
+    'cifar100': ('cifar100', 'wrn_28_8', 1e-3, (400, 2500, 10000)),
+    'svhn': ('svhn_cropped', 'wrn_28_2', 5e-4, (40, 250, 1000)),
+    'stl10': ('stl10', 'wrn_37_2', 5e-4, (40, 250, 1000)),
+    'imagenet': ('imagenet2012', 'resnet50', 3e-4, (100_000,)),
+}
+ALGORITHMS = ('supervised', 'fixmatch', 'flexmatch', 'softmatch')
+VARIANTS = ('base', 'cmix', 'randmix')
+SEEDS = (0, 1, 2)
+
+
+def parse(arg: str):
+  """'softmatch,cifar10,40,0[,cmix]' -> (algorithm, dataset, num_labels, seed, variant)."""
+  parts = [p.strip() for p in (arg or '').split(',')]
+  if len(parts) not in (4, 5):
+    raise ValueError(f'configs/classic_cv.py needs "algorithm,dataset,num_labels,seed[,variant]"'
+                     f', e.g. "fixmatch,cifar10,40,0"; got {arg!r}.')
+  algorithm, dataset, num_labels, seed = parts[:4]
+  variant = parts[4] if len(parts) == 5 else 'base'
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f'algorithm {algorithm!r}: use one of {ALGORITHMS}.')
+  if dataset not in SETTINGS:
+    raise ValueError(f'dataset {dataset!r}: use one of {tuple(SETTINGS)}.')
+  if variant not in VARIANTS:
+    raise ValueError(f'variant {variant!r}: use one of {VARIANTS}.')
+  return algorithm, dataset, int(num_labels), int(seed), variant
+
+
+def get_config(arg: str = 'fixmatch,cifar10,40,0'):
+  algorithm, dataset, num_labels, seed, variant = parse(arg)
+  data_name, network, weight_decay, _ = SETTINGS[dataset]
+  config = default.get_config()
+  config.seed = seed
+  config.algorithm = algorithm
+  config.num_train_steps = 2**20
+  config.log_every = 256
+  config.eval_every = 5120
+  config.checkpoint_every = 5120
+  config.max_to_keep = 2
+  config.data.name = data_name
+  config.data.data_dir = '~/tensorflow_datasets'
+  config.data.num_labels = num_labels
+  config.data.batch_size = 64
+  config.data.uratio = 7
+  config.data.eval_batch_size = 256
+  config.model.name = network
+  config.model.dtype = 'bfloat16'  # the reference runs with AMP on
+  config.optim.weight_decay = weight_decay
+  config.calibratemix.warmup_steps = 150_000
+  config.calibratemix.passes = 2
+  config.calibratemix.enabled = variant in ('cmix', 'randmix')
+  config.calibratemix.random_pairing = variant == 'randmix'
+  config.eval.selection = 'best_test'  # USB/reference practice; reports say so
+  return config
+
+
+def all_settings():
+  """Every (algorithm, dataset, num_labels, seed, variant) of the paper's tables."""
+  for dataset, (_, _, _, label_counts) in SETTINGS.items():
+    for num_labels in label_counts:
+      for algorithm in ('fixmatch', 'flexmatch', 'softmatch'):
+        for variant in ('base', 'cmix'):
+          for seed in SEEDS:
+            yield algorithm, dataset, num_labels, seed, variant

@@ -1,0 +1,86 @@
+"""Default: FixMatch on the embedded Fashion-MNIST (Debian package), small CNN, CPU-sized.
+
+Command (after the README's setup):
+  python -m cmix_jax.main --config=configs/default.py --workdir=runs/default
+Add `--config.calibratemix.enabled=True` for CalibrateMix on top of FixMatch, or
+`--config.algorithm=supervised` for the labeled-only baseline.
+Expected result: filled in by the measured default run (see README "Results").
+"""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default config; every field is documented beside it."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.algorithm = 'fixmatch'  # supervised | fixmatch | flexmatch | softmatch
+  config.num_train_steps = 3000
+  config.log_every = 50  # steps between metric writes (the only host syncs)
+  config.eval_every = 500
+  config.checkpoint_every = 500
+  config.max_to_keep = 2
+  config.num_devices = -1  # local devices to use; -1 = all
+  config.progress_bar = True
+  config.parallel_backend = 'pmap'  # pmap | shard_map (same per-device step code)
+  config.max_nonfinite_steps = 0  # skip up to this many NaN/Inf steps, then stop
+
+  config.distributed = ml_collections.ConfigDict()  # multi-host; env CMIX_* as fallback
+  config.distributed.coordinator_address = ''  # e.g. '10.0.0.1:1234'; '' = single process
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+  config.distributed.cpu_collectives = ''  # 'gloo' for multi-process CPU runs
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'fashion_mnist_debian'  # or a TFDS name, 'npz:PATH', 'folder:PATH', 'fake'
+  config.data.data_dir = 'data/tfds'  # TFDS data dir (ours is stored here once)
+  config.data.num_labels = 40  # class-balanced: num_labels / num_classes per class
+  config.data.batch_size = 32  # global labeled batch B
+  config.data.uratio = 7  # unlabeled batch = uratio * B (mu)
+  config.data.eval_batch_size = 500
+  config.data.include_lb_to_ulb = True  # USB: labeled samples are also unlabeled
+  config.data.crop_pad_frac = 0.125  # reflect padding of 12.5 % of the side
+  config.data.flip = True  # random horizontal flip in the weak view
+  config.data.randaugment_ops = 3
+  config.data.cutout = True
+  config.data.prefetch = 2
+  config.data.val_size = 0  # labeled validation slice for selection='best_val'
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'cnn_small'  # cnn_small | wrn_28_2 | wrn_28_8 | wrn_37_2 | resnet50
+  config.model.dtype = 'float32'  # 'bfloat16' computes in bf16; params, losses, tables stay f32
+  config.model.cross_replica_bn = False  # BN statistics over the global batch
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 0.03
+  config.optim.momentum = 0.9
+  config.optim.nesterov = True
+  config.optim.weight_decay = 5e-4  # coupled L2, not on params with ndim <= 1
+  config.optim.cosine_factor = 7 / 16  # lr * cos(factor * pi * k / K)
+  config.optim.ema_decay = 0.999
+
+  config.ssl = ml_collections.ConfigDict()
+  config.ssl.ulb_loss_ratio = 1.0  # lambda_u
+  config.ssl.label_smoothing = 0.0  # on the labeled loss (calibration baseline)
+  config.ssl.p_cutoff = 0.95  # fixmatch / flexmatch confidence threshold
+  config.ssl.thresh_warmup = True  # flexmatch
+  config.ssl.dist_align = True  # softmatch
+  config.ssl.ema_p = 0.999  # softmatch EMA of p_model, mu, sigma^2
+  config.ssl.n_sigma = 2.0  # softmatch
+
+  config.calibratemix = ml_collections.ConfigDict()
+  config.calibratemix.enabled = False
+  config.calibratemix.warmup_steps = 600  # base loss only up to here (reference: 150k of 1M)
+  config.calibratemix.passes = 2  # 2 = reference second forward pass; 1 = fused single pass
+  config.calibratemix.pair_k_frac = 15 / 224  # k most dissimilar as a fraction of the pool
+  config.calibratemix.mixup_alpha = 0.4
+  config.calibratemix.difficulty = 'margin'  # margin (AUM/APM) | confidence (cartography)
+  config.calibratemix.pair_space = 'pixels'  # pixels | features
+  config.calibratemix.apm_delta = 0.997
+  config.calibratemix.random_pairing = False  # True = random-mixup ablation (no split)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_bins = 10
+  config.eval.selection = 'best_test'  # final | best_val | best_test
+  config.eval.plots = True
+  return config
