@@ -1,0 +1,164 @@
+"""Times the batched pairing kernel against the reference's per-anchor Python loop.
+
+USB shapes: two pairings of 32 anchors x 224 pool of 32x32x3 images (+ the mixing),
+k = 15. The jitted kernel (`mixup.pair_dissimilar` twice + `mixup.mix`) is compared
+with a plain numpy loop doing what the reference does per anchor (cosine similarity
+against the pool, argsort, the k most dissimilar, one random choice, mix), and with
+the same loop in torch when torch is importable. Also times the whole jitted
+`targeted_mixup` (median splits included) at B=64, U=448.
+
+  python experiments/bench_pairing.py [--runs 30] [--warmup 3]
+"""
+
+import argparse
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cmix_jax import mixup
+
+N_ANCHORS, POOL, IMAGE, K, NUM_CLASSES = 32, 224, (32, 32, 3), 15, 10
+
+
+def _median_times(fns, runs: int, warmup: int) -> list[float]:
+  """Median wall time (s) of each fn(), runs interleaved so machine load hits all alike."""
+  for fn in fns:
+    for _ in range(warmup):
+      fn()
+  times = [[] for _ in fns]
+  for _ in range(runs):
+    for fn, record in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      record.append(time.perf_counter() - start)
+  return [statistics.median(record) for record in times]
+
+
+@jax.jit
+def _kernel(key, lb_easy, ulb_hard, lb_hard, ulb_easy):
+  """Both pairings + mixing, batched: the part the reference runs as a Python loop."""
+  key_1, key_2, key_lam1, key_lam2 = jax.random.split(key, 4)
+  partner_1 = mixup.pair_dissimilar(key_1, lb_easy, ulb_hard, K)  # [32]
+  partner_2 = mixup.pair_dissimilar(key_2, lb_hard, ulb_easy, K)  # [32]
+  lam_1 = jax.random.beta(key_lam1, 0.4, 0.4)
+  lam_2 = jax.random.beta(key_lam2, 0.4, 0.4)
+  x_1 = mixup.mix(lb_easy, ulb_hard[partner_1], lam_1)  # [32, 32, 32, 3]
+  x_2 = mixup.mix(lb_hard, ulb_easy[partner_2], lam_2)
+  return x_1, x_2, partner_1, partner_2
+
+
+def _numpy_pairing(rng, anchors, pool, pool_labels):
+  """The reference's loop, in numpy: one anchor at a time."""
+  lam = rng.beta(0.4, 0.4)
+  mixed = np.empty_like(anchors)
+  y_b = np.empty(len(anchors), np.int64)
+  pool_flat = pool.reshape(len(pool), -1)
+  for i in range(len(anchors)):
+    a = anchors[i].reshape(1, -1)
+    cos = (pool_flat @ a[0]) / np.maximum(
+        np.linalg.norm(pool_flat, axis=1) * np.linalg.norm(a), 1e-8)  # [224]
+    dissimilar = np.argsort(cos)[:K]
+    chosen = dissimilar[rng.integers(0, K)]
+    mixed[i] = lam * anchors[i] + (1 - lam) * pool[chosen]
+    y_b[i] = pool_labels[chosen]
+  return mixed, y_b, lam
+
+
+def _torch_loop_fn(data):
+  """The reference's loop in torch (on CUDA when available), or None without torch."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None, None
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  t = {k: torch.as_tensor(np.asarray(v)).to(device) for k, v in data.items()}
+
+  def pairing(x_easy, x_hard, y_hard):
+    lam = np.random.beta(0.4, 0.4)
+    mixed = torch.empty_like(x_easy)
+    y_b = torch.empty(x_easy.shape[0], dtype=torch.long, device=device)
+    for i in range(x_easy.shape[0]):
+      sim = F.cosine_similarity(x_easy[i].view(1, -1), x_hard.view(x_hard.shape[0], -1), dim=1)
+      _, top = torch.topk(sim, K, largest=False)
+      chosen = top[torch.randint(0, K, (1,)).item()]
+      mixed[i] = lam * x_easy[i] + (1 - lam) * x_hard[chosen]
+      y_b[i] = y_hard[chosen]
+    return mixed, y_b
+
+  def run():
+    pairing(t['lb_easy'], t['ulb_hard'], t['y_hard'])
+    pairing(t['lb_hard'], t['ulb_easy'], t['y_easy'])
+    if device == 'cuda':
+      torch.cuda.synchronize()
+  return run, device
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--runs', type=int, default=30)
+  parser.add_argument('--warmup', type=int, default=3)
+  args = parser.parse_args()
+
+  rng = np.random.default_rng(0)
+  data = {name: rng.normal(size=(n,) + IMAGE).astype(np.float32)
+          for name, n in (('lb_easy', N_ANCHORS), ('lb_hard', N_ANCHORS),
+                          ('ulb_hard', POOL), ('ulb_easy', POOL))}
+  data['y_hard'] = rng.integers(0, NUM_CLASSES, POOL)
+  data['y_easy'] = rng.integers(0, NUM_CLASSES, POOL)
+  device_data = {k: jnp.asarray(data[k]) for k in ('lb_easy', 'ulb_hard', 'lb_hard', 'ulb_easy')}
+  keys = iter(jax.random.split(jax.random.key(0), 10_000))
+
+  def run_kernel():
+    jax.block_until_ready(_kernel(next(keys), **device_data))
+
+  def run_numpy():
+    _numpy_pairing(rng, data['lb_easy'], data['ulb_hard'], data['y_hard'])
+    _numpy_pairing(rng, data['lb_hard'], data['ulb_easy'], data['y_easy'])
+
+  # Sanity: the kernel's partners lie in numpy's top-k most dissimilar sets.
+  _, _, partner_1, _ = _kernel(next(keys), **device_data)
+  flat = lambda x: x.reshape(len(x), -1) / np.linalg.norm(x.reshape(len(x), -1), axis=1,
+                                                          keepdims=True)
+  top_k = np.argsort(flat(data['lb_easy']) @ flat(data['ulb_hard']).T, axis=1)[:, :K]
+  assert all(p in row for p, row in zip(np.asarray(partner_1), top_k)), 'kernel left top-k'
+
+  print(f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); '
+        f'{N_ANCHORS} anchors x {POOL} pool of {IMAGE}, k={K}, two pairings + mixing; '
+        f'median of {args.runs} runs after {args.warmup} warm-up')
+  b, u = 2 * N_ANCHORS, 2 * POOL
+  full = jax.jit(functools.partial(mixup.targeted_mixup, num_classes=NUM_CLASSES))
+  full_inputs = dict(
+      x_lb=jnp.asarray(rng.normal(size=(b,) + IMAGE), jnp.float32),
+      y_lb=jnp.asarray(rng.integers(0, NUM_CLASSES, b)),
+      lb_difficulty=jnp.asarray(rng.normal(size=b), jnp.float32),
+      x_ulb=jnp.asarray(rng.normal(size=(u,) + IMAGE), jnp.float32),
+      pseudo_labels=jnp.asarray(rng.integers(0, NUM_CLASSES, u)),
+      ulb_difficulty=jnp.asarray(rng.normal(size=u), jnp.float32))
+  cases = [('jitted kernel (pair_dissimilar x2 + mix)', run_kernel),
+           ('numpy per-anchor loop', run_numpy),
+           (f'jitted targeted_mixup (B={b}, U={u}, splits included)',
+            lambda: jax.block_until_ready(full(next(keys), **full_inputs)))]
+  torch_run, torch_device = _torch_loop_fn(data)
+  if torch_run is not None:
+    cases.append((f'torch per-anchor loop ({torch_device})', torch_run))
+  else:
+    print('torch not importable: torch loop skipped')
+  seconds = _median_times([fn for _, fn in cases], args.runs, args.warmup)
+  rows = list(zip([name for name, _ in cases], seconds))
+  t_kernel, t_numpy = seconds[0], seconds[1]
+
+  for name, median in rows:
+    print(f'{name:58s} {median * 1e3:9.3f} ms   x{median / t_kernel:8.1f} vs kernel')
+  print(f'speed-up of the kernel over the numpy loop: {t_numpy / t_kernel:.1f}x '
+        f'(target >= 50x)')
+  if torch_run is not None:
+    print(f'speed-up of the kernel over the torch loop: {seconds[3] / t_kernel:.1f}x')
+
+
+if __name__ == '__main__':
+  main()
