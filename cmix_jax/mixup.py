@@ -143,8 +143,9 @@ def targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
 
   Low difficulty = hard (median split). Pairs on pair_lb / pair_ulb (e.g. features)
   when given, else on the images. One lambda ~ Beta(alpha, alpha) per set.
-  random_pairing: ablation with no split, every labeled sample gets a uniformly
-  random unlabeled partner, one lambda, all in set 1.
+  random_pairing: ablation with no difficulty split: the labeled batch is split at
+  random into the same two set sizes, each anchor gets a uniformly random unlabeled
+  partner; same loss (mix_1 + mix_2, one lambda per set) as the targeted version.
   """
   _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficulty,
                   pair_lb, pair_ulb, pair_k_frac, alpha, num_classes)
@@ -152,28 +153,26 @@ def targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
   b, u = x_lb.shape[0], x_ulb.shape[0]
 
   if random_pairing:
-    anchor_idx = jnp.arange(b, dtype=jnp.int32)  # [B]
+    # Ablation: a random (not difficulty) split of the labeled batch into the same two
+    # set sizes, each anchor with a uniformly random unlabeled partner.
+    order = jax.random.permutation(key_pair2, b).astype(jnp.int32)  # [B]
+    anchor_idx = jnp.concatenate([order[b // 2:], order[:b // 2]])  # [B]
     partner_idx = jax.random.randint(key_pair1, (b,), 0, u).astype(jnp.int32)  # [B]
-    lam = jax.random.beta(key_lam1, alpha, alpha, dtype=jnp.float32)
-    x, onehot_a, onehot_b = mix_pairs(x_lb, y_lb, anchor_idx, x_ulb, pseudo_labels,
-                                      partner_idx, lam, num_classes)
-    return MixedSets(x=x, onehot_a=onehot_a, onehot_b=onehot_b,
-                     lam_per_sample=jnp.full((b,), lam), lam1=lam, lam2=lam,
-                     anchor_idx=anchor_idx, partner_idx=partner_idx, num_first=b)
-
-  feats_lb = x_lb if pair_lb is None else pair_lb
-  feats_ulb = x_ulb if pair_ulb is None else pair_ulb
-  hard_lb, easy_lb = median_split(lb_difficulty)  # [B//2], [B - B//2]
-  hard_ulb, easy_ulb = median_split(ulb_difficulty)  # [U//2], [U - U//2]
-  k1 = num_candidates(pair_k_frac, hard_ulb.shape[0])
-  k2 = num_candidates(pair_k_frac, easy_ulb.shape[0])
-  partner1 = hard_ulb[pair_dissimilar(key_pair1, feats_lb[easy_lb], feats_ulb[hard_ulb], k1)]
-  partner2 = easy_ulb[pair_dissimilar(key_pair2, feats_lb[hard_lb], feats_ulb[easy_ulb], k2)]
-  anchor_idx = jnp.concatenate([easy_lb, hard_lb])  # [B]
-  partner_idx = jnp.concatenate([partner1, partner2])  # [B]
+    num_first = b - b // 2
+  else:
+    feats_lb = x_lb if pair_lb is None else pair_lb
+    feats_ulb = x_ulb if pair_ulb is None else pair_ulb
+    hard_lb, easy_lb = median_split(lb_difficulty)  # [B//2], [B - B//2]
+    hard_ulb, easy_ulb = median_split(ulb_difficulty)  # [U//2], [U - U//2]
+    k1 = num_candidates(pair_k_frac, hard_ulb.shape[0])
+    k2 = num_candidates(pair_k_frac, easy_ulb.shape[0])
+    partner1 = hard_ulb[pair_dissimilar(key_pair1, feats_lb[easy_lb], feats_ulb[hard_ulb], k1)]
+    partner2 = easy_ulb[pair_dissimilar(key_pair2, feats_lb[hard_lb], feats_ulb[easy_ulb], k2)]
+    anchor_idx = jnp.concatenate([easy_lb, hard_lb])  # [B]
+    partner_idx = jnp.concatenate([partner1, partner2])  # [B]
+    num_first = easy_lb.shape[0]
   lam1 = jax.random.beta(key_lam1, alpha, alpha, dtype=jnp.float32)
   lam2 = jax.random.beta(key_lam2, alpha, alpha, dtype=jnp.float32)
-  num_first = easy_lb.shape[0]
   lam_per_sample = jnp.concatenate([jnp.full((num_first,), lam1),
                                     jnp.full((b - num_first,), lam2)])  # [B]
   x, onehot_a, onehot_b = mix_pairs(x_lb, y_lb, anchor_idx, x_ulb, pseudo_labels,
