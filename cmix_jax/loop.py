@@ -123,17 +123,21 @@ def data_info(data) -> train.DataInfo:
                         mean=tuple(spec.mean), std=tuple(spec.std))
 
 
-def setup(config, workdir: str, allow_config_change: bool = False) -> Run:
-  """Validates, loads data and builds everything; writes nothing before all checks pass."""
+def setup(config, workdir: str, allow_config_change: bool = False, write: bool = True) -> Run:
+  """Validates, loads data and builds everything; writes nothing before all checks pass.
+
+  `write=False` (evaluation of an existing workdir) skips writing config and split.
+  """
   _init_distributed(config)
   topo = parallel.make_topology(config.num_devices)
   config_validation.validate(config, topo.num_devices)
   data = load_data(config)
   config_validation.validate(config, topo.num_devices, data.num_classes, len(data.train_labels))
-  check_workdir_config(config, workdir, allow_config_change)
+  if write:
+    check_workdir_config(config, workdir, allow_config_change)
   is_lead = jax.process_index() == 0
   info = data_info(data)
-  if is_lead:
+  if is_lead and write:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -146,7 +150,7 @@ def setup(config, workdir: str, allow_config_change: bool = False) -> Run:
       algorithm=algorithms.get_algorithm(config),
       manager=checkpointing.create_manager(workdir, config.max_to_keep),
       best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
-      writer=metric_writers.create_default_writer(workdir, just_logging=not is_lead),
+      writer=metric_writers.create_default_writer(workdir, just_logging=not (is_lead and write)),
       is_lead=is_lead)
 
 
@@ -186,7 +190,7 @@ def make_step_fns(run: Run) -> dict:
 
 def step_kind(config, step: int) -> str:
   cm = config.calibratemix
-  return 'mix' if cm.enabled and step >= cm.warmup_steps else 'base'
+  return 'mix' if cm.enabled and step > cm.warmup_steps else 'base'  # steps 0..warmup: base
 
 
 def train_iterator(run: Run, start_step: int):
@@ -232,17 +236,21 @@ def check_finite(summary: dict, state, config) -> None:
         '--config.max_nonfinite_steps to skip such steps.')
 
 
-def evaluate(run: Run, state, split: str = 'test') -> dict:
-  """EMA-model metrics on the test split or the labeled validation slice."""
-  eval_fn = _eval_fn(run)
+def split_arrays(run: Run, split: str):
+  """(images, labels) of the test split or of the labeled validation slice."""
   if split == 'test':
-    images, labels = run.data.test_images, run.data.test_labels
-  else:
-    images = datasets.ArrayImageSource(run.data.train_images.get(run.data.val_idx))
-    labels = run.data.train_labels[run.data.val_idx]
-  logits, labels = evaluation.predict(eval_fn, state, images, labels,
-                                      run.config.data.eval_batch_size, run.topo)
-  return evaluation.evaluate_logits(logits, labels, run.config.eval.num_bins)
+    return run.data.test_images, run.data.test_labels
+  val_images = datasets.ArrayImageSource(run.data.train_images.get(run.data.val_idx))
+  return val_images, run.data.train_labels[run.data.val_idx]
+
+
+def evaluate(run: Run, state, split: str = 'test') -> dict:
+  """EMA-model metrics on the test split or the labeled validation slice (streamed sums)."""
+  images, labels = split_arrays(run, split)
+  sums, _, _ = evaluation.accumulate(_eval_fn(run), state, images, labels,
+                                     run.config.data.eval_batch_size, run.topo,
+                                     run.info.num_classes)
+  return evaluation.result_from_sums(sums, run.config.eval.num_bins)
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,6 +278,7 @@ def periodic_eval(run: Run, state, step: int, meta: dict) -> dict:
   sel = selection_metric(run.config)
   if sel and record[f'{sel}/accuracy'] > meta['best'].get(f'{sel}/accuracy', -1.0):
     meta['best'] = dict(record)
+    meta['best_reliability'] = result['reliability']
     checkpointing.save(run.best_manager, step, parallel.unreplicate(state, run.topo),
                        {'record': record}, wait=True)
   if run.is_lead:
@@ -290,12 +299,10 @@ def save_checkpoint(run: Run, state, step: int, meta: dict, wait: bool = False) 
 def final_report(run: Run, state, result: dict, meta: dict, step: int) -> dict:
   """Writes eval.json (the selected checkpoint's metrics), pictures and the dynamics tables."""
   selection = run.config.eval.selection
-  selected = dict(result['metrics'])
-  selected_step = step
+  selected, selected_step, reliability = dict(result['metrics']), step, result['reliability']
   if selection != 'final' and meta['best']:
-    prefix = selection_metric(run.config) + '/'
     selected = {k[len('test/'):]: v for k, v in meta['best'].items() if k.startswith('test/')}
-    selected_step = meta['best']['step']
+    selected_step, reliability = meta['best']['step'], meta['best_reliability']
   report = {**selected, 'selection': selection, 'step': selected_step,
             'final': dict(result['metrics'], step=step), 'best': meta['best'],
             'num_train_steps': run.config.num_train_steps}
@@ -307,7 +314,7 @@ def final_report(run: Run, state, result: dict, meta: dict, step: int) -> dict:
                               title=f'{run.config.algorithm} final (EMA, step {step})')
       write_dynamics(run, state)
     with open(os.path.join(run.workdir, 'reliability.json'), 'w') as f:
-      json.dump(result['reliability'], f)
+      json.dump(reliability, f)  # of the selected checkpoint, like eval.json's top level
     _training_curves(run, meta)
   return report
 

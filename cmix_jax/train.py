@@ -152,7 +152,7 @@ def _update_dynamics(dyn, batch, logits_lb, logits_w, pseudo, step, config):
   dyn = dynamics.update_labeled(dyn, batch['idx_lb'], jax.lax.stop_gradient(logits_lb),
                                 batch['y_lb'], axis_name=AXIS)
   if logits_w is not None:
-    update_apm = step >= config.calibratemix.warmup_steps
+    update_apm = step > config.calibratemix.warmup_steps  # reference: skipped while it <= warmup
     dyn = dynamics.update_unlabeled(dyn, batch['idx_ulb'], jax.lax.stop_gradient(logits_w),
                                     pseudo.label, update_apm=update_apm,
                                     delta=config.calibratemix.apm_delta, axis_name=AXIS)

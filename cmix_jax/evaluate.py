@@ -1,0 +1,147 @@
+"""Evaluate a finished or running workdir's checkpoint on the test split.
+
+  python -m cmix_jax.evaluate --workdir=DIR [--checkpoint=STEP | --which=best] [--raw]
+                              [--temperature_scaling]
+
+Prints a table of every calibration metric, writes `<out>/eval_<tag>.json` and the
+reliability diagram / confidence histogram PNGs (EMA weights unless --raw).
+`--temperature_scaling` fits a temperature by NLL on the held-out labeled validation
+slice (data.val_size > 0; otherwise on the labeled training set, which is biased and
+said so) and reports the metrics before and after ("+TS"); training is never changed.
+"""
+
+import json
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+import ml_collections
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Workdir of a run (holds config.json and checkpoints/).')
+flags.DEFINE_integer('checkpoint', None, 'Step to evaluate (default: newest).')
+flags.DEFINE_enum('which', 'latest', ['latest', 'best'],
+                  'latest checkpoint, or the selection checkpoint kept in best/.')
+flags.DEFINE_bool('raw', False, 'Evaluate the raw weights instead of the EMA.')
+flags.DEFINE_bool('temperature_scaling', False, 'Also report metrics after fitting a temperature.')
+flags.DEFINE_string('out', None, 'Where to write results (default: the workdir).')
+flags.mark_flag_as_required('workdir')
+
+
+class EvaluateError(RuntimeError):
+  """A workdir without a usable config or checkpoint."""
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise EvaluateError(f'{workdir} has no config.json: is it a cmix_jax workdir? '
+                        'Pass the --workdir a training run wrote.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore(run, which: str, step: int | None):
+  """(step, stacked state) of the requested checkpoint."""
+  from cmix_jax import checkpointing, loop, parallel, train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  manager = run.best_manager if which == 'best' else run.manager
+  fresh = loop.to_replicated(train.create_train_state(
+      run.config, run.model, run.tx, run.algorithm, run.info, jax.random.key(0)), run.topo)
+  abstract = checkpointing.abstract_like(fresh)
+  if step is None:
+    restored = checkpointing.restore_latest(manager, abstract)
+    if restored is None:
+      raise EvaluateError(f'no checkpoint in {checkpointing.checkpoint_dir(run.workdir)}'
+                          f'{"/../best" if which == "best" else ""}: train first.')
+    step, state, _ = restored
+  else:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    if step not in manager.all_steps():
+      raise EvaluateError(f'no checkpoint at step {step} in {manager.directory}; '
+                          f'available: {sorted(manager.all_steps())}.')
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))['state']
+  return step, parallel.replicate(state, run.topo)
+
+
+def evaluate_workdir(workdir: str, which: str = 'latest', step: int | None = None,
+                     raw: bool = False, temperature_scaling: bool = False,
+                     out: str | None = None) -> dict:
+  """Evaluates one checkpoint; returns {'step', 'metrics', 'ts_metrics', 'temperature'}."""
+  from cmix_jax import evaluation, loop, metrics  # pylint: disable=g-import-not-at-top
+  config = load_config(workdir)
+  run = loop.setup(config, workdir, write=False)
+  step, state = restore(run, which, step)
+  backend = config.get('parallel_backend', 'pmap')
+  tag = f'{which}_{step}{"_raw" if raw else ""}'
+  out = out or workdir
+  images, labels = loop.split_arrays(run, 'test')
+  eval_fn = evaluation.make_eval_fn(run.model, run.info, run.topo, backend, use_ema=not raw)
+  sums, _, _ = evaluation.accumulate(eval_fn, state, images, labels,
+                                     config.data.eval_batch_size, run.topo, run.info.num_classes)
+  result = evaluation.result_from_sums(sums, config.eval.num_bins)
+  evaluation.write_report(result, out, prefix=f'eval_{tag}', title=f'{config.algorithm} {tag}')
+  report = {'step': step, 'which': which, 'weights': 'raw' if raw else 'ema',
+            'metrics': result['metrics']}
+  if temperature_scaling:
+    report.update(_temperature_scaled(run, state, backend, raw, out, tag))
+  with open(os.path.join(out, f'eval_{tag}.json'), 'w') as f:
+    json.dump(report, f, indent=2, sort_keys=True)
+  return report
+
+
+def _temperature_scaled(run, state, backend, raw, out, tag) -> dict:
+  """Fits T on held-out labeled data, then evaluates the test split with logits / T."""
+  from cmix_jax import evaluation, loop, metrics  # pylint: disable=g-import-not-at-top
+  from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  if len(run.data.val_idx):
+    fit_on = 'labeled validation slice'
+    images, labels = loop.split_arrays(run, 'val')
+  else:
+    fit_on = 'labeled TRAINING set (no data.val_size; biased towards T < optimum)'
+    images = datasets.ArrayImageSource(run.data.train_images.get(run.data.labeled_idx))
+    labels = run.data.train_labels[run.data.labeled_idx]
+  fit_fn = evaluation.make_eval_fn(run.model, run.info, run.topo, backend, use_ema=not raw,
+                                   return_logits=True)
+  _, logits, fit_labels = evaluation.accumulate(fit_fn, state, images, labels,
+                                                run.config.data.eval_batch_size, run.topo,
+                                                run.info.num_classes)
+  temperature = metrics.fit_temperature(logits, fit_labels)
+  ts_fn = evaluation.make_eval_fn(run.model, run.info, run.topo, backend, use_ema=not raw,
+                                  temperature=temperature)
+  test_images, test_labels = loop.split_arrays(run, 'test')
+  sums, _, _ = evaluation.accumulate(ts_fn, state, test_images, test_labels,
+                                     run.config.data.eval_batch_size, run.topo,
+                                     run.info.num_classes)
+  result = evaluation.result_from_sums(sums, run.config.eval.num_bins)
+  evaluation.write_report(result, out, prefix=f'eval_{tag}_ts',
+                          title=f'{run.config.algorithm} {tag} +TS (T={temperature:.3f})')
+  return {'temperature': temperature, 'temperature_fit_on': fit_on,
+          'ts_metrics': result['metrics']}
+
+
+def format_table(report: dict) -> str:
+  """Metrics as a Markdown table (with a +TS column when present)."""
+  ts = report.get('ts_metrics')
+  head = '| metric | value |' + (f' +TS (T={report["temperature"]:.3f}) |' if ts else '')
+  lines = [head, '|---|---|' + ('---|' if ts else '')]
+  for key, value in report['metrics'].items():
+    lines.append(f'| {key} | {value:.4f} |' + (f' {ts[key]:.4f} |' if ts else ''))
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  report = evaluate_workdir(FLAGS.workdir, FLAGS.which, FLAGS.checkpoint, FLAGS.raw,
+                            FLAGS.temperature_scaling, FLAGS.out)
+  print(f'{FLAGS.workdir}: {report["which"]} checkpoint, step {report["step"]}, '
+        f'{report["weights"]} weights')
+  print(format_table(report))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,166 @@
+"""loop.py: exact resume after SIGKILL, preemption, config checks, host syncs, NaN guard."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cmix_jax import config_validation
+from cmix_jax import loop
+from cmix_jax import parallel
+from tests import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _driver(*args, check=True, timeout=240):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m', 'tests.run_driver', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode:
+    raise AssertionError(f'driver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def _latest_state(workdir):
+  """The newest checkpoint's state as a numpy pytree (no template needed)."""
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'meta'))
+  step = mngr.latest_step()
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                        meta=ocp.args.JsonRestore()))
+  return step, jax.tree.map(np.asarray, restored['state']), restored['meta']
+
+
+def _train_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f) if r['kind'] == 'train'}
+
+
+def _assert_same_state(a, b):
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+  for path, x in flat_a:
+    np.testing.assert_array_equal(x, flat_b[path], err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
+  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
+  _driver(f'--workdir={straight}', '--devices=2', '--set=calibratemix.enabled=True')
+  proc = _driver(f'--workdir={killed}', '--devices=2', '--set=calibratemix.enabled=True',
+                 '--kill_after_checkpoint=2', check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]  # really killed, no clean exit
+  assert _latest_state(killed)[0] == 2
+  _driver(f'--workdir={killed}', '--devices=2', '--set=calibratemix.enabled=True')
+  step_a, state_a, _ = _latest_state(straight)
+  step_b, state_b, _ = _latest_state(killed)
+  assert step_a == step_b == 4
+  _assert_same_state(state_a, state_b)  # params, EMA, optimizer, dynamics, algo, rng
+  assert _train_records(straight)[4] == pytest.approx(_train_records(killed)[4], rel=1e-6)
+  with open(os.path.join(straight, 'eval.json')) as f:
+    eval_a = json.load(f)
+  with open(os.path.join(killed, 'eval.json')) as f:
+    eval_b = json.load(f)
+  assert eval_a['final']['accuracy'] == eval_b['final']['accuracy']
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  proc = _driver(f'--workdir={workdir}', '--sigterm_after_step=2')
+  assert 'Preempted: checkpoint saved at step 2' in proc.stdout
+  assert _latest_state(workdir)[0] == 2
+  proc = _driver(f'--workdir={workdir}')
+  assert 'RESULT False 4' in proc.stdout
+
+
+def test_resume_refuses_a_different_config_and_names_the_field(tmp_path):
+  config = tiny.config()
+  loop.setup(config, str(tmp_path))
+  changed = tiny.config()
+  changed.optim.lr = 0.1
+  with pytest.raises(config_validation.ConfigError, match='optim.lr'):
+    loop.setup(changed, str(tmp_path))
+  loop.setup(changed, str(tmp_path), allow_config_change=True)  # the explicit flag allows it
+  changed.log_every = 1  # logging cadence may change freely
+  loop.setup(changed, str(tmp_path))
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _driver(f'--workdir={workdir}')
+  ckpt = os.path.join(workdir, 'checkpoints', '4', 'state')
+  for root, _, files in os.walk(ckpt):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  run = loop.setup(tiny.config(), workdir)
+  _, meta = loop.initial_state(run)
+  assert int(meta['step']) == 2
+
+
+def test_steps_between_logs_never_sync_with_the_host(tmp_path):
+  run = loop.setup(tiny.config(), str(tmp_path))
+  state, _ = loop.initial_state(run)
+  state = parallel.replicate(state, run.topo)
+  fns = loop.make_step_fns(run)
+  batches = loop.train_iterator(run, 0)
+  with jax.transfer_guard_device_to_host('disallow'):
+    state, metrics = loop.run_steps(fns, state, batches, run.config, 0, 3)
+  batches.close()
+  assert len(metrics) == 3 and isinstance(metrics[0]['loss'], jax.Array)
+  summary = loop.summarize_metrics(metrics)  # the one sync, at the log interval
+  assert np.isfinite(summary['loss'])
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'nan')
+  _driver(f'--workdir={workdir}', '--set=num_train_steps=4')
+  _, good, _ = _latest_state(workdir)
+  config = tiny.config(steps=8)
+  config.optim.lr = float('nan')
+  with pytest.raises(loop.NonFiniteError, match='first at step 4'):
+    loop.run(config, workdir, allow_config_change=True)
+  step, state, _ = _latest_state(workdir)
+  assert step == 4
+  _assert_same_state(good, state)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_over_loopback_equal_one_process(tmp_path):
+  single = str(tmp_path / 'single')
+  multi = str(tmp_path / 'multi')
+  _driver(f'--workdir={single}', '--devices=8')
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'tests.run_driver', f'--workdir={multi}', '--devices=4',
+       f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, f'{out}\n{err[-4000:]}'
+  _, state_single, _ = _latest_state(single)
+  _, state_multi, _ = _latest_state(multi)
+  flat_s = jax.tree_util.tree_flatten_with_path(state_single)[0]
+  flat_m = dict(jax.tree_util.tree_flatten_with_path(state_multi)[0])
+  for path, x in flat_s:
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(flat_m[path], np.float64),
+                               rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  with open(os.path.join(single, 'eval.json')) as f:
+    single_eval = json.load(f)
+  with open(os.path.join(multi, 'eval.json')) as f:
+    multi_eval = json.load(f)
+  assert single_eval['final']['accuracy'] == pytest.approx(multi_eval['final']['accuracy'])
