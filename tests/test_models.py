@@ -1,4 +1,4 @@
-"""models: USB parameter counts, shapes, dtypes, BN momentum / cross-replica BN, USB's WRN quirks."""
+"""models: USB parameter counts, shapes, dtypes, BN momentum, cross-replica BN, USB WRN quirks."""
 
 import functools
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from cmix_jax import models
-from cmix_jax.models.resnet import ResNet
-from cmix_jax.models.wrn import WideResNet
+from cmix_jax.models.resnet import Bottleneck, ResNet
+from cmix_jax.models.wrn import WideBasicBlock, WideResNet
 
 
 def _init_key(seed=0):
@@ -79,10 +79,16 @@ def test_output_shapes_concrete(name, num_classes, image_shape, feature_dim):
     train_out, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
     return train_out, model.apply(variables, x, train=False)
 
-  for logits, features in train_and_eval(variables, x):
+  outputs = train_and_eval(variables, x)
+  for logits, features in outputs:
     assert logits.shape == (3, num_classes) and logits.dtype == jnp.float32
     assert features.shape == (3, feature_dim) and features.dtype == jnp.float32
     assert np.all(np.isfinite(logits))
+  if name == 'cnn_small_nobn':  # stateless: no batch_stats, train flag irrelevant
+    assert set(variables) == {'params'} and not any('bn' in k for k in variables['params'])
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+  else:
+    assert set(variables) == {'params', 'batch_stats'}
 
 
 @pytest.mark.parametrize('name,num_classes,image_shape,feature_dim', [
@@ -131,7 +137,8 @@ def test_bf16_params_stay_float32_and_logits_float32(name, image_shape):
   assert logits.dtype == jnp.float32 and features.dtype == jnp.float32
 
 
-@pytest.mark.parametrize('name,image_shape', [('cnn_small', (28, 28, 1)), ('wrn_28_2', (16, 16, 3))])
+@pytest.mark.parametrize('name,image_shape', [('cnn_small', (28, 28, 1)),
+                                              ('wrn_28_2', (16, 16, 3))])
 def test_bf16_computes_in_bf16(name, image_shape):
   """Every conv and BN output inside the net is bf16; only the returned arrays are float32."""
   model = models.create_model(name, 10, dtype=jnp.bfloat16)
@@ -169,17 +176,6 @@ def test_batch_stats_momentum_0999():
   assert not np.allclose(new['mean'], old['mean'], rtol=0, atol=1e-7)
 
 
-def test_nobn_model_has_no_batch_stats_and_train_flag_is_irrelevant():
-  model = models.create_model('cnn_small_nobn', 4)
-  variables = models.init_model(model, _init_key(), (12, 12, 1))
-  assert set(variables) == {'params'}
-  assert not any('bn' in k for k in variables['params'])
-  x = jax.random.normal(jax.random.key(1), (3, 12, 12, 1))
-  both = jax.jit(lambda v, x: (model.apply(v, x, train=True), model.apply(v, x, train=False)))
-  (train_logits, _), (eval_logits, _) = both(variables, x)
-  np.testing.assert_array_equal(train_logits, eval_logits)
-
-
 def test_leaky_relu_slope_by_hand():
   """One-conv CNN without BN, recomputed with slope 0.1 by hand."""
   model = models.create_model('cnn_small_nobn', 3, widths=(4,))
@@ -206,32 +202,22 @@ def small_wrn():
   return model, models.init_model(model, _init_key(), (8, 8, 3))
 
 
-def test_wrn_final_activation_is_leaky_relu_01(small_wrn):
-  model, variables = small_wrn
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-  (_, features), state = jax.jit(functools.partial(
-      model.apply, train=False, capture_intermediates=lambda mdl, _: mdl.name == 'bn_final',
-      mutable=['intermediates']))(variables, x)
-  z = state['intermediates']['bn_final']['__call__'][0]  # [2, 2, 2, 128]
-  assert np.any(z < 0)
-  np.testing.assert_allclose(features, np.where(z > 0, z, 0.1 * z).mean((1, 2)), rtol=1e-5,
-                             atol=1e-6)
-
-
-def test_wrn_activate_before_residual_and_usb_dead_bn(small_wrn):
+def test_wrn_activate_before_residual_dead_bn_and_final_leaky_relu(small_wrn):
   """USB: group 1's first block feeds BN-activated input to conv + shortcut; later groups' first
-  blocks feed the raw input, so their bn1 updates running stats but gets no gradient."""
+  blocks feed the raw input, so their bn1 updates running stats but gets no gradient.
+  Features are the pooled leaky-ReLU(0.1) of the final BN output."""
   model, variables = small_wrn
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   y = jnp.arange(4)
 
   def loss(params):
-    (logits, _), mutated = model.apply({'params': params,
-                                        'batch_stats': variables['batch_stats']},
-                                       x, train=True, mutable=['batch_stats'])
-    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), mutated
+    (logits, features), mutated = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
+        capture_intermediates=lambda mdl, _: mdl.name == 'bn_final',
+        mutable=['batch_stats', 'intermediates'])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), y]), (features, mutated)
 
-  grads, mutated = jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+  grads, (features, mutated) = jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
   live = grads['group1_block0']['bn1']
   assert np.abs(live['scale']).sum() > 0 and np.abs(live['bias']).sum() > 0
   for group in ('group2_block0', 'group3_block0'):
@@ -239,6 +225,10 @@ def test_wrn_activate_before_residual_and_usb_dead_bn(small_wrn):
     assert np.all(dead['scale'] == 0) and np.all(dead['bias'] == 0)
     stats = mutated['batch_stats'][group]['bn1']
     assert not np.allclose(stats['mean'], variables['batch_stats'][group]['bn1']['mean'])
+  z = mutated['intermediates']['bn_final']['__call__'][0]  # [4, 2, 2, 128]
+  assert np.any(z < 0)
+  np.testing.assert_allclose(features, np.where(z > 0, z, 0.1 * z).mean((1, 2)), rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_wrn_init_matches_usb(small_wrn):
@@ -257,12 +247,57 @@ def test_wrn_init_matches_usb(small_wrn):
   assert np.all(np.abs(stem_bias) <= 1 / np.sqrt(27)) and np.any(stem_bias != 0)
 
 
+def _conv(x, kernel, stride, padding):
+  """PyTorch-style conv: symmetric explicit padding."""
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('out_channels,stride,activate_before_residual', [
+    (8, 2, True), (8, 2, False), (4, 1, False)])
+def test_wide_basic_block_by_hand(out_channels, stride, activate_before_residual):
+  """Eval mode with fresh BN (mean 0, var 1, scale 1, shift 0): BN(x) = x / sqrt(1 + 1e-5)."""
+  block = WideBasicBlock(out_channels, stride, activate_before_residual)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 4))  # [2, 6, 6, 4]
+  variables = jax.jit(functools.partial(block.init, train=False))(_init_key(), x)
+  out = jax.jit(functools.partial(block.apply, train=False))(variables, x)
+  p = variables['params']
+  bn = lambda z: z / np.sqrt(1 + 1e-5)
+  act = lambda z: np.where(z > 0, z, 0.1 * z)
+  pre = act(bn(x))
+  branch_in = pre if (activate_before_residual or out_channels == 4) else x
+  y = act(bn(_conv(branch_in, p['conv1']['kernel'], stride, ((1, 1), (1, 1)))))
+  y = _conv(y, p['conv2']['kernel'], 1, ((1, 1), (1, 1)))
+  if out_channels == 4:
+    assert 'shortcut' not in p
+    shortcut = x
+  else:
+    shortcut = _conv(branch_in, p['shortcut']['kernel'], stride, 'VALID')
+  np.testing.assert_allclose(out, shortcut + y, rtol=1e-5, atol=1e-5)
+
+
+def test_bottleneck_v15_by_hand():
+  """ResNet v1.5: the stride sits on the 3x3 conv; projection 1x1 conv + BN on the shortcut."""
+  block = Bottleneck(4, stride=2)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 8))  # [2, 6, 6, 8]
+  variables = jax.jit(functools.partial(block.init, train=False))(_init_key(), x)
+  out = jax.jit(functools.partial(block.apply, train=False))(variables, x)
+  p = variables['params']
+  bn = lambda z: z / np.sqrt(1 + 1e-5)
+  relu = lambda z: np.maximum(z, 0)
+  y = relu(bn(_conv(x, p['conv1']['kernel'], 1, 'VALID')))
+  y = relu(bn(_conv(y, p['conv2']['kernel'], 2, ((1, 1), (1, 1)))))
+  y = bn(_conv(y, p['conv3']['kernel'], 1, 'VALID'))  # [2, 3, 3, 16]
+  shortcut = bn(_conv(x, p['proj_conv']['kernel'], 2, 'VALID'))
+  np.testing.assert_allclose(out, relu(shortcut + y), rtol=1e-5, atol=1e-5)
+
+
 def _tiny(kind):
   if kind == 'cnn_small':
     return lambda axis: models.create_model('cnn_small', 3, bn_axis_name=axis), (8, 8, 1)
   if kind == 'wrn':
     return lambda axis: WideResNet(3, depth=10, widen_factor=1, bn_axis_name=axis), (8, 8, 3)
-  return lambda axis: ResNet(3, stage_sizes=(1, 1, 1, 1), bn_axis_name=axis), (16, 16, 3)
+  return lambda axis: ResNet(3, stage_sizes=(1, 1), bn_axis_name=axis), (16, 16, 3)
 
 
 @pytest.mark.parametrize('kind', ['cnn_small', 'wrn', 'resnet'])

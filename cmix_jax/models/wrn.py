@@ -2,7 +2,9 @@
 
 WRN-28-2 (CIFAR-10, SVHN), WRN-28-8 (CIFAR-100) and USB's WRN-var-37-2 (STL-10, 96x96).
 Layout, initialisers, BN settings and the first group's activate_before_residual follow
-USB's current code, quirks included (see WideBasicBlock).
+USB's current code (block convs without bias, block BN eps 1e-5, final BN eps 1e-3),
+quirks included (see WideBasicBlock). An older USB revision used eps 1e-3 in every BN,
+biased block convs and no activate_before_residual; block_bn_eps=1e-3 gives its BN setting.
 """
 
 import functools
