@@ -109,11 +109,26 @@ def _init_distributed(config) -> None:
         dist.cpu_collectives or None)
 
 
-def load_data(config):
-  return datasets.load_ssl_data(
-      config.data.name, config.data.data_dir, config.data.num_labels, config.seed,
-      val_size=config.data.val_size, include_lb_to_ulb=config.data.include_lb_to_ulb,
-      fake_kwargs=config.data.get('fake', None) and config.data.fake.to_dict())
+def open_data(config):
+  """The raw data set (spec, splits), before any labeled/unlabeled split is drawn."""
+  fake = config.data.get('fake', None)
+  return datasets.open_dataset(config.data.name, os.path.expanduser(config.data.data_dir),
+                               fake.to_dict() if fake is not None else None)
+
+
+def split_data(config, raw):
+  """Labeled / validation / unlabeled sets of a raw data set, drawn from the config's seed."""
+  return datasets.make_ssl_data(raw, config.data.num_labels, config.seed,
+                                val_size=config.data.val_size,
+                                include_lb_to_ulb=config.data.include_lb_to_ulb)
+
+
+def _static_data_facts(config) -> tuple[int | None, int | None]:
+  """(num_classes, num_train) known before reading any data, so checks come first."""
+  if config.data.name == 'fake' and config.data.get('fake') is not None:
+    return int(config.data.fake.num_classes), int(config.data.fake.num_train)
+  spec = datasets.SPECS.get(config.data.name)
+  return (spec.num_classes if spec else None), None
 
 
 def data_info(data) -> train.DataInfo:
@@ -130,9 +145,11 @@ def setup(config, workdir: str, allow_config_change: bool = False, write: bool =
   """
   _init_distributed(config)
   topo = parallel.make_topology(config.num_devices)
-  config_validation.validate(config, topo.num_devices)
-  data = load_data(config)
-  config_validation.validate(config, topo.num_devices, data.num_classes, len(data.train_labels))
+  config_validation.validate(config, topo.num_devices, *_static_data_facts(config))
+  raw = open_data(config)
+  config_validation.validate(config, topo.num_devices, raw.spec.num_classes,
+                             len(raw.train_labels))
+  data = split_data(config, raw)
   if write:
     check_workdir_config(config, workdir, allow_config_change)
   is_lead = jax.process_index() == 0

@@ -1,0 +1,626 @@
+"""Data sets on the host: specs, TFDS storage/reading, and the SSL view (labeled/unlabeled/test).
+
+TFDS and TensorFlow are imported only inside the functions that touch TFDS, so fake data and
+the pipeline tests run without them.
+"""
+
+import concurrent.futures
+import dataclasses
+import gzip
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import uuid
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from cmix_jax.data import splits
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STORE_VERSION = '1.0.0'  # version of every data set we store ourselves
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package dataset-fashion-mnist
+FASHION_MNIST_COUNTS = {'train': 60_000, 'test': 10_000}
+_READ_CHUNK = 4096  # examples decoded per chunk when reading a whole split
+_INCOMPLETE_PREFIX = '.incomplete-'
+
+
+class DataNotFoundError(ValueError):
+  """A data set is not stored under data_dir; the message says how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What the trainer needs to know about a data set (normalisation in 0..1 pixel units)."""
+  name: str
+  tfds_name: str
+  num_classes: int
+  image_shape: tuple[int, int, int]  # (H, W, C) as fed to the model
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  flip: bool = True  # random horizontal flip in the weak view (USB flips SVHN too)
+  train_split: str = 'train'
+  test_split: str = 'test'
+  extra_unlabeled_split: str | None = None
+  how_to_get: str = ''
+  in_memory: bool = True  # False: random-access source decoded per batch (ImageNet)
+  resize: bool = False  # resize shorter side to image_shape + center crop on read
+
+
+def _tfds_build_hint(tfds_name: str, extra: str = '') -> str:
+  return (f'on a machine with internet run `tfds build {tfds_name} --data_dir=<data_dir>'
+          f'{extra}`, then copy <data_dir>/{tfds_name} into your data_dir (or point '
+          '--config.data.data_dir at it).')
+
+
+SPECS: dict[str, DatasetSpec] = {
+    # Mean/std: computed once from the 60,000 train images of the Debian IDX files as
+    # mean and population std of pixel/255 over all pixels (float64): 0.286041, 0.353024.
+    'fashion_mnist_debian': DatasetSpec(
+        name='fashion_mnist_debian', tfds_name='fashion_mnist_debian', num_classes=10,
+        image_shape=(28, 28, 1), mean=(0.286041,), std=(0.353024,),
+        how_to_get='install the Debian package: `apt-get install dataset-fashion-mnist` (it '
+        f'puts the IDX files in {FASHION_MNIST_DIR}); the first run stores them under '
+        'data_dir.'),
+    'cifar10': DatasetSpec(
+        name='cifar10', tfds_name='cifar10', num_classes=10, image_shape=(32, 32, 3),
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, how_to_get=_tfds_build_hint('cifar10')),
+    'cifar100': DatasetSpec(
+        name='cifar100', tfds_name='cifar100', num_classes=100, image_shape=(32, 32, 3),
+        mean=(129.3 / 255, 124.1 / 255, 112.4 / 255), std=(68.2 / 255, 65.4 / 255, 70.4 / 255),
+        how_to_get=_tfds_build_hint('cifar100')),
+    'svhn_cropped': DatasetSpec(
+        name='svhn_cropped', tfds_name='svhn_cropped', num_classes=10, image_shape=(32, 32, 3),
+        mean=(0.4380, 0.4440, 0.4730), std=(0.1751, 0.1771, 0.1744),
+        extra_unlabeled_split='extra', how_to_get=_tfds_build_hint('svhn_cropped')),
+    'stl10': DatasetSpec(
+        name='stl10', tfds_name='stl10', num_classes=10, image_shape=(96, 96, 3),
+        mean=(112.4 / 255, 109.1 / 255, 98.6 / 255), std=(68.4 / 255, 66.6 / 255, 68.5 / 255),
+        extra_unlabeled_split='unlabelled', how_to_get=_tfds_build_hint('stl10')),
+    'imagenet2012': DatasetSpec(
+        name='imagenet2012', tfds_name='imagenet2012', num_classes=1000,
+        image_shape=(224, 224, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        test_split='validation', in_memory=False, resize=True,
+        how_to_get='put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and '
+        + _tfds_build_hint('imagenet2012', ' --file_format=array_record')),
+    # Template only: load_ssl_data('fake', fake_kwargs=...) replaces shape/classes.
+    'fake': DatasetSpec(
+        name='fake', tfds_name='', num_classes=10, image_shape=(32, 32, 3),
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), how_to_get='generated in memory.'),
+}
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+class ImageSource(Protocol):
+  """Random access to uint8 images: in memory (numpy) or decoded on demand (ImageNet)."""
+  image_shape: tuple[int, int, int]
+
+  def __len__(self) -> int:
+    ...
+
+  def get(self, indices: np.ndarray) -> np.ndarray:
+    """uint8 [n, H, W, C] images at `indices` (int array, any order, repeats allowed)."""
+    ...
+
+
+class ArrayImageSource:
+  """An in-memory uint8 [N, H, W, C] array as an ImageSource."""
+
+  def __init__(self, images: np.ndarray):
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+      raise ValueError(f'ArrayImageSource needs uint8 [N, H, W, C] images, got '
+                       f'{images.dtype} {images.shape}.')
+    self.images = images
+    self.image_shape = tuple(images.shape[1:])
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def get(self, indices: np.ndarray) -> np.ndarray:
+    return self.images[np.asarray(indices, np.int64)]  # [n, H, W, C]
+
+
+class SubsetImageSource:
+  """The images of `base` at `positions` (no copy): position j reads base[positions[j]]."""
+
+  def __init__(self, base: ImageSource, positions: np.ndarray):
+    self.base = base
+    self.positions = np.asarray(positions, np.int64)
+    self.image_shape = tuple(base.image_shape)
+
+  def __len__(self) -> int:
+    return len(self.positions)
+
+  def get(self, indices: np.ndarray) -> np.ndarray:
+    return self.base.get(self.positions[np.asarray(indices, np.int64)])
+
+
+class ConcatImageSource:
+  """Sources one after the other (no copy): the train part, then an extra unlabeled split."""
+
+  def __init__(self, sources: Sequence[ImageSource]):
+    shapes = {tuple(s.image_shape) for s in sources}
+    if len(shapes) != 1:
+      raise ValueError(f'cannot concatenate image sources of different shapes {shapes}.')
+    self.sources = list(sources)
+    self.image_shape = shapes.pop()
+    self.offsets = np.cumsum([0] + [len(s) for s in sources])  # [S + 1]
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def get(self, indices: np.ndarray) -> np.ndarray:
+    indices = np.asarray(indices, np.int64)
+    out = np.empty((len(indices),) + self.image_shape, np.uint8)  # [n, H, W, C]
+    which = np.searchsorted(self.offsets, indices, side='right') - 1  # [n]
+    for s, source in enumerate(self.sources):
+      rows = np.nonzero(which == s)[0]
+      if len(rows):
+        out[rows] = source.get(indices[rows] - self.offsets[s])
+    return out
+
+
+def resize_shorter_center_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Resizes so the shorter side fits `size`, then center-crops to exactly `size` (H, W)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  height, width = image.shape[:2]
+  out_h, out_w = size
+  scale = max(out_h / height, out_w / width)
+  new_h, new_w = max(out_h, round(height * scale)), max(out_w, round(width * scale))
+  squeeze = image.ndim == 3 and image.shape[2] == 1
+  pil = Image.fromarray(image[..., 0] if squeeze else image)
+  if (new_h, new_w) != (height, width):
+    pil = pil.resize((new_w, new_h), Image.BICUBIC)
+  top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+  out = np.asarray(pil.crop((left, top, left + out_w, top + out_h)))
+  return out[..., None] if squeeze else out
+
+
+def decode_image(data: bytes, channels: int) -> np.ndarray:
+  """PNG/JPEG bytes -> uint8 [H, W, channels] (grayscale or RGB)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  mode = 'L' if channels == 1 else 'RGB'
+  with Image.open(io.BytesIO(data)) as pil:
+    image = np.asarray(pil if pil.mode == mode else pil.convert(mode), np.uint8)
+  return image[..., None] if image.ndim == 2 else image
+
+
+class TfdsImageSource:
+  """Random access to an ArrayRecord TFDS split, decoding (and resizing) per request."""
+
+  def __init__(self, data_source, image_shape: tuple[int, int, int], resize: bool,
+               num_threads: int = 8):
+    self.data_source = data_source  # TFDS data source opened with SkipDecoding for images
+    self.image_shape = tuple(image_shape)
+    self.resize = resize
+    self.num_threads = num_threads
+    self._pool = None
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def _decode(self, data: bytes) -> np.ndarray:
+    image = decode_image(data, self.image_shape[2])
+    if self.resize:
+      image = resize_shorter_center_crop(image, self.image_shape[:2])
+    if image.shape != self.image_shape:
+      raise ValueError(f'stored image of shape {image.shape} where {self.image_shape} was '
+                       'expected: the data set holds images of mixed sizes.')
+    return image
+
+  def get(self, indices: np.ndarray) -> np.ndarray:
+    indices = np.asarray(indices, np.int64)
+    records = self.data_source.__getitems__(indices.tolist())
+    out = np.empty((len(indices),) + self.image_shape, np.uint8)  # [n, H, W, C]
+    if self._pool is None:
+      self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
+    for i, image in enumerate(self._pool.map(self._decode, [r['image'] for r in records])):
+      out[i] = image
+    return out
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
+               0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an IDX file (gzipped or not): magic 0,0,dtype,ndim; big-endian uint32 dims; data."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  if raw[:2] == b'\x1f\x8b':
+    raw = gzip.decompress(raw)
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+    raise ValueError(f'{path} is not an IDX file (bad magic number {raw[:4].hex()}).')
+  dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+  dims = struct.unpack(f'>{ndim}I', raw[4:4 + 4 * ndim])
+  expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
+  if len(raw) != expected:
+    raise ValueError(f'{path}: header says dims {dims} ({expected} bytes) but the file has '
+                     f'{len(raw)} bytes; the file is truncated or corrupt, reinstall it.')
+  data = np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims)
+  return data.astype(dtype.newbyteorder('='))  # native byte order, writable copy
+
+
+def read_fashion_mnist(source_dir: str = FASHION_MNIST_DIR,
+                       expected_counts: dict[str, int] | None = None) -> dict:
+  """{'train'|'test': (uint8 [N, 28, 28, 1], int64 [N])} from the IDX files, sizes checked."""
+  expected_counts = FASHION_MNIST_COUNTS if expected_counts is None else expected_counts
+  out = {}
+  for split, prefix in (('train', 'train'), ('test', 't10k')):
+    paths = [os.path.join(source_dir, f'{prefix}-{kind}-ubyte.gz')
+             for kind in ('images-idx3', 'labels-idx1')]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+      raise DataNotFoundError(f'Fashion-MNIST file {missing[0]} is missing: '
+                              + SPECS['fashion_mnist_debian'].how_to_get)
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    n = expected_counts[split]
+    if images.shape != (n, 28, 28) or images.dtype != np.uint8 or labels.shape != (n,):
+      raise ValueError(f'Fashion-MNIST {split}: expected {n} uint8 28x28 images and {n} '
+                       f'labels, got images {images.dtype} {images.shape} and labels '
+                       f'{labels.shape}; reinstall dataset-fashion-mnist.')
+    if labels.min() < 0 or labels.max() > 9:
+      raise ValueError(f'Fashion-MNIST {split}: labels outside 0..9; reinstall the package.')
+    out[split] = (images[..., None], labels.astype(np.int64))
+  return out
+
+
+# ----------------------------------------------------------------------------- TFDS storage
+
+
+def stored_dir(data_dir: str, tfds_name: str) -> str:
+  """Where a data set we store lives (the TFDS version folder)."""
+  return os.path.join(data_dir, tfds_name, STORE_VERSION)
+
+
+def is_stored(data_dir: str, tfds_name: str, required: Sequence[str] = ()) -> bool:
+  """True when a complete store exists: dataset_info.json plus every `required` file."""
+  path = stored_dir(data_dir, tfds_name)
+  return all(os.path.exists(os.path.join(path, f)) for f in ('dataset_info.json', *required))
+
+
+def _remove_stale_incomplete(data_dir: str, tfds_name: str) -> None:
+  """Removes temp dirs of interrupted stores by dead processes of this host."""
+  prefix = f'{_INCOMPLETE_PREFIX}{tfds_name}.{socket.gethostname()}.'
+  for entry in os.listdir(data_dir):
+    if not entry.startswith(prefix):
+      continue
+    try:
+      os.kill(int(entry[len(prefix):].split('.')[0]), 0)
+    except ProcessLookupError:
+      shutil.rmtree(os.path.join(data_dir, entry), ignore_errors=True)
+    except (PermissionError, ValueError):
+      pass  # alive under another user, or not our naming
+
+
+def store_arrays(tfds_name: str, data_dir: str,
+                 split_arrays: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int,
+                 class_names: Sequence[str] | None = None,
+                 extra_json: dict[str, Any] | None = None) -> str:
+  """Stores uint8 [N, H, W, C] images + int labels per split as an ArrayRecord TFDS data set.
+
+  Written into a temp data dir and renamed into place, so an interrupted store never looks
+  complete; an incomplete leftover is rebuilt. `extra_json` files go beside dataset_info.json.
+  Returns the version folder. A complete existing store is kept as is.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  extra_json = extra_json or {}
+  final = stored_dir(data_dir, tfds_name)
+  if is_stored(data_dir, tfds_name, list(extra_json)):
+    return final
+  os.makedirs(data_dir, exist_ok=True)
+  _remove_stale_incomplete(data_dir, tfds_name)
+  shape = tuple(next(iter(split_arrays.values()))[0].shape[1:])
+  label = (tfds.features.ClassLabel(names=list(class_names)) if class_names
+           else tfds.features.ClassLabel(num_classes=num_classes))
+  features = tfds.features.FeaturesDict({'image': tfds.features.Image(shape=shape),
+                                         'label': label})
+  split_datasets = {
+      split: [(i, {'image': images[i], 'label': int(labels[i])}) for i in range(len(images))]
+      for split, (images, labels) in split_arrays.items()}
+  tmp_root = os.path.join(data_dir, f'{_INCOMPLETE_PREFIX}{tfds_name}.{socket.gethostname()}.'
+                          f'{os.getpid()}.{uuid.uuid4().hex[:8]}')
+  try:
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=tfds_name, version=STORE_VERSION, features=features, split_datasets=split_datasets,
+        data_dir=tmp_root, file_format='array_record', disable_shuffling=True)
+    tmp_version = os.path.join(tmp_root, tfds_name, STORE_VERSION)
+    for filename, content in extra_json.items():
+      with open(os.path.join(tmp_version, filename), 'w') as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+    target = os.path.join(data_dir, tfds_name)
+    if os.path.exists(target) and not is_stored(data_dir, tfds_name, list(extra_json)):
+      shutil.rmtree(target)  # left by an interrupted or foreign attempt
+    try:
+      os.rename(os.path.join(tmp_root, tfds_name), target)
+    except OSError:
+      if not is_stored(data_dir, tfds_name, list(extra_json)):  # else: stored concurrently
+        raise
+  finally:
+    shutil.rmtree(tmp_root, ignore_errors=True)
+  logging.info('Stored %s (%s) in %s', tfds_name,
+               ', '.join(f'{k}: {len(v[1])}' for k, v in split_arrays.items()), final)
+  return final
+
+
+def store_fashion_mnist(data_dir: str, source_dir: str = FASHION_MNIST_DIR,
+                        expected_counts: dict[str, int] | None = None) -> str:
+  """Stores the Debian Fashion-MNIST IDX files once as `fashion_mnist_debian` under data_dir."""
+  name = SPECS['fashion_mnist_debian'].tfds_name
+  if is_stored(data_dir, name):
+    return stored_dir(data_dir, name)
+  return store_arrays(name, data_dir, read_fashion_mnist(source_dir, expected_counts),
+                      num_classes=10)
+
+
+def open_builder(spec: DatasetSpec, data_dir: str):
+  """The prepared TFDS builder of `spec`, or DataNotFoundError saying how to get it."""
+  not_found = DataNotFoundError(
+      f'data set {spec.name!r} ({spec.tfds_name}) is not stored under data_dir={data_dir!r}: '
+      + spec.how_to_get)
+  if not os.path.isdir(os.path.join(data_dir, spec.tfds_name)):
+    raise not_found
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir, try_gcs=False)
+    prepared = builder.is_prepared()
+  except Exception:  # pylint: disable=broad-except
+    prepared = False
+  if not prepared:
+    raise not_found from None
+  return builder
+
+
+def _file_format(builder) -> str:
+  return str(getattr(builder.info.file_format, 'value', builder.info.file_format))
+
+
+def _split_size(builder, split: str) -> int:
+  if split not in builder.info.splits:
+    raise DataNotFoundError(f'{builder.name} under {builder.data_dir} has no split {split!r} '
+                            f'(it has {sorted(builder.info.splits)}); rebuild it.')
+  return builder.info.splits[split].num_examples
+
+
+def _skip_decoding_source(builder, split: str):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def read_split(builder, split: str, image_shape: tuple[int, int, int],
+               num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """A whole split in memory: (uint8 [N, H, W, C], int32 [N]); labels -1 where unknown."""
+  num_threads = num_threads or min(8, os.cpu_count() or 1)
+  n = _split_size(builder, split)
+  images = np.empty((n,) + tuple(image_shape), np.uint8)  # [N, H, W, C]
+  labels = np.empty((n,), np.int32)  # [N]
+  if _file_format(builder) == 'array_record':
+    source = _skip_decoding_source(builder, split)
+
+    def read_chunk(start: int) -> None:  # one task per chunk: per-image tasks cost more
+      records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
+      for i, record in enumerate(records):
+        images[start + i] = decode_image(record['image'], image_shape[2])
+      labels[start:start + len(records)] = [r['label'] for r in records]
+
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+      list(pool.map(read_chunk, range(0, n, _READ_CHUNK)))
+  else:  # tfrecord (what `tfds build` writes by default): tf.data decodes in C++
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    start = 0
+    for batch in tfds.as_numpy(builder.as_dataset(split, batch_size=_READ_CHUNK,
+                                                  shuffle_files=False)):
+      count = len(batch['label'])
+      images[start:start + count] = batch['image']
+      labels[start:start + count] = batch['label']
+      start += count
+    if start != n:
+      raise ValueError(f'{builder.name}/{split}: read {start} examples, info says {n}.')
+  return images, labels
+
+
+def read_labels(builder, split: str) -> np.ndarray:
+  """int32 [N] labels of a random-access split without decoding images (cached beside it)."""
+  cache = os.path.join(str(builder.data_dir), f'cmix_labels_{split}.npy')
+  if os.path.exists(cache):
+    return np.load(cache)
+  source = _skip_decoding_source(builder, split)
+  n = len(source)
+  labels = np.empty((n,), np.int32)
+  for start in range(0, n, _READ_CHUNK):
+    records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
+    labels[start:start + len(records)] = [r['label'] for r in records]
+  try:
+    tmp = f'{cache}.{os.getpid()}.tmp.npy'
+    np.save(tmp, labels)
+    os.replace(tmp, cache)
+  except OSError:
+    pass  # read-only data dir: read again next time
+  return labels
+
+
+def open_split(builder, spec: DatasetSpec, split: str) -> tuple[ImageSource, np.ndarray]:
+  """(ImageSource, int32 labels) of one split: in memory, or random access for big sets."""
+  if spec.in_memory:
+    images, labels = read_split(builder, split, spec.image_shape)
+    return ArrayImageSource(images), labels
+  if _file_format(builder) != 'array_record':
+    raise DataNotFoundError(
+        f'{spec.tfds_name} under {builder.data_dir} is stored as {_file_format(builder)}, '
+        'which has no random access: rebuild it with `tfds build '
+        f'{spec.tfds_name} --file_format=array_record --data_dir=<data_dir>`.')
+  _split_size(builder, split)
+  source = TfdsImageSource(_skip_decoding_source(builder, split), spec.image_shape, spec.resize)
+  return source, read_labels(builder, split)
+
+
+# ----------------------------------------------------------------------------- fake data
+
+
+def make_fake(num_train: int = 256, num_test: int = 64, image_shape=(32, 32, 3),
+              num_classes: int = 10, num_unlabeled: int = 0, seed: int = 0) -> dict:
+  """Deterministic small data: class prototype + noise, labels exactly balanced (i % C)."""
+  rng = np.random.default_rng(seed)
+  shape = tuple(int(s) for s in image_shape)
+  prototypes = rng.uniform(40, 215, (num_classes,) + shape)  # [C, H, W, C_img]
+
+  def draw(n: int, labelled: bool):
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)  # [n]
+    noise = rng.normal(0, 30, (n,) + shape)
+    images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)  # [n, H, W, C]
+    return images, labels if labelled else np.full((n,), -1, np.int32)
+
+  out = {'train': draw(num_train, True), 'test': draw(num_test, True)}
+  if num_unlabeled:
+    out['unlabeled'] = draw(num_unlabeled, False)
+  return out
+
+
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple, tuple]:
+  """Per-channel mean and population std of pixel/255 over uint8 [N, H, W, C] (float64)."""
+  channels = images.shape[-1]
+  total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
+  for start in range(0, len(images), chunk):
+    x = images[start:start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+    total += x.sum(0)
+    total_sq += (x * x).sum(0)
+    count += len(x)
+  mean = total / count
+  std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
+  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+# ----------------------------------------------------------------------------- SSL view
+
+
+@dataclasses.dataclass
+class SSLData:
+  """Labeled / unlabeled / test views of one data set, with stable indices.
+
+  Labeled example i is train example `labeled_idx[i]`; unlabeled example j is position j of
+  `unlabeled_images` (train minus validation, then the extra unlabeled split).
+  """
+  spec: DatasetSpec
+  train_images: ImageSource
+  train_labels: np.ndarray  # int32 [N_train]
+  labeled_idx: np.ndarray  # int64 [N_lb], positions in train
+  val_idx: np.ndarray  # int64 [N_val], positions in train
+  unlabeled_images: ImageSource
+  unlabeled_labels: np.ndarray  # int32 [N_ulb], hidden labels; -1 where unknown
+  unlabeled_train_idx: np.ndarray  # int64, train position of unlabeled j < len(this)
+  test_images: ImageSource
+  test_labels: np.ndarray  # int32 [N_test]
+
+  @property
+  def num_labeled(self) -> int:
+    return len(self.labeled_idx)
+
+  @property
+  def num_unlabeled(self) -> int:
+    return len(self.unlabeled_images)
+
+  @property
+  def num_classes(self) -> int:
+    return self.spec.num_classes
+
+  @property
+  def labeled_labels(self) -> np.ndarray:
+    return self.train_labels[self.labeled_idx]  # int32 [N_lb]
+
+  def labeled_images(self) -> np.ndarray:
+    """uint8 [N_lb, H, W, C]: the labeled images, in labeled-index order."""
+    return self.train_images.get(self.labeled_idx)
+
+
+@dataclasses.dataclass
+class RawData:
+  """A data set's splits before any labeled/validation draw (labels int32, -1 = unknown)."""
+  spec: DatasetSpec
+  train_images: ImageSource
+  train_labels: np.ndarray  # int32 [N_train]
+  test_images: ImageSource
+  test_labels: np.ndarray  # int32 [N_test]
+  extra_images: ImageSource | None = None  # extra unlabeled split (SVHN extra, STL-10 ...)
+  extra_labels: np.ndarray | None = None  # int32 [N_extra]
+
+
+def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> RawData:
+  """Opens `name` (SPECS key, 'npz:PATH', 'folder:PATH' or 'fake'), storing ours on first use."""
+  if name == 'fake':
+    kwargs = dict(fake_kwargs or {})
+    arrays = make_fake(**kwargs)
+    mean, std = channel_stats(arrays['train'][0])
+    spec = dataclasses.replace(
+        SPECS['fake'], num_classes=int(kwargs.get('num_classes', 10)),
+        image_shape=tuple(arrays['train'][0].shape[1:]), mean=mean, std=std,
+        extra_unlabeled_split='unlabeled' if 'unlabeled' in arrays else None)
+    parts = {k: (ArrayImageSource(x), y) for k, (x, y) in arrays.items()}
+  else:
+    if name.startswith(('npz:', 'folder:')):
+      from cmix_jax.data import own_data  # pylint: disable=g-import-not-at-top
+      spec = own_data.resolve(name, data_dir)
+    elif name in SPECS:
+      spec = SPECS[name]
+    else:
+      raise ValueError(f'unknown data set {name!r}: use one of {", ".join(sorted(SPECS))}, '
+                       'npz:PATH or folder:PATH.')
+    if spec.name == 'fashion_mnist_debian' and not is_stored(data_dir, spec.tfds_name):
+      store_fashion_mnist(data_dir, FASHION_MNIST_DIR)
+    builder = open_builder(spec, data_dir)
+    parts = {'train': open_split(builder, spec, spec.train_split),
+             'test': open_split(builder, spec, spec.test_split)}
+    if spec.extra_unlabeled_split:
+      parts['unlabeled'] = open_split(builder, spec, spec.extra_unlabeled_split)
+  if tuple(parts['train'][0].image_shape) != tuple(spec.image_shape):
+    raise ValueError(f'{name}: stored images are {parts["train"][0].image_shape}, spec says '
+                     f'{spec.image_shape}; rebuild the stored data set.')
+  extra_images, extra_labels = parts.get('unlabeled', (None, None))
+  as_int32 = lambda y: None if y is None else np.asarray(y).astype(np.int32)
+  return RawData(spec=spec, train_images=parts['train'][0],
+                 train_labels=as_int32(parts['train'][1]), test_images=parts['test'][0],
+                 test_labels=as_int32(parts['test'][1]), extra_images=extra_images,
+                 extra_labels=as_int32(extra_labels))
+
+
+def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
+                  include_lb_to_ulb: bool = True) -> SSLData:
+  """Draws the class-balanced validation, then labeled split from `seed`; builds the views.
+
+  The unlabeled set is the train split minus validation (minus labeled unless
+  include_lb_to_ulb), in train order, followed by the extra unlabeled split.
+  """
+  num_classes, train_labels = raw.spec.num_classes, raw.train_labels
+  val_idx = splits.validation_split(train_labels, val_size, num_classes, seed)
+  labeled_idx = splits.labeled_split(train_labels, num_labels, num_classes, seed,
+                                     exclude=val_idx)
+  drop = val_idx if include_lb_to_ulb else np.concatenate([val_idx, labeled_idx])
+  keep = np.setdiff1d(np.arange(len(train_labels)), drop)  # int64, sorted
+  unlabeled = (raw.train_images if len(keep) == len(train_labels)
+               else SubsetImageSource(raw.train_images, keep))
+  unlabeled_labels = train_labels[keep]
+  if raw.extra_images is not None:
+    unlabeled = ConcatImageSource([unlabeled, raw.extra_images])
+    unlabeled_labels = np.concatenate([unlabeled_labels, raw.extra_labels])
+  return SSLData(
+      spec=raw.spec, train_images=raw.train_images, train_labels=train_labels,
+      labeled_idx=labeled_idx, val_idx=val_idx, unlabeled_images=unlabeled,
+      unlabeled_labels=unlabeled_labels.astype(np.int32), unlabeled_train_idx=keep,
+      test_images=raw.test_images, test_labels=raw.test_labels)
+
+
+def load_ssl_data(name: str, data_dir: str, num_labels: int, seed: int, val_size: int = 0,
+                  include_lb_to_ulb: bool = True, fake_kwargs: dict | None = None) -> SSLData:
+  """open_dataset + make_ssl_data: the data set with its seed-drawn labeled/validation split."""
+  return make_ssl_data(open_dataset(name, data_dir, fake_kwargs), num_labels, seed, val_size,
+                       include_lb_to_ulb)

@@ -1,0 +1,26 @@
+"""The CPU reproduction study on Fashion-MNIST (experiments/results/README.md).
+
+Command (one run; experiments/study.sh runs the whole grid):
+  python -m cmix_jax.main --config=configs/fmnist_study.py --workdir=runs/study/one \
+      --config.algorithm=softmatch --config.calibratemix.enabled=True --config.data.num_labels=40
+Short runs sized so that the 36-run grid (supervised, FixMatch +-CM, SoftMatch +-CM, random
+mixup; 40 and 250 labels; seeds 0-2) finishes in about an hour on a 2-core CPU. The
+warm-up is short so that most steps use the mixup. Expected: see experiments/results/.
+"""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.num_train_steps = 600
+  config.log_every = 100
+  config.eval_every = 200
+  config.checkpoint_every = 600
+  config.max_to_keep = 1
+  config.data.batch_size = 16
+  config.data.uratio = 7
+  config.calibratemix.warmup_steps = 150
+  config.calibratemix.passes = 2
+  config.eval.selection = 'final'  # no peeking at the test set
+  return config
