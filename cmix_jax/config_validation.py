@@ -76,7 +76,7 @@ def _calibratemix_errors(config) -> list[str]:
   if config.algorithm == 'supervised':
     errors.append('calibratemix.enabled needs unlabeled data: use a semi-supervised '
                   'algorithm (fixmatch, flexmatch, softmatch), not supervised.')
-  if not 0 <= cm.warmup_steps < config.num_train_steps:
+  if config.num_train_steps > 0 and not 0 <= cm.warmup_steps < config.num_train_steps:
     errors.append(f'calibratemix.warmup_steps={cm.warmup_steps} must be in [0, '
                   f'num_train_steps={config.num_train_steps}): lower the warm-up or train longer.')
   if cm.passes not in (1, 2):

@@ -287,6 +287,14 @@ def unlabeled_difficulty(state: DynamicsState, idx: jax.Array, pseudo_labels: ja
                      axis_name, sharded)
 
 
+def stored_pseudo_label(state: DynamicsState, idx: jax.Array, *, axis_name: str | None = None,
+                        sharded: bool = False) -> jax.Array:
+  """int32 [U]: the class with the highest stored APM of each sample (before this step)."""
+  _check_layout(axis_name, sharded, 'stored_pseudo_label')
+  row_fn = lambda r: jnp.argmax(state.apm[r], axis=-1).astype(jnp.float32)
+  return _read_batch(row_fn, idx, (), state.apm.shape[0], axis_name, sharded).astype(jnp.int32)
+
+
 # ----------------------------------------------------------------------------
 # Whole-table read-outs (plots, analysis). Variability is the POPULATION standard
 # deviation sqrt(m2 / count), as Swayamdipta et al. (np.std over epochs).

@@ -45,12 +45,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def restore(run, which: str, step: int | None):
   """(step, stacked state) of the requested checkpoint."""
-  from cmix_jax import checkpointing, loop, parallel, train  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
+  from cmix_jax import checkpointing, loop  # pylint: disable=g-import-not-at-top
   manager = run.best_manager if which == 'best' else run.manager
-  fresh = loop.to_replicated(train.create_train_state(
-      run.config, run.model, run.tx, run.algorithm, run.info, jax.random.key(0)), run.topo)
-  abstract = checkpointing.abstract_like(fresh)
+  abstract = checkpointing.abstract_like(loop.fresh_state(run))
   if step is None:
     restored = checkpointing.restore_latest(manager, abstract)
     if restored is None:
@@ -64,7 +61,7 @@ def restore(run, which: str, step: int | None):
                           f'available: {sorted(manager.all_steps())}.')
     state = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))['state']
-  return step, parallel.replicate(state, run.topo)
+  return step, loop.stack_state(state, run.topo, loop.dynamics_sharded(run.config))
 
 
 def evaluate_workdir(workdir: str, which: str = 'latest', step: int | None = None,

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import tqdm
 from clu import metric_writers
+from jax.experimental import multihost_utils
 
 from cmix_jax import algorithms
 from cmix_jax import checkpointing
@@ -172,18 +173,60 @@ def setup(config, workdir: str, allow_config_change: bool = False, write: bool =
 
 
 def to_replicated(tree, topo: parallel.Topology):
-  """Host pytree -> arrays replicated over the mesh (the checkpoint layout)."""
+  """Host pytree -> arrays replicated over the mesh."""
   def put(x):
     x = np.asarray(jax.device_get(x))
     return jax.make_array_from_process_local_data(topo.replicated, x, x.shape)
   return jax.tree.map(put, tree)
 
 
+def dynamics_sharded(config) -> bool:
+  return bool(config.get('dynamics_sharded', False))
+
+
+def stack_state(state, topo: parallel.Topology, sharded: bool):
+  """Checkpoint layout -> per-device stacked [D, ...] layout used by the steps.
+
+  Checkpoint layout: everything replicated, except sharded dynamics tables, which stay
+  stacked [D, N/D, ...] (each device's own slice) in both layouts.
+  """
+  if not sharded:
+    return parallel.replicate(state, topo)
+  return parallel.replicate(state.replace(dynamics=None), topo).replace(dynamics=state.dynamics)
+
+
+def unstack_state(state, topo: parallel.Topology, sharded: bool):
+  """Per-device stacked layout -> checkpoint layout (see `stack_state`)."""
+  if not sharded:
+    return parallel.unreplicate(state, topo)
+  return parallel.unreplicate(state.replace(dynamics=None), topo).replace(
+      dynamics=state.dynamics)
+
+
+def fresh_state(run: Run):
+  """A new state in the checkpoint layout (zero dynamics shards when sharded)."""
+  sharded = dynamics_sharded(run.config)
+  state = train.create_train_state(run.config, run.model, run.tx, run.algorithm, run.info,
+                                   jax.random.key(run.config.seed),
+                                   dynamics_shards=run.topo.num_devices if sharded else 1)
+  if not sharded:
+    return to_replicated(state, run.topo)
+  return to_replicated(state.replace(dynamics=None), run.topo).replace(
+      dynamics=parallel.replicate(state.dynamics, run.topo))  # identical zero shards
+
+
+def host_dynamics(run: Run, state) -> dynamics.DynamicsState:
+  """Full dynamics tables on the host from the stacked state (gathers shards)."""
+  if not dynamics_sharded(run.config):
+    return parallel.first_replica_to_host(state.dynamics)
+  stacked = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                         state.dynamics)
+  return dynamics.unshard_state(stacked, run.info.num_labeled, run.info.num_unlabeled)
+
+
 def initial_state(run: Run):
-  """(replicated state, meta) from the newest readable checkpoint, or a fresh state."""
-  fresh = train.create_train_state(run.config, run.model, run.tx, run.algorithm, run.info,
-                                   jax.random.key(run.config.seed))
-  fresh = to_replicated(fresh, run.topo)
+  """(state in checkpoint layout, meta) from the newest readable checkpoint, or fresh."""
+  fresh = fresh_state(run)
   restored = checkpointing.restore_latest(run.manager, checkpointing.abstract_like(fresh))
   if restored is None:
     return fresh, {'step': 0, 'history': [], 'best': {}}
@@ -296,7 +339,8 @@ def periodic_eval(run: Run, state, step: int, meta: dict) -> dict:
   if sel and record[f'{sel}/accuracy'] > meta['best'].get(f'{sel}/accuracy', -1.0):
     meta['best'] = dict(record)
     meta['best_reliability'] = result['reliability']
-    checkpointing.save(run.best_manager, step, parallel.unreplicate(state, run.topo),
+    checkpointing.save(run.best_manager, step,
+                       unstack_state(state, run.topo, dynamics_sharded(run.config)),
                        {'record': record}, wait=True)
   if run.is_lead:
     _append_jsonl(run.workdir, {'kind': 'eval', **record})
@@ -310,7 +354,8 @@ def _append_jsonl(workdir: str, record: dict) -> None:
 
 def save_checkpoint(run: Run, state, step: int, meta: dict, wait: bool = False) -> None:
   meta = dict(meta, step=step)
-  checkpointing.save(run.manager, step, parallel.unreplicate(state, run.topo), meta, wait=wait)
+  checkpointing.save(run.manager, step,
+                     unstack_state(state, run.topo, dynamics_sharded(run.config)), meta, wait=wait)
 
 
 def final_report(run: Run, state, result: dict, meta: dict, step: int) -> dict:
@@ -339,7 +384,7 @@ def final_report(run: Run, state, result: dict, meta: dict, step: int) -> dict:
 def write_dynamics(run: Run, state) -> None:
   """Exports the dynamics tables (.npz) and draws the labeled/unlabeled data maps."""
   from cmix_jax import plots  # pylint: disable=g-import-not-at-top
-  dyn = parallel.first_replica_to_host(state.dynamics)
+  dyn = host_dynamics(run, state)
   dynamics.save_npz(dyn, os.path.join(run.workdir, 'dynamics.npz'))
   lb_hidden_ok = None
   plots.data_map(np.asarray(dynamics.labeled_variability(dyn)),
@@ -411,7 +456,7 @@ def _train(r: Run, flag: StopFlag) -> dict:
   config = r.config
   state, meta = initial_state(r)
   start = int(meta['step'])
-  state = parallel.replicate(state, r.topo)
+  state = stack_state(state, r.topo, dynamics_sharded(config))
   step_fns = make_step_fns(r)
   batches = train_iterator(r, start)
   bar = tqdm.tqdm(total=config.num_train_steps, initial=start, disable=not (

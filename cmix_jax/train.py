@@ -77,8 +77,12 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
       bn_axis_name=AXIS if config.model.cross_replica_bn else None)
 
 
-def create_train_state(config, model, tx, algorithm, info: DataInfo, rng) -> TrainState:
-  """Fresh state on the host (unreplicated): init params, optimizer, algorithm and dynamics."""
+def create_train_state(config, model, tx, algorithm, info: DataInfo, rng,
+                       dynamics_shards: int = 1) -> TrainState:
+  """Fresh state on the host (unreplicated): init params, optimizer, algorithm and dynamics.
+
+  With `dynamics_shards=D` the dynamics tables are one device's zero shard (N/D rows).
+  """
   init_rng, state_rng = jax.random.split(rng)
   variables = jax.jit(lambda k: model.init(
       k, jnp.zeros((2,) + tuple(info.image_shape), jnp.float32), train=False))(init_rng)
@@ -91,7 +95,7 @@ def create_train_state(config, model, tx, algorithm, info: DataInfo, rng) -> Tra
       opt_state=tx.init(params), ema_params=params, ema_batch_stats=batch_stats,
       algo_state=algo_state,
       dynamics=dynamics.DynamicsState.init(info.num_labeled, info.num_unlabeled,
-                                           info.num_classes),
+                                           info.num_classes, num_shards=dynamics_shards),
       rng=jax.random.key_data(state_rng),
       nonfinite_steps=jnp.zeros((), jnp.int32),
       first_nonfinite_step=-jnp.ones((), jnp.int32))
@@ -147,33 +151,42 @@ def _ssl_losses(logits_lb, logits_w, logits_s, batch, algo_state, algorithm, con
   return loss, pseudo, algo_state, {'sup_loss': sup, 'unsup_loss': unsup, **algo_metrics}
 
 
+def _table_layout(config) -> dict:
+  """Keyword arguments selecting the replicated or sharded dynamics-table layout."""
+  return {'axis_name': AXIS, 'sharded': bool(config.get('dynamics_sharded', False))}
+
+
 def _update_dynamics(dyn, batch, logits_lb, logits_w, pseudo, step, config):
   """AUM/confidence every step; APM only after warm-up, as the reference code."""
   dyn = dynamics.update_labeled(dyn, batch['idx_lb'], jax.lax.stop_gradient(logits_lb),
-                                batch['y_lb'], axis_name=AXIS)
+                                batch['y_lb'], **_table_layout(config))
   if logits_w is not None:
     update_apm = step > config.calibratemix.warmup_steps  # reference: skipped while it <= warmup
     dyn = dynamics.update_unlabeled(dyn, batch['idx_ulb'], jax.lax.stop_gradient(logits_w),
                                     pseudo.label, update_apm=update_apm,
-                                    delta=config.calibratemix.apm_delta, axis_name=AXIS)
+                                    delta=config.calibratemix.apm_delta,
+                                    **_table_layout(config))
   return dyn
 
 
-def _mixed_sets(key, views, feats, batch, pseudo, dyn, config, num_classes, *,
-                lb_difficulty=None, ulb_difficulty=None):
+def _difficulties(dyn, batch, pseudo_label, config):
+  """(labeled [B], unlabeled [U]) difficulty of this device's samples from the tables."""
+  measure = config.calibratemix.difficulty
+  return (dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **_table_layout(config)),
+          dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo_label, measure,
+                                        **_table_layout(config)))
+
+
+def _mixed_sets(key, views, feats, batch, pseudo_label, config, num_classes,
+                lb_difficulty, ulb_difficulty):
   """Targeted (or random) mixup of this device's labeled and unlabeled weak views."""
   cm = config.calibratemix
-  if lb_difficulty is None:
-    lb_difficulty = dynamics.labeled_difficulty(dyn, batch['idx_lb'], cm.difficulty)
-  if ulb_difficulty is None:
-    ulb_difficulty = dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo.label,
-                                                   cm.difficulty)
   pair_lb = pair_ulb = None
   if cm.pair_space == 'features':
     pair_lb, pair_ulb = feats
   return mixup.targeted_mixup(
       key, x_lb=views['lb'], y_lb=batch['y_lb'], lb_difficulty=lb_difficulty,
-      x_ulb=views['ulb_w'], pseudo_labels=pseudo.label, ulb_difficulty=ulb_difficulty,
+      x_ulb=views['ulb_w'], pseudo_labels=pseudo_label, ulb_difficulty=ulb_difficulty,
       num_classes=num_classes, pair_k_frac=cm.pair_k_frac, alpha=cm.mixup_alpha,
       pair_lb=pair_lb, pair_ulb=pair_ulb, random_pairing=cm.random_pairing)
 
@@ -205,15 +218,11 @@ def _loss_fn(params, state, batch, views, key, *, model, algorithm, config, info
     # Fused variant: pairing uses the tables before this step's update; the unlabeled
     # difficulty is read at the class the stored APM prefers (this step's pseudo-label
     # is not known before the forward pass). Targets use this step's pseudo-labels.
-    dyn = state.dynamics
-    stored_label = jnp.argmax(dyn.apm[batch['idx_ulb']], axis=-1)
-    lb_diff = dynamics.labeled_difficulty(dyn, batch['idx_lb'], config.calibratemix.difficulty)
-    ulb_diff = dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], stored_label,
-                                             config.calibratemix.difficulty)
-    proxy = algorithms.PseudoLabels(label=stored_label, weight=jnp.ones_like(ulb_diff),
-                                    max_prob=jnp.ones_like(ulb_diff))
-    mixed = _mixed_sets(key, views, None, batch, proxy, dyn, config, info.num_classes,
-                        lb_difficulty=lb_diff, ulb_difficulty=ulb_diff)
+    stored_label = dynamics.stored_pseudo_label(state.dynamics, batch['idx_ulb'],
+                                                **_table_layout(config))
+    lb_diff, ulb_diff = _difficulties(state.dynamics, batch, stored_label, config)
+    mixed = _mixed_sets(key, views, None, batch, stored_label, config, info.num_classes,
+                        lb_diff, ulb_diff)
     inputs.append(mixed.x)
   logits, feats, batch_stats = _apply(model, params, state.batch_stats,
                                       jnp.concatenate(inputs), train=True)
@@ -242,12 +251,9 @@ def _loss_fn(params, state, batch, views, key, *, model, algorithm, config, info
   elif mix:
     feat_pieces = _split(feats, sizes)
     pair_feats = (feat_pieces[0], feat_pieces[1]) if config.calibratemix.pair_space == 'features' else None
-    lb_diff = dynamics.labeled_difficulty(dyn, batch['idx_lb'], config.calibratemix.difficulty)
-    ulb_diff = dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo.label,
-                                             config.calibratemix.difficulty)
+    lb_diff, ulb_diff = _difficulties(dyn, batch, pseudo.label, config)
     mixed = _mixed_sets(key, views, jax.lax.stop_gradient(pair_feats) if pair_feats else None,
-                        batch, pseudo, dyn, config, info.num_classes,
-                        lb_difficulty=lb_diff, ulb_difficulty=ulb_diff)
+                        batch, pseudo.label, config, info.num_classes, lb_diff, ulb_diff)
     # Reference: a second forward over [x_lb, mixed_1, mixed_2, x_ulb_w, x_ulb_s]; BN
     # statistics and the algorithm's EMAs are updated a second time.
     n_mix = mixed.x.shape[0]

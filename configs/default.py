@@ -24,6 +24,7 @@ def get_config():
   config.progress_bar = True
   config.parallel_backend = 'pmap'  # pmap | shard_map (same per-device step code)
   config.max_nonfinite_steps = 0  # skip up to this many NaN/Inf steps, then stop
+  config.dynamics_sharded = False  # True: each device owns 1/D of the dynamics tables
 
   config.distributed = ml_collections.ConfigDict()  # multi-host; env CMIX_* as fallback
   config.distributed.coordinator_address = ''  # e.g. '10.0.0.1:1234'; '' = single process

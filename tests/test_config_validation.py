@@ -58,6 +58,7 @@ def test_calibratemix_on_supervised_is_refused():
 def test_missing_data_set_says_how_to_get_it(tmp_path):
   config = tiny.config()
   config.data.name = 'cifar10'
+  config.data.num_labels = 40
   config.data.data_dir = str(tmp_path / 'empty')
   with pytest.raises(datasets.DataNotFoundError, match='tfds build cifar10'):
     loop.setup(config, str(tmp_path / 'w'))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cmix_jax import dynamics
 from cmix_jax import loop
 from cmix_jax import parallel
 from cmix_jax import train
@@ -45,9 +46,9 @@ def _steps(config, num_devices, steps, backend='pmap', tmp_path=None):
   config = config.copy_and_resolve_references()
   config.num_devices = num_devices
   config.parallel_backend = backend
-  run = loop.setup(config, str(tmp_path / f'{backend}{num_devices}'))
+  run = loop.setup(config, str(tmp_path / f'{backend}{num_devices}{config.dynamics_sharded}'))
   state, _ = loop.initial_state(run)
-  state = parallel.replicate(state, run.topo)
+  state = loop.stack_state(state, run.topo, loop.dynamics_sharded(config))
   traces = []
 
   def counted(*args, **kwargs):
@@ -124,3 +125,18 @@ def test_calibratemix_step_runs_and_keeps_tables_identical(passes, tmp_path):
   assert traces == 2  # one compile for the warm-up step, one for the mixup step
   # APM only after warm-up: two updates per unlabeled sample seen in steps 1 and 2.
   assert host.dynamics.apm_count[0].max() >= 1
+
+
+def test_sharded_dynamics_equal_replicated_with_one_eighth_of_the_memory(tmp_path):
+  config = tiny.config(model='cnn_small_nobn', calibratemix=True)
+  config.calibratemix.warmup_steps = 1
+  replicated, _, _ = _steps(config, 8, 3, tmp_path=tmp_path)
+  config.dynamics_sharded = True
+  sharded, _, _ = _steps(config, 8, 3, tmp_path=tmp_path)
+  reference = parallel.first_replica_to_host(replicated.dynamics)
+  num_lb, num_ulb = reference.aum_sum.shape[0], reference.apm.shape[0]
+  full = dynamics.unshard_state(jax.device_get(sharded.dynamics), num_lb, num_ulb)
+  _assert_trees_close(full, reference, rtol=1e-6, atol=1e-7)
+  assert reference.apm_count.max() >= 1  # the comparison covers real APM updates
+  per_device = sharded.dynamics.apm.addressable_shards[0].data.nbytes
+  assert per_device * 8 == replicated.dynamics.apm.addressable_shards[0].data.nbytes
