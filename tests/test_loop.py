@@ -62,7 +62,8 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
   step_b, state_b, _ = _latest_state(killed)
   assert step_a == step_b == 4
   _assert_same_state(state_a, state_b)  # params, EMA, optimizer, dynamics, algo, rng
-  assert _train_records(straight)[4] == pytest.approx(_train_records(killed)[4], rel=1e-6)
+  drop_timing = lambda r: {k: v for k, v in r.items() if k != 'steps_per_sec'}
+  assert drop_timing(_train_records(straight)[4]) == drop_timing(_train_records(killed)[4])
   with open(os.path.join(straight, 'eval.json')) as f:
     eval_a = json.load(f)
   with open(os.path.join(killed, 'eval.json')) as f:
