@@ -15,12 +15,14 @@ def get_config():
   config = default.get_config()
   config.num_train_steps = 600
   config.log_every = 100
-  config.eval_every = 200
+  config.eval_every = 300
   config.checkpoint_every = 600
   config.max_to_keep = 1
   config.data.batch_size = 16
   config.data.uratio = 7
+  config.optim.ema_decay = 0.99  # short runs: 0.999 would still weigh the init at 55 %
   config.calibratemix.warmup_steps = 150
   config.calibratemix.passes = 2
   config.eval.selection = 'final'  # no peeking at the test set
+  config.eval.plots = True
   return config
