@@ -6,8 +6,8 @@
 Prints a table of every calibration metric, writes `<out>/eval_<tag>.json` and the
 reliability diagram / confidence histogram PNGs (EMA weights unless --raw).
 `--temperature_scaling` fits a temperature by NLL on the held-out labeled validation
-slice (data.val_size > 0; otherwise on the labeled training set, which is biased and
-said so) and reports the metrics before and after ("+TS"); training is never changed.
+slice (needs a run trained with data.val_size > 0) and reports the metrics before and
+after ("+TS"); training is never changed.
 """
 
 import json
@@ -93,14 +93,13 @@ def evaluate_workdir(workdir: str, which: str = 'latest', step: int | None = Non
 def _temperature_scaled(run, state, backend, raw, out, tag) -> dict:
   """Fits T on held-out labeled data, then evaluates the test split with logits / T."""
   from cmix_jax import evaluation, loop, metrics  # pylint: disable=g-import-not-at-top
-  from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  if len(run.data.val_idx):
-    fit_on = 'labeled validation slice'
-    images, labels = loop.split_arrays(run, 'val')
-  else:
-    fit_on = 'labeled TRAINING set (no data.val_size; biased towards T < optimum)'
-    images = datasets.ArrayImageSource(run.data.train_images.get(run.data.labeled_idx))
-    labels = run.data.train_labels[run.data.labeled_idx]
+  if not len(run.data.val_idx):
+    raise EvaluateError(
+        f'{run.workdir} was trained without a held-out labeled slice, so there is nothing '
+        'to fit a temperature on (the labeled training set would give a degenerate T). '
+        'Train with --config.data.val_size=N (a multiple of the class count).')
+  fit_on = f'labeled validation slice ({len(run.data.val_idx)} examples)'
+  images, labels = loop.split_arrays(run, 'val')
   fit_fn = evaluation.make_eval_fn(run.model, run.info, run.topo, backend, use_ema=not raw,
                                    return_logits=True)
   _, logits, fit_labels = evaluation.accumulate(fit_fn, state, images, labels,

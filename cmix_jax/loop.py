@@ -284,14 +284,15 @@ def summarize_metrics(step_metrics: list) -> dict:
   return {k: float(np.mean([h[k] for h in host if k in h])) for k in sorted(keys)}
 
 
-def check_finite(summary: dict, state, config) -> None:
+def check_finite(state, config) -> None:
   """Stops the run once more non-finite steps happened than allowed."""
   allowed = config.get('max_nonfinite_steps', 0)
-  if summary.get('nonfinite_steps', 0) > allowed:
+  count = int(parallel.first_replica_to_host(state.nonfinite_steps))
+  if count > allowed:
     first = int(parallel.first_replica_to_host(state.first_nonfinite_step))
     raise NonFiniteError(
         f'non-finite loss or gradient first at step {first} '
-        f'({int(summary["nonfinite_steps"])} such steps, {allowed} allowed); '
+        f'({count} such steps skipped, {allowed} allowed); '
         'the last good checkpoint is kept. Lower the learning rate or raise '
         '--config.max_nonfinite_steps to skip such steps.')
 
@@ -445,7 +446,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bo
 
 def _preempt(r: Run, state, step: int, meta: dict) -> dict:
   """Saves at the current step boundary so a rerun of the same command resumes here."""
-  save_checkpoint(r, state, step, meta, wait=True)
+  if step in r.manager.all_steps():  # this boundary's periodic checkpoint is already there
+    r.manager.wait_until_finished()
+  else:
+    save_checkpoint(r, state, step, meta, wait=True)
   logging.warning('SIGTERM: saved a checkpoint at step %d in %s.', step, r.workdir)
   print(f'Preempted: checkpoint saved at step {step} in {r.workdir}; rerun the same '
         'command to resume.', flush=True)
@@ -471,7 +475,7 @@ def _train(r: Run, flag: StopFlag) -> dict:
       summary['steps_per_sec'] = len(step_metrics) / max(time.time() - t0, 1e-9)
       step, t0 = step + len(step_metrics), time.time()
       bar.update(len(step_metrics))
-      check_finite(summary, state, config)
+      check_finite(state, config)
       if step % config.log_every == 0 or step == config.num_train_steps:
         r.writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
         if r.is_lead:

@@ -103,6 +103,16 @@ def first_replica_to_host(tree: Any) -> Any:
                       if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
 
 
+def to_global(tree: Any, topo: Topology) -> Any:
+  """Multi-host pmap outputs (this process's [L, ...] rows) -> global stacked [D, ...] arrays."""
+  def glue(x):
+    shards = sorted(x.addressable_shards, key=lambda s: topo.devices.index(s.device))
+    rows = [s.data.reshape((1,) + x.shape[1:]) for s in shards]  # one [1, ...] per device
+    return jax.make_array_from_single_device_arrays((topo.num_devices,) + x.shape[1:],
+                                                    topo.stacked, rows)
+  return jax.tree.map(glue, tree)
+
+
 def _squeeze_apply(fn: Callable, num_args: int):
   """Per-device fn on [1, ...] blocks: drop the device axis, call, put it back."""
   def wrapped(*args):
@@ -117,8 +127,10 @@ def parallelize(fn: Callable, topo: Topology, *, backend: str = 'pmap',
   """Maps per-device `fn(*args)` over the mesh; all args and outputs are stacked [D, ...]."""
   donate = (0,) if donate_first else ()
   if backend == 'pmap':
-    return jax.pmap(fn, axis_name=AXIS, devices=topo.local_devices if jax.process_count() == 1
-                    else None, donate_argnums=donate)
+    if jax.process_count() == 1:
+      return jax.pmap(fn, axis_name=AXIS, devices=topo.local_devices, donate_argnums=donate)
+    pmapped = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
+    return lambda *args: to_global(pmapped(*args), topo)
   if backend == 'shard_map':
     mapped = jax.shard_map(_squeeze_apply(fn, num_args), mesh=topo.mesh,
                            in_specs=(P(AXIS),) * num_args, out_specs=P(AXIS),

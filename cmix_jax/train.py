@@ -311,7 +311,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, algorithm, config,
 
   loss = jax.lax.pmean(loss, AXIS)
   grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            & jnp.isfinite(optax.global_norm(updates)))
   new = dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
              ema_params=ema_params, ema_batch_stats=batch_stats, algo_state=algo_state,
              dynamics=dyn)

@@ -23,6 +23,7 @@ def get_config():
   config.optim.ema_decay = 0.99  # short runs: 0.999 would still weigh the init at 55 %
   config.calibratemix.warmup_steps = 150
   config.calibratemix.passes = 2
+  config.data.val_size = 0  # all labels train; selection is the final checkpoint
   config.eval.selection = 'final'  # no peeking at the test set
   config.eval.plots = True
   return config

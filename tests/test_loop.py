@@ -30,12 +30,17 @@ def _driver(*args, check=True, timeout=240):
 
 
 def _latest_state(workdir):
-  """The newest checkpoint's state as a numpy pytree (no template needed)."""
+  """The newest checkpoint's (step, state as numpy, meta), whatever topology saved it."""
   mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'meta'))
   step = mngr.latest_step()
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                        meta=ocp.args.JsonRestore()))
-  return step, jax.tree.map(np.asarray, restored['state']), restored['meta']
+  path = os.path.join(workdir, 'checkpoints', str(step))
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(os.path.join(path, 'state')).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = checkpointer.restore(os.path.join(path, 'state'), restore_args=as_numpy)
+  with open(os.path.join(path, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  return step, state, meta
 
 
 def _train_records(workdir):

@@ -19,6 +19,7 @@ def config(model: str = 'cnn_small_nobn', algorithm: str = 'fixmatch',
   c.data.fake = ml_collections.ConfigDict(dict(
       num_train=256, num_test=40, image_shape=(12, 12, 1), num_classes=4, seed=0))
   c.data.num_labels = 32
+  c.data.val_size = 0
   c.data.batch_size = 16
   c.data.uratio = 2
   c.data.eval_batch_size = 16
