@@ -171,3 +171,29 @@ def test_grayscale_npz_gets_a_channel_axis(tmp_path):
                          own_data.STATS_FILE)) as f:
     stats = json.load(f)
   np.testing.assert_allclose(stats['std'], [x.std() / 255], rtol=1e-9)
+
+
+def _load_example():
+  """experiments/own_data_example.py, imported by path (experiments/ is not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  script = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'own_data_example.py')
+  spec = importlib.util.spec_from_file_location('own_data_example_under_test', script)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_worked_example_writes_the_same_digits_as_npz_and_folder(tmp_path):
+  """The README's worked example: its npz and its folder read back as the same arrays."""
+  example = _load_example()
+  arrays = example.digits_arrays()
+  assert arrays['x_train'].shape == (1497, 8, 8, 1) and arrays['x_test'].shape == (300, 8, 8, 1)
+  assert np.bincount(arrays['y_test']).tolist() == [30] * 10
+  assert np.all(np.diff(arrays['y_train']) >= 0)  # class-sorted, the order a folder reads in
+  from_npz, names_npz = own_data.read_npz(example.write_npz(arrays, str(tmp_path / 'd.npz')))
+  from_folder, names_folder = own_data.read_folder(example.write_folder(arrays,
+                                                                        str(tmp_path / 'd')))
+  assert names_npz == names_folder == tuple(f'digit_{c}' for c in range(10))
+  for split in ('train', 'test'):
+    np.testing.assert_array_equal(from_npz[split][0], from_folder[split][0])
+    np.testing.assert_array_equal(from_npz[split][1], from_folder[split][1])
