@@ -68,7 +68,7 @@ def evaluate_workdir(workdir: str, which: str = 'latest', step: int | None = Non
                      raw: bool = False, temperature_scaling: bool = False,
                      out: str | None = None) -> dict:
   """Evaluates one checkpoint; returns {'step', 'metrics', 'ts_metrics', 'temperature'}."""
-  from cmix_jax import evaluation, loop, metrics  # pylint: disable=g-import-not-at-top
+  from cmix_jax import evaluation, loop  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
   run = loop.setup(config, workdir, write=False)
   step, state = restore(run, which, step)

@@ -308,39 +308,35 @@ def _identity_coeffs(v, h: int, w: int):
   return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
+def _affine_op(img, coeffs_fn, value, fill, bilinear: bool):
+  """One geometric op: the affine coefficients of `value` for this image size, applied."""
+  img = _as_float(img)
+  return affine_transform(img, coeffs_fn(value, *img.shape[:2]), fill=fill, bilinear=bilinear)
+
+
 def rotate(img, degrees, *, fill=AFFINE_FILL, bilinear: bool = False):
   """PIL img.rotate(degrees): counter-clockwise about the centre, same size."""
-  img = _as_float(img)
-  return affine_transform(img, _rotate_coeffs(degrees, *img.shape[:2]), fill=fill,
-                          bilinear=bilinear)
+  return _affine_op(img, _rotate_coeffs, degrees, fill, bilinear)
 
 
 def shear_x(img, v, *, fill=AFFINE_FILL, bilinear: bool = False):
   """USB ShearX: PIL AFFINE (1, v, 0, 0, 1, 0), output (x, y) reads input (x + v y, y)."""
-  img = _as_float(img)
-  return affine_transform(img, _shear_x_coeffs(v, *img.shape[:2]), fill=fill,
-                          bilinear=bilinear)
+  return _affine_op(img, _shear_x_coeffs, v, fill, bilinear)
 
 
 def shear_y(img, v, *, fill=AFFINE_FILL, bilinear: bool = False):
   """USB ShearY: PIL AFFINE (1, 0, 0, v, 1, 0), output (x, y) reads input (x, y + v x)."""
-  img = _as_float(img)
-  return affine_transform(img, _shear_y_coeffs(v, *img.shape[:2]), fill=fill,
-                          bilinear=bilinear)
+  return _affine_op(img, _shear_y_coeffs, v, fill, bilinear)
 
 
 def translate_x(img, frac, *, fill=AFFINE_FILL, bilinear: bool = False):
   """USB TranslateX: output x reads input x + frac*width (positive frac moves content left)."""
-  img = _as_float(img)
-  return affine_transform(img, _translate_x_coeffs(frac, *img.shape[:2]), fill=fill,
-                          bilinear=bilinear)
+  return _affine_op(img, _translate_x_coeffs, frac, fill, bilinear)
 
 
 def translate_y(img, frac, *, fill=AFFINE_FILL, bilinear: bool = False):
   """USB TranslateY: output y reads input y + frac*height (positive frac moves content up)."""
-  img = _as_float(img)
-  return affine_transform(img, _translate_y_coeffs(frac, *img.shape[:2]), fill=fill,
-                          bilinear=bilinear)
+  return _affine_op(img, _translate_y_coeffs, frac, fill, bilinear)
 
 
 def cutout(img, center_yx, size, fill):

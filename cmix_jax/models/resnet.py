@@ -6,13 +6,14 @@ kaiming-normal fan-out convs, PyTorch-default classifier init, no zero-init of t
 unless zero_init_residual.
 """
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cmix_jax.models.wrn import batch_norm
+from cmix_jax.models.wrn import conv_no_bias
 from cmix_jax.models.wrn import torch_default_bias_init
 
 BN_MOMENTUM = 0.9  # Flax convention = PyTorch momentum 0.1
@@ -34,11 +35,8 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                             dtype=self.dtype, param_dtype=jnp.float32)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPS, dtype=self.dtype, param_dtype=jnp.float32,
-                             axis_name=self.bn_axis_name)
+    conv = conv_no_bias(self.dtype)
+    norm = batch_norm(train, BN_MOMENTUM, BN_EPS, self.dtype, self.bn_axis_name)
     out_channels = 4 * self.width
     y = nn.relu(norm(name='bn1')(conv(self.width, (1, 1), name='conv1')(x)))
     y = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name='conv2')(y)

@@ -34,6 +34,19 @@ def torch_default_bias_init(fan_in: int):
   return init
 
 
+def conv_no_bias(dtype):
+  """nn.Conv without bias, kaiming fan-out init, float32 params computing in `dtype`."""
+  return functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
+                           param_dtype=jnp.float32)
+
+
+def batch_norm(train: bool, momentum: float, eps: float, dtype, axis_name: str | None):
+  """nn.BatchNorm with batch statistics when training (averaged over `axis_name`)."""
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
+                           epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                           axis_name=axis_name)
+
+
 class WideBasicBlock(nn.Module):
   """USB's pre-activation basic block: BN-act-conv3x3-BN-act-conv3x3 plus a shortcut.
 
@@ -51,11 +64,8 @@ class WideBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init,
-                             dtype=self.dtype, param_dtype=jnp.float32)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=self.bn_eps, dtype=self.dtype, param_dtype=jnp.float32,
-                             axis_name=self.bn_axis_name)
+    conv = conv_no_bias(self.dtype)
+    norm = batch_norm(train, BN_MOMENTUM, self.bn_eps, self.dtype, self.bn_axis_name)
     act = functools.partial(nn.leaky_relu, negative_slope=LEAKY_SLOPE)
     equal_in_out = x.shape[-1] == self.out_channels
     if equal_in_out and self.stride != 1:
