@@ -39,6 +39,10 @@ def config_errors(config: ml_collections.ConfigDict, num_devices: int,
     errors.append(f'unknown data set {config.data.name!r}: use one of '
                   f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH '
                   '(--config.data.name).')
+  bn_momentum = config.model.get('bn_momentum')
+  if bn_momentum is not None and not 0.0 <= bn_momentum < 1.0:
+    errors.append(f'model.bn_momentum={bn_momentum}: the BN running-average decay must be in '
+                  '[0, 1), e.g. 0.99 (--config.model.bn_momentum), or unset for the default.')
   if config.model.dtype not in ('float32', 'bfloat16'):
     errors.append(f'model.dtype={config.model.dtype!r}: use float32 or bfloat16.')
   if config.get('parallel_backend', 'pmap') not in parallel.BACKENDS:

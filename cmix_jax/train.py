@@ -72,9 +72,12 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The configured network; model.bn_momentum, when set, overrides the architecture's BN decay."""
+  bn_momentum = config.model.get('bn_momentum')
   return models.create_model(
       config.model.name, num_classes, dtype=config.model.dtype,
-      bn_axis_name=AXIS if config.model.cross_replica_bn else None)
+      bn_axis_name=AXIS if config.model.cross_replica_bn else None,
+      **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}))
 
 
 def create_train_state(config, model, tx, algorithm, info: DataInfo, rng,

@@ -52,6 +52,10 @@ def get_config():
   config.model.name = 'cnn_small'  # cnn_small | wrn_28_2 | wrn_28_8 | wrn_37_2 | resnet50
   config.model.dtype = 'float32'  # 'bfloat16' computes in bf16; params, losses, tables stay f32
   config.model.cross_replica_bn = False  # BN statistics over the global batch
+  # BN running-average decay (Flax convention); None keeps the architecture's (USB: 0.999 for
+  # the WRNs and cnn_small, 0.9 for ResNet-50). The stats need ~3 / (1 - decay) steps to settle,
+  # so runs of a few thousand steps want 0.99.
+  config.model.bn_momentum = ml_collections.config_dict.placeholder(float)
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 0.03

@@ -33,6 +33,7 @@ BAD = [
     ('calibratemix.difficulty', 'loss', 'difficulty'),
     ('eval.selection', 'best_val', 'val_size'),
     ('model.dtype', 'float16', 'model.dtype'),
+    ('model.bn_momentum', 1.0, 'bn_momentum=1.0'),
     ('parallel_backend', 'xmap', 'parallel_backend'),
 ]
 

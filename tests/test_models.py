@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 
 from cmix_jax import models
+from cmix_jax import train
 from cmix_jax.models.resnet import Bottleneck, ResNet
 from cmix_jax.models.wrn import WideBasicBlock, WideResNet
+from configs import default
 
 
 def _init_key(seed=0):
@@ -154,9 +156,13 @@ def test_bf16_computes_in_bf16(name, image_shape):
   assert set(layer_outputs.values()) == {jnp.dtype(jnp.bfloat16)}, layer_outputs
 
 
-def test_batch_stats_momentum_0999():
-  """new = 0.999 * old + 0.001 * batch statistic, for the running mean and (biased) variance."""
-  model = models.create_model('cnn_small', 10)
+@pytest.mark.parametrize('bn_momentum', [None, 0.9])
+def test_batch_stats_momentum(bn_momentum):
+  """new = m * old + (1 - m) * batch stat; m = 0.999 by default, else config.model.bn_momentum."""
+  config = default.get_config()
+  config.model.bn_momentum = bn_momentum
+  model = train.create_model(config, 10)
+  m = 0.999 if bn_momentum is None else bn_momentum
   variables = models.init_model(model, _init_key(), (8, 8, 1))
   k_mean, k_var, k_x = jax.random.split(jax.random.key(1), 3)
   old = {'mean': jax.random.normal(k_mean, (16,)),
@@ -169,9 +175,9 @@ def test_batch_stats_momentum_0999():
   z = jax.lax.conv_general_dilated(x, conv0, (2, 2), ((1, 1), (1, 1)),
                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))  # [5, 4, 4, 16]
   new = mutated['batch_stats']['bn0']
-  np.testing.assert_allclose(new['mean'], 0.999 * old['mean'] + 0.001 * z.mean((0, 1, 2)),
+  np.testing.assert_allclose(new['mean'], m * old['mean'] + (1 - m) * z.mean((0, 1, 2)),
                              rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(new['var'], 0.999 * old['var'] + 0.001 * z.var((0, 1, 2)),
+  np.testing.assert_allclose(new['var'], m * old['var'] + (1 - m) * z.var((0, 1, 2)),
                              rtol=1e-5, atol=1e-6)
   assert not np.allclose(new['mean'], old['mean'], rtol=0, atol=1e-7)
 

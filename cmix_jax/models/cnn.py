@@ -30,6 +30,7 @@ class CNNSmall(nn.Module):
   norm: str = 'batch'
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -41,9 +42,9 @@ class CNNSmall(nn.Module):
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                              use_bias=not use_bn, kernel_init=conv_kernel_init,
                              dtype=self.dtype, param_dtype=jnp.float32)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPS, dtype=self.dtype, param_dtype=jnp.float32,
-                             axis_name=self.bn_axis_name)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=self.bn_momentum, epsilon=BN_EPS, dtype=self.dtype,
+                             param_dtype=jnp.float32, axis_name=self.bn_axis_name)
     for i, width in enumerate(self.widths):
       x = conv(width, name=f'conv{i}')(x)  # [B, ceil(H/2), ceil(W/2), width]
       if use_bn:

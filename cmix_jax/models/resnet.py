@@ -32,11 +32,12 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   zero_init_residual: bool = False
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = conv_no_bias(self.dtype)
-    norm = batch_norm(train, BN_MOMENTUM, BN_EPS, self.dtype, self.bn_axis_name)
+    norm = batch_norm(train, self.bn_momentum, BN_EPS, self.dtype, self.bn_axis_name)
     out_channels = 4 * self.width
     y = nn.relu(norm(name='bn1')(conv(self.width, (1, 1), name='conv1')(x)))
     y = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name='conv2')(y)
@@ -60,6 +61,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   zero_init_residual: bool = False
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -68,7 +70,7 @@ class ResNet(nn.Module):
     x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
                 kernel_init=conv_kernel_init, dtype=self.dtype, param_dtype=jnp.float32,
                 name='conv_stem')(x)  # [B, H/2, W/2, 64]
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPS,
                      dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name,
                      name='bn_stem')(x)
     x = nn.relu(x)
@@ -77,7 +79,7 @@ class ResNet(nn.Module):
       for i in range(num_blocks):
         x = Bottleneck(64 * 2 ** stage, stride=2 if stage > 0 and i == 0 else 1,
                        dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                       zero_init_residual=self.zero_init_residual,
+                       zero_init_residual=self.zero_init_residual, bn_momentum=self.bn_momentum,
                        name=f'stage{stage + 1}_block{i}')(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, 2048]
     logits = nn.Dense(self.num_classes, kernel_init=dense_kernel_init,

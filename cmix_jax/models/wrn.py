@@ -61,11 +61,12 @@ class WideBasicBlock(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_eps: float = BLOCK_BN_EPS
+  bn_momentum: float = BN_MOMENTUM
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = conv_no_bias(self.dtype)
-    norm = batch_norm(train, BN_MOMENTUM, self.bn_eps, self.dtype, self.bn_axis_name)
+    norm = batch_norm(train, self.bn_momentum, self.bn_eps, self.dtype, self.bn_axis_name)
     act = functools.partial(nn.leaky_relu, negative_slope=LEAKY_SLOPE)
     equal_in_out = x.shape[-1] == self.out_channels
     if equal_in_out and self.stride != 1:
@@ -98,6 +99,7 @@ class WideResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   block_bn_eps: float = BLOCK_BN_EPS
+  bn_momentum: float = BN_MOMENTUM  # Flax decay: the running stats need ~3/(1-m) steps
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -116,8 +118,9 @@ class WideResNet(nn.Module):
         stride = (self.first_stride if group == 0 else 2) if i == 0 else 1
         x = WideBasicBlock(channels, stride, activate_before_residual=group == 0,
                            dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                           bn_eps=self.block_bn_eps, name=f'group{group + 1}_block{i}')(x, train)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=FINAL_BN_EPS,
+                           bn_eps=self.block_bn_eps, bn_momentum=self.bn_momentum,
+                           name=f'group{group + 1}_block{i}')(x, train)
+    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=FINAL_BN_EPS,
                      dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name,
                      name='bn_final')(x)
     x = nn.leaky_relu(x, negative_slope=LEAKY_SLOPE)  # [B, h, w, D]
