@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -295,10 +296,10 @@ def multi_reliability(tables: Mapping[str, Mapping], path: str, title: str | Non
   else:
     ncols = max(1, min(ncols, len(ts)))
     nrows = math.ceil(len(ts) / ncols)
-    fig = _new_figure(3.2 * ncols, 3.4 * nrows)
+    fig = _new_figure(3.4 * ncols, 3.8 * nrows)
     axes = np.asarray(fig.subplots(nrows, ncols, squeeze=False)).reshape(-1)
-    for ax, (name, t) in zip(axes, ts.items()):
-      _draw_reliability(ax, t, name, eces[name], show_counts=len(ts) <= 8)
+    for ax, (name, t) in zip(axes, ts.items()):  # long names wrap so panel titles never collide
+      _draw_reliability(ax, t, textwrap.fill(name, 32), eces[name], show_counts=len(ts) <= 8)
     for ax in axes[len(ts):]:
       ax.set_visible(False)
     if title:

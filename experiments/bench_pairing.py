@@ -5,9 +5,11 @@ k = 15. The jitted kernel (`mixup.pair_dissimilar` twice + `mixup.mix`) is compa
 with a plain numpy loop doing what the reference does per anchor (cosine similarity
 against the pool, argsort, the k most dissimilar, one random choice, mix), and with
 the same loop in torch when torch is importable. Also times the whole jitted
-`targeted_mixup` (median splits included) at B=64, U=448.
+`targeted_mixup` (median splits included) at B=64, U=448, and one step's dynamics work
+(AUM/APM/Welford table updates + the difficulty read-outs, tables donated as in the train
+step) at CIFAR-10, CIFAR-100 and, with --imagenet, ImageNet table sizes.
 
-  python experiments/bench_pairing.py [--runs 30] [--warmup 3]
+  python experiments/bench_pairing.py [--runs 30] [--warmup 3] [--imagenet]
 """
 
 import argparse
@@ -19,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmix_jax import dynamics
 from cmix_jax import mixup
 
 N_ANCHORS, POOL, IMAGE, K, NUM_CLASSES = 32, 224, (32, 32, 3), 15, 10
@@ -98,10 +101,40 @@ def _torch_loop_fn(data):
   return run, device
 
 
+def _dynamics_step_fn(num_labeled: int, num_unlabeled: int, num_classes: int,
+                      batch: int, ulb_batch: int):
+  """A () -> None timing one step's table updates + read-outs, the state donated in place."""
+  rng = np.random.default_rng(1)
+  state = dynamics.DynamicsState.init(num_labeled, num_unlabeled, num_classes)
+  inputs = dict(
+      idx_lb=jnp.asarray(rng.integers(0, num_labeled, batch), jnp.int32),
+      logits_lb=jnp.asarray(rng.normal(size=(batch, num_classes)), jnp.float32),
+      y_lb=jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32),
+      idx_ulb=jnp.asarray(rng.integers(0, num_unlabeled, ulb_batch), jnp.int32),
+      logits_w=jnp.asarray(rng.normal(size=(ulb_batch, num_classes)), jnp.float32))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, idx_lb, logits_lb, y_lb, idx_ulb, logits_w):
+    pseudo = jnp.argmax(logits_w, axis=-1)  # [U]
+    state = dynamics.update_labeled(state, idx_lb, logits_lb, y_lb)
+    state = dynamics.update_unlabeled(state, idx_ulb, logits_w, pseudo, update_apm=True)
+    return state, (dynamics.labeled_difficulty(state, idx_lb),
+                   dynamics.unlabeled_difficulty(state, idx_ulb, pseudo))
+
+  holder = [state]
+
+  def run():
+    holder[0], read = step(holder[0], **inputs)
+    jax.block_until_ready(read)
+  return run
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', type=int, default=30)
   parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--imagenet', action='store_true',
+                      help='also time the dynamics step at ImageNet size (5.2 GB of tables)')
   args = parser.parse_args()
 
   rng = np.random.default_rng(0)
@@ -158,6 +191,16 @@ def main():
         f'(target >= 50x)')
   if torch_run is not None:
     print(f'speed-up of the kernel over the torch loop: {seconds[3] / t_kernel:.1f}x')
+
+  tables = [('CIFAR-10', 4000, 50000, 10), ('CIFAR-100', 10000, 50000, 100)]
+  if args.imagenet:
+    tables.append(('ImageNet', 128116, 1281167, 1000))
+  names = [f'dynamics step, {name} tables ({n_lb} x {n_ulb} x {c}), B=64 U=448'
+           for name, n_lb, n_ulb, c in tables]
+  seconds = _median_times([_dynamics_step_fn(n_lb, n_ulb, c, 64, 448)
+                           for _, n_lb, n_ulb, c in tables], args.runs, args.warmup)
+  for name, median in zip(names, seconds):
+    print(f'{name:66s} {median * 1e3:9.3f} ms')
 
 
 if __name__ == '__main__':

@@ -394,7 +394,7 @@ def main(argv=None) -> int:
   tables = pooled_reliability(runs)
   if tables:
     plots.multi_reliability(tables, os.path.join(args.out, 'reliability.png'),
-                            title='reliability.json of each run, pooled over seeds')
+                            title='test-set reliability, pooled over seeds')
   print(table)
   print(f'wrote {args.out}/table.md, table.csv' + (', reliability.png' if tables else ''),
         file=sys.stderr)
