@@ -6,7 +6,10 @@
 Prints one table: images/s of the train step (B + 2*mu*B input images), step time
 (median of --steps timed steps after --warmup untimed ones), XLA's FLOP count of one
 step and the achieved fraction of a measured dense-matmul peak, peak memory, and eval
-images/s. The header names the device.
+images/s. The header names the device. With --breakdown, also where one step's time goes:
+the model's forward + backward alone (cross-entropy over the same B + 2*mu*B images in one
+concatenated pass) and the on-device augmentation alone; the rest is losses, pseudo-labels,
+dynamics, pairing, optimizer and EMA.
 """
 
 import argparse
@@ -131,6 +134,58 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   return 2 * n ** 3 / float(np.median(times))
 
 
+def _median_seconds(fn, warmup: int, steps: int) -> float:
+  """Median wall time of fn() (blocked) over `steps` calls after `warmup` + 1 (compile) calls."""
+  times = []
+  for i in range(warmup + 1 + steps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    if i > warmup:
+      times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def model_grad_seconds(model_name: str, num_images: int, warmup: int, steps: int,
+                       image_shape=(32, 32, 3), num_classes: int = 10) -> float:
+  """Median seconds of the network's forward + backward alone on num_images (train-mode BN)."""
+  from cmix_jax import models  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  model = models.create_model(model_name, num_classes)
+  variables = models.init_model(model, jax.random.key(0), image_shape)
+  images = jax.random.normal(jax.random.key(1), (num_images,) + tuple(image_shape))
+  labels = jnp.arange(num_images) % num_classes
+
+  @jax.jit
+  def grad(params, batch_stats):
+    def loss(p):
+      (logits, _), new_stats = model.apply({'params': p, 'batch_stats': batch_stats}, images,
+                                           train=True, mutable=['batch_stats'])
+      log_probs = jax.nn.log_softmax(logits)  # [N, C]
+      return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], 1)), new_stats
+    return jax.grad(loss, has_aux=True)(params)
+
+  return _median_seconds(lambda: grad(variables['params'], variables['batch_stats']), warmup,
+                         steps)
+
+
+def augment_seconds(batch_size: int, uratio: int, warmup: int, steps: int,
+                    image_shape=(32, 32, 3)) -> float:
+  """Median seconds of one step's on-device augmentation alone (weak lb, weak + strong ulb)."""
+  from cmix_jax.data import augment  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
+  @jax.jit
+  def views(key, x_lb, x_ulb):  # uint8 [B, H, W, C], [U, H, W, C]
+    key_lb, key_w, key_s = jax.random.split(key, 3)
+    return (augment.augment_batch(key_lb, x_lb, strong=False),
+            augment.augment_batch(key_w, x_ulb, strong=False),
+            augment.augment_batch(key_s, x_ulb, strong=True))
+
+  rng = np.random.default_rng(0)
+  x_lb = rng.integers(0, 256, (batch_size,) + tuple(image_shape), dtype=np.uint8)
+  x_ulb = rng.integers(0, 256, (uratio * batch_size,) + tuple(image_shape), dtype=np.uint8)
+  keys = iter(jax.random.split(jax.random.key(0), warmup + steps + 1))
+  return _median_seconds(lambda: views(next(keys), x_lb, x_ulb), warmup, steps)
+
+
 def peak_memory_bytes() -> int:
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
@@ -148,6 +203,8 @@ def main(argv=None):
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--breakdown', action='store_true',
+                      help='also time the model forward+backward and the augmentation alone')
   args = parser.parse_args(argv)
   device = jax.devices()[0]
   peak = matmul_peak()
@@ -155,7 +212,7 @@ def main(argv=None):
         f' measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s')
   print('| B | variant | imgs/step | step s | train img/s | GFLOP/step | % of peak | eval img/s |')
   print('|---|---|---|---|---|---|---|---|')
-  base_time = {}
+  base_time, parts = {}, []
   for b in map(int, args.batch_sizes.split(',')):
     for variant in args.variants.split(','):
       config = bench_config(variant, b, args.uratio, args.model, dtype=args.dtype)
@@ -169,7 +226,17 @@ def main(argv=None):
       note = f' (+{100 * over:.1f}% over base)' if VARIANTS[variant][1] else ''
       print(f'| {b} | {variant}{note} | {n} | {secs:.3f} | {n / secs:.1f} | {gflop} | {frac} |'
             f' {eval_ips:.0f} |', flush=True)
+    if args.breakdown:
+      n = b * (1 + 2 * args.uratio)
+      parts.append((b, model_grad_seconds(args.model, n, args.warmup, args.steps),
+                    augment_seconds(b, args.uratio, args.warmup, args.steps)))
   print(f'peak memory: {peak_memory_bytes() / 2**30:.2f} GiB')
+  for b, grad_s, aug_s in parts:
+    step_s = base_time.get((b, 'fixmatch'))
+    print(f'B={b}: model forward+backward alone {grad_s:.3f} s, augmentation alone {aug_s:.3f} s'
+          + (f'; of the fixmatch step {step_s:.3f} s: model {100 * grad_s / step_s:.0f} %, '
+             f'augmentation {100 * aug_s / step_s:.0f} %, rest '
+             f'{100 * (1 - (grad_s + aug_s) / step_s):.0f} %' if step_s else ''))
 
 
 if __name__ == '__main__':

@@ -418,39 +418,12 @@ def import_our_bench():
         f'--compare needs experiments/bench.py and the cmix_jax train loop importable, but the '
         f'import failed with {type(e).__name__}: {e}. Run without --compare to time the torch '
         f'side alone, or fix the import first.') from e
-  for name in ('bench_config', 'time_train_step', 'images_per_step'):
+  for name in ('bench_config', 'time_train_step', 'images_per_step', 'augment_seconds'):
     if not hasattr(bench, name):
       raise SystemExit(f'--compare: experiments/bench.py has no {name}(); it is expected to '
-                       f'provide bench_config, time_train_step and images_per_step.')
+                       'provide bench_config, time_train_step, images_per_step and '
+                       'augment_seconds.')
   return bench
-
-
-def augment_seconds(batch_size: int, uratio: int, warmup: int, steps: int):
-  """Median seconds of our on-device augmentation alone (one step's three views), or None."""
-  try:
-    import jax  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-    from cmix_jax.data import augment  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  except ImportError:
-    return None
-
-  @jax.jit
-  def step_views(key, x_lb, x_ulb):  # uint8 [B, 32, 32, 3], [U, 32, 32, 3]
-    key_lb, key_w, key_s = jax.random.split(key, 3)
-    return (augment.augment_batch(key_lb, x_lb, strong=False),
-            augment.augment_batch(key_w, x_ulb, strong=False),
-            augment.augment_batch(key_s, x_ulb, strong=True))
-
-  rng = np.random.default_rng(0)
-  hwc = IMAGE_SHAPE[1:] + IMAGE_SHAPE[:1]
-  x_lb = rng.integers(0, 256, (batch_size,) + hwc, dtype=np.uint8)
-  x_ulb = rng.integers(0, 256, (uratio * batch_size,) + hwc, dtype=np.uint8)
-  times = []
-  for i in range(warmup + 1 + steps):  # +1: the compile
-    start = time.perf_counter()
-    jax.block_until_ready(step_views(jax.random.key(i), x_lb, x_ulb))
-    if i > warmup:
-      times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def time_ours(bench, variant: str, batch_size: int, uratio: int, warmup: int, steps: int):
@@ -517,7 +490,7 @@ def main(argv=None):
         ours[(our_variant, b)] = time_ours(bench, our_variant, b, args.uratio, args.warmup,
                                            args.steps)
     if bench is not None:
-      aug[b] = augment_seconds(b, args.uratio, args.warmup, args.steps)
+      aug[b] = bench.augment_seconds(b, args.uratio, args.warmup, args.steps)
 
   header = '| variant | B | imgs/step | torch step s | torch min-max s | torch img/s |'
   if bench is not None:
