@@ -32,7 +32,8 @@ RESUMABLE_FIELDS = frozenset({
     'log_every', 'eval_every', 'checkpoint_every', 'max_to_keep', 'progress_bar',
     'data.data_dir', 'data.prefetch', 'eval.plots', 'num_devices', 'parallel_backend',
     'distributed.coordinator_address', 'distributed.num_processes',
-    'distributed.process_id', 'distributed.cpu_collectives', 'max_nonfinite_steps'})
+    'distributed.process_id', 'distributed.cpu_collectives', 'max_nonfinite_steps',
+    'xla_flags'})
 
 
 class Preempted(Exception):
@@ -98,6 +99,8 @@ def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
 
 
 def _init_distributed(config) -> None:
+  """Backend flags and multi-host join: both must happen before the first computation."""
+  parallel.set_xla_flags(config.get('xla_flags', ''))
   dist = config.get('distributed', None)
   if dist is None:
     return

@@ -8,6 +8,7 @@ leading device axis [D, ...], sharded over the 1-D mesh axis 'batch'.
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable
 
 import jax
@@ -137,6 +138,20 @@ def parallelize(fn: Callable, topo: Topology, *, backend: str = 'pmap',
                            check_vma=False)
     return jax.jit(mapped, donate_argnums=donate)
   raise ValueError(f'unknown parallel backend {backend!r}; use one of {BACKENDS}.')
+
+
+def set_xla_flags(flags: str) -> list[str]:
+  """Appends each `--name=value` in `flags` to XLA_FLAGS unless XLA_FLAGS already names it.
+
+  XLA reads XLA_FLAGS when the first backend starts, so call this before any computation; the
+  flags the user set stay as they are. Returns the flags added.
+  """
+  current = os.environ.get('XLA_FLAGS', '')
+  present = {f.split('=', 1)[0] for f in current.split()}
+  added = [f for f in flags.split() if f.split('=', 1)[0] not in present]
+  if added:
+    os.environ['XLA_FLAGS'] = ' '.join([current, *added]).strip()
+  return added
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

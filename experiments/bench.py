@@ -203,13 +203,17 @@ def main(argv=None):
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--xla_flags', default=default.get_config().xla_flags,
+                      help="backend flags as config.xla_flags ('' = XLA's defaults)")
   parser.add_argument('--breakdown', action='store_true',
                       help='also time the model forward+backward and the augmentation alone')
   args = parser.parse_args(argv)
+  parallel.set_xla_flags(args.xla_flags)  # before the first computation starts the backend
   device = jax.devices()[0]
   peak = matmul_peak()
   print(f'device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s));'
-        f' measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s')
+        f' measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s;'
+        f' XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   print('| B | variant | imgs/step | step s | train img/s | GFLOP/step | % of peak | eval img/s |')
   print('|---|---|---|---|---|---|---|---|')
   base_time, parts = {}, []
@@ -217,6 +221,7 @@ def main(argv=None):
     for variant in args.variants.split(','):
       config = bench_config(variant, b, args.uratio, args.model, dtype=args.dtype)
       config.num_devices = 1
+      config.xla_flags = args.xla_flags
       secs, flops, eval_ips = time_train_step(config, args.warmup, args.steps)
       n = images_per_step(config)
       frac = f'{100 * flops / secs / peak:.1f}' if flops else 'n/a'

@@ -1,5 +1,7 @@
 """parallel.py: layout round trips and pmap / shard_map / one-device equivalence."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,3 +72,15 @@ def test_bad_device_count_and_backend():
     parallel.make_topology(99)
   with pytest.raises(ValueError, match='pmap'):
     parallel.parallelize(_toy_step, parallel.make_topology(1), backend='vmap')
+
+
+def test_set_xla_flags_appends_only_flags_not_already_named(monkeypatch):
+  """User-set XLA_FLAGS win; new flags are appended once, in order."""
+  monkeypatch.setenv('XLA_FLAGS', '--a=1 --b=2')
+  assert parallel.set_xla_flags('--b=3 --c=4') == ['--c=4']
+  assert os.environ['XLA_FLAGS'] == '--a=1 --b=2 --c=4'
+  assert parallel.set_xla_flags('--c=5') == []
+  monkeypatch.delenv('XLA_FLAGS')
+  assert parallel.set_xla_flags('--d=1 --e') == ['--d=1', '--e']
+  assert os.environ['XLA_FLAGS'] == '--d=1 --e'
+  assert parallel.set_xla_flags('') == [] and os.environ['XLA_FLAGS'] == '--d=1 --e'
