@@ -14,31 +14,42 @@ step) at CIFAR-10, CIFAR-100 and, with --imagenet, ImageNet table sizes.
 
 import argparse
 import functools
+import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmix_jax import dynamics
-from cmix_jax import mixup
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from cmix_jax import dynamics  # pylint: disable=wrong-import-position
+from cmix_jax import mixup  # pylint: disable=wrong-import-position
+from cmix_jax import parallel  # pylint: disable=wrong-import-position
+from configs import default  # pylint: disable=wrong-import-position
 
 N_ANCHORS, POOL, IMAGE, K, NUM_CLASSES = 32, 224, (32, 32, 3), 15, 10
 
 
 def _median_times(fns, runs: int, warmup: int) -> list[float]:
-  """Median wall time (s) of each fn(), runs interleaved so machine load hits all alike."""
+  """Median wall time (s) of each fn(), timed one case after another.
+
+  Not interleaved: right after torch ops, torch's OpenMP threads keep spinning for a while
+  and steal the cores from the next case (the jitted kernel measured 3x slower that way).
+  """
+  medians = []
   for fn in fns:
     for _ in range(warmup):
       fn()
-  times = [[] for _ in fns]
-  for _ in range(runs):
-    for fn, record in zip(fns, times):
+    record = []
+    for _ in range(runs):
       start = time.perf_counter()
       fn()
       record.append(time.perf_counter() - start)
-  return [statistics.median(record) for record in times]
+    medians.append(statistics.median(record))
+  return medians
 
 
 @jax.jit
@@ -135,7 +146,10 @@ def main():
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--imagenet', action='store_true',
                       help='also time the dynamics step at ImageNet size (5.2 GB of tables)')
+  parser.add_argument('--xla_flags', default=default.get_config().xla_flags,
+                      help="backend flags as config.xla_flags ('' = XLA's defaults)")
   args = parser.parse_args()
+  parallel.set_xla_flags(args.xla_flags)  # before the first computation starts the backend
 
   rng = np.random.default_rng(0)
   data = {name: rng.normal(size=(n,) + IMAGE).astype(np.float32)
@@ -160,6 +174,7 @@ def main():
   top_k = np.argsort(flat(data['lb_easy']) @ flat(data['ulb_hard']).T, axis=1)[:, :K]
   assert all(p in row for p, row in zip(np.asarray(partner_1), top_k)), 'kernel left top-k'
 
+  print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
   print(f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); '
         f'{N_ANCHORS} anchors x {POOL} pool of {IMAGE}, k={K}, two pairings + mixing; '
         f'median of {args.runs} runs after {args.warmup} warm-up')
