@@ -98,7 +98,7 @@ def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
         'Use a new --workdir, or pass --allow_config_change to resume anyway.')
 
 
-def _init_distributed(config) -> None:
+def _init_backend(config) -> None:
   """Backend flags and multi-host join: both must happen before the first computation."""
   parallel.set_xla_flags(config.get('xla_flags', ''))
   dist = config.get('distributed', None)
@@ -146,7 +146,7 @@ def setup(config, workdir: str, allow_config_change: bool = False, write: bool =
 
   `write=False` (evaluation of an existing workdir) skips writing config and split.
   """
-  _init_distributed(config)
+  _init_backend(config)
   topo = parallel.make_topology(config.num_devices)
   config_validation.validate(config, topo.num_devices, *_static_data_facts(config))
   raw = open_data(config)
