@@ -26,8 +26,7 @@ SMALL = {  # the default config, shrunk to a few cheap steps on one device
 # so these cover every base with and without CalibrateMix at one compile pair each; the
 # command-line test below adds SoftMatch + CalibrateMix with the reference's two passes.
 VARIANTS = {
-    'supervised': {'algorithm': 'supervised'},
-    'fixmatch+label_smoothing': {'ssl.label_smoothing': 0.1},
+    'supervised+label_smoothing': {'algorithm': 'supervised', 'ssl.label_smoothing': 0.1},
     'fixmatch+calibratemix': {'calibratemix.enabled': True},
     'flexmatch+calibratemix': {'algorithm': 'flexmatch', 'calibratemix.enabled': True},
     'softmatch+calibratemix_passes1': {'algorithm': 'softmatch', 'calibratemix.enabled': True,
