@@ -2,14 +2,12 @@
 
 import os
 
-# Must be set before jax is imported anywhere in the test process.
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
-# The default config's backend flags too, so in-process tests compile like `main` does.
+# Set before any backend starts: 8 fake devices, plus the default config's backend flags so
+# in-process tests compile like `main` does (flags already in XLA_FLAGS win).
 from cmix_jax import parallel as _parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default as _default  # pylint: disable=g-import-not-at-top,wrong-import-position
-_parallel.set_xla_flags(_default.get_config().xla_flags)  # before any backend starts
+_parallel.set_xla_flags('--xla_force_host_platform_device_count=8 ' +
+                        _default.get_config().xla_flags)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Compiled steps are reused across the test processes of one run (the subprocess
