@@ -1,11 +1,23 @@
-"""Checks a config before anything compiles or writes; each problem is one line with its fix."""
+"""Checks a config before anything compiles or writes; each problem is one line with its fix.
+
+Every field of configs/default.py is checked whatever switches are on: a value that cannot
+be right (a negative learning rate, passes=3, mixup_alpha=0, ema_p=2) is refused even when
+the feature that reads it is off. Rules about how fields combine (CalibrateMix needs
+unlabeled data, the warm-up must end before training does) apply when the feature is on.
+"""
+
+import re
 
 import ml_collections
 
 from cmix_jax import algorithms
+from cmix_jax import checks
 from cmix_jax import models
 from cmix_jax import parallel
 from cmix_jax.data import datasets
+
+_XLA_FLAG = re.compile(r'--[A-Za-z0-9_]+(=\S*)?$')
+_HOST_PORT = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d+)$')
 
 
 class ConfigError(ValueError):
@@ -16,98 +28,166 @@ def _known_dataset(name: str) -> bool:
   return name in datasets.SPECS or name.startswith(('npz:', 'folder:'))
 
 
-def _positive(config, errors, *fields):
+def _integers(config, low: int, *fields) -> list[str]:
+  """One line for each dotted `field` of `config` that is not an integer >= low."""
+  errors = []
   for field in fields:
     value = config
     for part in field.split('.'):
       value = value[part]
-    if value <= 0:
-      errors.append(f'{field}={value} must be positive: set --config.{field} to a number > 0.')
+    errors += checks.not_integer(field, value, low)
+  return errors
+
+
+def device_split_errors(field: str, size: int, num_devices: int) -> list[str]:
+  """One line naming the nearest valid sizes when `size` cannot be split over the devices."""
+  if size <= 0 or size % num_devices == 0:
+    return []
+  below = size // num_devices * num_devices
+  nearest = f'{below} or {below + num_devices}' if below else f'{num_devices}'
+  return [f'{field}={size} is not divisible by the {num_devices} devices: use {nearest} '
+          '(or set --config.num_devices).']
 
 
 def config_errors(config: ml_collections.ConfigDict, num_devices: int,
                   num_classes: int | None = None, num_train: int | None = None) -> list[str]:
   """Every problem with `config` for a run on `num_devices` devices (empty if none)."""
-  errors = []
-  if config.algorithm not in algorithms.ALGORITHM_NAMES:
-    errors.append(f'unknown algorithm {config.algorithm!r}: use one of '
-                  f'{", ".join(algorithms.ALGORITHM_NAMES)} (--config.algorithm).')
-  if config.model.name not in models.MODEL_NAMES:
-    errors.append(f'unknown model {config.model.name!r}: use one of '
-                  f'{", ".join(models.MODEL_NAMES)} (--config.model.name).')
-  if not _known_dataset(config.data.name):
-    errors.append(f'unknown data set {config.data.name!r}: use one of '
-                  f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH '
-                  '(--config.data.name).')
-  bn_momentum = config.model.get('bn_momentum')
-  if bn_momentum is not None and not 0.0 <= bn_momentum < 1.0:
-    errors.append(f'model.bn_momentum={bn_momentum}: the BN running-average decay must be in '
-                  '[0, 1), e.g. 0.99 (--config.model.bn_momentum), or unset for the default.')
-  if config.model.dtype not in ('float32', 'bfloat16'):
-    errors.append(f'model.dtype={config.model.dtype!r}: use float32 or bfloat16.')
-  if config.get('parallel_backend', 'pmap') not in parallel.BACKENDS:
-    errors.append(f'parallel_backend={config.parallel_backend!r}: use one of {parallel.BACKENDS}.')
-  _positive(config, errors, 'num_train_steps', 'log_every', 'eval_every', 'checkpoint_every',
-            'max_to_keep', 'data.num_labels', 'data.batch_size', 'data.eval_batch_size')
-  if config.data.uratio < 0 or (config.algorithm != 'supervised' and config.data.uratio == 0):
-    errors.append(f'data.uratio={config.data.uratio}: semi-supervised algorithms need '
-                  'uratio >= 1 (USB uses 7); only supervised may use 0.')
-  for field, size in (('data.batch_size', config.data.batch_size),
-                      ('data.batch_size * data.uratio', config.data.batch_size * config.data.uratio),
-                      ('data.eval_batch_size', config.data.eval_batch_size)):
-    if size > 0 and size % num_devices:
-      errors.append(f'{field}={size} is not divisible by the {num_devices} devices: '
-                    f'use a multiple of {num_devices} or set --config.num_devices.')
-  if num_classes and config.data.num_labels > 0 and config.data.num_labels % num_classes:
-    errors.append(f'data.num_labels={config.data.num_labels} is not divisible by the '
-                  f'{num_classes} classes: use a multiple of {num_classes} (class-balanced draw).')
-  if num_train is not None and config.data.num_labels + config.data.val_size > num_train:
-    errors.append(f'data.num_labels + data.val_size = '
-                  f'{config.data.num_labels + config.data.val_size} exceeds the {num_train} '
-                  'training examples: lower --config.data.num_labels.')
-  errors += _calibratemix_errors(config)
-  errors += _eval_errors(config)
-  if not 0.0 <= config.optim.ema_decay < 1.0:
-    errors.append(f'optim.ema_decay={config.optim.ema_decay} must be in [0, 1).')
+  return (_run_errors(config) + _backend_errors(config) +
+          _data_errors(config, num_devices, num_classes, num_train) + _model_errors(config) +
+          _optim_errors(config) + algorithms.ssl_errors(config.ssl) +
+          _calibratemix_errors(config) + _eval_errors(config))
+
+
+def _run_errors(config) -> list[str]:
+  """Top-level fields: algorithm, step counts and cadences, seed."""
+  errors = checks.not_one_of('algorithm', config.algorithm, algorithms.ALGORITHM_NAMES)
+  errors += _integers(config, 0, 'seed', 'max_nonfinite_steps')
+  errors += _integers(config, 1, 'num_train_steps', 'log_every', 'eval_every',
+                      'checkpoint_every', 'max_to_keep')
   return errors
 
 
-def _calibratemix_errors(config) -> list[str]:
-  cm = config.calibratemix
+def _backend_errors(config) -> list[str]:
+  """Devices, parallel backend, XLA flags and the multi-host fields."""
   errors = []
+  if config.num_devices != -1:
+    errors += [e.replace('integer >= 1', 'integer >= 1 or -1 (all devices)')
+               for e in checks.not_integer('num_devices', config.num_devices, 1)]
+  errors += checks.not_one_of('parallel_backend', config.get('parallel_backend', 'pmap'),
+                              parallel.BACKENDS)
+  for flag in str(config.get('xla_flags', '')).split():
+    if not _XLA_FLAG.match(flag):
+      errors.append(f'xla_flags: {flag!r} is not an XLA flag: write --name=value items '
+                    'separated by spaces, or set --config.xla_flags= for none.')
+  dist = config.get('distributed')
+  if dist is None:
+    return errors
+  address = dist.coordinator_address
+  match = _HOST_PORT.match(address) if address else None
+  if address and not (match and 1 <= int(match.group(2)) <= 65535):
+    errors.append(f'distributed.coordinator_address={address!r}: write HOST:PORT with a port in '
+                  "[1, 65535], e.g. '10.0.0.1:1234', or '' for a single process.")
+  errors += _integers(config, 0, 'distributed.num_processes')
+  errors += _integers(config, -1, 'distributed.process_id')
+  if dist.num_processes > 0 and dist.process_id >= dist.num_processes:
+    errors.append(f'distributed.process_id={dist.process_id} must be below '
+                  f'distributed.num_processes={dist.num_processes} (ids count from 0).')
+  errors += checks.not_one_of('distributed.cpu_collectives', dist.cpu_collectives,
+                              ('', 'gloo', 'mpi'))
+  return errors
+
+
+def _data_errors(config, num_devices: int, num_classes: int | None,
+                 num_train: int | None) -> list[str]:
+  """data.*: the data set name, sizes, batch split over the devices, augmentation."""
+  data = config.data
+  errors = []
+  if not _known_dataset(data.name):
+    errors.append(f'unknown data set {data.name!r}: use one of '
+                  f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH '
+                  '(--config.data.name).')
+  errors += _integers(config, 1, 'data.num_labels', 'data.batch_size', 'data.eval_batch_size')
+  errors += _integers(config, 0, 'data.uratio', 'data.randaugment_ops', 'data.prefetch',
+                      'data.val_size')
+  if config.algorithm != 'supervised' and data.uratio == 0:
+    errors.append(f'data.uratio={data.uratio}: semi-supervised algorithms need '
+                  'uratio >= 1 (USB uses 7); only supervised may use 0.')
+  errors += device_split_errors('data.batch_size', data.batch_size, num_devices)
+  # (batch_size * uratio splits whenever batch_size does; evaluation pads its last shard.)
+  errors += checks.out_of_range('data.crop_pad_frac', data.crop_pad_frac, '[0, 0.5]',
+                                'reflect padding as a fraction of the side; USB: 0.125')
+  if num_classes and data.num_labels > 0 and data.num_labels % num_classes:
+    errors.append(f'data.num_labels={data.num_labels} is not divisible by the '
+                  f'{num_classes} classes: use a multiple of {num_classes} (class-balanced draw).')
+  if num_train is not None and data.num_labels + data.val_size > num_train:
+    errors.append(f'data.num_labels + data.val_size = {data.num_labels + data.val_size} '
+                  f'exceeds the {num_train} training examples: lower --config.data.num_labels.')
+  fake = data.get('fake')
+  if fake is not None:
+    errors += _integers(config, 1, 'data.fake.num_train', 'data.fake.num_test')
+    errors += _integers(config, 2, 'data.fake.num_classes')
+    shape = tuple(fake.image_shape)
+    if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
+      errors.append(f'data.fake.image_shape={shape}: use (height, width, channels), e.g. '
+                    '(12, 12, 1).')
+  return errors
+
+
+def _model_errors(config) -> list[str]:
+  model = config.model
+  errors = checks.not_one_of('model.name', model.name, models.MODEL_NAMES)
+  errors += checks.not_one_of('model.dtype', model.dtype, ('float32', 'bfloat16'))
+  if model.get('bn_momentum') is not None:
+    errors += checks.out_of_range('model.bn_momentum', model.bn_momentum, '[0, 1)',
+                                  'BN running-average decay, e.g. 0.99; unset = the default')
+  return errors
+
+
+def _optim_errors(config) -> list[str]:
+  optim = config.optim
+  return (checks.out_of_range('optim.lr', optim.lr, '(0, inf)', 'USB: 0.03') +
+          checks.out_of_range('optim.momentum', optim.momentum, '[0, 1)', 'USB: 0.9') +
+          checks.out_of_range('optim.weight_decay', optim.weight_decay, '[0, inf)',
+                              'USB: 5e-4') +
+          checks.out_of_range('optim.cosine_factor', optim.cosine_factor, '[0, 0.5]',
+                              'above 0.5 the cosine schedule turns the lr negative; USB: 7/16') +
+          checks.out_of_range('optim.ema_decay', optim.ema_decay, '[0, 1)', 'USB: 0.999'))
+
+
+def _calibratemix_errors(config) -> list[str]:
+  """calibratemix.*: every value always; how it combines with the run only when enabled."""
+  cm = config.calibratemix
+  errors = _integers(config, 0, 'calibratemix.warmup_steps')
+  errors += checks.not_one_of('calibratemix.passes', cm.passes, (2, 1))
+  errors += checks.not_one_of('calibratemix.difficulty', cm.difficulty, ('margin', 'confidence'))
+  errors += checks.not_one_of('calibratemix.pair_space', cm.pair_space, ('pixels', 'features'))
+  if cm.pair_space == 'features' and cm.passes == 1:
+    errors.append('calibratemix.pair_space=features needs passes=2 (features come from '
+                  'the first pass): set --config.calibratemix.passes=2.')
+  errors += checks.out_of_range('calibratemix.pair_k_frac', cm.pair_k_frac, '(0, 1]',
+                                'reference: 15/224')
+  errors += checks.out_of_range('calibratemix.mixup_alpha', cm.mixup_alpha, '(0, inf)',
+                                'Beta(alpha, alpha) of the mixing weight; reference: 0.4')
+  errors += checks.out_of_range('calibratemix.apm_delta', cm.apm_delta, '(0, 1]',
+                                'APM update weight delta / (1 + n); reference: 0.997')
   if not cm.enabled:
     return errors
   if config.algorithm == 'supervised':
     errors.append('calibratemix.enabled needs unlabeled data: use a semi-supervised '
                   'algorithm (fixmatch, flexmatch, softmatch), not supervised.')
-  if config.num_train_steps > 0 and not 0 <= cm.warmup_steps < config.num_train_steps:
+  if 0 <= cm.warmup_steps and 0 < config.num_train_steps <= cm.warmup_steps:
     errors.append(f'calibratemix.warmup_steps={cm.warmup_steps} must be in [0, '
                   f'num_train_steps={config.num_train_steps}): lower the warm-up or train longer.')
-  if cm.passes not in (1, 2):
-    errors.append(f'calibratemix.passes={cm.passes}: use 2 (reference) or 1 (fused).')
-  if cm.difficulty not in ('margin', 'confidence'):
-    errors.append(f'calibratemix.difficulty={cm.difficulty!r}: use margin or confidence.')
-  if cm.pair_space not in ('pixels', 'features'):
-    errors.append(f'calibratemix.pair_space={cm.pair_space!r}: use pixels or features.')
-  if cm.pair_space == 'features' and cm.passes == 1:
-    errors.append('calibratemix.pair_space=features needs passes=2 (features come from '
-                  'the first pass): set --config.calibratemix.passes=2.')
-  if not 0.0 < cm.pair_k_frac <= 1.0:
-    errors.append(f'calibratemix.pair_k_frac={cm.pair_k_frac} must be in (0, 1].')
-  if cm.mixup_alpha <= 0:
-    errors.append(f'calibratemix.mixup_alpha={cm.mixup_alpha} must be positive.')
   return errors
 
 
 def _eval_errors(config) -> list[str]:
-  errors = []
-  if config.eval.selection not in ('final', 'best_val', 'best_test'):
-    errors.append(f'eval.selection={config.eval.selection!r}: use final, best_val or best_test.')
+  errors = checks.not_one_of('eval.selection', config.eval.selection,
+                             ('final', 'best_val', 'best_test'))
   if config.eval.selection == 'best_val' and config.data.val_size <= 0:
     errors.append('eval.selection=best_val needs a validation slice: set '
                   '--config.data.val_size to a positive multiple of the class count.')
-  if config.eval.num_bins <= 0:
-    errors.append(f'eval.num_bins={config.eval.num_bins} must be positive.')
+  errors += _integers(config, 1, 'eval.num_bins')
   return errors
 
 

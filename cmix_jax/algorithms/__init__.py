@@ -27,6 +27,8 @@ alignment eps 1e-6, mu_0 = 1/C, sigma^2_0 = 1.
 
 import ml_collections
 
+from cmix_jax import checks
+from cmix_jax.algorithms import base
 from cmix_jax.algorithms.base import Algorithm
 from cmix_jax.algorithms.base import PseudoLabels
 from cmix_jax.algorithms.base import supervised_loss
@@ -38,7 +40,19 @@ from cmix_jax.algorithms.softmatch import SoftMatch
 from cmix_jax.algorithms.softmatch import SoftMatchState
 from cmix_jax.algorithms.supervised import Supervised
 
-ALGORITHM_NAMES = ('supervised', 'fixmatch', 'flexmatch', 'softmatch')
+
+ALGORITHMS = (Supervised, FixMatch, FlexMatch, SoftMatch)
+ALGORITHM_NAMES = tuple(a.name for a in ALGORITHMS)
+
+
+def ssl_errors(ssl: ml_collections.ConfigDict) -> list[str]:
+  """Every problem with `config.ssl`, whichever algorithm runs (a bad value is never right)."""
+  errors = base.label_smoothing_errors(ssl.label_smoothing)
+  errors += checks.out_of_range('ssl.ulb_loss_ratio', ssl.ulb_loss_ratio, '[0, inf)',
+                                'lambda_u; USB: 1.0')
+  for algorithm in ALGORITHMS:
+    errors += [e for e in algorithm.ssl_errors(ssl) if e not in errors]  # p_cutoff is shared
+  return errors
 
 
 def get_algorithm(config: ml_collections.ConfigDict) -> Algorithm:
@@ -47,13 +61,10 @@ def get_algorithm(config: ml_collections.ConfigDict) -> Algorithm:
   if name not in ALGORITHM_NAMES:
     raise ValueError(f'unknown algorithm {name!r}: use one of {", ".join(ALGORITHM_NAMES)} '
                      '(--config.algorithm).')
+  errors = ssl_errors(config.ssl)
+  if errors:
+    raise ValueError(' '.join(errors))
   ssl = config.ssl
-  if not 0.0 <= ssl.label_smoothing < 1.0:
-    raise ValueError(f'ssl.label_smoothing={ssl.label_smoothing} must be in [0, 1) '
-                     '(--config.ssl.label_smoothing).')
-  if ssl.ulb_loss_ratio < 0:
-    raise ValueError(f'ssl.ulb_loss_ratio={ssl.ulb_loss_ratio} must be >= 0 '
-                     '(--config.ssl.ulb_loss_ratio; USB: 1.0).')
   if name == 'supervised':
     return Supervised()
   if name == 'fixmatch':

@@ -8,12 +8,14 @@ concatenated global batch).
 """
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from cmix_jax import checks
 
 
 @flax.struct.dataclass
@@ -29,6 +31,22 @@ class Algorithm:
   """Base class: hyperparameters as fields, state as an explicit pytree."""
   name: ClassVar[str] = 'base'
   uses_unlabeled: ClassVar[bool] = True
+
+  @classmethod
+  def field_errors(cls, fields: Mapping[str, Any]) -> list[str]:
+    """Problems with hyperparameter values keyed by field name (= their config.ssl name)."""
+    del fields  # no hyperparameters
+    return []
+
+  @classmethod
+  def ssl_errors(cls, ssl: Mapping[str, Any]) -> list[str]:
+    """Problems with this algorithm's fields as `config.ssl` holds them, built or not."""
+    return cls.field_errors({f.name: ssl[f.name] for f in dataclasses.fields(cls)})
+
+  def __post_init__(self):
+    errors = self.field_errors(dataclasses.asdict(self))
+    if errors:
+      raise ValueError(f'{self.name}: ' + ' '.join(errors))
 
   def init_state(self, num_unlabeled: int, num_classes: int) -> Any:
     """Fresh (replicated) algorithm state; an empty dict when there is none."""
@@ -64,12 +82,23 @@ def supervised_loss(logits: jax.Array, labels: jax.Array,
   if logits.ndim != 2 or labels.shape != (logits.shape[0],):
     raise ValueError(f'supervised_loss: expected logits [B, C] and labels [B]; got '
                      f'{logits.shape}, {labels.shape}.')
-  if isinstance(label_smoothing, (int, float)) and not 0.0 <= label_smoothing < 1.0:
-    raise ValueError(f'supervised_loss: label_smoothing={label_smoothing} must be in [0, 1) '
-                     '(--config.ssl.label_smoothing).')
+  if isinstance(label_smoothing, (int, float)) and label_smoothing_errors(label_smoothing):
+    raise ValueError('supervised_loss: ' + label_smoothing_errors(label_smoothing)[0])
   targets = optax.smooth_labels(
       jax.nn.one_hot(labels, logits.shape[1], dtype=jnp.float32), label_smoothing)  # [B, C]
   return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
+# ----------------------------------------------------------------------------
+# Hyperparameter rules (one place each; config_validation and the dataclasses use them).
+
+def label_smoothing_errors(value) -> list[str]:
+  return checks.out_of_range('ssl.label_smoothing', value, '[0, 1)', 'not in USB: 0')
+
+
+def p_cutoff_errors(value) -> list[str]:
+  return checks.out_of_range('ssl.p_cutoff', value, '(0, 1]',
+                             'fixmatch/flexmatch confidence threshold; USB: 0.95')
 
 
 # ----------------------------------------------------------------------------

@@ -14,10 +14,9 @@ class FixMatch(base.Algorithm):
   name: ClassVar[str] = 'fixmatch'
   p_cutoff: float = 0.95
 
-  def __post_init__(self):
-    if not 0.0 < self.p_cutoff <= 1.0:
-      raise ValueError(f'fixmatch: p_cutoff={self.p_cutoff} must be in (0, 1] '
-                       '(--config.ssl.p_cutoff; USB: 0.95).')
+  @classmethod
+  def field_errors(cls, fields):
+    return base.p_cutoff_errors(fields['p_cutoff'])
 
   def pseudo_label(self, state, logits_w, idx_ulb, *, axis_name=None):
     """Stateless: the mask needs only this batch (USB's FixedThresholdingHook)."""

@@ -75,10 +75,9 @@ class FlexMatch(base.Algorithm):
   p_cutoff: float = 0.95
   thresh_warmup: bool = True
 
-  def __post_init__(self):
-    if not 0.0 < self.p_cutoff <= 1.0:
-      raise ValueError(f'flexmatch: p_cutoff={self.p_cutoff} must be in (0, 1] '
-                       '(--config.ssl.p_cutoff; USB: 0.95).')
+  @classmethod
+  def field_errors(cls, fields):
+    return base.p_cutoff_errors(fields['p_cutoff'])
 
   def init_state(self, num_unlabeled: int, num_classes: int) -> FlexMatchState:
     base.check_sizes(self.name, num_unlabeled, num_classes)

@@ -26,6 +26,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from cmix_jax import checks
 from cmix_jax.algorithms import base
 
 _ALIGN_EPS = 1e-6  # USB's DistAlignEMAHook
@@ -62,13 +63,12 @@ class SoftMatch(base.Algorithm):
   n_sigma: float = 2.0
   dist_align: bool = True
 
-  def __post_init__(self):
-    if not 0.0 <= self.ema_p < 1.0:
-      raise ValueError(f'softmatch: ema_p={self.ema_p} must be in [0, 1) '
-                       '(--config.ssl.ema_p; USB: 0.999).')
-    if not self.n_sigma > 0:
-      raise ValueError(f'softmatch: n_sigma={self.n_sigma} must be positive '
-                       '(--config.ssl.n_sigma; USB: 2).')
+  @classmethod
+  def field_errors(cls, fields):
+    return (checks.out_of_range('ssl.ema_p', fields['ema_p'], '[0, 1)',
+                                'softmatch EMA momentum; USB: 0.999') +
+            checks.out_of_range('ssl.n_sigma', fields['n_sigma'], '(0, inf)',
+                                'softmatch Gaussian width divisor; USB: 2'))
 
   def init_state(self, num_unlabeled: int, num_classes: int) -> SoftMatchState:
     base.check_sizes(self.name, num_unlabeled, num_classes)
