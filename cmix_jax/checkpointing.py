@@ -1,15 +1,24 @@
-"""Orbax checkpoints of the whole train state, with fall-back to an older step."""
+"""Orbax checkpoints of the whole train state: save failures as one message, damaged or
+interrupted checkpoints moved aside (never deleted) so a rerun resumes from the newest good one.
+"""
 
 import logging
 import os
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(RuntimeError):
   """No readable checkpoint in a workdir that claims to hold one."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (no space, no permission, bucket error)."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -24,21 +33,130 @@ def create_manager(workdir: str, max_to_keep: int, async_save: bool = True) -> o
                                item_names=('state', 'meta'))
 
 
+# ----------------------------------------------------------------------------
+# Saving: failures of the asynchronous writes surface as one CheckpointSaveError.
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
          wait: bool = False) -> None:
-  """Saves the (replicated, unstacked) state and JSON metadata at `step`."""
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  """Saves the (replicated, unstacked) state and JSON metadata at `step` (asynchronously).
+
+  A failure of an earlier asynchronous save, or of this one, raises CheckpointSaveError
+  naming the directory and the cause; finished checkpoints stay as they are.
+  """
+  wait_until_saved(manager)
+  _quiet_orbax_tracebacks()
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointSaveError(save_error_message(manager, step, e)) from e
   if wait:
+    wait_until_saved(manager)
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+  """Blocks until the asynchronous saves are written; a failed one raises CheckpointSaveError."""
+  pending = set(manager.all_steps())
+  try:
     manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    lost = pending - set(manager.all_steps())  # orbax forgets the step it could not write
+    raise CheckpointSaveError(save_error_message(manager, max(lost) if lost else None, e)) from e
+
+
+def failure_cause(error: BaseException) -> str:
+  """The operating system's words for a failed write (e.g. 'No space left on device').
+
+  Orbax/tensorstore wrap OS errors in ValueErrors whose text ends in os_error_code='N'.
+  """
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return os.strerror(seen.errno)
+    code = re.search(r"os_error_code='?(\d+)", str(seen))
+    if code:
+      return os.strerror(int(code.group(1)))
+    seen = seen.__cause__ or seen.__context__
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return first_line[:300]
+
+
+def save_error_message(manager: ocp.CheckpointManager, step: int | None,
+                       error: BaseException) -> str:
+  """One message: where, which step, why, what is kept, and what to do."""
+  which = f'the checkpoint of step {step}' if step is not None else 'a checkpoint'
+  kept = manager.all_steps()
+  newest = (f'the newest finished one is step {max(kept)}' if kept
+            else 'no finished checkpoint is there yet')
+  return (f'Cannot save {which} in {manager.directory}: {failure_cause(error)}. '
+          f'Finished checkpoints are left intact ({newest}); free space or fix access to '
+          'that directory, then rerun the same command to resume.')
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+  """Keeps orbax's error log lines but drops their tracebacks (CheckpointSaveError follows)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _quiet_orbax_tracebacks() -> None:
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _OneLineOrbaxErrors) for f in absl_logger.filters):
+    absl_logger.addFilter(_OneLineOrbaxErrors())
+
+
+# ----------------------------------------------------------------------------
+# Restoring: an unreadable newest checkpoint and interrupted saves are moved aside.
+
+UNREADABLE_SUFFIX = '.unreadable'  # <step>.unreadable: a checkpoint that could not be read
+PARTIAL_SUFFIX = '.partial'  # <step>.partial: an interrupted save (orbax's tmp directory)
+_TMP_MARK = '.orbax-checkpoint-tmp'  # orbax writes <step>.orbax-checkpoint-tmp, then renames
+
+
+def move_aside(path: epath.Path, name: str) -> epath.Path:
+  """Renames `path` to `name` in its directory (+.1, .2, ... if taken): nothing is deleted."""
+  target = path.parent / name
+  n = 0
+  while target.exists():
+    n += 1
+    target = path.parent / f'{name}.{n}'
+  path.rename(target)
+  return target
+
+
+def move_aside_partial_saves(directory: epath.PathLike) -> list[epath.Path]:
+  """Moves every leftover `*.orbax-checkpoint-tmp*` entry of `directory` to <step>.partial.
+
+  Such a directory is a save that was cut off (killed process, full disk); orbax would
+  silently overwrite it when the step is saved again.
+  """
+  directory = epath.Path(directory)
+  if not directory.exists():
+    return []
+  moved = []
+  for entry in sorted(directory.iterdir()):
+    if _TMP_MARK in entry.name:
+      target = move_aside(entry, entry.name.split(_TMP_MARK)[0] + PARTIAL_SUFFIX)
+      logging.warning('Moved an interrupted checkpoint save aside: %s -> %s', entry, target)
+      moved.append(target)
+  return moved
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
   """(step, state, meta) of the newest readable checkpoint, or None if there is none.
 
-  An unreadable newest checkpoint (e.g. a damaged disk) is skipped with a warning and
-  the previous one is used; if none can be read, CheckpointError names the directory.
+  Interrupted saves and checkpoints newer than the newest readable one are moved aside
+  (renamed, never deleted) and logged once with the reason, so the run trains on and saves
+  those steps afresh. If none can be read, nothing is moved and CheckpointError names the
+  directory.
   """
+  directory = epath.Path(manager.directory)
+  if _is_lead():
+    move_aside_partial_saves(directory)
+  _sync_and_reload(manager, 'cmix_jax_partial_saves_moved')
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
@@ -47,16 +165,37 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-      if errors:
-        logging.warning('Checkpoint(s) %s unreadable; resumed from step %d instead.',
-                        [s for s, _ in errors], step)
-      return step, restored['state'], restored['meta']
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Cannot read checkpoint at step %d: %s', step, e)
       errors.append((step, e))
+      continue
+    if errors:
+      _move_aside_unreadable(manager, errors, step)
+    return step, restored['state'], restored['meta']
   raise CheckpointError(
-      f'No readable checkpoint in {manager.directory} (tried steps {steps}; last error: '
-      f'{errors[-1][1]!r}). Move the workdir aside to start afresh.')
+      f'No readable checkpoint in {directory} (tried steps {steps}; last error: '
+      f'{failure_cause(errors[-1][1])}). Move the workdir aside to start afresh.')
+
+
+def _move_aside_unreadable(manager, errors: list, good_step: int) -> None:
+  """Renames the unreadable steps newer than `good_step`, logging each one's reason once."""
+  directory = epath.Path(manager.directory)
+  for step, error in errors:
+    if _is_lead():
+      target = move_aside(directory / str(step), f'{step}{UNREADABLE_SUFFIX}')
+      logging.warning('Checkpoint of step %d is unreadable (%s): moved it to %s; resuming from '
+                      'step %d.', step, failure_cause(error), target, good_step)
+  _sync_and_reload(manager, 'cmix_jax_unreadable_moved')
+
+
+def _is_lead() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync_and_reload(manager: ocp.CheckpointManager, name: str) -> None:
+  """All processes wait for the lead's renames, then re-list the steps."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+  manager.reload()
 
 
 def abstract_like(state: Any) -> Any:
