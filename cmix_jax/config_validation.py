@@ -6,9 +6,11 @@ the feature that reads it is off. Rules about how fields combine (CalibrateMix n
 unlabeled data, the warm-up must end before training does) apply when the feature is on.
 """
 
+import os
 import re
 
 import ml_collections
+from etils import epath
 
 from cmix_jax import algorithms
 from cmix_jax import checks
@@ -191,9 +193,30 @@ def _eval_errors(config) -> list[str]:
   return errors
 
 
+def workdir_errors(workdir: str) -> list[str]:
+  """Problems with a local --workdir found without writing (remote paths: the storage check)."""
+  if not workdir:
+    return ['--workdir is empty: pass the directory for checkpoints, metrics and pictures.']
+  if '://' in workdir:
+    return []
+  path = epath.Path(workdir).expanduser()
+  if path.exists() and not path.is_dir():
+    return [f'--workdir={workdir} is a file, not a directory: pass a directory path.']
+  existing = path
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir():
+    return [f'--workdir={workdir} cannot be created: {existing} is a file, not a directory.']
+  if not os.access(existing, os.W_OK | os.X_OK):
+    return [f'--workdir={workdir}: {existing} is not writable; pass a --workdir you may write.']
+  return []
+
+
 def validate(config, num_devices: int, num_classes: int | None = None,
-             num_train: int | None = None) -> None:
-  """Raises ConfigError listing every problem, one line each."""
+             num_train: int | None = None, workdir: str | None = None) -> None:
+  """Raises ConfigError listing every problem (of the config and the workdir), one line each."""
   errors = config_errors(config, num_devices, num_classes, num_train)
+  if workdir is not None:
+    errors = workdir_errors(workdir) + errors
   if errors:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))

@@ -1,16 +1,19 @@
 """Entry point: `python -m cmix_jax.main --config=configs/default.py --workdir=DIR`.
 
 Any config field can be overridden on the command line, e.g. `--config.seed=3`.
+Bad input (flags, config values, data set, workdir) exits with status 2 and one message;
+a run stopped for a reason it names (checkpoint save failure, non-finite loss) with 1.
 """
 
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging
 from ml_collections import config_flags
+
+from cmix_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -22,8 +25,11 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  del argv  # cli.run refuses positional arguments
+  from cmix_jax import config_validation  # pylint: disable=g-import-not-at-top
+  errors = config_validation.workdir_errors(FLAGS.workdir)
+  if errors:
+    raise config_validation.ConfigError('\n'.join(errors))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep it off accelerators.
   from cmix_jax import train  # pylint: disable=g-import-not-at-top
@@ -32,4 +38,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

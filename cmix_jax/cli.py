@@ -1,0 +1,77 @@
+"""Command-line exits: bad input and stopped runs print ONE message, crashes keep their traceback.
+
+  cli.run(main)  # instead of absl's app.run(main)
+
+Exit status 2: bad input (flags, config values, missing data set, unusable workdir), found
+before anything is trained. Exit status 1: a run that stopped for a reason it can name (a
+checkpoint that cannot be saved or read, a non-finite loss, a full or read-only disk).
+Any other exception is a bug and propagates with its traceback.
+"""
+
+import errno
+import sys
+from typing import Callable, NoReturn
+
+from absl import app
+from absl import flags
+
+BAD_INPUT_STATUS = 2
+STOPPED_STATUS = 1
+# OS errors of writing or reading the workdir/data that the user fixes (space, rights, paths).
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                             errno.ENOTDIR, errno.EISDIR})
+
+
+def fail(message: str, status: int) -> NoReturn:
+  """Prints `message` as one error (no traceback) and exits with `status`."""
+  sys.stderr.write(f'error: {message}\n')
+  sys.stderr.flush()
+  sys.exit(status)
+
+
+def _bad_input_errors() -> tuple[type, ...]:
+  # Imported late: importing cmix_jax pulls in JAX, which must come after the flags are read.
+  from cmix_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  return config_validation.ConfigError, datasets.DataNotFoundError
+
+
+def _stopped_errors() -> tuple[type, ...]:
+  from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cmix_jax import loop  # pylint: disable=g-import-not-at-top
+  return checkpointing.CheckpointSaveError, checkpointing.CheckpointError, loop.NonFiniteError
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag or override as one message and status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(f'{e} (see --helpshort)', BAD_INPUT_STATUS)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.* override
+    fail(f'bad --config override or config file: {type(e).__name__}: {e}; check the field '
+         'names and values against the config file.', BAD_INPUT_STATUS)
+
+
+def guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
+  """Runs `main(argv)`, turning the known failures into one message and an exit status."""
+  if len(argv) > 1:
+    fail(f'unexpected arguments {argv[1:]}: flags are written --name=value.', BAD_INPUT_STATUS)
+  bad_input, stopped = _bad_input_errors(), _stopped_errors()
+  try:
+    main(argv)
+  except bad_input as e:
+    fail(str(e), BAD_INPUT_STATUS)
+  except stopped as e:
+    fail(str(e), STOPPED_STATUS)
+  except OSError as e:
+    if e.errno not in _STORAGE_ERRNOS:
+      raise
+    where = f'{e.filename}: ' if e.filename else ''
+    fail(f'{where}{e.strerror or e}; fix the path, its permissions or free space, then rerun '
+         'the same command (a workdir resumes from its newest checkpoint).', STOPPED_STATUS)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """absl's app.run(main) with the exits described in the module docstring."""
+  app.run(lambda argv: guarded(main, argv), flags_parser=_parse_flags)
