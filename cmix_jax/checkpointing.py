@@ -2,6 +2,7 @@
 interrupted checkpoints moved aside (never deleted) so a rerun resumes from the newest good one.
 """
 
+import errno
 import logging
 import os
 import re
@@ -44,7 +45,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   naming the directory and the cause; finished checkpoints stay as they are.
   """
   wait_until_saved(manager)
-  _quiet_orbax_tracebacks()
   try:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -64,19 +64,37 @@ def wait_until_saved(manager: ocp.CheckpointManager) -> None:
     raise CheckpointSaveError(save_error_message(manager, max(lost) if lost else None, e)) from e
 
 
-def failure_cause(error: BaseException) -> str:
-  """The operating system's words for a failed write (e.g. 'No space left on device').
+def os_error_of(error: BaseException) -> int | None:
+  """The errno behind `error` or anything in its cause/context chain, if one is known.
 
-  Orbax/tensorstore wrap OS errors in ValueErrors whose text ends in os_error_code='N'.
+  Orbax/tensorstore wrap OS errors in ValueErrors whose text ends in os_error_code='N';
+  TensorFlow's file writers only keep the operating system's words in their message.
   """
-  seen = error
-  while seen is not None:
+  seen, visited = error, set()
+  while seen is not None and id(seen) not in visited:
+    visited.add(id(seen))
     if isinstance(seen, OSError) and seen.errno:
-      return os.strerror(seen.errno)
-    code = re.search(r"os_error_code='?(\d+)", str(seen))
+      return seen.errno
+    text = str(seen)
+    code = re.search(r"os_error_code='?(\d+)", text)
     if code:
-      return os.strerror(int(code.group(1)))
+      return int(code.group(1))
+    for number in _WORDED_ERRNOS:
+      if os.strerror(number) in text:
+        return number
     seen = seen.__cause__ or seen.__context__
+  return None
+
+
+_WORDED_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
+
+
+def failure_cause(error: BaseException) -> str:
+  """The operating system's words for a failed write (e.g. 'No space left on device'), else
+  the first line of the error."""
+  number = os_error_of(error)
+  if number is not None:
+    return os.strerror(number)
   first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
   return first_line[:300]
 
@@ -91,21 +109,6 @@ def save_error_message(manager: ocp.CheckpointManager, step: int | None,
   return (f'Cannot save {which} in {manager.directory}: {failure_cause(error)}. '
           f'Finished checkpoints are left intact ({newest}); free space or fix access to '
           'that directory, then rerun the same command to resume.')
-
-
-class _OneLineOrbaxErrors(logging.Filter):
-  """Keeps orbax's error log lines but drops their tracebacks (CheckpointSaveError follows)."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
-      record.exc_info, record.exc_text = None, None
-    return True
-
-
-def _quiet_orbax_tracebacks() -> None:
-  absl_logger = logging.getLogger('absl')
-  if not any(isinstance(f, _OneLineOrbaxErrors) for f in absl_logger.filters):
-    absl_logger.addFilter(_OneLineOrbaxErrors())
 
 
 # ----------------------------------------------------------------------------

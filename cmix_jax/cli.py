@@ -9,6 +9,8 @@ Any other exception is a bug and propagates with its traceback.
 """
 
 import errno
+import logging
+import os
 import sys
 from typing import Callable, NoReturn
 
@@ -64,14 +66,44 @@ def guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
     fail(str(e), BAD_INPUT_STATUS)
   except stopped as e:
     fail(str(e), STOPPED_STATUS)
-  except OSError as e:
-    if e.errno not in _STORAGE_ERRNOS:
+  except Exception as e:  # pylint: disable=broad-except
+    storage_errno = _storage_errno(e)
+    if storage_errno is None:
       raise
-    where = f'{e.filename}: ' if e.filename else ''
-    fail(f'{where}{e.strerror or e}; fix the path, its permissions or free space, then rerun '
-         'the same command (a workdir resumes from its newest checkpoint).', STOPPED_STATUS)
+    fail(f'{_summary(e, os.strerror(storage_errno))}; fix the path or its permissions, or free '
+         'space, then rerun the same command (a workdir resumes from its newest checkpoint).',
+         STOPPED_STATUS)
+
+
+def _storage_errno(error: BaseException) -> int | None:
+  from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  number = checkpointing.os_error_of(error)
+  return number if number in _STORAGE_ERRNOS else None
+
+
+def _summary(error: BaseException, cause: str) -> str:
+  """'<cause>: <file>' from the OSError in the chain, else the first line naming the cause."""
+  seen, lines = error, []
+  while seen is not None and len(lines) < 20:
+    if isinstance(seen, OSError) and seen.filename:
+      return f'{cause}: {seen.filename}'
+    lines.append((str(seen).strip().splitlines() or [type(seen).__name__])[0][:300])
+    seen = seen.__cause__ or seen.__context__
+  return next((line for line in lines if cause in line), f'{cause}: {lines[0]}')
+
+
+class OneLineBackgroundErrors(logging.Filter):
+  """Drops the tracebacks of errors that orbax's and clu's writer threads log (keeping the
+  line): the main thread re-raises them, and the user gets one message for them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and any(
+        f'{os.sep}{package}{os.sep}' in record.pathname for package in ('orbax', 'clu')):
+      record.exc_info, record.exc_text = None, None
+    return True
 
 
 def run(main: Callable[[list[str]], None]) -> None:
   """absl's app.run(main) with the exits described in the module docstring."""
+  logging.getLogger('absl').addFilter(OneLineBackgroundErrors())
   app.run(lambda argv: guarded(main, argv), flags_parser=_parse_flags)

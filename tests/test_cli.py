@@ -66,7 +66,17 @@ def test_stopped_runs_and_storage_errors_are_one_message_status_1(capsys):
                        capsys)
   assert (code, err) == (1, 'error: Cannot save ... in /w/checkpoints\n')
   code, err = _exit_of(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), '/w/eval.json'), capsys)
-  assert code == 1 and err.startswith('error: /w/eval.json: No space left on device; ')
+  assert code == 1 and err.startswith('error: No space left on device: /w/eval.json; ')
+  try:  # how clu's asynchronous metric writer reports TensorFlow's failed flush
+    try:
+      raise RuntimeError('/w/events.out.tfevents.1; No space left on device\n\tFailed to flush')
+    except RuntimeError as e:
+      raise ValueError('Error occurred ASYNCHRONOUSLY.') from e
+  except ValueError as e:
+    wrapped = e
+  code, err = _exit_of(wrapped, capsys)
+  assert code == 1 and err.startswith('error: /w/events.out.tfevents.1; No space left on device; ')
+  assert err.count('\n') == 1
   code, err = _exit_of(config_validation.ConfigError('invalid config:\n  x'), capsys)
   assert (code, err) == (2, 'error: invalid config:\n  x\n')
 
