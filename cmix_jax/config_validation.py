@@ -53,8 +53,7 @@ def config_errors(config: ml_collections.ConfigDict, num_devices: int,
     errors.append(f'data.uratio={config.data.uratio}: semi-supervised algorithms need '
                   'uratio >= 1 (USB uses 7); only supervised may use 0.')
   for field, size in (('data.batch_size', config.data.batch_size),
-                      ('data.batch_size * data.uratio', config.data.batch_size * config.data.uratio),
-                      ('data.eval_batch_size', config.data.eval_batch_size)):
+                      ('data.batch_size * data.uratio', config.data.batch_size * config.data.uratio)):
     if size > 0 and size % num_devices:
       errors.append(f'{field}={size} is not divisible by the {num_devices} devices: '
                     f'use a multiple of {num_devices} or set --config.num_devices.')
