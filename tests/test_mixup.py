@@ -1,7 +1,9 @@
 """Tests for cmix_jax.mixup: dissimilar pairing, median split, mixing, BCE, targeted mixup."""
 
 import functools
+import importlib.util
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -335,3 +337,20 @@ def test_downsample_averages_blocks():
   assert mixup.downsample(x, 1) is x
   with pytest.raises(ValueError, match='pair_downsample'):
     mixup.targeted_mixup(jax.random.key(0), **_inputs(), num_classes=K, pair_downsample=0)
+
+
+def test_bench_counts_the_global_scope_traffic_by_hand():
+  """experiments/bench_pairing.py reads the collectives off the traced per-device program."""
+  spec = importlib.util.spec_from_file_location(
+      'bench_pairing', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    'experiments', 'bench_pairing.py'))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  pixels = 32 * 32 * 3 * 4  # f32 bytes of one image
+  scalars = (64 + 448) * 4 * 2  # difficulties, labels / pseudo-labels of the global batch
+  full = bench.global_pairing_bytes(64, 7, (32, 32, 3), 8)
+  assert full == {'all_gather': (64 + 448) * pixels + scalars, 'reduce_scatter': 0}
+  small = bench.global_pairing_bytes(64, 7, (32, 32, 3), 8, pair_downsample=4)
+  # 8x8 pooled pairing inputs; each device reduce-scatters a [64, 32, 32, 3] mixed batch.
+  assert small == {'all_gather': (64 + 448) * pixels // 16 + scalars,
+                   'reduce_scatter': 64 * pixels}
