@@ -35,9 +35,9 @@ def get_config():
   # auto: join a detected cluster (SLURM, Open MPI, multi-host Cloud TPU) or, when an address is
   # given, the explicit settings below; a single process otherwise. explicit | off.
   config.distributed.mode = 'auto'
-  config.distributed.coordinator_address = ''  # e.g. '10.0.0.1:1234'; '' = single process
-  config.distributed.num_processes = 0
-  config.distributed.process_id = -1
+  config.distributed.coordinator_address = ''  # e.g. '10.0.0.1:1234'; '' = none given
+  config.distributed.num_processes = 0  # with an address: how many processes join (0 = env)
+  config.distributed.process_id = -1  # with an address: this process's rank (-1 = env)
   config.distributed.cpu_collectives = ''  # 'gloo' for multi-process CPU runs
 
   config.data = ml_collections.ConfigDict()
