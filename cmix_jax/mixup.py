@@ -354,6 +354,31 @@ def difficulty_half_means(difficulty: jax.Array) -> tuple[jax.Array, jax.Array]:
   return difficulty[hard_idx].mean(), difficulty[easy_idx].mean()
 
 
+def split_metrics(lb_difficulty: jax.Array, ulb_difficulty: jax.Array,
+                  pseudo_labels: jax.Array, hidden_labels: jax.Array | None = None,
+                  axis_name: str | None = None) -> dict:
+  """Mean difficulty of each half of the split, and the unlabeled-hard pseudo-label error.
+
+  Shows the easy/hard split means something. With `axis_name` (global scope) the inputs
+  are gathered first, so the values are those of the split the global pairing used.
+  """
+  if axis_name is not None:
+    gather = functools.partial(_gather, axis_name=axis_name)
+    lb_difficulty, ulb_difficulty = gather(lb_difficulty), gather(ulb_difficulty)
+    pseudo_labels = gather(pseudo_labels)
+    hidden_labels = None if hidden_labels is None else gather(hidden_labels)
+  hard_lb, easy_lb = median_split(lb_difficulty)
+  hard_ulb, easy_ulb = median_split(ulb_difficulty)
+  out = {'difficulty_lb_easy': lb_difficulty[easy_lb].mean(),
+         'difficulty_lb_hard': lb_difficulty[hard_lb].mean(),
+         'difficulty_ulb_easy': ulb_difficulty[easy_ulb].mean(),
+         'difficulty_ulb_hard': ulb_difficulty[hard_ulb].mean()}
+  if hidden_labels is not None:
+    out['hard_pseudo_label_error'] = hard_pseudo_label_error(pseudo_labels, hidden_labels,
+                                                             hard_ulb)
+  return out
+
+
 def hard_pseudo_label_error(pseudo_labels: jax.Array, hidden_labels: jax.Array,
                             hard_idx: jax.Array) -> jax.Array:
   """Fraction of unlabeled-hard samples with a wrong pseudo-label (hidden label -1 ignored)."""

@@ -354,3 +354,16 @@ def test_bench_counts_the_global_scope_traffic_by_hand():
   # 8x8 pooled pairing inputs; each device reduce-scatters a [64, 32, 32, 3] mixed batch.
   assert small == {'all_gather': (64 + 448) * pixels // 16 + scalars,
                    'reduce_scatter': 64 * pixels}
+
+
+def test_split_metrics_in_global_scope_are_the_whole_batch_values():
+  inp = _global_inputs(16, 48, seed=9)
+  hidden = np.random.default_rng(2).integers(-1, K, 48).astype(np.int32)
+  args = (inp['lb_difficulty'], inp['ulb_difficulty'], inp['pseudo_labels'], hidden)
+  whole = mixup.split_metrics(*args)
+  shared = jax.pmap(lambda *a: mixup.split_metrics(*a, axis_name='i'), axis_name='i')(
+      *_per_device(args))
+  for name, value in whole.items():
+    np.testing.assert_allclose(shared[name], np.full(D, value), rtol=1e-6, err_msg=name)
+  hard_lb = np.argsort(inp['lb_difficulty'], kind='stable')[:8]
+  np.testing.assert_allclose(whole['difficulty_lb_hard'], inp['lb_difficulty'][hard_lb].mean())
