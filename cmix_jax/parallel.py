@@ -322,15 +322,6 @@ def start_distributed(dist, env: Mapping[str, str] | None = None,
   return f'joined the {cluster} cluster'
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None, cpu_collectives: str | None = None) -> None:
-  """Joins a multi-host run (no-op for single-process runs with no address given)."""
-  if cpu_collectives:
-    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-
-
 def describe(topo: Topology) -> str:
   """One line for the run's plan: process index/count and global/local device counts."""
   kind = topo.devices[0].device_kind if topo.devices else '?'
