@@ -36,6 +36,7 @@ BAD = [
     ('parallel_backend', 'xmap', 'parallel_backend'),
     ('calibratemix.pair_scope', 'world', 'pair_scope=.world.: use global'),
     ('calibratemix.pair_downsample', 0, 'pair_downsample=0'),
+    ('distributed.mode', 'mpi', "distributed.mode='mpi': use one of"),
 ]
 
 
