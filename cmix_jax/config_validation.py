@@ -105,6 +105,9 @@ def _calibratemix_errors(config) -> list[str]:
   if int(pair_downsample) != pair_downsample or pair_downsample < 1:
     errors.append(f'calibratemix.pair_downsample={pair_downsample!r}: use an integer >= 1 '
                   '(1 = pair on full-size images).')
+  elif pair_downsample > 1 and cm.pair_space == 'features':
+    errors.append(f'calibratemix.pair_downsample={pair_downsample} shrinks images, but '
+                  'pair_space=features pairs on features: set pair_downsample=1.')
   if cm.mixup_alpha <= 0:
     errors.append(f'calibratemix.mixup_alpha={cm.mixup_alpha} must be positive.')
   return errors

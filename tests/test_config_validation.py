@@ -63,6 +63,16 @@ def test_device_pair_scope_needs_two_labeled_samples_per_device():
   assert config_validation.config_errors(config, 8, 4, 256) == []
 
 
+def test_pair_downsample_applies_to_pixels_only():
+  config = tiny.config(calibratemix=True)
+  config.calibratemix.pair_downsample = 2
+  assert config_validation.config_errors(config, 8, 4, 256) == []
+  config.calibratemix.pair_space = 'features'
+  errors = config_validation.config_errors(config, 8, 4, 256)
+  assert errors == ['calibratemix.pair_downsample=2 shrinks images, but pair_space=features '
+                    'pairs on features: set pair_downsample=1.']
+
+
 def test_calibratemix_on_supervised_is_refused():
   config = tiny.config(algorithm='supervised', calibratemix=True)
   errors = config_validation.config_errors(config, num_devices=1)
