@@ -20,7 +20,7 @@ def test_learning_rate_schedule_is_usb_cosine():
   schedule = steps.learning_rate_schedule(optim, 1000)
   assert float(schedule(0)) == pytest.approx(0.03)
   assert float(schedule(500)) == pytest.approx(0.03 * np.cos(7 * np.pi * 0.5 / 16), rel=1e-6)
-  assert float(schedule(1000)) == pytest.approx(0.005853, abs=1e-6)  # METHOD.md's final lr
+  assert float(schedule(1000)) == pytest.approx(0.005853, abs=1e-6)  # the final lr of docs/method.md §2
 
 
 def test_optimizer_is_nesterov_sgd_with_coupled_decay_on_kernels_only():
