@@ -40,8 +40,8 @@ def _bad_input_errors() -> tuple[type, ...]:
 
 def _stopped_errors() -> tuple[type, ...]:
   from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from cmix_jax import loop  # pylint: disable=g-import-not-at-top
-  return checkpointing.CheckpointSaveError, checkpointing.CheckpointError, loop.NonFiniteError
+  from cmix_jax import train  # pylint: disable=g-import-not-at-top
+  return checkpointing.CheckpointSaveError, checkpointing.CheckpointError, train.NonFiniteError
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -55,11 +55,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
          'names and values against the config file.', BAD_INPUT_STATUS)
 
 
-def guarded(main: Callable[[list[str]], None], argv: list[str]) -> None:
-  """Runs `main(argv)`, turning the known failures into one message and an exit status."""
+def guarded(main: Callable[[list[str]], None], argv: list[str],
+            bad_input: tuple[type, ...] = ()) -> None:
+  """Runs `main(argv)`, turning the known failures into one message and an exit status.
+
+  `bad_input`: the caller's own exception types that mean bad input (status 2).
+  """
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}: flags are written --name=value.', BAD_INPUT_STATUS)
-  bad_input, stopped = _bad_input_errors(), _stopped_errors()
+  bad_input, stopped = _bad_input_errors() + tuple(bad_input), _stopped_errors()
   try:
     main(argv)
   except bad_input as e:
@@ -103,7 +107,7 @@ class OneLineBackgroundErrors(logging.Filter):
     return True
 
 
-def run(main: Callable[[list[str]], None]) -> None:
+def run(main: Callable[[list[str]], None], bad_input: tuple[type, ...] = ()) -> None:
   """absl's app.run(main) with the exits described in the module docstring."""
   logging.getLogger('absl').addFilter(OneLineBackgroundErrors())
-  app.run(lambda argv: guarded(main, argv), flags_parser=_parse_flags)
+  app.run(lambda argv: guarded(main, argv, bad_input), flags_parser=_parse_flags)

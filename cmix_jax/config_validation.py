@@ -57,7 +57,7 @@ def config_errors(config: ml_collections.ConfigDict, num_devices: int,
   return (_run_errors(config) + _backend_errors(config) +
           _data_errors(config, num_devices, num_classes, num_train) + _model_errors(config) +
           _optim_errors(config) + algorithms.ssl_errors(config.ssl) +
-          _calibratemix_errors(config) + _eval_errors(config))
+          _calibratemix_errors(config, num_devices) + _eval_errors(config))
 
 
 def _run_errors(config) -> list[str]:
@@ -84,6 +84,7 @@ def _backend_errors(config) -> list[str]:
   dist = config.get('distributed')
   if dist is None:
     return errors
+  errors += checks.not_one_of('distributed.mode', dist.mode, parallel.DISTRIBUTED_MODES)
   address = dist.coordinator_address
   match = _HOST_PORT.match(address) if address else None
   if address and not (match and 1 <= int(match.group(2)) <= 65535):
@@ -156,7 +157,7 @@ def _optim_errors(config) -> list[str]:
           checks.out_of_range('optim.ema_decay', optim.ema_decay, '[0, 1)', 'USB: 0.999'))
 
 
-def _calibratemix_errors(config) -> list[str]:
+def _calibratemix_errors(config, num_devices: int) -> list[str]:
   """calibratemix.*: every value always; how it combines with the run only when enabled."""
   cm = config.calibratemix
   errors = _integers(config, 0, 'calibratemix.warmup_steps')
@@ -172,6 +173,14 @@ def _calibratemix_errors(config) -> list[str]:
                                 'Beta(alpha, alpha) of the mixing weight; reference: 0.4')
   errors += checks.out_of_range('calibratemix.apm_delta', cm.apm_delta, '(0, 1]',
                                 'APM update weight delta / (1 + n); reference: 0.997')
+  errors += checks.not_one_of('calibratemix.pair_scope', cm.pair_scope, ('global', 'device'))
+  pair_downsample = cm.pair_downsample
+  if not isinstance(pair_downsample, int) or pair_downsample < 1:
+    errors.append(f'calibratemix.pair_downsample={pair_downsample!r}: use an integer >= 1 '
+                  '(1 = pair on full-size images).')
+  elif pair_downsample > 1 and cm.pair_space == 'features':
+    errors.append(f'calibratemix.pair_downsample={pair_downsample} shrinks images, but '
+                  'pair_space=features pairs on features: set pair_downsample=1.')
   if not cm.enabled:
     return errors
   if config.algorithm == 'supervised':
@@ -180,6 +189,10 @@ def _calibratemix_errors(config) -> list[str]:
   if 0 <= cm.warmup_steps and 0 < config.num_train_steps <= cm.warmup_steps:
     errors.append(f'calibratemix.warmup_steps={cm.warmup_steps} must be in [0, '
                   f'num_train_steps={config.num_train_steps}): lower the warm-up or train longer.')
+  if cm.pair_scope == 'device' and 0 < config.data.batch_size < 2 * num_devices:
+    errors.append(f'calibratemix.pair_scope=device splits each device\'s share, which needs >= 2 '
+                  f'labeled samples per device: use data.batch_size >= {2 * num_devices} or '
+                  'pair_scope=global.')
   return errors
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cmix_jax import checkpointing
-from tests import test_loop
+from tests import test_train
 
 STATE = {'w': jnp.arange(6.0), 'b': jnp.ones((2, 3), jnp.int32)}
 
@@ -140,16 +140,16 @@ def test_full_disk_during_async_save_is_one_message_at_the_next_boundary(small_t
 
 def test_corrupt_newest_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
   straight, damaged = str(tmp_path / 'straight'), str(tmp_path / 'damaged')
-  test_loop._driver(f'--workdir={straight}')  # pylint: disable=protected-access
-  test_loop._driver(f'--workdir={damaged}')  # pylint: disable=protected-access
+  test_train._driver(f'--workdir={straight}')  # pylint: disable=protected-access
+  test_train._driver(f'--workdir={damaged}')  # pylint: disable=protected-access
   ckpts = os.path.join(damaged, 'checkpoints')
   _garble(os.path.join(ckpts, '4'))
   os.makedirs(os.path.join(ckpts, '4.orbax-checkpoint-tmp', 'state'))  # a cut-off save too
-  proc = test_loop._driver(f'--workdir={damaged}')  # pylint: disable=protected-access
+  proc = test_train._driver(f'--workdir={damaged}')  # pylint: disable=protected-access
   assert 'RESULT False 4' in proc.stdout
   assert sorted(os.listdir(ckpts)) == ['2', '4', '4.partial', '4.unreadable']
   assert 'Checkpoint of step 4 is unreadable' in proc.stderr
-  step_a, state_a, _ = test_loop._latest_state(straight)  # pylint: disable=protected-access
-  step_b, state_b, _ = test_loop._latest_state(damaged)  # pylint: disable=protected-access
+  step_a, state_a, _ = test_train._latest_state(straight)  # pylint: disable=protected-access
+  step_b, state_b, _ = test_train._latest_state(damaged)  # pylint: disable=protected-access
   assert step_a == step_b == 4
-  test_loop._assert_same_state(state_a, state_b)  # pylint: disable=protected-access
+  test_train._assert_same_state(state_a, state_b)  # pylint: disable=protected-access

@@ -6,7 +6,7 @@ import pytest
 
 from cmix_jax import algorithms
 from cmix_jax import config_validation
-from cmix_jax import loop
+from cmix_jax import run_setup
 from cmix_jax.data import datasets
 from configs import default
 from tests import tiny
@@ -50,6 +50,7 @@ BAD = [
     ('max_nonfinite_steps', -1, 'max_nonfinite_steps=-1'),
     ('xla_flags', 'xla_cpu_foo=1', "'xla_cpu_foo=1' is not an XLA flag"),
     ('xla_flags', '--a=1 -b', "'-b' is not an XLA flag"),
+    ('distributed.mode', 'mpi', "distributed.mode='mpi': use one of"),
     ('distributed.coordinator_address', '10.0.0.1', 'write HOST:PORT'),
     ('distributed.coordinator_address', 'host:99999', 'write HOST:PORT'),
     ('distributed.num_processes', -1, 'distributed.num_processes=-1'),
@@ -97,14 +98,17 @@ BAD = [
     ('calibratemix.difficulty', 'loss', 'difficulty'),
     ('calibratemix.pair_space', 'logits', 'calibratemix.pair_space'),
     ('calibratemix.apm_delta', 1.5, 'calibratemix.apm_delta=1.5 must be in (0, 1]'),
+    ('calibratemix.pair_scope', 'world', "calibratemix.pair_scope='world': use one of 'global'"),
+    ('calibratemix.pair_downsample', 0, 'pair_downsample=0'),
     ('eval.num_bins', 0, 'eval.num_bins=0'),
     ('eval.selection', 'best', 'eval.selection'),
     ('eval.selection', 'best_val', 'val_size'),
 ]
 
-# Values a bad value of which cannot be told from a good one here (booleans are typed by
-# ml_collections; the data dir is read later and a missing data set gets its own message).
-FREE = {'data.data_dir'}
+# Fields whose every value of their type may be right: booleans (ml_collections keeps the
+# type, so also the bool-or-None placeholders) and the data dir (a missing data set gets
+# its own message when it is read).
+FREE = {'data.data_dir', 'model.cross_replica_bn'}
 
 
 @pytest.mark.parametrize('key,value,message', BAD)
@@ -142,7 +146,7 @@ def test_bad_config_is_refused_before_any_write(key, value, message, tmp_path):
   _set(config, key, value)
   workdir = str(tmp_path / 'never_written')
   with pytest.raises(config_validation.ConfigError, match=message):
-    loop.setup(config, workdir)
+    run_setup.build_run(config, workdir)
   assert not os.path.exists(workdir)
 
 
@@ -161,6 +165,27 @@ def test_algorithm_rules_are_the_ones_the_dataclasses_use():
   assert line in str(info.value)
   with pytest.raises(ValueError, match='ssl.ema_p=2.0'):
     algorithms.get_algorithm(config)  # refused though fixmatch runs
+
+
+def test_device_pair_scope_needs_two_labeled_samples_per_device():
+  config = tiny.config(calibratemix=True)  # batch 16
+  config.calibratemix.pair_scope = 'device'
+  assert config_validation.config_errors(config, 8, 4, 256) == []
+  errors = config_validation.config_errors(config, 16, 4, 256)
+  assert any('data.batch_size >= 32 or pair_scope=global' in e for e in errors)
+  config.calibratemix.pair_scope = 'global'  # one labeled sample per device is fine
+  config.data.batch_size, config.data.uratio = 8, 2
+  assert config_validation.config_errors(config, 8, 4, 256) == []
+
+
+def test_pair_downsample_applies_to_pixels_only():
+  config = tiny.config(calibratemix=True)
+  config.calibratemix.pair_downsample = 2
+  assert config_validation.config_errors(config, 8, 4, 256) == []
+  config.calibratemix.pair_space = 'features'
+  errors = config_validation.config_errors(config, 8, 4, 256)
+  assert errors == ['calibratemix.pair_downsample=2 shrinks images, but pair_space=features '
+                    'pairs on features: set pair_downsample=1.']
 
 
 def test_calibratemix_on_supervised_is_refused():
@@ -182,7 +207,7 @@ def test_missing_data_set_says_how_to_get_it(tmp_path):
   config.data.num_labels = 40
   config.data.data_dir = str(tmp_path / 'empty')
   with pytest.raises(datasets.DataNotFoundError, match='tfds build cifar10'):
-    loop.setup(config, str(tmp_path / 'w'))
+    run_setup.build_run(config, str(tmp_path / 'w'))
   assert not os.path.exists(tmp_path / 'w')
 
 
