@@ -62,6 +62,20 @@ def object_name(path: Any) -> str:
   return rest.split('/', 1)[1].rstrip('/') if '/' in rest else ''
 
 
+def walk(path: Any):
+  """(folder, subfolder names, file names) under `path`, like os.walk, for local or gs://.
+
+  epath's own walk drops the gs:// of the folders it yields; here they keep it.
+  """
+  base = as_path(path)
+  scheme = os.fspath(base).split('://', 1)[0] + '://' if is_remote(base) else ''
+  for root, dirs, files in base.walk():
+    root = os.fspath(root)
+    if scheme and not root.startswith(scheme):
+      root = scheme + root.lstrip('/')
+    yield epath.Path(root), dirs, files
+
+
 # ----------------------------------------------------------------------------- reading, writing
 
 

@@ -19,6 +19,8 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 BUCKET = 'test-bucket'
 # Before any test imports gcsfs: its default class asks a gRPC API the emulator lacks.
 os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
@@ -122,3 +124,15 @@ def use_emulator() -> Emulator:
   server = emulator()
   os.environ.update(server.env)
   return server
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  """The emulator, with this process's environment pointed at it for the module's tests."""
+  saved = {key: os.environ.get(key) for key in Emulator('').env}
+  yield use_emulator()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value

@@ -13,17 +13,7 @@ import pytest
 from cmix_jax import checkpointing
 from cmix_jax import storage
 from tests import gcs as gcs_lib
-
-
-@pytest.fixture(scope='module')
-def gcs():
-  saved = {k: os.environ.get(k) for k in gcs_lib.Emulator('').env}
-  yield gcs_lib.use_emulator()
-  for key, value in saved.items():
-    if value is None:
-      os.environ.pop(key, None)
-    else:
-      os.environ[key] = value
+from tests.gcs import gcs  # pylint: disable=unused-import  (the emulator fixture)
 
 
 @pytest.fixture(params=['local', 'gs'])

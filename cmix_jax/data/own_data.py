@@ -123,7 +123,8 @@ def _image_files(directory: str) -> list[str]:
       found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found, key=lambda p: os.path.relpath(p, directory))
   base = storage.as_path(directory)
-  found = [p for p in base.rglob('*') if p.name.lower().endswith(IMAGE_EXTENSIONS)]
+  found = [root / f for root, _, files in storage.walk(base) for f in files
+           if f.lower().endswith(IMAGE_EXTENSIONS)]
   return [os.fspath(p) for p in sorted(found, key=lambda p: os.fspath(p.relative_to(base)))]
 
 
@@ -203,7 +204,7 @@ def _fingerprint_folder(path: str) -> str:
   digest = hashlib.sha256()
   if storage.is_remote(path):
     base = storage.as_path(path)
-    for file in sorted(p for p in base.rglob('*') if not p.is_dir()):
+    for file in sorted(root / f for root, _, files in storage.walk(base) for f in files):
       stat = file.stat()
       digest.update(f'{os.fspath(file.relative_to(base))}\0{stat.length}\0{stat.mtime}\n'
                     .encode())
