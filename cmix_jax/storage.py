@@ -65,13 +65,17 @@ def object_name(path: Any) -> str:
 def walk(path: Any):
   """(folder, subfolder names, file names) under `path`, like os.walk, for local or gs://.
 
-  epath's own walk drops the gs:// of the folders it yields; here they keep it.
+  Top-down: emptying `dirs` in place prunes. Local folders come back as given (`~` expanded);
+  epath's own walk drops the gs:// of the folders it yields, here they keep it.
   """
-  base = as_path(path)
-  scheme = os.fspath(base).split('://', 1)[0] + '://' if is_remote(base) else ''
-  for root, dirs, files in base.walk():
+  if not is_remote(path):
+    for root, dirs, files in os.walk(os.path.expanduser(os.fspath(path))):
+      yield epath.Path(root), dirs, files
+    return
+  scheme = os.fspath(path).split('://', 1)[0] + '://'
+  for root, dirs, files in as_path(path).walk():
     root = os.fspath(root)
-    if scheme and not root.startswith(scheme):
+    if not root.startswith(scheme):
       root = scheme + root.lstrip('/')
     yield epath.Path(root), dirs, files
 

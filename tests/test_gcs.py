@@ -1,6 +1,7 @@
 """gs:// paths against a real local GCS endpoint (fake-gcs-server): every layer that writes or
 reads a workdir or a data dir, and the preflight errors."""
 
+import importlib.util
 import io
 import os
 
@@ -155,3 +156,35 @@ def test_preflight_names_an_unwritable_local_workdir(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(storage.StorageError, match='pick a writable --workdir'):
     storage.check_writable(str(tmp_path / 'file' / 'run'))
+
+
+def _load_script(name):
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      'experiments', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'{name}_under_gcs_test', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_compare_and_sweep_read_and_write_the_bucket(gcs):
+  compare, sweep = _load_script('compare'), _load_script('sweep')
+  table = {'bin_lo': [0.0, 0.5], 'bin_hi': [0.5, 1.0], 'count': [10, 30],
+           'mean_conf': [0.4, 0.8], 'accuracy': [0.3, 0.9]}
+  runs = f'{ROOT}/sweeps/grid'
+  for seed, error in ((0, 0.1), (1, 0.2)):
+    run = f'{runs}/fix_{seed}'
+    storage.write_json(f'{run}/config.json', {
+        'algorithm': 'fixmatch', 'seed': seed, 'data': {'name': 'cifar10', 'num_labels': 40}})
+    storage.write_json(f'{run}/eval.json', {'accuracy': 1 - error, 'ece': 0.05,
+                                            'selection': 'final', 'step': 9})
+    storage.write_json(f'{run}/reliability.json', table)
+  storage.write_json(f'{runs}/unfinished/config.json', {'seed': 5})
+  assert sweep.is_finished(f'{runs}/fix_0') and not sweep.is_finished(f'{runs}/unfinished')
+  finished, unfinished = compare.discover([runs])
+  assert finished == [f'{runs}/fix_0', f'{runs}/fix_1'] and unfinished == [f'{runs}/unfinished']
+  assert compare.main([runs, f'--out={ROOT}/compare', '--reference=']) == 0
+  assert _objects('compare/') == ['compare/reliability.data.json', 'compare/reliability.png',
+                                  'compare/table.csv', 'compare/table.md']
+  rows = storage.as_path(f'{ROOT}/compare/table.csv').read_text().splitlines()
+  assert len(rows) == 2  # header + the one fixmatch/cifar10/40 group of two seeds
