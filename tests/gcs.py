@@ -136,3 +136,31 @@ def gcs():
       os.environ.pop(key, None)
     else:
       os.environ[key] = value
+
+
+def main(argv=None) -> None:
+  """By hand: `python -m tests.gcs [--port=N] > gcs.env &`, then `source gcs.env`."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description=main.__doc__)
+  parser.add_argument('--port', type=int, default=0, help='0: a free port')
+  parser.add_argument('--log', default='fake-gcs-server.log')
+  args = parser.parse_args(argv)
+  server = Emulator(args.log)
+  if args.port:
+    server.port, server.url = args.port, f'http://127.0.0.1:{args.port}'
+  server.start()
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+  print(f'# fake-gcs-server at {server.url} with gs://{BUCKET}; stop it with Ctrl-C or kill')
+  for key, value in server.env.items():
+    print(f'export {key}={value}')
+  sys.stdout.flush()
+  try:
+    server.process.wait()
+  finally:
+    server.stop()
+
+
+if __name__ == '__main__':
+  main()
