@@ -5,10 +5,10 @@
       [--reference=/work/shared/usb_reference_results.csv] [--paper=paper.csv] [--out=DIR]
 
 A path is a run workdir (holds config.json; finished when it holds eval.json) or a
-folder searched recursively for them; local or gs://, like --out. Runs are grouped by (dataset, num_labels,
-algorithm, variant) plus the dotted config keys of --group_by; variant is `base`,
-`cmix` (+CalibrateMix) or `randmix` (+random mixup, the ablation). The metrics are
-eval.json's top level (the checkpoint its `selection` names). Writes table.md,
+folder searched recursively for them (local or gs://, like --out). Runs are grouped by
+(dataset, num_labels, algorithm, variant) plus the dotted config keys of --group_by;
+variant is `base`, `cmix` (+CalibrateMix) or `randmix` (+random mixup, the ablation). The
+metrics are eval.json's top level (the checkpoint its `selection` names). Writes table.md,
 table.csv and reliability.png (each group's reliability.json pooled over seeds)
 into --out and prints the Markdown table.
 

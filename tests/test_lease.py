@@ -74,8 +74,8 @@ def test_released_lease_is_gone_and_can_be_taken_again(workdir):
 
 
 def test_stale_leases_are_taken_over_with_a_warning(workdir, caplog):
-  host = socket.gethostname()
-  stale = [dict(host=host, pid=_dead_pid(), boot_id=checkpointing._boot_id()),  # pylint: disable=protected-access
+  host, boot = socket.gethostname(), checkpointing._boot_id()  # pylint: disable=protected-access
+  stale = [dict(host=host, pid=_dead_pid(), boot_id=boot),
            dict(host=host, pid=os.getpid(), boot_id='an-earlier-boot'),
            dict(heartbeat=time.time() - 601)]
   for fields in stale:
@@ -111,7 +111,8 @@ def test_refresh_moves_the_heartbeat_and_notices_a_takeover(workdir):
 
 def test_racing_runs_get_exactly_one_lease(workdir, monkeypatch):
   _plant(workdir, heartbeat=time.time() - 1000)  # a stale lease all of them want to take over
-  for store in (checkpointing._LocalLeaseFile, checkpointing._GcsLeaseObject):  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  for store in (checkpointing._LocalLeaseFile, checkpointing._GcsLeaseObject):
     read = store.read
 
     def slow_read(self, read=read):  # every run reads the stale lease before any writes
