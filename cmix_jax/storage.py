@@ -15,10 +15,11 @@ writes it back with the new line (one small object per run; each write replaces 
 a reader never sees half a line). Local writes go to a temp file renamed into place.
 """
 
-import io
 import json
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from typing import Any
 
@@ -134,12 +135,36 @@ def read_jsonl(path: Any) -> list:
   return [json.loads(line) for line in as_path(path).read_text().splitlines() if line.strip()]
 
 
+def copy_file(local_file: str, path: Any) -> epath.Path:
+  """Copies a local file to `path` in 16 MiB blocks (a bucket object is written whole)."""
+  path = as_path(path)
+  if not is_remote(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+  with open(local_file, 'rb') as src, path.open('wb') as dst:
+    shutil.copyfileobj(src, dst, 1 << 24)
+  return path
+
+
 def save_npz(path: Any, **arrays) -> epath.Path:
-  """np.savez into memory, then written whole (gcsfs files cannot seek, zip wants to)."""
+  """np.savez to a local temp file (zip wants to seek), then renamed or uploaded into place."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  return write_bytes(path, buffer.getvalue())
+  path = as_path(path)
+  local_dir = None
+  if not is_remote(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    local_dir = os.fspath(path.parent)
+  fd, tmp = tempfile.mkstemp(suffix='.npz.tmp', prefix=f'.{path.name}.', dir=local_dir)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      np.savez(f, **arrays)
+    if is_remote(path):
+      copy_file(tmp, path)
+    else:
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+  return path
 
 
 # ----------------------------------------------------------------------------- preflight

@@ -30,10 +30,9 @@ def _objects(prefix):
   return sorted(b.name for b in gcs_client.Client().list_blobs(gcs_lib.BUCKET, prefix=prefix))
 
 
-def test_json_jsonl_and_npz_round_trip_in_the_bucket(gcs):
-  run = f'{ROOT}/files'
-  assert storage.is_remote(run) and not storage.is_remote('~/x')
-  assert os.fspath(storage.as_path('~/x')) == os.path.expanduser('~/x')
+@pytest.mark.parametrize('where', ['local', 'gs'])
+def test_json_jsonl_and_npz_round_trip(gcs, tmp_path, where):
+  run = f'{ROOT}/files' if where == 'gs' else str(tmp_path / 'files')
   storage.write_json(f'{run}/config.json', {'a': [1, 2]})
   assert storage.read_json(f'{run}/config.json') == {'a': [1, 2]}
   for step in (1, 2, 3):
@@ -42,7 +41,19 @@ def test_json_jsonl_and_npz_round_trip_in_the_bucket(gcs):
   storage.save_npz(f'{run}/x.npz', x=np.arange(5))
   with np.load(io.BytesIO(storage.as_path(f'{run}/x.npz').read_bytes())) as data:
     np.testing.assert_array_equal(data['x'], np.arange(5))
-  assert _objects('files/') == ['files/config.json', 'files/metrics.jsonl', 'files/x.npz']
+  names = ['config.json', 'metrics.jsonl', 'x.npz']  # and no temp file left behind
+  if where == 'gs':
+    assert _objects('files/') == [f'files/{n}' for n in names]
+  else:
+    assert sorted(os.listdir(run)) == names
+
+
+def test_local_paths_expand_the_home_folder_and_buckets_stay_as_given():
+  assert storage.is_remote('gs://b/x') and not storage.is_remote('~/x')
+  assert os.fspath(storage.as_path('~/x')) == os.path.expanduser('~/x')
+  assert os.fspath(storage.as_path('runs/x')) == os.path.abspath('runs/x')
+  assert os.fspath(storage.as_path('gs://b/x/')) == 'gs://b/x'
+  assert (storage.bucket_of('gs://b/x/y'), storage.object_name('gs://b/x/y')) == ('b', 'x/y')
 
 
 def test_split_pictures_and_dynamics_written_to_the_bucket(gcs):

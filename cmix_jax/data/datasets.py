@@ -372,9 +372,7 @@ def _upload_store(local_dir: str, remote_dir: str) -> None:
   """Copies a stored version folder into a bucket, dataset_info.json (completeness) last."""
   names = sorted(os.listdir(local_dir), key=lambda name: (name == 'dataset_info.json', name))
   for name in names:
-    with open(os.path.join(local_dir, name), 'rb') as src, \
-        (storage.as_path(remote_dir) / name).open('wb') as dst:
-      shutil.copyfileobj(src, dst, 1 << 24)
+    storage.copy_file(os.path.join(local_dir, name), storage.as_path(remote_dir) / name)
 
 
 def store_fashion_mnist(data_dir: str, source_dir: str = FASHION_MNIST_DIR,
