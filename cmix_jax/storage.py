@@ -201,21 +201,29 @@ def _bucket_error(path: Any, what: str, error: Exception) -> StorageError:
   return StorageError(f'cannot {what} {os.fspath(path)}: {fix}')
 
 
+def _nearest_existing(path: str) -> str:
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return path
+
+
 def check_writable(workdir: Any, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> epath.Path:
-  """Raises StorageError (naming the fix) unless a probe file can be written and removed."""
+  """Raises StorageError (naming the fix) unless `workdir` can be written; leaves nothing.
+
+  Local: the workdir, or the nearest folder above it that exists, must be a writable folder.
+  gs://: a probe object is written and removed.
+  """
   path = as_path(workdir)
-  probe = f'.write_probe.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}'
   if not is_remote(path):
-    try:
-      path.mkdir(parents=True, exist_ok=True)
-      (path / probe).write_text('probe')
-      (path / probe).unlink()
-    except OSError as e:
-      raise StorageError(f'cannot write to workdir {path}: {e.strerror or e}; pick a '
-                         'writable --workdir (or fix its permissions).') from None
+    existing = _nearest_existing(os.fspath(path))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+      what = 'is not a folder' if not os.path.isdir(existing) else 'is not writable'
+      raise StorageError(f'cannot write to workdir {path}: {existing} {what}; pick a '
+                         'writable --workdir (or fix its permissions).')
     return path
   if not os.fspath(path).startswith('gs://'):
     return path  # other clouds: the first write reports its own error
+  probe = f'.write_probe.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}'
   try:
     blob = _gcs_client().bucket(bucket_of(path)).blob(
         '/'.join(filter(None, (object_name(path), probe))))

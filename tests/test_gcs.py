@@ -18,6 +18,7 @@ from cmix_jax import plots
 from cmix_jax import storage
 from cmix_jax.data import datasets
 from cmix_jax.data import own_data
+from cmix_jax.data import sources
 from cmix_jax.data import splits
 from tests import gcs as gcs_lib
 from tests.gcs import gcs  # pylint: disable=unused-import  (the emulator fixture)
@@ -112,8 +113,8 @@ def test_own_data_from_the_bucket_stored_in_the_bucket_reads_like_local(gcs, tmp
             'x_test': fake['test'][0], 'y_test': fake['test'][1]}
   storage.save_npz(f'{ROOT}/src/digits.npz', **arrays)
   storage.save_npz(tmp_path / 'digits.npz', **arrays)
-  remote = datasets.load_ssl_data(f'npz:{ROOT}/src/digits.npz', f'{ROOT}/tfds', 4, seed=0)
-  local = datasets.load_ssl_data(f'npz:{tmp_path / "digits.npz"}', str(tmp_path / 'tfds'), 4,
+  remote = sources.load_ssl_data(f'npz:{ROOT}/src/digits.npz', f'{ROOT}/tfds', 4, seed=0)
+  local = sources.load_ssl_data(f'npz:{tmp_path / "digits.npz"}', str(tmp_path / 'tfds'), 4,
                                  seed=0)
   assert remote.spec.tfds_name == local.spec.tfds_name  # same bytes, same fingerprint
   assert datasets.is_stored(f'{ROOT}/tfds', remote.spec.tfds_name, ['stats.json'])
@@ -163,9 +164,11 @@ def test_preflight_names_an_unreachable_endpoint(gcs, monkeypatch):
     storage.check_readable(f'{ROOT}/x', timeout_s=1)
 
 
-def test_preflight_names_an_unwritable_local_workdir(tmp_path):
+def test_preflight_of_a_local_workdir_writes_nothing(tmp_path):
+  storage.check_writable(str(tmp_path / 'new' / 'run'))
+  assert os.listdir(tmp_path) == []
   (tmp_path / 'file').write_text('')
-  with pytest.raises(storage.StorageError, match='pick a writable --workdir'):
+  with pytest.raises(storage.StorageError, match='file is not a folder; pick a writable'):
     storage.check_writable(str(tmp_path / 'file' / 'run'))
 
 
