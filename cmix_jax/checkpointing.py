@@ -3,12 +3,14 @@ workdir lease (one writing run per workdir, on a local disk or in a bucket)."""
 
 import datetime
 import fcntl
+import gc
 import json
 import logging
 import os
 import socket
 import time
 import uuid
+import weakref
 from typing import Any
 
 from etils import epath
@@ -90,9 +92,11 @@ def abstract_like(state: Any) -> Any:
 # if absent); on a local disk, a hard link of a complete temp file (fails if the lease exists),
 # and replace/delete under an flock of the workdir. A lease is stale, and taken over with a
 # warning, when its holder is gone from this host (dead pid, or the host rebooted since) or
-# its heartbeat is older than the timeout (a holder elsewhere that stopped refreshing).
+# its heartbeat is older than the timeout (a holder elsewhere that stopped refreshing). A lease
+# of this very process whose Lease object is gone (a run dropped without release) is stale too.
 
 LEASE_FILE = 'lease.json'
+_HELD = weakref.WeakValueDictionary()  # token -> Lease, the leases this process holds
 
 
 class LeaseHeldError(RuntimeError):
@@ -283,7 +287,12 @@ def _describe(record: dict, now: float) -> str:
 def stale_reason(record: dict, timeout_s: float, now: float | None = None) -> str | None:
   """Why a lease record's holder is gone, or None while it may still be running."""
   now = time.time() if now is None else now
-  if record.get('host') == socket.gethostname() and 'pid' in record:
+  if (record.get('host'), record.get('pid')) == (socket.gethostname(), os.getpid()):
+    gc.collect()  # a dropped Run may sit in a reference cycle
+    held = _HELD.get(record.get('token'))
+    if held is None or not held.held:
+      return 'it belongs to an earlier run in this process that no longer holds it'
+  elif record.get('host') == socket.gethostname() and 'pid' in record:
     if record.get('boot_id') and record['boot_id'] != _boot_id():
       return f'host {record["host"]} has rebooted since the lease was taken'
     if not _pid_alive(int(record['pid'])):
@@ -302,8 +311,9 @@ class Lease:
     self.path = path
     self._store = store
     self.record = record
-    self._version = version
+    self.version = version
     self.held = True
+    _HELD[record['token']] = self
 
   def _lost(self, current: dict | None) -> LeaseLostError:
     self.held = False
@@ -325,7 +335,7 @@ class Lease:
     new_version = self._store.replace(record, version)
     if new_version is None:
       raise self._lost(self._store.read()[0])
-    self.record, self._version = record, new_version
+    self.record, self.version = record, new_version
 
   def release(self) -> None:
     """Removes the lease if this run still holds it (best effort: failures only warn)."""
@@ -382,26 +392,39 @@ def acquire_lease(workdir: str, timeout_s: float = 600.0,
   mine = {'host': socket.gethostname(), 'pid': os.getpid(), 'boot_id': _boot_id(),
           'token': uuid.uuid4().hex, 'start_time': now, 'start_utc': _utc(now),
           'heartbeat': now, 'heartbeat_utc': _utc(now)}
+  lease = Lease(path, store, mine, None)  # registered before writing: see stale_reason
+  try:
+    return _take(lease, store, timeout_s)
+  except BaseException:
+    lease.held = False
+    raise
+
+
+def _take(lease: Lease, store, timeout_s: float) -> Lease:
+  """acquire_lease's compare-and-swap loop: create, or take over a stale lease."""
+  path, mine = lease.path, lease.record
   for _ in range(5):
     current, version = store.read()
     if current is None:
       version = store.create(mine)
     elif current.get('token') == mine['token']:
-      return Lease(path, store, current, version)  # ours: the reply to our write was lost
+      lease.version = version  # ours: the reply to our write was lost
+      return lease
     else:
       reason = stale_reason(current, timeout_s)
       if reason is None:
         raise LeaseHeldError(
-            f'workdir {storage.as_path(workdir)} is in use by another run: '
+            f'workdir {path.parent} is in use by another run: '
             f'{_describe(current, time.time())} (lease {path}). Wait for that run to finish '
             'or use another --workdir; if that run is really gone, delete the lease file '
             f'(a lease without heartbeat for lease_timeout_s={timeout_s:g} s is taken over '
             'by itself).')
       logging.warning('Taking over the workdir lease %s from %s: %s.', path,
-                      _describe(current, now), reason)
+                      _describe(current, time.time()), reason)
       version = store.replace(mine, version)
     if version is not None:
-      return Lease(path, store, mine, version)
+      lease.version = version
+      return lease
   raise LeaseHeldError(f'the workdir lease {path} changed hands repeatedly while this run '
                        'tried to take it; another run is starting in the same workdir. Wait '
                        'for it or use another --workdir.')

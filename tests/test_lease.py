@@ -76,7 +76,7 @@ def test_released_lease_is_gone_and_can_be_taken_again(workdir):
 def test_stale_leases_are_taken_over_with_a_warning(workdir, caplog):
   host, boot = socket.gethostname(), checkpointing._boot_id()  # pylint: disable=protected-access
   stale = [dict(host=host, pid=_dead_pid(), boot_id=boot),
-           dict(host=host, pid=os.getpid(), boot_id='an-earlier-boot'),
+           dict(host=host, pid=os.getppid(), boot_id='an-earlier-boot'),
            dict(heartbeat=time.time() - 601)]
   for fields in stale:
     _plant(workdir, **fields)
@@ -85,6 +85,12 @@ def test_stale_leases_are_taken_over_with_a_warning(workdir, caplog):
         assert _read(workdir)['token'] == lease.record['token']
     assert 'Taking over the workdir lease' in caplog.text
     caplog.clear()
+
+
+def test_a_dropped_lease_of_this_process_is_taken_over(workdir):
+  checkpointing.acquire_lease(workdir, 600, process_index=0)  # a Run dropped without release
+  with checkpointing.acquire_lease(workdir, 600, process_index=0) as lease:
+    assert _read(workdir)['token'] == lease.record['token']
 
 
 def test_live_foreign_lease_is_refused_until_its_heartbeat_times_out(workdir):
