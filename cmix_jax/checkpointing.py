@@ -154,7 +154,6 @@ class _LocalLeaseFile:
   def __init__(self, path: epath.Path):
     self.path = os.fspath(path)
     self.dir = os.path.dirname(self.path)
-    os.makedirs(self.dir, exist_ok=True)
 
   def _locked(self):
     fd = os.open(self.dir, os.O_RDONLY)
@@ -183,6 +182,7 @@ class _LocalLeaseFile:
     return tmp
 
   def create(self, record: dict) -> Any:
+    os.makedirs(self.dir, exist_ok=True)
     data = _encode(record)
     tmp = self._write_tmp(data)
     fd = self._locked()
@@ -374,6 +374,25 @@ class NoLease:
     pass
 
 
+def _held_error(path: epath.Path, current: dict, timeout_s: float) -> LeaseHeldError:
+  return LeaseHeldError(
+      f'workdir {path.parent} is in use by another run: {_describe(current, time.time())} '
+      f'(lease {path}). Wait for that run to finish or use another --workdir; if that run is '
+      'really gone, delete the lease file (a lease without heartbeat for '
+      f'lease_timeout_s={timeout_s:g} s is taken over by itself).')
+
+
+def check_lease(workdir: str, timeout_s: float = 600.0) -> None:
+  """Raises LeaseHeldError if a live run holds the workdir lease; reads only, writes nothing.
+
+  For refusing early (before loading data); `acquire_lease` still decides, atomically.
+  """
+  path = storage.as_path(workdir) / LEASE_FILE
+  current, _ = _lease_store(path).read()
+  if current is not None and stale_reason(current, timeout_s) is None:
+    raise _held_error(path, current, timeout_s)
+
+
 def acquire_lease(workdir: str, timeout_s: float = 600.0,
                   process_index: int | None = None) -> Lease | NoLease:
   """Takes workdir/lease.json for this run (process 0 only), taking over a stale one.
@@ -413,12 +432,7 @@ def _take(lease: Lease, store, timeout_s: float) -> Lease:
     else:
       reason = stale_reason(current, timeout_s)
       if reason is None:
-        raise LeaseHeldError(
-            f'workdir {path.parent} is in use by another run: '
-            f'{_describe(current, time.time())} (lease {path}). Wait for that run to finish '
-            'or use another --workdir; if that run is really gone, delete the lease file '
-            f'(a lease without heartbeat for lease_timeout_s={timeout_s:g} s is taken over '
-            'by itself).')
+        raise _held_error(path, current, timeout_s)
       logging.warning('Taking over the workdir lease %s from %s: %s.', path,
                       _describe(current, time.time()), reason)
       version = store.replace(mine, version)

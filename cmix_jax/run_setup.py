@@ -165,6 +165,7 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
   storage.check_readable(config.data.data_dir)
   if write:
     storage.check_writable(workdir)
+    checkpointing.check_lease(workdir, config.get('lease_timeout_s', 600.0))  # early refusal
   raw = open_data(config)
   config_validation.validate(config, topo.num_devices, raw.spec.num_classes,
                              len(raw.train_labels))

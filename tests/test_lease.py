@@ -60,7 +60,10 @@ def test_second_acquire_is_refused_naming_the_holder_and_the_fix(workdir):
                'another --workdir', 'delete the lease file'):
     assert part in message
   assert _read(workdir)['token'] == record['token']  # the refused run left it alone
+  with pytest.raises(checkpointing.LeaseHeldError, match='another --workdir'):
+    checkpointing.check_lease(workdir, 600)  # the early, read-only check says the same
   lease.release()
+  checkpointing.check_lease(workdir, 600)
 
 
 def test_released_lease_is_gone_and_can_be_taken_again(workdir):
@@ -138,6 +141,13 @@ def test_racing_runs_get_exactly_one_lease(workdir, monkeypatch):
   assert len(leases) == 1
   assert _read(workdir)['token'] == leases[0].record['token']
   leases[0].release()
+
+
+def test_early_check_passes_a_free_or_stale_workdir_and_writes_nothing(tmp_path):
+  checkpointing.check_lease(str(tmp_path / 'new'), 600)
+  assert not (tmp_path / 'new').exists()
+  _plant(str(tmp_path), heartbeat=time.time() - 700)
+  checkpointing.check_lease(str(tmp_path), 600)
 
 
 def test_only_process_zero_holds_a_lease(tmp_path):
