@@ -10,6 +10,7 @@ reader; TFRecord ones by tf.data (TF's GCS client).
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -346,9 +347,13 @@ def store_arrays(tfds_name: str, data_dir: str,
   tmp_root = os.path.join(data_dir, f'{_INCOMPLETE_PREFIX}{tfds_name}.{socket.gethostname()}.'
                           f'{os.getpid()}.{uuid.uuid4().hex[:8]}')
   try:
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=tfds_name, version=STORE_VERSION, features=features, split_datasets=split_datasets,
-        data_dir=tmp_root, file_format='array_record', disable_shuffling=True)
+    tfds.display_progress_bar(False)  # the run's console shows its own plan and bar
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # TFDS prints a banner
+      tfds.dataset_builders.store_as_tfds_dataset(
+          name=tfds_name, version=STORE_VERSION, features=features,
+          split_datasets=split_datasets, data_dir=tmp_root, file_format='array_record',
+          disable_shuffling=True)
+    logging.info('TFDS: %s', printed.getvalue().strip())
     tmp_version = os.path.join(tmp_root, tfds_name, STORE_VERSION)
     for filename, content in extra_json.items():
       with open(os.path.join(tmp_version, filename), 'w') as f:
