@@ -7,8 +7,10 @@ Backends. epath reaches gs:// through fsspec/gcsfs here, not tf.io.gfile: TF's G
 its endpoint compiled in, so it cannot be pointed at a local emulator, while gcsfs (like
 google-cloud-storage, used for the workdir lease and the preflight checks) honours
 STORAGE_EMULATOR_HOST. Using gcsfs everywhere makes the tests run the same code as Cloud.
-Set EPATH_USE_TF=true in the environment to get tf.io.gfile back. gcsfs's folder-listing
-cache is turned off (fsspec config), since other processes write the same workdir.
+Set EPATH_USE_TF=true in the environment to get tf.io.gfile back, and
+GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=true for gcsfs's zonal / hierarchical-namespace buckets.
+gcsfs's folder-listing cache is turned off (fsspec config): other processes write the same
+workdir.
 
 Writes. A GCS object cannot be appended to, so `append_jsonl` on gs:// reads the object and
 writes it back with the new line (one small object per run; each write replaces it whole, so
@@ -24,6 +26,9 @@ import uuid
 from typing import Any
 
 os.environ.setdefault('EPATH_USE_TF', 'false')  # gcsfs for gs:// (see the module docstring)
+# gcsfs's default class asks the Storage Control API for each bucket's layout (zonal/HNS) and,
+# without that permission, asks again on every call; the plain class serves regular buckets.
+os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
 import fsspec  # pylint: disable=g-import-not-at-top,wrong-import-position
