@@ -202,3 +202,15 @@ def test_compare_and_sweep_read_and_write_the_bucket(gcs):
                                   'compare/table.csv', 'compare/table.md']
   rows = storage.as_path(f'{ROOT}/compare/table.csv').read_text().splitlines()
   assert len(rows) == 2  # header + the one fixmatch/cifar10/40 group of two seeds
+
+
+def test_run_assembly_refuses_a_missing_bucket_before_writing(gcs, tmp_path):
+  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  with pytest.raises(storage.StorageError, match='gs://no-such-bucket does not exist'):
+    run_setup.build_run(tiny.config(), 'gs://no-such-bucket/run')
+  config = tiny.config()
+  config.data.data_dir = 'gs://no-such-data/tfds'
+  with pytest.raises(storage.StorageError, match='cannot read gs://no-such-data/tfds'):
+    run_setup.build_run(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()

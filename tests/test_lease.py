@@ -161,3 +161,14 @@ def test_only_process_zero_holds_a_lease(tmp_path):
 def test_nonpositive_timeout_is_refused(tmp_path):
   with pytest.raises(ValueError, match='lease_timeout_s'):
     checkpointing.acquire_lease(str(tmp_path), 0, process_index=0)
+
+
+def test_run_assembly_refuses_a_busy_workdir_before_writing(tmp_path):
+  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / 'run')
+  boot = checkpointing._boot_id()  # pylint: disable=protected-access
+  _plant(workdir, host=socket.gethostname(), pid=os.getppid(), boot_id=boot)  # a live process
+  with pytest.raises(checkpointing.LeaseHeldError, match=f'pid {os.getppid()}'):
+    run_setup.build_run(tiny.config(), workdir)
+  assert os.listdir(workdir) == [checkpointing.LEASE_FILE]  # no config.json, no split.json
