@@ -2,9 +2,10 @@
 
   cli.run(main)  # instead of absl's app.run(main)
 
-Exit status 2: bad input (flags, config values, missing data set, unusable workdir), found
-before anything is trained. Exit status 1: a run that stopped for a reason it can name (a
-checkpoint that cannot be saved or read, a non-finite loss, a full or read-only disk).
+Exit status 2: bad input (flags, config values, missing data set, unusable workdir or
+bucket, a workdir another run holds), found before anything is trained. Exit status 1: a
+run that stopped for a reason it can name (a checkpoint that cannot be saved or read, a
+lost workdir lease, a non-finite loss, a full or read-only disk).
 Any other exception is a bug and propagates with its traceback.
 """
 
@@ -16,7 +17,9 @@ from typing import Callable, NoReturn
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
+Errors = tuple[type, ...] | Callable[[], tuple[type, ...]]
 BAD_INPUT_STATUS = 2
 STOPPED_STATUS = 1
 # OS errors of writing or reading the workdir/data that the user fixes (space, rights, paths).
@@ -33,15 +36,18 @@ def fail(message: str, status: int) -> NoReturn:
 
 def _bad_input_errors() -> tuple[type, ...]:
   # Imported late: importing cmix_jax pulls in JAX, which must come after the flags are read.
+  from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from cmix_jax import config_validation  # pylint: disable=g-import-not-at-top
+  from cmix_jax import storage  # pylint: disable=g-import-not-at-top
   from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  return config_validation.ConfigError, datasets.DataNotFoundError
+  return (config_validation.ConfigError, datasets.DataNotFoundError, storage.StorageError,
+          checkpointing.LeaseHeldError)
 
 
 def _stopped_errors() -> tuple[type, ...]:
   from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from cmix_jax import train  # pylint: disable=g-import-not-at-top
-  return checkpointing.CheckpointSaveError, checkpointing.CheckpointError, train.NonFiniteError
+  return (checkpointing.CheckpointSaveError, checkpointing.CheckpointError,
+          checkpointing.LeaseLostError)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -56,14 +62,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def guarded(main: Callable[[list[str]], None], argv: list[str],
-            bad_input: tuple[type, ...] = ()) -> None:
+            bad_input: Errors = (), stopped: Errors = (),
+            workdir: Callable[[], str] | None = None) -> None:
   """Runs `main(argv)`, turning the known failures into one message and an exit status.
 
-  `bad_input`: the caller's own exception types that mean bad input (status 2).
+  `bad_input` / `stopped`: the caller's own exception types of status 2 / 1, or a function
+  returning them (so heavy modules are imported only once the flags are parsed).
+  `workdir`: gives the run's workdir, named in messages about failed writes.
   """
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}: flags are written --name=value.', BAD_INPUT_STATUS)
-  bad_input, stopped = _bad_input_errors() + tuple(bad_input), _stopped_errors()
+  bad_input = _bad_input_errors() + tuple(bad_input() if callable(bad_input) else bad_input)
+  stopped = _stopped_errors() + tuple(stopped() if callable(stopped) else stopped)
   try:
     main(argv)
   except bad_input as e:
@@ -74,9 +84,10 @@ def guarded(main: Callable[[list[str]], None], argv: list[str],
     storage_errno = _storage_errno(e)
     if storage_errno is None:
       raise
-    fail(f'{_summary(e, os.strerror(storage_errno))}; fix the path or its permissions, or free '
-         'space, then rerun the same command (a workdir resumes from its newest checkpoint).',
-         STOPPED_STATUS)
+    where = f' (workdir {workdir()})' if workdir is not None else ''
+    fail(f'{_summary(e, os.strerror(storage_errno))}{where}; fix the path or its permissions, '
+         'or free space, then rerun the same command (a workdir resumes from its newest '
+         'checkpoint).', STOPPED_STATUS)
 
 
 def _storage_errno(error: BaseException) -> int | None:
@@ -97,17 +108,39 @@ def _summary(error: BaseException, cause: str) -> str:
 
 
 class OneLineBackgroundErrors(logging.Filter):
-  """Drops the tracebacks of errors that orbax's and clu's writer threads log (keeping the
-  line): the main thread re-raises them, and the user gets one message for them."""
+  """Drops the tracebacks of errors that background writers log (orbax's and clu's threads,
+  asyncio's unretrieved futures), keeping their line: the main thread re-raises the error and
+  the user gets one message for it. The run's log file keeps the full records."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno >= logging.ERROR and any(
-        f'{os.sep}{package}{os.sep}' in record.pathname for package in ('orbax', 'clu')):
+        f'{os.sep}{package}{os.sep}' in record.pathname for package in _BACKGROUND_WRITERS):
       record.exc_info, record.exc_text = None, None
     return True
 
 
-def run(main: Callable[[list[str]], None], bad_input: tuple[type, ...] = ()) -> None:
+_BACKGROUND_WRITERS = ('orbax', 'clu', 'asyncio')
+
+
+def _quiet_closed_loop_hook(default_hook):
+  """sys.unraisablehook that drops 'Event loop is closed' raised in tensorstore's callbacks.
+
+  When an orbax write fails, orbax closes its event loop while tensorstore still completes
+  the write's other futures; each completion reports that error as unraisable (pages of
+  tracebacks on a full disk). The write's real error is reported once, by the loop.
+  """
+  def hook(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError) and
+        str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    default_hook(unraisable)
+  return hook
+
+
+def run(main: Callable[[list[str]], None], bad_input: Errors = (), stopped: Errors = (),
+        workdir: Callable[[], str] | None = None) -> None:
   """absl's app.run(main) with the exits described in the module docstring."""
-  logging.getLogger('absl').addFilter(OneLineBackgroundErrors())
-  app.run(lambda argv: guarded(main, argv, bad_input), flags_parser=_parse_flags)
+  absl_logging.get_absl_handler().addFilter(OneLineBackgroundErrors())
+  sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
+  app.run(lambda argv: guarded(main, argv, bad_input, stopped, workdir),
+          flags_parser=_parse_flags)

@@ -6,11 +6,9 @@ the feature that reads it is off. Rules about how fields combine (CalibrateMix n
 unlabeled data, the warm-up must end before training does) apply when the feature is on.
 """
 
-import os
 import re
 
 import ml_collections
-from etils import epath
 
 from cmix_jax import algorithms
 from cmix_jax import checks
@@ -66,6 +64,9 @@ def _run_errors(config) -> list[str]:
   errors += _integers(config, 0, 'seed', 'max_nonfinite_steps')
   errors += _integers(config, 1, 'num_train_steps', 'log_every', 'eval_every',
                       'checkpoint_every', 'max_to_keep')
+  errors += checks.out_of_range('lease_timeout_s', config.get('lease_timeout_s', 600.0),
+                                '(0, inf)', 'seconds without heartbeat before a workdir lease '
+                                'is taken over; default 600')
   return errors
 
 
@@ -206,30 +207,9 @@ def _eval_errors(config) -> list[str]:
   return errors
 
 
-def workdir_errors(workdir: str) -> list[str]:
-  """Problems with a local --workdir found without writing (remote paths: the storage check)."""
-  if not workdir:
-    return ['--workdir is empty: pass the directory for checkpoints, metrics and pictures.']
-  if '://' in workdir:
-    return []
-  path = epath.Path(workdir).expanduser()
-  if path.exists() and not path.is_dir():
-    return [f'--workdir={workdir} is a file, not a directory: pass a directory path.']
-  existing = path
-  while not existing.exists():
-    existing = existing.parent
-  if not existing.is_dir():
-    return [f'--workdir={workdir} cannot be created: {existing} is a file, not a directory.']
-  if not os.access(existing, os.W_OK | os.X_OK):
-    return [f'--workdir={workdir}: {existing} is not writable; pass a --workdir you may write.']
-  return []
-
-
 def validate(config, num_devices: int, num_classes: int | None = None,
-             num_train: int | None = None, workdir: str | None = None) -> None:
-  """Raises ConfigError listing every problem (of the config and the workdir), one line each."""
+             num_train: int | None = None) -> None:
+  """Raises ConfigError listing every problem, one line each."""
   errors = config_errors(config, num_devices, num_classes, num_train)
-  if workdir is not None:
-    errors = workdir_errors(workdir) + errors
   if errors:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))

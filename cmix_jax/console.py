@@ -9,6 +9,7 @@ import contextlib
 import logging
 import logging.handlers
 import os
+import sys
 import tempfile
 
 from absl import logging as absl_logging
@@ -55,6 +56,22 @@ def routed_logs(workdir: str, to_terminal: bool):
     absl_handler.setLevel(old_absl_level)
 
 
+class _LogFile(logging.FileHandler):
+  """The run's log file; a failed write (e.g. a full disk) is said once, then the file is left
+  alone (the run's own error, if any, comes from the loop)."""
+  failed = False
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if not self.failed:
+      super().emit(record)
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    if not self.failed:
+      self.failed = True
+      sys.stderr.write(f'cmix_jax: cannot write {self.baseFilename} ({sys.exc_info()[1]}); '
+                       'the log file stops here.\n')
+
+
 class LogRoute:
   """A handler that buffers records until the log file may be written, then writes them there."""
 
@@ -70,7 +87,7 @@ class LogRoute:
     if self._file is not None:
       return
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    self._file = logging.FileHandler(self.path)
+    self._file = _LogFile(self.path)
     self._file.setFormatter(logging.Formatter(
         '%(asctime)s %(levelname)s %(name)s: %(message)s'))
     self.handler.setTarget(self._file)
@@ -122,5 +139,6 @@ def print_summary(run, report: dict, log_path: str) -> None:
       f'  metrics   {os.path.join(run.workdir, "eval.json")} (and metrics.jsonl)',
       *([f'  pictures  {run.workdir}: final_reliability.png, final_confidence.png, curves.png, '
          'data_map_*.png'] if run.config.eval.plots else []),
-      f'  TensorBoard: tensorboard --logdir={run.workdir}',
+      *([f'  TensorBoard: tensorboard --logdir={run.workdir}']
+        if run.config.get('tensorboard', True) else []),
       f'  log       {log_path}']))

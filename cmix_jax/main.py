@@ -26,10 +26,6 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
-  from cmix_jax import config_validation  # pylint: disable=g-import-not-at-top
-  errors = config_validation.workdir_errors(FLAGS.workdir)
-  if errors:
-    raise config_validation.ConfigError('\n'.join(errors))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep it off accelerators.
   from cmix_jax import train  # pylint: disable=g-import-not-at-top
@@ -38,5 +34,10 @@ def main(argv):
                            log_to_terminal=FLAGS.alsologtostderr or FLAGS.verbosity >= 1)
 
 
+def _stopped_errors() -> tuple[type, ...]:
+  from cmix_jax import train  # pylint: disable=g-import-not-at-top
+  return (train.NonFiniteError,)
+
+
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, stopped=_stopped_errors, workdir=lambda: FLAGS.workdir)

@@ -49,7 +49,8 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
   proc = _main('--config=configs/default.py', f'--workdir={path}')
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert _error_lines(proc.stderr) == [
-      f'error: --workdir={path} is a file, not a directory: pass a directory path.']
+      f'error: cannot write to workdir {path}: {path} is not a folder; pick a writable '
+      '--workdir (or fix its permissions).']
 
 
 def _exit_of(error, capsys):

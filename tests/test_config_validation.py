@@ -44,6 +44,7 @@ BAD = [
     ('eval_every', -5, 'eval_every=-5'),
     ('checkpoint_every', 0, 'checkpoint_every=0'),
     ('max_to_keep', 0, 'max_to_keep=0'),
+    ('lease_timeout_s', 0.0, 'lease_timeout_s=0.0 must be in (0, inf)'),
     ('num_devices', 0, 'num_devices=0 must be an integer >= 1 or -1'),
     ('num_devices', -2, 'num_devices=-2'),
     ('parallel_backend', 'xmap', 'parallel_backend'),
