@@ -4,6 +4,7 @@ message, and a rerun resumes from the newest good checkpoint to the same end sta
 import errno
 import os
 import subprocess
+import types
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from cmix_jax import checkpointing
+from cmix_jax import train
 from tests import test_train
 
 STATE = {'w': jnp.arange(6.0), 'b': jnp.ones((2, 3), jnp.int32)}
@@ -136,6 +138,37 @@ def test_full_disk_during_async_save_is_one_message_at_the_next_boundary(small_t
   manager = _manager(small_tmpfs)
   assert _restore(manager)[0] == 1  # the finished one is intact; the cut-off one moved aside
   assert '2.partial' in os.listdir(small_tmpfs / 'checkpoints')
+
+
+class _FailedSaves:
+  """A checkpoint manager whose pending save of step 2 failed on a full disk."""
+  directory = '/w/checkpoints'
+
+  def __init__(self):
+    self.steps = [1, 2]
+
+  def all_steps(self):
+    return list(self.steps)
+
+  def wait_until_finished(self):
+    if 2 in self.steps:
+      self.steps.remove(2)  # as orbax forgets a step it could not write
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing: [os_error_code='28']")
+
+
+class _FailedFlush:
+  def flush(self):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_pending_writes_fail_loudly_unless_the_run_already_failed(caplog):
+  run = types.SimpleNamespace(manager=_FailedSaves(), writer=_FailedFlush())
+  with pytest.raises(checkpointing.CheckpointSaveError,
+                     match='step 2 in /w/checkpoints: No space left on device'):
+    train.finish_writes(run, failed=False)
+  run = types.SimpleNamespace(manager=_FailedSaves(), writer=_FailedFlush())
+  train.finish_writes(run, failed=True)  # logged; the run's own error stays the one reported
+  assert caplog.text.count('a pending write failed too: No space left on device') == 2
 
 
 def test_corrupt_newest_then_rerun_ends_like_an_uninterrupted_run(tmp_path):

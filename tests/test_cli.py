@@ -15,10 +15,10 @@ from cmix_jax import config_validation
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*args):
+def _main(*args, module='cmix_jax.main'):
   env = dict(os.environ, PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
-  return subprocess.run([sys.executable, '-m', 'cmix_jax.main', *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -51,6 +51,14 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
   assert _error_lines(proc.stderr) == [
       f'error: cannot write to workdir {path}: {path} is not a folder; pick a writable '
       '--workdir (or fix its permissions).']
+
+
+def test_evaluate_of_a_workdir_without_a_run_is_one_message(tmp_path):
+  proc = _main(f'--workdir={tmp_path}', module='cmix_jax.evaluate')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+  assert _error_lines(proc.stderr) == [
+      f'error: {tmp_path} has no config.json: is it a cmix_jax workdir? Pass the --workdir a '
+      'training run wrote.']
 
 
 def _exit_of(error, capsys):
