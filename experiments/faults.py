@@ -7,7 +7,7 @@ the config: a tiny fake-data job, 2 fake CPU devices) as a subprocess and checks
 would see: exit status, one error line without a traceback, what is left in the workdir, and
 that a resumed run ends in the same state as an uninterrupted one (every array of the final
 checkpoint equal). The small-disk case mounts a tmpfs (needs root); where it cannot, it says
-SKIP. Takes about 3 minutes on a 2-core CPU.
+SKIP. Takes 3-6 minutes on a 2-core CPU (7 cases, 13 short runs).
 """
 
 import argparse
@@ -228,6 +228,32 @@ def case_sigterm(root: str):
           + ('' if preempted else f': {err[-300:]}'), ok)
 
 
+def case_second_writer(root: str):
+  """A second run on a workdir that a live run holds is refused with who holds it."""
+  workdir = os.path.join(root, 'shared')
+  longer = '--config.num_train_steps=100000'  # the holder outlives the second start
+  holder = subprocess.Popen(main_command(workdir, longer), cwd=REPO, env=environment(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 600
+    while (not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and holder.poll() is None
+           and time.time() < deadline):
+      time.sleep(0.2)
+    proc = run_main(workdir, longer)
+    still_running = holder.poll() is None
+  finally:
+    holder.send_signal(signal.SIGTERM)
+    holder.communicate(timeout=600)
+  lines = error_lines(proc.stderr)
+  ok = (still_running and proc.returncode == 2 and len(lines) == 1 and
+        'is in use by another run' in lines[0] and f'pid {holder.pid}' in lines[0] and
+        'Traceback' not in proc.stderr)
+  said = lines[0][:150] + '...' if lines else proc.stderr[-300:]
+  return ('second run of the same command while the first trains',
+          f'status {proc.returncode}, said "{said}"; holder '
+          f'{"still training" if still_running else "had stopped"}, then SIGTERMed', ok)
+
+
 CASES = [
     ('bad values refused', case_bad_values),
     ('corrected rerun starts', case_reference),
@@ -235,8 +261,8 @@ CASES = [
     ('leftover tmp dir', case_leftover_tmp),
     ('save failure (disk full)', case_full_disk),
     ('SIGTERM + resume', case_sigterm),
+    ('second writer refused', case_second_writer),
 ]
-# TODO(lease): 'second writer refused' once the workdir lease is on main.
 
 
 def main(argv=None) -> int:
