@@ -8,6 +8,7 @@ reliability diagram / confidence histogram PNGs (EMA weights unless --raw).
 `--temperature_scaling` fits a temperature by NLL on the held-out labeled validation
 slice (needs a run trained with data.val_size > 0) and reports the metrics before and
 after ("+TS"); training is never changed. --workdir and --out may be local or gs://.
+A workdir without a run or checkpoint is one message and exit status 2 (cli.run).
 """
 
 import os

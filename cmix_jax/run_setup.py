@@ -156,7 +156,10 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
   `write=False` (evaluation of an existing workdir) skips the config check and the writes.
   """
   start_backend(config)
-  topo = parallel.make_topology(config.num_devices)
+  try:
+    topo = parallel.make_topology(config.num_devices)
+  except ValueError as e:  # more devices asked for than exist
+    raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
   config_validation.validate(config, topo.num_devices, *_static_data_facts(config))
   algorithm = _algorithm(config)
   storage.check_readable(config.data.data_dir)

@@ -32,6 +32,7 @@ def _error_lines(stderr):
     ('--config.optim.lr=abc', "could not convert string to float: 'abc'"),
     ('--config.no_such_field=1', "'no_such_field'"),
     ('extra_argument', "unexpected arguments ['extra_argument']"),
+    ('--config.num_devices=64', 'num_devices=64 but 1 devices exist'),
 ])
 def test_bad_input_is_one_message_status_2_and_no_write(override, message, tmp_path):
   workdir = tmp_path / 'run'
