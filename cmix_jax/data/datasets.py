@@ -521,6 +521,18 @@ class SSLData:
   unlabeled_train_idx: np.ndarray  # int64, train position of unlabeled j < len(this)
   test_images: ImageSource
   test_labels: np.ndarray  # int32 [N_test]
+  # int64 [N_ulb]: positions of the kept unlabeled samples in the whole unlabeled set (train
+  # minus validation, then extra) when data.unlabeled_size draws a subset; None = all of it.
+  unlabeled_subset: np.ndarray | None = None
+
+  def unlabeled_record(self) -> dict | None:
+    """What split.json records of an unlabeled subset (None when the whole set is used)."""
+    if self.unlabeled_subset is None:
+      return None
+    return {'size': self.num_unlabeled,
+            'per_class': np.bincount(self.unlabeled_labels, minlength=self.num_classes).tolist(),
+            'train_idx': self.unlabeled_train_idx,  # train positions of the train part
+            'pool_idx': self.unlabeled_subset}
 
   @property
   def num_labeled(self) -> int:
@@ -594,11 +606,13 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> R
 
 
 def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
-                  include_lb_to_ulb: bool = True) -> SSLData:
+                  include_lb_to_ulb: bool = True, unlabeled_size: int = 0) -> SSLData:
   """Draws the class-balanced validation, then labeled split from `seed`; builds the views.
 
   The unlabeled set is the train split minus validation (minus labeled unless
-  include_lb_to_ulb), in train order, followed by the extra unlabeled split.
+  include_lb_to_ulb), in train order, followed by the extra unlabeled split. With
+  unlabeled_size > 0 only a class-balanced, seeded subset of it is kept (order preserved;
+  the labeled samples stay in it when include_lb_to_ulb).
   """
   num_classes, train_labels = raw.spec.num_classes, raw.train_labels
   val_idx = splits.validation_split(train_labels, val_size, num_classes, seed)
@@ -612,15 +626,28 @@ def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
   if raw.extra_images is not None:
     unlabeled = ConcatImageSource([unlabeled, raw.extra_images])
     unlabeled_labels = np.concatenate([unlabeled_labels, raw.extra_labels])
+  subset = None
+  if unlabeled_size > 0:
+    if np.any(unlabeled_labels < 0):
+      raise ValueError(f'data.unlabeled_size={unlabeled_size} draws a class-balanced subset, '
+                       f'but {raw.spec.name}\'s unlabeled set has samples without a label: '
+                       'set --config.data.unlabeled_size=0 (all) for this data set.')
+    in_pool = np.searchsorted(keep, labeled_idx) if include_lb_to_ulb else None  # [N_lb]
+    subset = splits.unlabeled_subset(unlabeled_labels, unlabeled_size, num_classes, seed,
+                                     keep=in_pool)  # int64 [unlabeled_size], sorted
+    unlabeled = SubsetImageSource(unlabeled, subset)
+    unlabeled_labels = unlabeled_labels[subset]
+    keep = keep[subset[subset < len(keep)]]
   return SSLData(
       spec=raw.spec, train_images=raw.train_images, train_labels=train_labels,
       labeled_idx=labeled_idx, val_idx=val_idx, unlabeled_images=unlabeled,
       unlabeled_labels=unlabeled_labels.astype(np.int32), unlabeled_train_idx=keep,
-      test_images=raw.test_images, test_labels=raw.test_labels)
+      test_images=raw.test_images, test_labels=raw.test_labels, unlabeled_subset=subset)
 
 
 def load_ssl_data(name: str, data_dir: str, num_labels: int, seed: int, val_size: int = 0,
-                  include_lb_to_ulb: bool = True, fake_kwargs: dict | None = None) -> SSLData:
+                  include_lb_to_ulb: bool = True, fake_kwargs: dict | None = None,
+                  unlabeled_size: int = 0) -> SSLData:
   """open_dataset + make_ssl_data: the data set with its seed-drawn labeled/validation split."""
   return make_ssl_data(open_dataset(name, data_dir, fake_kwargs), num_labels, seed, val_size,
-                       include_lb_to_ulb)
+                       include_lb_to_ulb, unlabeled_size)
