@@ -205,6 +205,27 @@ def _mean_std(values) -> tuple:
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
 
 
+def paired_interval(differences, confidence: float = 0.95) -> dict:
+  """Mean of paired differences with its two-sided Student-t interval.
+
+  {'n', 'mean', 'std' (ddof=1), 'low', 'high'}; low/high are NaN below two pairs.
+  Non-finite differences are dropped.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  d = np.asarray([x for x in differences if x is not None and math.isfinite(x)], np.float64)
+  out = {'n': int(len(d)), 'mean': math.nan, 'std': math.nan, 'low': math.nan,
+         'high': math.nan}
+  if not len(d):
+    return out
+  out['mean'] = float(d.mean())
+  if len(d) < 2:
+    return out
+  out['std'] = float(d.std(ddof=1))
+  half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * out['std'] / math.sqrt(len(d))
+  out['low'], out['high'] = out['mean'] - half, out['mean'] + half
+  return out
+
+
 def _sort_key(group: tuple):
   dataset, num_labels, algorithm, variant, extra = group
   labels = int(num_labels) if num_labels.isdigit() else math.inf
