@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -398,8 +399,9 @@ def main(argv=None) -> int:
       print(f'[{i + 1}/{len(runs)}] {run["name"]}', flush=True)
       try:
         record = complete(run, args.out, args.root, args.config, user)
-      except RuntimeError as e:  # a failed run is reported; the others go on
-        print(f'FAILED: {e}', flush=True)
+      except Exception:  # pylint: disable=broad-except
+        # A failed run is reported with its traceback; the others go on (rerun to retry).
+        print(f'FAILED: {run["name"]}\n{traceback.format_exc()}', flush=True)
         continue
       print(f'  done: accuracy {record["metrics"]["accuracy"]:.4f}, ECE '
             f'{record["metrics"]["ece"]:.4f}, train {record["train_seconds"] or 0:.0f} s',

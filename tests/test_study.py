@@ -231,3 +231,20 @@ def test_apm_count_summary():
   out = analysis.apm_count_summary(np.array([0, 10, 30, 40, 70]))
   assert out['n'] == 5 and out['mean'] == 30.0 and out['p50'] == 30.0 and out['p100'] == 70.0
   assert out['share_zero'] == 0.2 and out['share_below_30'] == 0.4
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+  out, root = tmp_path / 'out', tmp_path / 'runs'
+
+  def fake_analyse(workdir):
+    if 'cmix' in workdir:
+      raise FileNotFoundError('dynamics.npz is missing')
+    return {'metrics': {'accuracy': 0.5, 'ece': 0.1}}
+
+  monkeypatch.setattr(study, 'train', lambda *a: 1.0)
+  monkeypatch.setattr(study, 'analyse', fake_analyse)
+  monkeypatch.setattr(study, 'write_table', lambda out: '')
+  study.main(['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}',
+              f'--root={root}'])
+  assert 'FAILED: fixmatch-cmix-s0' in capsys.readouterr().out
+  assert sorted(os.listdir(out / 'runs')) == ['fixmatch-base-s0.json']
