@@ -274,6 +274,8 @@ def test_unlabeled_subset_is_class_balanced_seeded_keeps_labeled_and_maps_images
     (4, FAKE, 'between the 8 labeled'),  # fewer than the labeled samples it keeps
     (1000, FAKE, 'between the 8 labeled'),
     (20, dict(FAKE, num_unlabeled=5), 'without a label'),
+    (-2, FAKE, 'whole number'),
+    (2.5, FAKE, 'whole number'),
 ])
 def test_unlabeled_subset_errors_name_the_field(size, fake, message):
   with pytest.raises(ValueError, match=message) as info:

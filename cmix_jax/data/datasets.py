@@ -627,6 +627,9 @@ def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
     unlabeled = ConcatImageSource([unlabeled, raw.extra_images])
     unlabeled_labels = np.concatenate([unlabeled_labels, raw.extra_labels])
   subset = None
+  if int(unlabeled_size) != unlabeled_size or unlabeled_size < -1:
+    raise ValueError(f'data.unlabeled_size={unlabeled_size!r} must be a whole number of '
+                     'unlabeled samples, or 0 / -1 for all: fix --config.data.unlabeled_size.')
   if unlabeled_size > 0:
     if np.any(unlabeled_labels < 0):
       raise ValueError(f'data.unlabeled_size={unlabeled_size} draws a class-balanced subset, '
