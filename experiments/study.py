@@ -185,7 +185,7 @@ def paired(cell_map: dict, a: tuple, b: tuple, metric: str) -> dict:
 def verdict_lower(iv: dict, what: str) -> str:
   """'yes' when the whole interval is below 0, 'no' when above, else 'not shown'."""
   if iv['n'] < 2:
-    return f'not run yet ({iv["n"]} paired seeds)'
+    return f'not run yet ({iv["n"]} paired seed(s))'
   if iv['high'] < 0:
     return 'yes'
   if iv['low'] > 0:
@@ -196,7 +196,7 @@ def verdict_lower(iv: dict, what: str) -> str:
 def verdict_no_cost(iv: dict) -> str:
   """Accuracy non-inferiority with margin ACC_MARGIN."""
   if iv['n'] < 2:
-    return f'not run yet ({iv["n"]} paired seeds)'
+    return f'not run yet ({iv["n"]} paired seed(s))'
   if iv['high'] < 0:
     return f'no: it costs {-100 * iv["mean"]:.2f} points'
   if iv['low'] >= -ACC_MARGIN:
@@ -247,7 +247,7 @@ def verdicts(cell_map: dict, base: str) -> list[tuple[str, str, dict]]:
     targeted = f'not shown (vs split+random partner: {v_split}; vs random mixup: {v_rand})'
   mech = _mechanism_interval(cell_map, c('cmix'))
   if mech['n'] < 2:
-    mech_verdict = f'not run yet ({mech["n"]} seeds)'
+    mech_verdict = f'not run yet ({mech["n"]} seed(s))'
   elif mech['low'] > 0:
     mech_verdict = 'yes'
   elif mech['high'] < 0:
