@@ -97,8 +97,8 @@ def test_unlabeled_subset_keeps_given_positions_and_balances_classes_by_hand():
 
 
 def test_split_file_records_the_unlabeled_subset(tmp_path):
-  from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  data = datasets.load_ssl_data('fake', '', 8, seed=2, fake_kwargs=dict(
+  from cmix_jax.data import sources  # pylint: disable=g-import-not-at-top
+  data = sources.load_ssl_data('fake', '', 8, seed=2, fake_kwargs=dict(
       num_train=40, num_test=4, image_shape=(4, 4, 1), num_classes=4, seed=0),
                                 unlabeled_size=16)
   splits.save_split(str(tmp_path), data.labeled_idx, data.val_idx, data.train_labels, 2, 'fake',
