@@ -112,7 +112,8 @@ def split_data(config, raw) -> datasets.SSLData:
   """Labeled / validation / unlabeled sets of a raw data set, drawn from the config's seed."""
   return datasets.make_ssl_data(raw, config.data.num_labels, config.seed,
                                 val_size=config.data.val_size,
-                                include_lb_to_ulb=config.data.include_lb_to_ulb)
+                                include_lb_to_ulb=config.data.include_lb_to_ulb,
+                                unlabeled_size=config.data.get('unlabeled_size', 0))
 
 
 def _static_data_facts(config) -> tuple[int | None, int | None]:
@@ -144,7 +145,7 @@ def _write_run_files(config, workdir: str, data: datasets.SSLData) -> None:
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
   splits.save_split(workdir, data.labeled_idx, data.val_idx, data.train_labels,
-                    config.seed, config.data.name)
+                    config.seed, config.data.name, unlabeled=data.unlabeled_record())
 
 
 def build_run(config, workdir: str, allow_config_change: bool = False,

@@ -136,7 +136,8 @@ def train_loss(params, state, batch, views, key, *, model, algorithm, config, in
         params, state, batch, views, key, num_classes=info.num_classes, **kw)
   else:
     first = base_step.base_pass(params, state.batch_stats, state.algo_state, batch, views, **kw)
-  dyn = base_step.update_dynamics(state.dynamics, batch, first, state.step, config)
+  dyn = base_step.update_dynamics(state.dynamics, batch, first, state.step, config,
+                                  info.num_unlabeled)
   last = first
   loss, metrics = first.loss, {**first.metrics, **base_step.accuracy_metrics(first, batch)}
   if mix and not fused:

@@ -76,18 +76,11 @@ def mechanism(apm: np.ndarray, apm_count: np.ndarray, running_confidence: np.nda
 def _unlabeled_logits(workdir: str) -> tuple[np.ndarray, np.ndarray]:
   """(EMA logits [N_ulb, C], hidden labels [N_ulb]) of the final checkpoint's unlabeled pool."""
   from cmix_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from cmix_jax import evaluation  # pylint: disable=g-import-not-at-top
-  from cmix_jax import loop  # pylint: disable=g-import-not-at-top
-  config = evaluate.load_config(workdir)
-  run = loop.setup(config, workdir, write=False)
+  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
+  run = run_setup.build_run(evaluate.load_config(workdir), workdir, write=False)
   _, state = evaluate.restore(run, 'latest', None)
-  hidden = np.asarray(run.data.unlabeled_labels)
-  fn = evaluation.make_eval_fn(run.model, run.info, run.topo,
-                               config.get('parallel_backend', 'pmap'), return_logits=True)
-  _, logits, _ = evaluation.accumulate(fn, state, run.data.unlabeled_images,
-                                       np.maximum(hidden, 0), config.data.eval_batch_size,
-                                       run.topo, run.info.num_classes)
-  return logits, hidden
+  logits, _ = run.evaluator.logits(state, run.data, 'unlabeled')
+  return logits, np.asarray(run.data.unlabeled_labels)
 
 
 def analyze(workdir: str) -> dict:
