@@ -73,38 +73,30 @@ def mechanism(apm: np.ndarray, apm_count: np.ndarray, running_confidence: np.nda
           'auroc_running_confidence': auroc(-np.asarray(running_confidence)[use], wrong)}
 
 
-def _unlabeled_logits(workdir: str) -> tuple[np.ndarray, np.ndarray]:
-  """(EMA logits [N_ulb, C], hidden labels [N_ulb]) of the final checkpoint's unlabeled pool."""
-  from cmix_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
-  run = run_setup.build_run(evaluate.load_config(workdir), workdir, write=False)
-  _, state = evaluate.restore(run, 'latest', None)
-  logits, _ = run.evaluator.logits(state, run.data, 'unlabeled')
-  return logits, np.asarray(run.data.unlabeled_labels)
-
-
 def analyze(workdir: str) -> dict:
   """Final-EMA test metrics, temperature-scaled metrics, APM counts and the mechanism check."""
   from cmix_jax import evaluate  # pylint: disable=g-import-not-at-top
-  report = evaluate.evaluate_workdir(workdir, which='latest', temperature_scaling=True,
-                                     out=os.path.join(workdir, 'study_eval'))
+  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
+  run = run_setup.build_run(evaluate.load_config(workdir), workdir, write=False)
+  step, state = evaluate.restore(run, 'latest', None)
+  report = evaluate.evaluate_restored(run, state, step, temperature_scaling=True,
+                                      out=os.path.join(workdir, 'study_eval'))
   out = {'step': int(report['step']), 'metrics': report['metrics'],
          'ts': {'temperature': report['temperature'], 'fit_on': report['temperature_fit_on'],
                 'metrics': report['ts_metrics']},
          'apm_count': None, 'mechanism': None}
-  config = evaluate.load_config(workdir)
-  if config.algorithm == 'supervised':
-    return out  # no unlabeled pass, no APM
+  if not run.algorithm.uses_unlabeled:
+    return out  # supervised: no unlabeled pass, no APM
   npz = os.path.join(workdir, 'dynamics.npz')
   if not os.path.exists(npz):
     raise FileNotFoundError(f'{npz} is missing: the study needs the dynamics tables a run '
                             'writes at its end with --config.eval.plots=True.')
   with np.load(npz) as tables:
     apm, counts, running = tables['apm'], tables['apm_count'], tables['ulb_confidence']
-  logits, hidden = _unlabeled_logits(workdir)
+  logits, _ = run.evaluator.logits(state, run.data, 'unlabeled')  # [N_ulb, C], pool order
   if logits.shape != apm.shape:
     raise ValueError(f'{workdir}: the unlabeled pass gave {logits.shape} logits but the APM '
                      f'table is {apm.shape}; was data.unlabeled_size changed after training?')
   out['apm_count'] = apm_count_summary(counts)
-  out['mechanism'] = mechanism(apm, counts, running, logits, hidden)
+  out['mechanism'] = mechanism(apm, counts, running, logits, np.asarray(run.data.unlabeled_labels))
   return out
