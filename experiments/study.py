@@ -403,8 +403,10 @@ def main(argv=None) -> int:
         # A failed run is reported with its traceback; the others go on (rerun to retry).
         print(f'FAILED: {run["name"]}\n{traceback.format_exc()}', flush=True)
         continue
+      trained = record['train_seconds']
       print(f'  done: accuracy {record["metrics"]["accuracy"]:.4f}, ECE '
-            f'{record["metrics"]["ece"]:.4f}, train {record["train_seconds"] or 0:.0f} s',
+            f'{record["metrics"]["ece"]:.4f}, '
+            + (f'train {trained:.0f} s' if trained is not None else 'analysed only'),
             flush=True)
   print(write_table(args.out))
   return 0

@@ -248,3 +248,30 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, ca
               f'--root={root}'])
   assert 'FAILED: fixmatch-cmix-s0' in capsys.readouterr().out
   assert sorted(os.listdir(out / 'runs')) == ['fixmatch-base-s0.json']
+
+
+def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
+  config = tmp_path / 'tiny_study.py'
+  config.write_text(
+      'from tests import tiny\n\n\n'
+      'def get_config():\n'
+      '  c = tiny.config(steps=6)  # FixMatch base: one step program to compile\n'
+      '  c.calibratemix.warmup_steps = 2\n'
+      '  c.data.val_size = 8\n'
+      '  c.data.unlabeled_size = 64\n'
+      '  c.eval.plots = True\n'
+      '  return c\n')
+  out, root = tmp_path / 'out', tmp_path / 'runs'
+  study.main(['--seeds=0', '--only=fixmatch-base-', f'--config={config}', f'--out={out}',
+              f'--root={root}', '--config.num_devices=1'])
+  record = json.loads((out / 'runs' / 'fixmatch-base-s0.json').read_text())
+  assert record['step'] == 6 and 0 <= record['metrics']['ece'] <= 1
+  assert record['ts']['temperature'] > 0 and 'ece' in record['ts']['metrics']
+  assert record['apm_count']['n'] == 64  # the unlabeled subset, not the whole train split
+  # APM after warm-up (the tables run in every SSL run): steps 3..5, 32 per step.
+  assert record['apm_count']['mean'] == pytest.approx(3 * 32 / 64)
+  assert record['mechanism']['n'] <= 64 and 0 <= record['mechanism']['auroc_apm'] <= 1
+  assert record['user_overrides'] == {'num_devices': '1'}
+  split = json.loads((root / 'fixmatch-base-s0' / 'split.json').read_text())
+  assert split['unlabeled']['size'] == 64 and split['unlabeled']['per_class'] == [16] * 4
+  assert '| fixmatch | 0 |' in (out / 'table.md').read_text()
