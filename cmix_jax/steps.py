@@ -19,6 +19,7 @@ from cmix_jax import base_step
 from cmix_jax import calibratemix
 from cmix_jax import dynamics
 from cmix_jax import models
+from cmix_jax import parallel
 from cmix_jax.data import augment
 from cmix_jax.parallel import AXIS
 
@@ -71,12 +72,18 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.
                 nesterov=optim.nesterov))
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The configured network; model.bn_momentum, when set, overrides the architecture's BN decay."""
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 num_devices: int = 1) -> nn.Module:
+  """The configured network for `num_devices` training devices.
+
+  model.bn_momentum, when set, overrides the architecture's BN decay; BN statistics are
+  cross-replica (SyncBN) as model.cross_replica_bn says (None: on more than one device).
+  """
   bn_momentum = config.model.get('bn_momentum')
+  sync_bn = parallel.use_cross_replica_bn(config.model.get('cross_replica_bn'), num_devices)
   return models.create_model(
       config.model.name, num_classes, dtype=config.model.dtype,
-      bn_axis_name=AXIS if config.model.cross_replica_bn else None,
+      bn_axis_name=AXIS if sync_bn else None,
       **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}))
 
 
@@ -164,8 +171,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, algorithm, config,
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   aug_key, mix_key = jax.random.split(step_key)
   views = make_views(aug_key, batch, config, info, algorithm.uses_unlabeled)
-  # Pairing randomness differs per device (each pairs its own share, as DDP does).
-  mix_key = jax.random.fold_in(mix_key, jax.lax.axis_index(AXIS))
+  if not calibratemix.global_scope(config):
+    # Pairing randomness differs per device (each pairs its own share, as DDP does); in
+    # global scope every device draws the one global pairing with the same key.
+    mix_key = jax.random.fold_in(mix_key, jax.lax.axis_index(AXIS))
   grad_fn = jax.value_and_grad(functools.partial(
       train_loss, model=model, algorithm=algorithm, config=config, info=info, mix=mix),
       has_aux=True)

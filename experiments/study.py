@@ -11,7 +11,7 @@ random partner from the opposite half (pair_k_frac=1), + random mixup without a 
 (random_pairing), + label smoothing 0.1 and + CalibrateMix fused (passes=1). Seeds draw
 different labeled sets. Runs go seed by seed, so a partial study has complete pairs.
 
-Each run trains in `--root/<name>` (a killed run resumes from its checkpoint when the
+Each run trains in `--root/<name>` (--root and --out: local or gs://; a killed run resumes from its checkpoint when the
 study is started again), is analysed (experiments/study_analysis.py) and leaves
 `--out/runs/<name>.json`; a run with that file is finished and skipped. The table
 (`--out/table.md`, `--out/summary.json`) is made from those files alone. `--config.*`
@@ -34,6 +34,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG = 'configs/fmnist_dynamics.py'
 BASES = ('fixmatch', 'softmatch')
@@ -78,12 +79,12 @@ def result_path(out: str, name: str) -> str:
 
 def state_of(run: dict, out: str, root: str) -> str:
   """done | analyse (trained, no result file) | resume (has checkpoints) | run."""
-  workdir = os.path.join(root, run['name'])
-  if os.path.exists(result_path(out, run['name'])):
+  workdir = storage.as_path(root) / run['name']
+  if storage.as_path(result_path(out, run['name'])).exists():
     return 'done'
-  if os.path.exists(os.path.join(workdir, 'eval.json')):
+  if (workdir / 'eval.json').exists():
     return 'analyse'
-  return 'resume' if os.path.isdir(os.path.join(workdir, 'checkpoints')) else 'run'
+  return 'resume' if (workdir / 'checkpoints').is_dir() else 'run'
 
 
 def train_command(run: dict, workdir: str, config: str, user: dict, python: str) -> list[str]:
@@ -93,15 +94,23 @@ def train_command(run: dict, workdir: str, config: str, user: dict, python: str)
   return argv + ['--config.progress_bar=False']
 
 
+def log_path(workdir: str) -> str:
+  """Local file for a run's output: beside its workdir, or under runs/study_logs/ for gs://."""
+  if storage.is_remote(workdir):
+    return os.path.join('runs', 'study_logs', os.path.basename(workdir.rstrip('/')) + '.log')
+  return os.path.abspath(os.path.expanduser(workdir)) + '.log'
+
+
 def train(run: dict, workdir: str, config: str, user: dict) -> float:
   """Trains (or resumes) one run in a subprocess; returns its wall seconds."""
-  os.makedirs(os.path.dirname(os.path.abspath(workdir)), exist_ok=True)
+  log_file = log_path(workdir)
+  os.makedirs(os.path.dirname(log_file), exist_ok=True)
   start = time.time()
-  with open(workdir + '.log', 'a') as log:
+  with open(log_file, 'a') as log:
     code = subprocess.call(train_command(run, workdir, config, user, sys.executable),
                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
   if code:
-    raise RuntimeError(f'{run["name"]} failed (exit {code}); see {workdir}.log')
+    raise RuntimeError(f'{run["name"]} failed (exit {code}); see {log_file}')
   return time.time() - start
 
 
@@ -111,12 +120,8 @@ def analyse(workdir: str) -> dict:
 
 
 def write_json(path: str, record) -> None:
-  """Atomic write (a killed study never leaves half a result file)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(record, f, indent=1, sort_keys=True, allow_nan=True)
-  os.replace(tmp, path)
+  """Written whole, local or gs:// (a killed study never leaves half a result file)."""
+  storage.write_json(path, record, indent=1, sort_keys=True, allow_nan=True)
 
 
 def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
@@ -141,14 +146,10 @@ def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
 
 def load_results(out: str) -> list[dict]:
   """Every result file under out/runs; one setting only (same user overrides)."""
-  folder = os.path.join(out, 'runs')
-  if not os.path.isdir(folder):
+  folder = storage.as_path(out) / 'runs'
+  if not folder.is_dir():
     return []
-  results = []
-  for name in sorted(os.listdir(folder)):
-    if name.endswith('.json'):
-      with open(os.path.join(folder, name)) as f:
-        results.append(json.load(f))
+  results = [storage.read_json(path) for path in sorted(folder.glob('*.json'))]
   settings = {json.dumps(r.get('user_overrides', {}), sort_keys=True) for r in results}
   if len(settings) > 1:
     raise ValueError(f'{folder} mixes runs of different --config overrides {sorted(settings)}; '
@@ -345,8 +346,7 @@ def write_table(out: str) -> str:
   if not results:
     raise SystemExit(f'no result files in {out}/runs yet: run the study first.')
   markdown, summary = table(results)
-  with open(os.path.join(out, 'table.md'), 'w') as f:
-    f.write(markdown)
+  storage.write_text(storage.as_path(out) / 'table.md', markdown)
   write_json(os.path.join(out, 'summary.json'), summary)
   return markdown
 

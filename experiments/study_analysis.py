@@ -10,6 +10,7 @@
   "Current" = the EMA model on the un-augmented unlabeled images at the end of training.
 """
 
+import io
 import math
 import os
 
@@ -77,6 +78,7 @@ def analyze(workdir: str) -> dict:
   """Final-EMA test metrics, temperature-scaled metrics, APM counts and the mechanism check."""
   from cmix_jax import evaluate  # pylint: disable=g-import-not-at-top
   from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
+  from cmix_jax import storage  # pylint: disable=g-import-not-at-top
   run = run_setup.build_run(evaluate.load_config(workdir), workdir, write=False)
   step, state = evaluate.restore(run, 'latest', None)
   report = evaluate.evaluate_restored(run, state, step, temperature_scaling=True,
@@ -87,11 +89,11 @@ def analyze(workdir: str) -> dict:
          'apm_count': None, 'mechanism': None}
   if not run.algorithm.uses_unlabeled:
     return out  # supervised: no unlabeled pass, no APM
-  npz = os.path.join(workdir, 'dynamics.npz')
-  if not os.path.exists(npz):
+  npz = storage.as_path(workdir) / 'dynamics.npz'
+  if not npz.exists():
     raise FileNotFoundError(f'{npz} is missing: the study needs the dynamics tables a run '
                             'writes at its end with --config.eval.plots=True.')
-  with np.load(npz) as tables:
+  with np.load(io.BytesIO(npz.read_bytes())) as tables:
     apm, counts, running = tables['apm'], tables['apm_count'], tables['ulb_confidence']
   logits, _ = run.evaluator.logits(state, run.data, 'unlabeled')  # [N_ulb, C], pool order
   if logits.shape != apm.shape:

@@ -8,10 +8,9 @@ with `np.random.default_rng([seed, ULB_STREAM])` (labeled and validation draws u
 process and machine draws the same indices.
 """
 
-import json
-import os
-
 import numpy as np
+
+from cmix_jax import storage
 
 VAL_STREAM = 1  # second seed word of the validation draw (labeled uses the plain seed)
 ULB_STREAM = 2  # second seed word of the unlabeled-subset draw
@@ -107,7 +106,8 @@ def unlabeled_subset(labels: np.ndarray, size: int, num_classes: int, seed: int,
 def save_split(workdir: str, labeled_idx: np.ndarray, val_idx: np.ndarray,
                train_labels: np.ndarray, seed: int, dataset: str,
                unlabeled: dict | None = None) -> str:
-  """Writes workdir/split.json (indices, per-class counts, seed, data set) for audits.
+  """Writes workdir/split.json (indices, per-class counts, seed, data set) for audits; returns
+  its path. Local or gs:// (written whole, never half).
 
   `unlabeled` (when a subset of the unlabeled set is used, `SSLData.unlabeled_record()`)
   adds its size, per-class counts of the hidden labels and its indices.
@@ -127,19 +127,12 @@ def save_split(workdir: str, labeled_idx: np.ndarray, val_idx: np.ndarray,
   if unlabeled is not None:
     record['unlabeled'] = {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
                            for k, v in unlabeled.items()}
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, SPLIT_FILE)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(record, f)
-  os.replace(tmp, path)
-  return path
+  return str(storage.write_json(storage.as_path(workdir) / SPLIT_FILE, record))
 
 
 def load_split(workdir: str) -> dict:
-  """Reads workdir/split.json; index lists come back as int64 arrays."""
-  with open(os.path.join(workdir, SPLIT_FILE)) as f:
-    record = json.load(f)
+  """Reads workdir/split.json (local or gs://); index lists come back as int64 arrays."""
+  record = storage.read_json(storage.as_path(workdir) / SPLIT_FILE)
   for key in ('labeled_idx', 'val_idx'):
     record[key] = np.asarray(record[key], np.int64)
   return record
