@@ -212,3 +212,24 @@ def test_script_runs_from_the_command_line():
       [sys.executable, SCRIPT, '--target=gpu', '--config=configs/default.py', '--data_dir=d',
        '--dry_run'], capture_output=True, text=True, check=True, cwd=ROOT)
   assert 'python -m cmix_jax.main --config=configs/default.py' in result.stdout
+
+
+def _bash_blocks(text: str) -> list[str]:
+  return re.findall(r'```bash\n(.*?)```', text, re.S)
+
+
+def test_docs_cloud_md_shows_what_the_dry_runs_print(capsys):
+  with open(os.path.join(ROOT, 'docs', 'cloud.md')) as f:
+    blocks = _bash_blocks(f.read())
+  checked = 0
+  for command, printed in zip(blocks, blocks[1:]):
+    if not command.startswith('python experiments/launch.py'):
+      continue
+    argv = shlex.split(command.replace('\\\n', ' '))[2:]
+    assert '--dry_run' in argv
+    assert launch.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out.splitlines()
+    shown = [line for line in printed.splitlines() if line.strip()]
+    assert shown and all(line in out for line in shown), (command, out)
+    checked += 1
+  assert checked == 3  # TPU, GPU node, SLURM
