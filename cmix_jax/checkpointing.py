@@ -33,6 +33,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
     manager.wait_until_finished()
 
 
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """The state saved at `step`, restored into the layout of `abstract_state`."""
+  return manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_state)))['state']
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
   """(step, state, meta) of the newest readable checkpoint, or None if there is none.
 

@@ -1,7 +1,7 @@
 """Per-sample training dynamics: AUM (labeled), APM (unlabeled), cartography statistics.
 
 The tables live in one pytree (`DynamicsState`) carried next to params and are
-updated inside the jitted step by pure functions. Update rules (METHOD.md §3):
+updated inside the jitted step by pure functions. Update rules (docs/method.md §3):
 
 - AUM: running mean (sum / count) of the margin z_y - max_{j!=y} z_j, every step.
 - APM: per class, APM <- a * PM + (1 - a) * APM with a = delta / (1 + n), n = the

@@ -19,6 +19,12 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import ml_collections
 
+from cmix_jax import checkpointing
+from cmix_jax import metrics
+from cmix_jax import parallel
+from cmix_jax import reports
+from cmix_jax import run_setup
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a run (holds config.json and checkpoints/).')
 flags.DEFINE_integer('checkpoint', None, 'Step to evaluate (default: newest).')
@@ -45,9 +51,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def restore(run, which: str, step: int | None):
   """(step, stacked state) of the requested checkpoint."""
-  from cmix_jax import checkpointing, loop  # pylint: disable=g-import-not-at-top
   manager = run.best_manager if which == 'best' else run.manager
-  abstract = checkpointing.abstract_like(loop.fresh_state(run))
+  abstract = checkpointing.abstract_like(run_setup.fresh_state(run))
   if step is None:
     restored = checkpointing.restore_latest(manager, abstract)
     if restored is None:
@@ -55,66 +60,46 @@ def restore(run, which: str, step: int | None):
                           f'{"/../best" if which == "best" else ""}: train first.')
     step, state, _ = restored
   else:
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     if step not in manager.all_steps():
       raise EvaluateError(f'no checkpoint at step {step} in {manager.directory}; '
                           f'available: {sorted(manager.all_steps())}.')
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))['state']
-  return step, loop.stack_state(state, run.topo, loop.dynamics_sharded(run.config))
+    state = checkpointing.restore_state(manager, step, abstract)
+  return step, parallel.stack_state(state, run.topo, run.sharded_field)
 
 
 def evaluate_workdir(workdir: str, which: str = 'latest', step: int | None = None,
                      raw: bool = False, temperature_scaling: bool = False,
                      out: str | None = None) -> dict:
   """Evaluates one checkpoint; returns {'step', 'metrics', 'ts_metrics', 'temperature'}."""
-  from cmix_jax import evaluation, loop  # pylint: disable=g-import-not-at-top
   config = load_config(workdir)
-  run = loop.setup(config, workdir, write=False)
+  run = run_setup.build_run(config, workdir, write=False)
   step, state = restore(run, which, step)
-  backend = config.get('parallel_backend', 'pmap')
   tag = f'{which}_{step}{"_raw" if raw else ""}'
   out = out or workdir
-  images, labels = loop.split_arrays(run, 'test')
-  eval_fn = evaluation.make_eval_fn(run.model, run.info, run.topo, backend, use_ema=not raw)
-  sums, _, _ = evaluation.accumulate(eval_fn, state, images, labels,
-                                     config.data.eval_batch_size, run.topo, run.info.num_classes)
-  result = evaluation.result_from_sums(sums, config.eval.num_bins)
-  evaluation.write_report(result, out, prefix=f'eval_{tag}', title=f'{config.algorithm} {tag}')
+  result = run.evaluator.evaluate_split(state, run.data, 'test', use_ema=not raw)
+  reports.write_eval_report(result, out, prefix=f'eval_{tag}', title=f'{config.algorithm} {tag}')
   report = {'step': step, 'which': which, 'weights': 'raw' if raw else 'ema',
             'metrics': result['metrics']}
   if temperature_scaling:
-    report.update(_temperature_scaled(run, state, backend, raw, out, tag))
-  with open(os.path.join(out, f'eval_{tag}.json'), 'w') as f:
-    json.dump(report, f, indent=2, sort_keys=True)
+    report.update(_temperature_scaled(run, state, raw, out, tag))
+  reports.write_json(os.path.join(out, f'eval_{tag}.json'), report, indent=2, sort_keys=True)
   return report
 
 
-def _temperature_scaled(run, state, backend, raw, out, tag) -> dict:
+def _temperature_scaled(run, state, raw, out, tag) -> dict:
   """Fits T on held-out labeled data, then evaluates the test split with logits / T."""
-  from cmix_jax import evaluation, loop, metrics  # pylint: disable=g-import-not-at-top
   if not len(run.data.val_idx):
     raise EvaluateError(
         f'{run.workdir} was trained without a held-out labeled slice, so there is nothing '
         'to fit a temperature on (the labeled training set would give a degenerate T). '
         'Train with --config.data.val_size=N (a multiple of the class count).')
   fit_on = f'labeled validation slice ({len(run.data.val_idx)} examples)'
-  images, labels = loop.split_arrays(run, 'val')
-  fit_fn = evaluation.make_eval_fn(run.model, run.info, run.topo, backend, use_ema=not raw,
-                                   return_logits=True)
-  _, logits, fit_labels = evaluation.accumulate(fit_fn, state, images, labels,
-                                                run.config.data.eval_batch_size, run.topo,
-                                                run.info.num_classes)
-  temperature = metrics.fit_temperature(logits, fit_labels)
-  ts_fn = evaluation.make_eval_fn(run.model, run.info, run.topo, backend, use_ema=not raw,
-                                  temperature=temperature)
-  test_images, test_labels = loop.split_arrays(run, 'test')
-  sums, _, _ = evaluation.accumulate(ts_fn, state, test_images, test_labels,
-                                     run.config.data.eval_batch_size, run.topo,
-                                     run.info.num_classes)
-  result = evaluation.result_from_sums(sums, run.config.eval.num_bins)
-  evaluation.write_report(result, out, prefix=f'eval_{tag}_ts',
-                          title=f'{run.config.algorithm} {tag} +TS (T={temperature:.3f})')
+  logits, labels = run.evaluator.logits(state, run.data, 'val', use_ema=not raw)
+  temperature = metrics.fit_temperature(logits, labels)
+  result = run.evaluator.evaluate_split(state, run.data, 'test', use_ema=not raw,
+                                        temperature=temperature)
+  reports.write_eval_report(result, out, prefix=f'eval_{tag}_ts',
+                            title=f'{run.config.algorithm} {tag} +TS (T={temperature:.3f})')
   return {'temperature': temperature, 'temperature_fit_on': fit_on,
           'ts_metrics': result['metrics']}
 

@@ -1,23 +1,28 @@
-"""Evaluation over a whole split: streamed calibration sums, metrics, reliability, pictures."""
+"""Evaluation of a train state over a whole split: streamed calibration sums -> metrics.
 
+`Evaluator.evaluate_split` is the one path the training loop, `cmix_jax.evaluate` and
+temperature scaling share; only per-batch sums (not probabilities) leave the devices.
+"""
+
+import dataclasses
 import functools
-import json
-import os
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from cmix_jax import metrics as metrics_lib
 from cmix_jax import parallel
-from cmix_jax import train
+from cmix_jax import steps
+from cmix_jax.data import datasets
 from cmix_jax.data import pipeline
 
+SPLITS = ('test', 'val')
 
-def eval_sums_step(state, batch, *, model, info: train.DataInfo, use_ema: bool,
+
+def eval_sums_step(state, batch, *, model, info: steps.DataInfo, use_ema: bool,
                    temperature: float = 1.0, return_logits: bool = False):
-  """Per-device calibration sums of one batch (only sums, not probabilities, leave the device)."""
-  out = train.eval_step(state, batch, model=model, info=info, use_ema=use_ema)
+  """Per-device calibration sums of one batch (and its logits when asked)."""
+  out = steps.eval_step(state, batch, model=model, info=info, use_ema=use_ema)
   probs = jax.nn.softmax(out['logits'] / temperature, axis=-1)
   sums = metrics_lib.batch_calibration_sums(probs, out['labels'], out['mask'])
   if return_logits:
@@ -25,64 +30,29 @@ def eval_sums_step(state, batch, *, model, info: train.DataInfo, use_ema: bool,
   return sums
 
 
-def make_eval_fn(model, info: train.DataInfo, topo: parallel.Topology, backend: str,
+@functools.lru_cache(maxsize=None)
+def make_eval_fn(model, info: steps.DataInfo, topo: parallel.Topology, backend: str,
                  use_ema: bool = True, temperature: float = 1.0, return_logits: bool = False):
-  """Parallel eval step: stacked state + sharded batch -> stacked per-device sums."""
+  """Parallel eval step: stacked state + sharded batch -> stacked per-device sums (cached)."""
   step = functools.partial(eval_sums_step, model=model, info=info, use_ema=use_ema,
                            temperature=temperature, return_logits=return_logits)
   return parallel.parallelize(step, topo, backend=backend, donate_first=False)
 
 
-def _local_rows(tree) -> dict:
-  """This process's rows of stacked outputs as numpy [L, ...]."""
-  out = {}
-  for key, x in tree.items():
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    out[key] = np.concatenate([np.asarray(s.data) for s in shards])
-  return out
-
-
-def _batches(images, labels, batch_size: int, topo: parallel.Topology):
-  return pipeline.eval_batches(images, labels, batch_size, local_devices=topo.num_local_devices,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
-
-
-def accumulate(eval_fn, state, images, labels, batch_size: int, topo: parallel.Topology,
-               num_classes: int) -> tuple[dict, np.ndarray | None, np.ndarray | None]:
-  """(calibration sums, logits, labels) of a split; logits only if eval_fn returns them."""
-  sums = metrics_lib.init_sums(num_classes)
-  logits, kept_labels = [], []
-  for batch in _batches(images, labels, batch_size, topo):
-    out = _local_rows(eval_fn(state, parallel.shard_batch(batch, topo)))
-    if 'logits' in out:
-      keep = out['example_mask'].reshape(-1) > 0
-      logits.append(out.pop('logits').reshape((keep.size, -1))[keep])
-      kept_labels.append(out.pop('labels').reshape(-1)[keep])
-    sums = metrics_lib.merge_sums(sums, out)
-  if jax.process_count() > 1:
-    sums = _gather_process_sums(sums)
-  if not logits:
-    return sums, None, None
-  return sums, np.concatenate(logits), np.concatenate(kept_labels)
+def split_arrays(data: datasets.SSLData, split: str):
+  """(images, labels) of the test split or of the labeled validation slice."""
+  if split == 'test':
+    return data.test_images, data.test_labels
+  if split == 'val':
+    val_images = datasets.ArrayImageSource(data.train_images.get(data.val_idx))
+    return val_images, data.train_labels[data.val_idx]
+  raise ValueError(f'unknown split {split!r}: use one of {SPLITS}.')
 
 
 def _gather_process_sums(sums: dict) -> dict:
   """Adds every process's sums; concatenates the per-example arrays."""
-  out = {}
-  for key, value in sums.items():
-    if key.startswith('example_'):
-      out[key] = _gather_ragged(value)
-    else:
-      out[key] = np.asarray(multihost_utils.process_allgather(value)).sum(0)
-  return out
-
-
-def _gather_ragged(values: np.ndarray) -> np.ndarray:
-  lengths = np.ravel(multihost_utils.process_allgather(np.array([len(values)])))
-  padded = np.pad(values, (0, int(lengths.max()) - len(values)))
-  gathered = multihost_utils.process_allgather(padded)
-  return np.concatenate([row[:n] for row, n in zip(gathered, lengths)])
+  return {key: (parallel.concat_over_processes(value) if key.startswith('example_')
+                else parallel.sum_over_processes(value)) for key, value in sums.items()}
 
 
 def result_from_sums(sums: dict, num_bins: int = 10) -> dict:
@@ -94,19 +64,45 @@ def result_from_sums(sums: dict, num_bins: int = 10) -> dict:
           'correct': np.asarray(sums['example_correct']) > 0}
 
 
-def write_report(result: dict, out_dir: str, prefix: str = 'eval', title: str = '') -> dict:
-  """Writes `<prefix>.json`, `<prefix>_reliability.json`, the diagram and the histogram."""
-  from cmix_jax import plots  # pylint: disable=g-import-not-at-top
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, f'{prefix}.json'), 'w') as f:
-    json.dump(result['metrics'], f, indent=2, sort_keys=True)
-  with open(os.path.join(out_dir, f'{prefix}_reliability.json'), 'w') as f:
-    json.dump(result['reliability'], f)
-  ece = result['metrics'].get('ece')
-  return {
-      'reliability': plots.reliability_diagram(
-          result['reliability'], os.path.join(out_dir, f'{prefix}_reliability.png'),
-          title=title, ece=ece)[0],
-      'histogram': plots.confidence_histogram(
-          result['confidence'], result['correct'],
-          os.path.join(out_dir, f'{prefix}_confidence.png'))[0]}
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """Evaluates a stacked train state on a split of a run's data."""
+  model: object
+  info: steps.DataInfo
+  topo: parallel.Topology
+  backend: str
+  batch_size: int
+  num_bins: int = 10
+
+  def _accumulate(self, eval_fn, state, images, labels):
+    """(sums, logits, labels) of a split; logits only if `eval_fn` returns them."""
+    sums = metrics_lib.init_sums(self.info.num_classes)
+    logits, kept_labels = [], []
+    for batch in pipeline.eval_batches(images, labels, self.batch_size,
+                                       local_devices=self.topo.num_local_devices,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
+      out = parallel.local_rows(eval_fn(state, parallel.shard_batch(batch, self.topo)))
+      if 'logits' in out:
+        keep = out['example_mask'].reshape(-1) > 0
+        logits.append(out.pop('logits').reshape((keep.size, -1))[keep])
+        kept_labels.append(out.pop('labels').reshape(-1)[keep])
+      sums = metrics_lib.merge_sums(sums, out)
+    sums = _gather_process_sums(sums)
+    if not logits:
+      return sums, None, None
+    return sums, np.concatenate(logits), np.concatenate(kept_labels)
+
+  def evaluate_split(self, state, data: datasets.SSLData, split: str = 'test', *,
+                     use_ema: bool = True, temperature: float = 1.0) -> dict:
+    """Metrics, reliability table and per-example confidence of `split` (see result_from_sums)."""
+    eval_fn = make_eval_fn(self.model, self.info, self.topo, self.backend, use_ema, temperature)
+    sums, _, _ = self._accumulate(eval_fn, state, *split_arrays(data, split))
+    return result_from_sums(sums, self.num_bins)
+
+  def logits(self, state, data: datasets.SSLData, split: str, *, use_ema: bool = True):
+    """(logits [N, C], labels [N]) of `split`, this process's examples (for fitting a temperature)."""
+    eval_fn = make_eval_fn(self.model, self.info, self.topo, self.backend, use_ema,
+                           return_logits=True)
+    _, logits, labels = self._accumulate(eval_fn, state, *split_arrays(data, split))
+    return logits, labels

@@ -28,7 +28,8 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep it off accelerators.
   from cmix_jax import train  # pylint: disable=g-import-not-at-top
   logging.info('workdir: %s', FLAGS.workdir)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
+                           log_to_terminal=FLAGS.alsologtostderr or FLAGS.verbosity >= 1)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """Calibration metrics: ECE (equal-width, equal-mass, class-wise), MCE, NLL, Brier, temperature.
 
-Conventions (METHOD.md section 5, the paper's evaluation):
+Conventions (docs/method.md §5, the paper's evaluation):
 - confidence = max_c p_c, prediction = argmax_c p_c (first maximum on ties).
 - Equal-width bin b of B holds confidences in [b/B, (b+1)/B); the last bin
   [(B-1)/B, 1] is closed, so a confidence of exactly 1.0 lands in it and one

@@ -1,4 +1,4 @@
-"""CalibrateMix's targeted mixup (METHOD.md §4): median split, dissimilar pairing, mixing, BCE.
+"""CalibrateMix's targeted mixup (docs/method.md §4): median split, dissimilar pairing, mix, BCE.
 
 Labeled-easy anchors are mixed with unlabeled-hard partners (set 1) and
 labeled-hard anchors with unlabeled-easy partners (set 2). Each anchor's

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = 'batch'
@@ -102,6 +103,77 @@ def first_replica_to_host(tree: Any) -> Any:
   """Stacked pytree -> numpy copy of the first local replica (metrics, logging)."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0]
                       if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
+
+
+def to_replicated(tree: Any, topo: Topology) -> Any:
+  """Host pytree -> global arrays replicated over the mesh (the checkpoint layout)."""
+  def put(x):
+    x = np.asarray(jax.device_get(x))
+    return jax.make_array_from_process_local_data(topo.replicated, x, x.shape)
+  return jax.tree.map(put, tree)
+
+
+def stack_state(state: Any, topo: Topology, sharded_field: str | None = None) -> Any:
+  """Checkpoint layout -> the steps' stacked [D, ...] layout.
+
+  In the checkpoint layout everything is replicated except `sharded_field` (a field of the
+  state dataclass), which is stacked [D, N/D, ...] (each device's own slice) in both layouts.
+  """
+  if sharded_field is None:
+    return replicate(state, topo)
+  keep = getattr(state, sharded_field)
+  return replicate(state.replace(**{sharded_field: None}), topo).replace(**{sharded_field: keep})
+
+
+def unstack_state(state: Any, topo: Topology, sharded_field: str | None = None) -> Any:
+  """The steps' stacked layout -> checkpoint layout (see `stack_state`)."""
+  if sharded_field is None:
+    return unreplicate(state, topo)
+  keep = getattr(state, sharded_field)
+  return unreplicate(state.replace(**{sharded_field: None}), topo).replace(
+      **{sharded_field: keep})
+
+
+def host_state_to_checkpoint_layout(state: Any, topo: Topology,
+                                    sharded_field: str | None = None) -> Any:
+  """A fresh host state -> checkpoint layout (a sharded field's [D, ...] shards stacked)."""
+  if sharded_field is None:
+    return to_replicated(state, topo)
+  keep = replicate(getattr(state, sharded_field), topo)
+  return to_replicated(state.replace(**{sharded_field: None}), topo).replace(
+      **{sharded_field: keep})
+
+
+def gather_stacked_to_host(tree: Any) -> Any:
+  """Stacked [D, ...] arrays (rows on every process) -> numpy [D, ...] on every host."""
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                      tree)
+
+
+def local_rows(tree: dict) -> dict:
+  """This process's rows of stacked outputs as numpy [L, ...]."""
+  out = {}
+  for key, x in tree.items():
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    out[key] = np.concatenate([np.asarray(s.data) for s in shards])
+  return out
+
+
+def sum_over_processes(value: np.ndarray) -> np.ndarray:
+  """Elementwise sum of a host array over all processes (identity in one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(value)
+  return np.asarray(multihost_utils.process_allgather(value)).sum(0)
+
+
+def concat_over_processes(values: np.ndarray) -> np.ndarray:
+  """Concatenation of every process's 1-D array of any length, in process order."""
+  if jax.process_count() == 1:
+    return np.asarray(values)
+  lengths = np.ravel(multihost_utils.process_allgather(np.array([len(values)])))
+  padded = np.pad(values, (0, int(lengths.max()) - len(values)))
+  gathered = multihost_utils.process_allgather(padded)
+  return np.concatenate([row[:n] for row, n in zip(gathered, lengths)])
 
 
 def to_global(tree: Any, topo: Topology) -> Any:

@@ -1,349 +1,228 @@
-"""Train state, optimizer, the pure per-device train/eval steps, and the training loop.
+"""Training and evaluation for CalibrateMix: `train_and_evaluate` and the host loop.
 
-The step functions are per-device code whose collectives name the axis
-`parallel.AXIS`; `cmix_jax.parallel` maps them over devices (pmap or shard_map).
+The loop runs the parallel train steps between boundaries (log, eval, checkpoint, end),
+where it syncs with the host once; `periodic` says which actions a boundary takes.
+Run assembly lives in `run_setup`, the pure steps in `steps`, evaluation in `evaluation`.
 """
 
-import functools
-from typing import Any
+import dataclasses
+import logging
+import signal
+import time
 
-import flax
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
+import tqdm
 
-from cmix_jax import algorithms
-from cmix_jax import dynamics
-from cmix_jax import mixup
-from cmix_jax import models
-from cmix_jax.data import augment
-from cmix_jax.parallel import AXIS
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a run carries from step to step; checkpointed as a whole."""
-  step: jax.Array  # int32 []
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  ema_params: Any
-  ema_batch_stats: Any
-  algo_state: Any
-  dynamics: dynamics.DynamicsState
-  rng: jax.Array  # raw uint32 key data, so checkpoints need no key dtype support
-  nonfinite_steps: jax.Array  # int32 [], steps skipped for a non-finite loss/grad
-  first_nonfinite_step: jax.Array  # int32 [], -1 until the first such step
+from cmix_jax import checkpointing
+from cmix_jax import console
+from cmix_jax import parallel
+from cmix_jax import reports
+from cmix_jax import run_setup
 
 
-@flax.struct.dataclass
-class DataInfo:
-  """Static facts about the data a state is built for."""
-  num_labeled: int = flax.struct.field(pytree_node=False)
-  num_unlabeled: int = flax.struct.field(pytree_node=False)
-  num_classes: int = flax.struct.field(pytree_node=False)
-  image_shape: tuple = flax.struct.field(pytree_node=False)
-  mean: tuple = flax.struct.field(pytree_node=False)
-  std: tuple = flax.struct.field(pytree_node=False)
+class NonFiniteError(FloatingPointError):
+  """The loss or a gradient became NaN/Inf more often than allowed."""
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int):
-  """USB's cosine decay without warm-up: lr * cos(factor * pi * k / K)."""
-  def schedule(count):
-    progress = jnp.minimum(count, num_steps) / num_steps
-    return optim.lr * jnp.cos(optim.cosine_factor * jnp.pi * progress)
-  return schedule
+@dataclasses.dataclass
+class StopFlag:
+  """Set by the SIGTERM handler; read at step boundaries."""
+  requested: bool = False
 
 
-def decay_mask(params):
-  """Coupled L2 applies to kernels only, not to BN scales/shifts or biases (ndim <= 1)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+@dataclasses.dataclass
+class Progress:
+  """The loop's host-side state between boundaries."""
+  state: object  # stacked train state
+  meta: dict  # checkpointed: step, eval history, best record
+  step: int
+  result: dict | None = None  # the latest evaluation
 
 
-def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """SGD + Nesterov momentum with coupled weight decay, as USB's classic CV setup."""
-  return optax.chain(
-      optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-      optax.sgd(learning_rate_schedule(optim, num_steps), momentum=optim.momentum,
-                nesterov=optim.nesterov))
+def periodic(step: int, every: int, total: int) -> bool:
+  """Whether a boundary at `step` runs an action due every `every` steps (and at the end)."""
+  return step % every == 0 or step == total
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The configured network; model.bn_momentum, when set, overrides the architecture's BN decay."""
-  bn_momentum = config.model.get('bn_momentum')
-  return models.create_model(
-      config.model.name, num_classes, dtype=config.model.dtype,
-      bn_axis_name=AXIS if config.model.cross_replica_bn else None,
-      **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}))
+def run_steps(step_fns, state, batches, config, start: int, end: int,
+              flag: StopFlag | None = None):
+  """Steps [start, end) with no host sync (metrics stay on device); stops early on SIGTERM."""
+  step_metrics = []
+  for step in range(start, end):
+    if flag is not None and flag.requested:
+      break
+    state, metrics = step_fns[run_setup.step_kind(config, step)](state, next(batches))
+    step_metrics.append(metrics)
+  return state, step_metrics
 
 
-def create_train_state(config, model, tx, algorithm, info: DataInfo, rng,
-                       dynamics_shards: int = 1) -> TrainState:
-  """Fresh state on the host (unreplicated): init params, optimizer, algorithm and dynamics.
-
-  With `dynamics_shards=D` the dynamics tables are one device's zero shard (N/D rows).
-  """
-  init_rng, state_rng = jax.random.split(rng)
-  variables = jax.jit(lambda k: model.init(
-      k, jnp.zeros((2,) + tuple(info.image_shape), jnp.float32), train=False))(init_rng)
-  params = variables['params']
-  batch_stats = variables.get('batch_stats', {})
-  algo_state = (algorithm.init_state(info.num_unlabeled, info.num_classes)
-                if algorithm.uses_unlabeled else {})
-  return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-      opt_state=tx.init(params), ema_params=params, ema_batch_stats=batch_stats,
-      algo_state=algo_state,
-      dynamics=dynamics.DynamicsState.init(info.num_labeled, info.num_unlabeled,
-                                           info.num_classes, num_shards=dynamics_shards),
-      rng=jax.random.key_data(state_rng),
-      nonfinite_steps=jnp.zeros((), jnp.int32),
-      first_nonfinite_step=-jnp.ones((), jnp.int32))
+def summarize_metrics(step_metrics: list) -> dict:
+  """Mean over steps of replica 0's metrics (the one host sync per log interval)."""
+  host = [parallel.first_replica_to_host(m) for m in step_metrics]
+  keys = set().union(*host)
+  return {k: float(np.mean([h[k] for h in host if k in h])) for k in sorted(keys)}
 
 
-def _sample_keys(key, n_local: int):
-  """One key per sample from its position in the GLOBAL batch (same on any device count)."""
-  offset = jax.lax.axis_index(AXIS) * n_local
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(n_local))
+def check_finite(state, config) -> None:
+  """Stops the run once more non-finite steps happened than allowed."""
+  allowed = config.get('max_nonfinite_steps', 0)
+  count = int(parallel.first_replica_to_host(state.nonfinite_steps))
+  if count > allowed:
+    first = int(parallel.first_replica_to_host(state.first_nonfinite_step))
+    raise NonFiniteError(
+        f'non-finite loss or gradient first at step {first} '
+        f'({count} such steps skipped, {allowed} allowed); '
+        'the last good checkpoint is kept. Lower the learning rate or raise '
+        '--config.max_nonfinite_steps to skip such steps.')
 
 
-def make_views(key, batch, config, info: DataInfo, uses_unlabeled: bool) -> dict:
-  """Weak view of labeled, weak + strong views of unlabeled images, normalised."""
-  k_lb, k_w, k_s = jax.random.split(key, 3)
-  data = config.data
-  weak = functools.partial(augment.weak_augment, pad_frac=data.crop_pad_frac, flip=data.flip)
-  strong = functools.partial(augment.strong_augment, pad_frac=data.crop_pad_frac,
-                             flip=data.flip, num_ops=data.randaugment_ops, cutout=data.cutout)
-  norm = functools.partial(augment.normalize, mean=info.mean, std=info.std)
-  n_lb = batch['x_lb'].shape[0]
-  views = {'lb': norm(jax.vmap(weak)(_sample_keys(k_lb, n_lb), batch['x_lb']))}
-  if uses_unlabeled:
-    n_ulb = batch['x_ulb'].shape[0]
-    views['ulb_w'] = norm(jax.vmap(weak)(_sample_keys(k_w, n_ulb), batch['x_ulb']))
-    views['ulb_s'] = norm(jax.vmap(strong)(_sample_keys(k_s, n_ulb), batch['x_ulb']))
-  return views
+def selection_metric(config) -> str | None:
+  return {'best_test': 'test', 'best_val': 'val'}.get(config.eval.selection)
 
 
-def _apply(model, params, batch_stats, x, train: bool):
-  """Forward pass returning (logits f32, features, new batch_stats)."""
-  variables = {'params': params}
-  if batch_stats:
-    variables['batch_stats'] = batch_stats
-  if train and batch_stats:
-    (logits, feats), mutated = model.apply(variables, x, train=True, mutable=['batch_stats'])
-    return logits.astype(jnp.float32), feats, mutated['batch_stats']
-  logits, feats = model.apply(variables, x, train=train)
-  return logits.astype(jnp.float32), feats, batch_stats
+def evaluate(run: run_setup.Run, state, split: str = 'test') -> dict:
+  """EMA-model metrics on the test split or the labeled validation slice."""
+  return run.evaluator.evaluate_split(state, run.data, split)
 
 
-def _split(x, sizes):
-  """Splits along axis 0 into consecutive pieces of the given static sizes."""
-  return jnp.split(x, np.cumsum(sizes)[:-1])
+def periodic_eval(run: run_setup.Run, state, step: int, meta: dict) -> dict:
+  """Evaluates, writes metrics, and saves the `best` checkpoint when selection improves."""
+  result = evaluate(run, state, 'test')
+  record = {'step': step, **{f'test/{k}': v for k, v in result['metrics'].items()}}
+  if run.config.eval.selection == 'best_val' and len(run.data.val_idx):
+    val = evaluate(run, state, 'val')
+    record.update({f'val/{k}': v for k, v in val['metrics'].items()})
+  run.writer.write_scalars(step, record)
+  meta['history'].append(record)
+  sel = selection_metric(run.config)
+  if sel and record[f'{sel}/accuracy'] > meta['best'].get(f'{sel}/accuracy', -1.0):
+    meta['best'] = dict(record)
+    meta['best_reliability'] = result['reliability']
+    checkpointing.save(run.best_manager, step,
+                       parallel.unstack_state(state, run.topo, run.sharded_field),
+                       {'record': record}, wait=True)
+  if run.is_lead:
+    reports.append_jsonl(run.workdir, {'kind': 'eval', **record})
+  return result
 
 
-def _ssl_losses(logits_lb, logits_w, logits_s, batch, algo_state, algorithm, config):
-  """Supervised + lambda_u * unsupervised loss of one forward pass, and the new algo state."""
-  sup = algorithms.supervised_loss(logits_lb, batch['y_lb'], config.ssl.label_smoothing)
-  pseudo, algo_state, algo_metrics = algorithm.pseudo_label(
-      algo_state, jax.lax.stop_gradient(logits_w), batch['idx_ulb'], axis_name=AXIS)
-  unsup = algorithms.unsup_loss(logits_s, pseudo)
-  loss = sup + config.ssl.ulb_loss_ratio * unsup
-  return loss, pseudo, algo_state, {'sup_loss': sup, 'unsup_loss': unsup, **algo_metrics}
+def save_checkpoint(run: run_setup.Run, state, step: int, meta: dict, wait: bool = False) -> None:
+  checkpointing.save(run.manager, step,
+                     parallel.unstack_state(state, run.topo, run.sharded_field),
+                     dict(meta, step=step), wait=wait)
 
 
-def _table_layout(config) -> dict:
-  """Keyword arguments selecting the replicated or sharded dynamics-table layout."""
-  return {'axis_name': AXIS, 'sharded': bool(config.get('dynamics_sharded', False))}
+def log_train(run: run_setup.Run, step: int, summary: dict) -> None:
+  run.writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+  if run.is_lead:
+    reports.append_jsonl(run.workdir, {'kind': 'train', 'step': step, **summary})
 
 
-def _update_dynamics(dyn, batch, logits_lb, logits_w, pseudo, step, config):
-  """AUM/confidence every step; APM only after warm-up, as the reference code."""
-  dyn = dynamics.update_labeled(dyn, batch['idx_lb'], jax.lax.stop_gradient(logits_lb),
-                                batch['y_lb'], **_table_layout(config))
-  if logits_w is not None:
-    update_apm = step > config.calibratemix.warmup_steps  # reference: skipped while it <= warmup
-    dyn = dynamics.update_unlabeled(dyn, batch['idx_ulb'], jax.lax.stop_gradient(logits_w),
-                                    pseudo.label, update_apm=update_apm,
-                                    delta=config.calibratemix.apm_delta,
-                                    **_table_layout(config))
-  return dyn
+def at_boundary(run: run_setup.Run, progress: Progress, summary: dict, bar) -> None:
+  """The periodic actions of one boundary: log, evaluate, checkpoint."""
+  config, step = run.config, progress.step
+  total = config.num_train_steps
+  if periodic(step, config.log_every, total):
+    log_train(run, step, summary)
+  if periodic(step, config.eval_every, total):
+    progress.result = periodic_eval(run, progress.state, step, progress.meta)
+    metrics = progress.result['metrics']
+    bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{metrics["accuracy"]:.4f}',
+                    ece=f'{metrics["ece"]:.4f}')
+  if periodic(step, config.checkpoint_every, total):
+    save_checkpoint(run, progress.state, step, progress.meta)
 
 
-def _difficulties(dyn, batch, pseudo_label, config):
-  """(labeled [B], unlabeled [U]) difficulty of this device's samples from the tables."""
-  measure = config.calibratemix.difficulty
-  return (dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **_table_layout(config)),
-          dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo_label, measure,
-                                        **_table_layout(config)))
+def boundaries(config, start: int) -> list[int]:
+  """Steps at which the loop syncs with the host (log, eval, checkpoint, end)."""
+  total = config.num_train_steps
+  marks = {total}
+  for every in (config.log_every, config.eval_every, config.checkpoint_every):
+    marks.update(range(every, total, every))
+  return sorted(m for m in marks if m > start)
 
 
-def _mixed_sets(key, views, feats, batch, pseudo_label, config, num_classes,
-                lb_difficulty, ulb_difficulty):
-  """Targeted (or random) mixup of this device's labeled and unlabeled weak views."""
-  cm = config.calibratemix
-  pair_lb = pair_ulb = None
-  if cm.pair_space == 'features':
-    pair_lb, pair_ulb = feats
-  return mixup.targeted_mixup(
-      key, x_lb=views['lb'], y_lb=batch['y_lb'], lb_difficulty=lb_difficulty,
-      x_ulb=views['ulb_w'], pseudo_labels=pseudo_label, ulb_difficulty=ulb_difficulty,
-      num_classes=num_classes, pair_k_frac=cm.pair_k_frac, alpha=cm.mixup_alpha,
-      pair_lb=pair_lb, pair_ulb=pair_ulb, random_pairing=cm.random_pairing)
+def _install_sigterm(flag: StopFlag):
+  def handler(signum, frame):  # pylint: disable=unused-argument
+    flag.requested = True
+  try:
+    return signal.signal(signal.SIGTERM, handler)
+  except ValueError:  # not the main thread
+    return None
 
 
-def _mix_metrics(mixed, pseudo, batch, lb_diff, ulb_diff) -> dict:
-  """Diagnostics that show the easy/hard split means something."""
-  hard_lb, easy_lb = mixup.median_split(lb_diff)
-  hard_ulb, easy_ulb = mixup.median_split(ulb_diff)
-  out = {'mix_lam1': mixed.lam1, 'mix_lam2': mixed.lam2,
-         'difficulty_lb_easy': lb_diff[easy_lb].mean(),
-         'difficulty_lb_hard': lb_diff[hard_lb].mean(),
-         'difficulty_ulb_easy': ulb_diff[easy_ulb].mean(),
-         'difficulty_ulb_hard': ulb_diff[hard_ulb].mean()}
-  if 'y_ulb' in batch:
-    out['hard_pseudo_label_error'] = mixup.hard_pseudo_label_error(
-        pseudo.label, batch['y_ulb'], hard_ulb)
-  return out
-
-
-def _loss_fn(params, state, batch, views, key, *, model, algorithm, config, info, mix: bool):
-  """Total loss of one step (base, or base + CalibrateMix with 1 or 2 passes)."""
-  uses_ulb = algorithm.uses_unlabeled
-  n_lb = views['lb'].shape[0]
-  inputs = [views['lb']] + ([views['ulb_w'], views['ulb_s']] if uses_ulb else [])
-  passes = config.calibratemix.passes
-  fused = mix and passes == 1
-  mixed = None
-  if fused:
-    # Fused variant: pairing uses the tables before this step's update; the unlabeled
-    # difficulty is read at the class the stored APM prefers (this step's pseudo-label
-    # is not known before the forward pass). Targets use this step's pseudo-labels.
-    stored_label = dynamics.stored_pseudo_label(state.dynamics, batch['idx_ulb'],
-                                                **_table_layout(config))
-    lb_diff, ulb_diff = _difficulties(state.dynamics, batch, stored_label, config)
-    mixed = _mixed_sets(key, views, None, batch, stored_label, config, info.num_classes,
-                        lb_diff, ulb_diff)
-    inputs.append(mixed.x)
-  logits, feats, batch_stats = _apply(model, params, state.batch_stats,
-                                      jnp.concatenate(inputs), train=True)
-  sizes = [n_lb] + ([views['ulb_w'].shape[0]] * 2 if uses_ulb else []) + (
-      [mixed.x.shape[0]] if fused else [])
-  pieces = _split(logits, sizes)
-  logits_lb = pieces[0]
-  metrics = {}
-  algo_state = state.algo_state
-  if uses_ulb:
-    loss, pseudo, algo_state, metrics = _ssl_losses(
-        logits_lb, pieces[1], pieces[2], batch, algo_state, algorithm, config)
-    logits_w = pieces[1]
+def _preempt(run: run_setup.Run, progress: Progress) -> dict:
+  """Saves at the current step boundary so a rerun of the same command resumes here."""
+  step = progress.step
+  if step in run.manager.all_steps():  # this boundary's periodic checkpoint is already there
+    run.manager.wait_until_finished()
   else:
-    loss = algorithms.supervised_loss(logits_lb, batch['y_lb'], config.ssl.label_smoothing)
-    metrics['sup_loss'] = loss
-    pseudo, logits_w = None, None
-  dyn = _update_dynamics(state.dynamics, batch, logits_lb, logits_w, pseudo, state.step, config)
-
-  if fused:
-    mixed = mixed.replace(onehot_b=_pseudo_onehot(mixed, pseudo, info.num_classes))
-    mix_loss, mix_metrics = mixup.mixup_loss(pieces[-1], mixed)
-    loss = loss + mix_loss
-    metrics.update(mix_metrics)
-    metrics.update(_mix_metrics(mixed, pseudo, batch, lb_diff, ulb_diff))
-  elif mix:
-    feat_pieces = _split(feats, sizes)
-    pair_feats = (feat_pieces[0], feat_pieces[1]) if config.calibratemix.pair_space == 'features' else None
-    lb_diff, ulb_diff = _difficulties(dyn, batch, pseudo.label, config)
-    mixed = _mixed_sets(key, views, jax.lax.stop_gradient(pair_feats) if pair_feats else None,
-                        batch, pseudo.label, config, info.num_classes, lb_diff, ulb_diff)
-    # Reference: a second forward over [x_lb, mixed_1, mixed_2, x_ulb_w, x_ulb_s]; BN
-    # statistics and the algorithm's EMAs are updated a second time.
-    n_mix = mixed.x.shape[0]
-    logits2, _, batch_stats = _apply(
-        model, params, batch_stats,
-        jnp.concatenate([views['lb'], mixed.x, views['ulb_w'], views['ulb_s']]), train=True)
-    l_lb, l_mix, l_w, l_s = _split(logits2, [n_lb, n_mix, views['ulb_w'].shape[0],
-                                             views['ulb_s'].shape[0]])
-    loss2, _, algo_state, _ = _ssl_losses(l_lb, l_w, l_s, batch, algo_state, algorithm, config)
-    mix_loss, mix_metrics = mixup.mixup_loss(l_mix, mixed)
-    loss = loss + loss2 + mix_loss
-    metrics.update(mix_metrics)
-    metrics.update(_mix_metrics(mixed, pseudo, batch, lb_diff, ulb_diff))
-  if uses_ulb and 'y_ulb' in batch:
-    known = batch['y_ulb'] >= 0
-    metrics['pseudo_label_acc'] = (jnp.sum((pseudo.label == batch['y_ulb']) * known)
-                                   / jnp.maximum(known.sum(), 1))
-  metrics['train_acc'] = jnp.mean(jnp.argmax(logits_lb, -1) == batch['y_lb'])
-  return loss, (batch_stats, algo_state, dyn, metrics)
+    save_checkpoint(run, progress.state, step, progress.meta, wait=True)
+  logging.warning('SIGTERM: saved a checkpoint at step %d in %s.', step, run.workdir)
+  if run.is_lead:
+    print(f'Preempted: checkpoint saved at step {step} in {run.workdir}; rerun the same '
+          'command to resume.', flush=True)
+  return {'preempted': True, 'step': step}
 
 
-def _pseudo_onehot(mixed, pseudo, num_classes):
-  """One-hot of this step's pseudo-label of each mixed sample's unlabeled partner."""
-  return jax.nn.one_hot(pseudo.label[mixed.partner_idx], num_classes, dtype=jnp.float32)
-
-
-def _where_finite(finite, new, old):
-  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-
-def train_step(state: TrainState, batch: dict, *, model, tx, algorithm, config,
-               info: DataInfo, mix: bool):
-  """One SGD step on one device's share of the global batch -> (state, metrics).
-
-  Gradients, BN statistics and metrics are averaged over the `batch` axis; the
-  dynamics and algorithm tables are updated from all replicas' samples.
-  `mix` (static) selects the CalibrateMix step used after warm-up.
-  """
-  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  aug_key, mix_key = jax.random.split(step_key)
-  views = make_views(aug_key, batch, config, info, algorithm.uses_unlabeled)
-  # Pairing randomness differs per device (each pairs its own share, as DDP does).
-  mix_key = jax.random.fold_in(mix_key, jax.lax.axis_index(AXIS))
-  grad_fn = jax.value_and_grad(functools.partial(
-      _loss_fn, model=model, algorithm=algorithm, config=config, info=info, mix=mix),
-      has_aux=True)
-  (loss, (batch_stats, algo_state, dyn, metrics)), grads = grad_fn(
-      state.params, state, batch, views, mix_key)
-  grads = jax.lax.pmean(grads, AXIS)
-  batch_stats = jax.lax.pmean(batch_stats, AXIS)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = config.optim.ema_decay
-  ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-
-  loss = jax.lax.pmean(loss, AXIS)
-  grad_norm = optax.global_norm(grads)
-  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            & jnp.isfinite(optax.global_norm(updates)))
-  new = dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
-             ema_params=ema_params, ema_batch_stats=batch_stats, algo_state=algo_state,
-             dynamics=dyn)
-  old = {k: getattr(state, k) for k in new}
-  new = _where_finite(finite, new, old)
-  state = state.replace(
-      step=state.step + 1, **new,
-      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-      first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite,
-                                     state.step, state.first_nonfinite_step))
-  metrics = jax.lax.pmean(metrics, AXIS)
-  metrics.update(loss=loss, grad_norm=grad_norm,
-                 lr=learning_rate_schedule(config.optim, config.num_train_steps)(state.step - 1),
-                 nonfinite_steps=state.nonfinite_steps)
-  return state, metrics
-
-
-def eval_step(state: TrainState, batch: dict, *, model, info: DataInfo, use_ema: bool = True):
-  """Probabilities of one device's share of an evaluation batch (EMA weights by default)."""
-  params = state.ema_params if use_ema else state.params
-  batch_stats = state.ema_batch_stats if use_ema else state.batch_stats
-  x = augment.normalize(batch['x'].astype(jnp.float32), info.mean, info.std)
-  logits, _, _ = _apply(model, params, batch_stats, x, train=False)
-  return {'logits': logits, 'labels': batch['y'], 'mask': batch['mask']}
+def train(run: run_setup.Run, state, meta: dict, flag: StopFlag) -> dict:
+  """Trains from `state` (checkpoint layout) to the end; returns the final report or preemption."""
+  config = run.config
+  progress = Progress(parallel.stack_state(state, run.topo, run.sharded_field), meta,
+                      int(meta['step']))
+  step_fns = run_setup.make_step_fns(run)
+  batches = run_setup.train_iterator(run, progress.step)
+  bar = tqdm.tqdm(total=config.num_train_steps, initial=progress.step, dynamic_ncols=True,
+                  disable=not (run.is_lead and config.progress_bar), desc=config.algorithm)
+  t0 = time.time()
+  try:
+    for end in boundaries(config, progress.step):
+      progress.state, step_metrics = run_steps(step_fns, progress.state, batches, config,
+                                               progress.step, end, flag)
+      if not step_metrics:
+        break
+      summary = summarize_metrics(step_metrics)
+      summary['steps_per_sec'] = len(step_metrics) / max(time.time() - t0, 1e-9)
+      progress.step, t0 = progress.step + len(step_metrics), time.time()
+      bar.update(len(step_metrics))
+      check_finite(progress.state, config)
+      at_boundary(run, progress, summary, bar)
+      if flag.requested:
+        break
+  finally:
+    bar.close()
+    batches.close()
+  if flag.requested and progress.step < config.num_train_steps:
+    return _preempt(run, progress)
+  if progress.result is None:
+    progress.result = periodic_eval(run, progress.state, progress.step, progress.meta)
+  return reports.write_final_report(run, progress.state, progress.result, progress.meta,
+                                    progress.step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_change: bool = False) -> dict:
-  """Runs (or resumes) training in `workdir`; returns the final evaluation report."""
-  from cmix_jax import loop  # pylint: disable=g-import-not-at-top
-  return loop.run(config, workdir, allow_config_change)
+                       allow_config_change: bool = False, stop_flag: StopFlag | None = None,
+                       log_to_terminal: bool = True) -> dict:
+  """Trains (resuming from `workdir` if possible), evaluates, writes the final report.
+
+  `log_to_terminal=False` sends library INFO lines (orbax, TFDS) to the run's log file only.
+  """
+  with console.routed_logs(workdir, log_to_terminal) as log:
+    run = run_setup.build_run(config, workdir, allow_config_change)
+    if run.is_lead:
+      log.attach()  # the config passed every check: the workdir may be written now
+    state, meta = run_setup.initial_state(run)
+    console.print_plan(run, int(meta['step']), log.path)
+    flag = stop_flag or StopFlag()
+    previous = _install_sigterm(flag)
+    try:
+      report = train(run, state, meta, flag)
+    finally:
+      run.manager.wait_until_finished()
+      run.writer.flush()
+      if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+    if not report.get('preempted'):
+      console.print_summary(run, report, log.path)
+    return report

@@ -14,15 +14,15 @@ import ml_collections
 def get_config():
   """Returns the default config; every field is documented beside it."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0  # draws the labeled split, the init and every random key
   config.algorithm = 'fixmatch'  # supervised | fixmatch | flexmatch | softmatch
-  config.num_train_steps = 3000
+  config.num_train_steps = 3000  # optimizer steps (USB: 2^20)
   config.log_every = 50  # steps between metric writes (the only host syncs)
-  config.eval_every = 500
-  config.checkpoint_every = 500
-  config.max_to_keep = 2
+  config.eval_every = 500  # steps between test-set evaluations (EMA weights)
+  config.checkpoint_every = 500  # steps between checkpoints (also saved at the end)
+  config.max_to_keep = 2  # newest checkpoints kept in workdir/checkpoints
   config.num_devices = -1  # local devices to use; -1 = all
-  config.progress_bar = True
+  config.progress_bar = True  # tqdm bar with loss / accuracy / ECE on the terminal
   config.parallel_backend = 'pmap'  # pmap | shard_map (same per-device step code)
   config.max_nonfinite_steps = 0  # skip up to this many NaN/Inf steps, then stop
   config.dynamics_sharded = False  # True: each device owns 1/D of the dynamics tables
@@ -33,8 +33,8 @@ def get_config():
   config.xla_flags = '--xla_cpu_experimental_ynn_fusion_type=dot,reduce'
   config.distributed = ml_collections.ConfigDict()  # multi-host; env CMIX_* as fallback
   config.distributed.coordinator_address = ''  # e.g. '10.0.0.1:1234'; '' = single process
-  config.distributed.num_processes = 0
-  config.distributed.process_id = -1
+  config.distributed.num_processes = 0  # processes in the run (with a coordinator address)
+  config.distributed.process_id = -1  # this process's index; -1 = from CMIX_PROCESS_ID
   config.distributed.cpu_collectives = ''  # 'gloo' for multi-process CPU runs
 
   config.data = ml_collections.ConfigDict()
@@ -43,13 +43,13 @@ def get_config():
   config.data.num_labels = 40  # class-balanced: num_labels / num_classes per class
   config.data.batch_size = 32  # global labeled batch B
   config.data.uratio = 7  # unlabeled batch = uratio * B (mu)
-  config.data.eval_batch_size = 500
+  config.data.eval_batch_size = 500  # global batch of evaluation (any size, padded)
   config.data.include_lb_to_ulb = True  # USB: labeled samples are also unlabeled
   config.data.crop_pad_frac = 0.125  # reflect padding of 12.5 % of the side
   config.data.flip = True  # random horizontal flip in the weak view
-  config.data.randaugment_ops = 3
-  config.data.cutout = True
-  config.data.prefetch = 2
+  config.data.randaugment_ops = 3  # RandAugment ops per strong view (USB: 3)
+  config.data.cutout = True  # Cutout after RandAugment in the strong view (USB: on)
+  config.data.prefetch = 2  # batches prepared ahead on host threads
   config.data.val_size = 500  # held-out labeled slice: best_val selection, temperature scaling
 
   config.model = ml_collections.ConfigDict()
@@ -62,35 +62,35 @@ def get_config():
   config.model.bn_momentum = ml_collections.config_dict.placeholder(float)
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 0.03
-  config.optim.momentum = 0.9
-  config.optim.nesterov = True
+  config.optim.lr = 0.03  # initial learning rate (USB: 0.03)
+  config.optim.momentum = 0.9  # SGD momentum
+  config.optim.nesterov = True  # Nesterov momentum (USB: on)
   config.optim.weight_decay = 5e-4  # coupled L2, not on params with ndim <= 1
   config.optim.cosine_factor = 7 / 16  # lr * cos(factor * pi * k / K)
-  config.optim.ema_decay = 0.999
+  config.optim.ema_decay = 0.999  # EMA of the weights used for evaluation
 
   config.ssl = ml_collections.ConfigDict()
   config.ssl.ulb_loss_ratio = 1.0  # lambda_u
   config.ssl.label_smoothing = 0.0  # on the labeled loss (calibration baseline)
   config.ssl.p_cutoff = 0.95  # fixmatch / flexmatch confidence threshold
-  config.ssl.thresh_warmup = True  # flexmatch
-  config.ssl.dist_align = True  # softmatch
+  config.ssl.thresh_warmup = True  # flexmatch: unused samples count in the learning effect
+  config.ssl.dist_align = True  # softmatch: align weak probs to a uniform class prior
   config.ssl.ema_p = 0.999  # softmatch EMA of p_model, mu, sigma^2
-  config.ssl.n_sigma = 2.0  # softmatch
+  config.ssl.n_sigma = 2.0  # softmatch: Gaussian std = sqrt(var) / n_sigma
 
   config.calibratemix = ml_collections.ConfigDict()
-  config.calibratemix.enabled = False
+  config.calibratemix.enabled = False  # CalibrateMix on top of `algorithm` after warm-up
   config.calibratemix.warmup_steps = 600  # base loss only up to here (reference: 150k of 1M)
   config.calibratemix.passes = 2  # 2 = reference second forward pass; 1 = fused single pass
   config.calibratemix.pair_k_frac = 15 / 224  # k most dissimilar as a fraction of the pool
-  config.calibratemix.mixup_alpha = 0.4
+  config.calibratemix.mixup_alpha = 0.4  # lambda ~ Beta(alpha, alpha), one per pairing
   config.calibratemix.difficulty = 'margin'  # margin (AUM/APM) | confidence (cartography)
   config.calibratemix.pair_space = 'pixels'  # pixels | features
-  config.calibratemix.apm_delta = 0.997
+  config.calibratemix.apm_delta = 0.997  # APM step size delta / (1 + updates so far)
   config.calibratemix.random_pairing = False  # True = random-mixup ablation (no split)
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.num_bins = 10
+  config.eval.num_bins = 10  # equal-width confidence bins of ECE and the diagram
   config.eval.selection = 'final'  # final | best_val | best_test (USB's practice, peeks at test)
-  config.eval.plots = True
+  config.eval.plots = True  # reliability diagram, histogram, curves, data maps at the end
   return config

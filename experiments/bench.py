@@ -27,9 +27,9 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from cmix_jax import loop  # pylint: disable=wrong-import-position
 from cmix_jax import parallel  # pylint: disable=wrong-import-position
-from cmix_jax import train  # pylint: disable=wrong-import-position
+from cmix_jax import run_setup  # pylint: disable=wrong-import-position
+from cmix_jax import steps  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 VARIANTS = {
@@ -78,12 +78,12 @@ def _block(tree):
 def time_train_step(config, warmup: int, steps: int):
   """(median seconds per step, FLOPs per step or None) of one variant."""
   with tempfile.TemporaryDirectory() as workdir:
-    run = loop.setup(config, workdir)
-    state, _ = loop.initial_state(run)
-    state = parallel.replicate(state, run.topo)
+    run = run_setup.build_run(config, workdir)
+    state, _ = run_setup.initial_state(run)
+    state = parallel.stack_state(state, run.topo, run.sharded_field)
     kind = 'mix' if config.calibratemix.enabled else 'base'
-    fn = loop.make_step_fns(run)[kind]
-    batches = loop.train_iterator(run, 0)
+    fn = run_setup.make_step_fns(run)[kind]
+    batches = run_setup.train_iterator(run, 0)
     flops = step_flops(run, state, next(batches), kind == 'mix')
     times = []
     for i in range(warmup + steps):
@@ -100,7 +100,7 @@ def time_train_step(config, warmup: int, steps: int):
 
 def step_flops(run, state, batch, mix: bool):
   """XLA's cost analysis of the whole (all-device) step, if the backend reports it."""
-  step = functools.partial(train.train_step, model=run.model, tx=run.tx,
+  step = functools.partial(steps.train_step, model=run.model, tx=run.tx,
                            algorithm=run.algorithm, config=run.config, info=run.info, mix=mix)
   fn = parallel.parallelize(step, run.topo, backend='shard_map', donate_first=False)
   try:
@@ -113,11 +113,11 @@ def step_flops(run, state, batch, mix: bool):
 
 def time_eval(run, state, repeats: int = 3) -> float:
   """Evaluation images/s over the fake test split (EMA model)."""
-  loop.evaluate(run, state)  # compile
+  run.evaluator.evaluate_split(state, run.data)  # compile
   n = len(run.data.test_labels)
   t0 = time.perf_counter()
   for _ in range(repeats):
-    loop.evaluate(run, state)
+    run.evaluator.evaluate_split(state, run.data)
   return n * repeats / (time.perf_counter() - t0)
 
 

@@ -415,7 +415,7 @@ def import_our_bench():
     import bench  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   except Exception as e:  # pylint: disable=broad-except
     raise SystemExit(
-        f'--compare needs experiments/bench.py and the cmix_jax train loop importable, but the '
+        f'--compare needs experiments/bench.py and the cmix_jax package importable, but the '
         f'import failed with {type(e).__name__}: {e}. Run without --compare to time the torch '
         f'side alone, or fix the import first.') from e
   for name in ('bench_config', 'time_train_step', 'images_per_step', 'augment_seconds'):

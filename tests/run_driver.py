@@ -45,24 +45,24 @@ def build_config(args):
   return config
 
 
-def install_hooks(args, loop):
+def install_hooks(args, train):
   """Test-only fault injection around the real loop functions."""
   if args.kill_after_checkpoint >= 0:
-    save = loop.save_checkpoint
+    save = train.save_checkpoint
 
     def save_then_die(run, state, step, meta, wait=False):
       save(run, state, step, meta, wait=True)
       if step == args.kill_after_checkpoint:
         os.kill(os.getpid(), signal.SIGKILL)
-    loop.save_checkpoint = save_then_die
+    train.save_checkpoint = save_then_die
   if args.sigterm_after_step >= 0:
-    run_steps = loop.run_steps
+    run_steps = train.run_steps
 
     def steps_then_signal(step_fns, state, batches, config, start, end, flag=None):
       if start >= args.sigterm_after_step:
         os.kill(os.getpid(), signal.SIGTERM)
       return run_steps(step_fns, state, batches, config, start, end, flag)
-    loop.run_steps = steps_then_signal
+    train.run_steps = steps_then_signal
 
 
 def main(argv=None):
@@ -70,9 +70,9 @@ def main(argv=None):
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from cmix_jax import loop  # pylint: disable=g-import-not-at-top
-  install_hooks(args, loop)
-  result = loop.run(build_config(args), args.workdir, args.allow_config_change)
+  from cmix_jax import train  # pylint: disable=g-import-not-at-top
+  install_hooks(args, train)
+  result = train.train_and_evaluate(build_config(args), args.workdir, args.allow_config_change)
   print('RESULT', result.get('preempted', False), result.get('step'), flush=True)
 
 

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from cmix_jax import config_validation
-from cmix_jax import loop
+from cmix_jax import run_setup
 from cmix_jax.data import datasets
 from tests import tiny
 
@@ -45,7 +45,7 @@ def test_bad_config_gives_one_clear_line_before_any_write(key, value, message, t
   _set(config, key, value)
   workdir = str(tmp_path / 'never_written')
   with pytest.raises(config_validation.ConfigError, match=message) as info:
-    loop.setup(config, workdir)
+    run_setup.build_run(config, workdir)
   assert len(str(info.value).splitlines()) == 2  # header + exactly one problem
   assert not os.path.exists(workdir)
 
@@ -62,7 +62,7 @@ def test_missing_data_set_says_how_to_get_it(tmp_path):
   config.data.num_labels = 40
   config.data.data_dir = str(tmp_path / 'empty')
   with pytest.raises(datasets.DataNotFoundError, match='tfds build cifar10'):
-    loop.setup(config, str(tmp_path / 'w'))
+    run_setup.build_run(config, str(tmp_path / 'w'))
   assert not os.path.exists(tmp_path / 'w')
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cmix_jax import models
-from cmix_jax import train
+from cmix_jax import steps
 from cmix_jax.models.resnet import Bottleneck, ResNet
 from cmix_jax.models.wrn import WideBasicBlock, WideResNet
 from configs import default
@@ -161,7 +161,7 @@ def test_batch_stats_momentum(bn_momentum):
   """new = m * old + (1 - m) * batch stat; m = 0.999 by default, else config.model.bn_momentum."""
   config = default.get_config()
   config.model.bn_momentum = bn_momentum
-  model = train.create_model(config, 10)
+  model = steps.create_model(config, 10)
   m = 0.999 if bn_momentum is None else bn_momentum
   variables = models.init_model(model, _init_key(), (8, 8, 1))
   k_mean, k_var, k_x = jax.random.split(jax.random.key(1), 3)

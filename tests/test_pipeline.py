@@ -7,12 +7,13 @@ import pytest
 
 from cmix_jax.data import datasets
 from cmix_jax.data import pipeline
+from cmix_jax.data import sources
 
 FAKE = dict(num_train=96, num_test=37, image_shape=(4, 4, 1), num_classes=4, seed=0)
 
 
 def _data(num_labels=8, **kwargs):
-  return datasets.load_ssl_data('fake', '', num_labels, seed=0,
+  return sources.load_ssl_data('fake', '', num_labels, seed=0,
                                 fake_kwargs=dict(FAKE, **kwargs))
 
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from cmix_jax import evaluate
-from cmix_jax import loop
+from cmix_jax import run_setup
+from cmix_jax import train
 from cmix_jax.data import datasets
+from cmix_jax.data import sources
 from tests import tiny
 
 # Accuracy reported at steps 1..4 for the split that selects: the best is step 2 (0.75);
@@ -17,8 +19,8 @@ SCRIPTED = (0.25, 0.75, 0.5, 0.75)
 
 
 def _scripted_evaluate(monkeypatch, selecting_split: str) -> list:
-  """Wraps loop.evaluate so `selecting_split` reports SCRIPTED; returns the test results seen."""
-  real_evaluate = loop.evaluate
+  """Wraps train.evaluate so `selecting_split` reports SCRIPTED; returns the test results seen."""
+  real_evaluate = train.evaluate
   calls = {'n': 0}
   test_results = []
 
@@ -31,7 +33,7 @@ def _scripted_evaluate(monkeypatch, selecting_split: str) -> list:
       calls['n'] += 1
     return result
 
-  monkeypatch.setattr(loop, 'evaluate', fake)
+  monkeypatch.setattr(train, 'evaluate', fake)
   return test_results
 
 
@@ -49,7 +51,7 @@ def test_selection_keeps_the_checkpoint_the_sequence_says(selection, split, monk
                                                           tmp_path):
   test_results = _scripted_evaluate(monkeypatch, split)
   workdir = str(tmp_path / selection)
-  report = loop.run(_config(selection, val_size=8), workdir)
+  report = train.train_and_evaluate(_config(selection, val_size=8), workdir)
   assert report['selection'] == selection and report['step'] == 2
   assert len(test_results) == 4
   expected = test_results[1]  # the test metrics of step 2 (scripted if best_test)
@@ -58,7 +60,7 @@ def test_selection_keeps_the_checkpoint_the_sequence_says(selection, split, monk
   assert report['best']['step'] == 2 and report['final']['step'] == 4
   with open(os.path.join(workdir, 'eval.json')) as f:
     assert json.load(f)['selection'] == selection
-  run = loop.setup(evaluate.load_config(workdir), workdir, write=False)
+  run = run_setup.build_run(evaluate.load_config(workdir), workdir, write=False)
   assert list(run.best_manager.all_steps()) == [2]
   monkeypatch.undo()
   # `evaluate --which=best` re-evaluates exactly that checkpoint.
@@ -71,7 +73,7 @@ def test_selection_keeps_the_checkpoint_the_sequence_says(selection, split, monk
 def test_final_selection_reports_the_last_step_and_keeps_no_best(monkeypatch, tmp_path):
   _scripted_evaluate(monkeypatch, 'test')
   workdir = str(tmp_path / 'final')
-  report = loop.run(_config('final', val_size=0), workdir)
+  report = train.train_and_evaluate(_config('final', val_size=0), workdir)
   assert report['selection'] == 'final' and report['step'] == 4
   assert report['accuracy'] == SCRIPTED[-1]
   best_dir = os.path.join(workdir, 'best')
@@ -79,7 +81,7 @@ def test_final_selection_reports_the_last_step_and_keeps_no_best(monkeypatch, tm
 
 
 def test_validation_slice_is_disjoint_seeded_and_never_trained_on():
-  raw = datasets.open_dataset('fake', '', dict(num_train=256, num_test=40, image_shape=(12, 12, 1),
+  raw = sources.open_dataset('fake', '', dict(num_train=256, num_test=40, image_shape=(12, 12, 1),
                                                 num_classes=4, seed=0))
   data = datasets.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)
   again = datasets.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)

@@ -1,142 +1,147 @@
-"""train.py: optimizer, EMA, the jitted step, and its equivalence across device counts."""
+"""train.py: exact resume after SIGKILL, preemption, host syncs, NaN guard, two hosts."""
 
-import functools
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from cmix_jax import dynamics
-from cmix_jax import loop
 from cmix_jax import parallel
+from cmix_jax import run_setup
 from cmix_jax import train
 from tests import tiny
 
-
-def test_learning_rate_schedule_is_usb_cosine():
-  optim = tiny.config().optim
-  schedule = train.learning_rate_schedule(optim, 1000)
-  assert float(schedule(0)) == pytest.approx(0.03)
-  assert float(schedule(500)) == pytest.approx(0.03 * np.cos(7 * np.pi * 0.5 / 16), rel=1e-6)
-  assert float(schedule(1000)) == pytest.approx(0.005853, abs=1e-6)  # METHOD.md's final lr
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_optimizer_is_nesterov_sgd_with_coupled_decay_on_kernels_only():
-  optim = tiny.config().optim
-  tx = train.create_optimizer(optim, num_steps=10**9)  # lr stays ~0.03 for two steps
-  params = {'kernel': jnp.array([[1.0, -2.0]]), 'bias': jnp.array([0.5])}
-  grads = {'kernel': jnp.array([[0.1, 0.2]]), 'bias': jnp.array([0.3])}
-  state = tx.init(params)
-  expected = {k: np.asarray(v, np.float64) for k, v in params.items()}
-  buf = {k: np.zeros_like(v) for k, v in expected.items()}
-  for _ in range(2):  # torch.optim.SGD(nesterov=True, weight_decay=wd) by hand
-    updates, state = tx.update(grads, state, params)
-    params = jax.tree.map(lambda p, u: p + u, params, updates)
-    for k in expected:
-      g = np.asarray(grads[k], np.float64) + (5e-4 * expected[k] if k == 'kernel' else 0.0)
-      buf[k] = 0.9 * buf[k] + g
-      expected[k] = expected[k] - 0.03 * (g + 0.9 * buf[k])
-  for k in expected:
-    np.testing.assert_allclose(np.asarray(params[k]), expected[k], rtol=1e-5)
+def _driver(*args, check=True, timeout=240):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m', 'tests.run_driver', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode:
+    raise AssertionError(f'driver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}')
+  return proc
 
 
-def _steps(config, num_devices, steps, backend='pmap', tmp_path=None):
-  """Runs `steps` train steps and returns (host state replica 0, all replicas, traces)."""
-  config = config.copy_and_resolve_references()
-  config.num_devices = num_devices
-  config.parallel_backend = backend
-  run = loop.setup(config, str(tmp_path / f'{backend}{num_devices}{config.dynamics_sharded}'))
-  state, _ = loop.initial_state(run)
-  state = loop.stack_state(state, run.topo, loop.dynamics_sharded(config))
-  traces = []
+def _latest_state(workdir):
+  """The newest checkpoint's (step, state as numpy, meta), whatever topology saved it."""
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'meta'))
+  step = mngr.latest_step()
+  path = os.path.join(workdir, 'checkpoints', str(step))
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(os.path.join(path, 'state')).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = checkpointer.restore(os.path.join(path, 'state'), restore_args=as_numpy)
+  with open(os.path.join(path, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  return step, state, meta
 
-  def counted(*args, **kwargs):
-    traces.append(1)
-    return train.train_step(*args, **kwargs)
 
-  step = functools.partial(counted, model=run.model, tx=run.tx, algorithm=run.algorithm,
-                           config=run.config, info=run.info)
-  fns = {kind: parallel.parallelize(functools.partial(step, mix=kind == 'mix'), run.topo,
-                                    backend=backend) for kind in ('base', 'mix')}
-  batches = loop.train_iterator(run, 0)
-  state, metrics = loop.run_steps(fns, state, batches, config, 0, steps)
+def _train_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r for r in map(json.loads, f) if r['kind'] == 'train'}
+
+
+def _assert_same_state(a, b):
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+  for path, x in flat_a:
+    np.testing.assert_array_equal(x, flat_b[path], err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
+  straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
+  _driver(f'--workdir={straight}', '--devices=2', '--set=calibratemix.enabled=True')
+  proc = _driver(f'--workdir={killed}', '--devices=2', '--set=calibratemix.enabled=True',
+                 '--kill_after_checkpoint=2', check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]  # really killed, no clean exit
+  assert _latest_state(killed)[0] == 2
+  _driver(f'--workdir={killed}', '--devices=2', '--set=calibratemix.enabled=True')
+  step_a, state_a, _ = _latest_state(straight)
+  step_b, state_b, _ = _latest_state(killed)
+  assert step_a == step_b == 4
+  _assert_same_state(state_a, state_b)  # params, EMA, optimizer, dynamics, algo, rng
+  drop_timing = lambda r: {k: v for k, v in r.items() if k != 'steps_per_sec'}
+  assert drop_timing(_train_records(straight)[4]) == drop_timing(_train_records(killed)[4])
+  with open(os.path.join(straight, 'eval.json')) as f:
+    eval_a = json.load(f)
+  with open(os.path.join(killed, 'eval.json')) as f:
+    eval_b = json.load(f)
+  assert eval_a['final']['accuracy'] == eval_b['final']['accuracy']
+
+
+def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  proc = _driver(f'--workdir={workdir}', '--sigterm_after_step=2')
+  assert 'Preempted: checkpoint saved at step 2' in proc.stdout
+  assert _latest_state(workdir)[0] == 2
+  proc = _driver(f'--workdir={workdir}')
+  assert 'RESULT False 4' in proc.stdout
+
+
+def test_steps_between_logs_never_sync_with_the_host(tmp_path):
+  run = run_setup.build_run(tiny.config(), str(tmp_path))
+  state, _ = run_setup.initial_state(run)
+  state = parallel.replicate(state, run.topo)
+  fns = run_setup.make_step_fns(run)
+  batches = run_setup.train_iterator(run, 0)
+  with jax.transfer_guard_device_to_host('disallow'):
+    state, metrics = train.run_steps(fns, state, batches, run.config, 0, 3)
   batches.close()
-  return state, metrics, len(traces)
+  assert len(metrics) == 3 and isinstance(metrics[0]['loss'], jax.Array)
+  summary = train.summarize_metrics(metrics)  # the one sync, at the log interval
+  assert np.isfinite(summary['loss'])
 
 
-def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                               rtol=rtol, atol=atol)
+def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'nan')
+  _driver(f'--workdir={workdir}', '--set=num_train_steps=4')
+  _, good, _ = _latest_state(workdir)
+  config = tiny.config(steps=8)
+  config.optim.lr = float('nan')
+  with pytest.raises(train.NonFiniteError, match='first at step 4'):
+    train.train_and_evaluate(config, workdir, allow_config_change=True)
+  step, state, _ = _latest_state(workdir)
+  assert step == 4
+  _assert_same_state(good, state)
 
 
-@pytest.mark.parametrize('backend', ['pmap', 'shard_map'])
-def test_fixmatch_eight_devices_equal_one_device(backend, tmp_path):
-  config = tiny.config(model='cnn_small_nobn')
-  one, _, _ = _steps(config, 1, 3, tmp_path=tmp_path)
-  eight, metrics, traces = _steps(config, 8, 3, backend, tmp_path=tmp_path)
-  one_host = parallel.first_replica_to_host(one)
-  all_host = jax.device_get(eight)
-  for replica in range(8):
-    replica_state = jax.tree.map(lambda x: x[replica], all_host)
-    _assert_trees_close(replica_state.params, one_host.params)
-    _assert_trees_close(replica_state.dynamics, one_host.dynamics)
-  assert traces == 1  # the step compiled once for all steps
-  assert int(all_host.step[0]) == 3
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
-def test_cross_replica_bn_eight_devices_equal_one_device(tmp_path):
-  config = tiny.config(model='cnn_small')
-  config.model.cross_replica_bn = True
-  one, _, _ = _steps(config, 1, 2, tmp_path=tmp_path)
-  eight, _, _ = _steps(config, 8, 2, tmp_path=tmp_path)
-  _assert_trees_close(parallel.first_replica_to_host(eight).params,
-                      parallel.first_replica_to_host(one).params, rtol=1e-4, atol=1e-5)
-  _assert_trees_close(parallel.first_replica_to_host(eight).batch_stats,
-                      parallel.first_replica_to_host(one).batch_stats, rtol=1e-4, atol=1e-5)
-
-
-def test_ema_follows_its_formula(tmp_path):
-  config = tiny.config(model='cnn_small_nobn')
-  config.optim.ema_decay = 0.9
-  run = loop.setup(config, str(tmp_path))
-  state0, _ = loop.initial_state(run)
-  state1, _, _ = _steps(config, 1, 1, tmp_path=tmp_path)
-  state1 = parallel.first_replica_to_host(state1)
-  expected = jax.tree.map(lambda e, p: 0.9 * np.asarray(e) + 0.1 * p,
-                          jax.device_get(state0.ema_params), state1.params)
-  _assert_trees_close(state1.ema_params, expected, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize('passes', [1, 2])
-def test_calibratemix_step_runs_and_keeps_tables_identical(passes, tmp_path):
-  config = tiny.config(model='cnn_small_nobn', calibratemix=True)
-  config.calibratemix.passes = passes
-  config.calibratemix.warmup_steps = 1
-  state, metrics, traces = _steps(config, 8, 3, tmp_path=tmp_path)
-  host = jax.device_get(state)
-  for replica in range(1, 8):
-    _assert_trees_close(jax.tree.map(lambda x: x[replica], host.dynamics),
-                        jax.tree.map(lambda x: x[0], host.dynamics), rtol=0, atol=0)
-  last = parallel.first_replica_to_host(metrics[-1])
-  assert np.isfinite(last['loss']) and 'mixup_loss' in last
-  assert 0.0 <= last['mix_lam1'] <= 1.0
-  assert traces == 2  # one compile for the warm-up step, one for the mixup step
-  # APM only after warm-up: two updates per unlabeled sample seen in steps 1 and 2.
-  assert host.dynamics.apm_count[0].max() >= 1
-
-
-def test_sharded_dynamics_equal_replicated_with_one_eighth_of_the_memory(tmp_path):
-  config = tiny.config(model='cnn_small_nobn', calibratemix=True)
-  config.calibratemix.warmup_steps = 1
-  replicated, _, _ = _steps(config, 8, 3, tmp_path=tmp_path)
-  config.dynamics_sharded = True
-  sharded, _, _ = _steps(config, 8, 3, tmp_path=tmp_path)
-  reference = parallel.first_replica_to_host(replicated.dynamics)
-  num_lb, num_ulb = reference.aum_sum.shape[0], reference.apm.shape[0]
-  full = dynamics.unshard_state(jax.device_get(sharded.dynamics), num_lb, num_ulb)
-  _assert_trees_close(full, reference, rtol=1e-6, atol=1e-7)
-  assert reference.apm_count.max() >= 1  # the comparison covers real APM updates
-  per_device = sharded.dynamics.apm.addressable_shards[0].data.nbytes
-  assert per_device * 8 == replicated.dynamics.apm.addressable_shards[0].data.nbytes
+def test_two_processes_over_loopback_equal_one_process(tmp_path):
+  single = str(tmp_path / 'single')
+  multi = str(tmp_path / 'multi')
+  _driver(f'--workdir={single}', '--devices=8')
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'tests.run_driver', f'--workdir={multi}', '--devices=4',
+       f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, f'{out}\n{err[-4000:]}'
+  _, state_single, _ = _latest_state(single)
+  _, state_multi, _ = _latest_state(multi)
+  flat_s = jax.tree_util.tree_flatten_with_path(state_single)[0]
+  flat_m = dict(jax.tree_util.tree_flatten_with_path(state_multi)[0])
+  for path, x in flat_s:
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(flat_m[path], np.float64),
+                               rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  with open(os.path.join(single, 'eval.json')) as f:
+    single_eval = json.load(f)
+  with open(os.path.join(multi, 'eval.json')) as f:
+    multi_eval = json.load(f)
+  assert single_eval['final']['accuracy'] == pytest.approx(multi_eval['final']['accuracy'])

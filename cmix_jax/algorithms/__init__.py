@@ -1,4 +1,4 @@
-"""Base SSL algorithms (METHOD.md section 2) behind one interface.
+"""Base SSL algorithms (docs/method.md §2) behind one interface.
 
   algo = get_algorithm(config)
   algo_state = algo.init_state(num_unlabeled, num_classes)      # replicated pytree

@@ -7,7 +7,7 @@ Random views take one key per image and are meant to run vmapped inside the jitt
 
 Reference: USB `semilearn/datasets/augmentation/randaugment.py` and its CIFAR transforms
 (RandomCrop(reflect) -> RandomHorizontalFlip -> RandAugment(3) -> Cutout). Where USB's
-code is more specific than METHOD.md (or the brief) this module follows the code:
+code is more specific than the paper (docs/method.md §1) this module follows the code:
   * Brightness/Color/Contrast/Sharpness factors are uniform in [0.05, 0.95] (never
     enhance above 1); Posterize keeps int(U[4, 8)) = 4..7 bits; Solarize threshold
     U[0, 256); Rotate U[-30, 30) degrees counter-clockwise; Shear/Translate U[-0.3, 0.3)

@@ -5,6 +5,7 @@ the pipeline tests run without them.
 """
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -90,7 +91,7 @@ SPECS: dict[str, DatasetSpec] = {
         test_split='validation', in_memory=False, resize=True,
         how_to_get='put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and '
         + _tfds_build_hint('imagenet2012', ' --file_format=array_record')),
-    # Template only: load_ssl_data('fake', fake_kwargs=...) replaces shape/classes.
+    # Template only: sources.load_ssl_data('fake', fake_kwargs=...) replaces shape/classes.
     'fake': DatasetSpec(
         name='fake', tfds_name='', num_classes=10, image_shape=(32, 32, 3),
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), how_to_get='generated in memory.'),
@@ -334,9 +335,13 @@ def store_arrays(tfds_name: str, data_dir: str,
   tmp_root = os.path.join(data_dir, f'{_INCOMPLETE_PREFIX}{tfds_name}.{socket.gethostname()}.'
                           f'{os.getpid()}.{uuid.uuid4().hex[:8]}')
   try:
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=tfds_name, version=STORE_VERSION, features=features, split_datasets=split_datasets,
-        data_dir=tmp_root, file_format='array_record', disable_shuffling=True)
+    tfds.display_progress_bar(False)  # the run's console shows its own plan and bar
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # TFDS prints a banner
+      tfds.dataset_builders.store_as_tfds_dataset(
+          name=tfds_name, version=STORE_VERSION, features=features,
+          split_datasets=split_datasets, data_dir=tmp_root, file_format='array_record',
+          disable_shuffling=True)
+    logging.info('TFDS: %s', printed.getvalue().strip())
     tmp_version = os.path.join(tmp_root, tfds_name, STORE_VERSION)
     for filename, content in extra_json.items():
       with open(os.path.join(tmp_version, filename), 'w') as f:
@@ -557,44 +562,6 @@ class RawData:
   extra_labels: np.ndarray | None = None  # int32 [N_extra]
 
 
-def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> RawData:
-  """Opens `name` (SPECS key, 'npz:PATH', 'folder:PATH' or 'fake'), storing ours on first use."""
-  if name == 'fake':
-    kwargs = dict(fake_kwargs or {})
-    arrays = make_fake(**kwargs)
-    mean, std = channel_stats(arrays['train'][0])
-    spec = dataclasses.replace(
-        SPECS['fake'], num_classes=int(kwargs.get('num_classes', 10)),
-        image_shape=tuple(arrays['train'][0].shape[1:]), mean=mean, std=std,
-        extra_unlabeled_split='unlabeled' if 'unlabeled' in arrays else None)
-    parts = {k: (ArrayImageSource(x), y) for k, (x, y) in arrays.items()}
-  else:
-    if name.startswith(('npz:', 'folder:')):
-      from cmix_jax.data import own_data  # pylint: disable=g-import-not-at-top
-      spec = own_data.resolve(name, data_dir)
-    elif name in SPECS:
-      spec = SPECS[name]
-    else:
-      raise ValueError(f'unknown data set {name!r}: use one of {", ".join(sorted(SPECS))}, '
-                       'npz:PATH or folder:PATH.')
-    if spec.name == 'fashion_mnist_debian' and not is_stored(data_dir, spec.tfds_name):
-      store_fashion_mnist(data_dir, FASHION_MNIST_DIR)
-    builder = open_builder(spec, data_dir)
-    parts = {'train': open_split(builder, spec, spec.train_split),
-             'test': open_split(builder, spec, spec.test_split)}
-    if spec.extra_unlabeled_split:
-      parts['unlabeled'] = open_split(builder, spec, spec.extra_unlabeled_split)
-  if tuple(parts['train'][0].image_shape) != tuple(spec.image_shape):
-    raise ValueError(f'{name}: stored images are {parts["train"][0].image_shape}, spec says '
-                     f'{spec.image_shape}; rebuild the stored data set.')
-  extra_images, extra_labels = parts.get('unlabeled', (None, None))
-  as_int32 = lambda y: None if y is None else np.asarray(y).astype(np.int32)
-  return RawData(spec=spec, train_images=parts['train'][0],
-                 train_labels=as_int32(parts['train'][1]), test_images=parts['test'][0],
-                 test_labels=as_int32(parts['test'][1]), extra_images=extra_images,
-                 extra_labels=as_int32(extra_labels))
-
-
 def merge_extra_into_train(raw: RawData) -> RawData:
   """Train followed by the extra split as one labeled pool (SVHN: 73,257 + 531,131 images)."""
   return dataclasses.replace(
@@ -630,10 +597,3 @@ def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
       labeled_idx=labeled_idx, val_idx=val_idx, unlabeled_images=unlabeled,
       unlabeled_labels=unlabeled_labels.astype(np.int32), unlabeled_train_idx=keep,
       test_images=raw.test_images, test_labels=raw.test_labels)
-
-
-def load_ssl_data(name: str, data_dir: str, num_labels: int, seed: int, val_size: int = 0,
-                  include_lb_to_ulb: bool = True, fake_kwargs: dict | None = None) -> SSLData:
-  """open_dataset + make_ssl_data: the data set with its seed-drawn labeled/validation split."""
-  return make_ssl_data(open_dataset(name, data_dir, fake_kwargs), num_labels, seed, val_size,
-                       include_lb_to_ulb)

@@ -1,0 +1,94 @@
+"""CalibrateMix's part of a train step after warm-up: split, pair, mix, and the mixup loss.
+
+Two variants (`config.calibratemix.passes`), both per-device code on axis `parallel.AXIS`:
+- `two_pass_loss` (2, the reference): after the base pass has updated the dynamics tables,
+  split and pair with this step's pseudo-labels, then a second forward pass over
+  [x_lb, mixed, x_ulb_w, x_ulb_s] adds its SSL loss and the mixup loss (BN statistics and
+  the algorithm's state are updated a second time, as in the reference).
+- `fused_loss` (1): split and pair from the tables before this step's update, so the mixed
+  sets ride in the single forward pass; targets still use this step's pseudo-labels.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from cmix_jax import base_step
+from cmix_jax import dynamics
+from cmix_jax import mixup
+
+
+def difficulties(dyn, batch, pseudo_label, config):
+  """(labeled [B], unlabeled [U]) difficulty of this device's samples from the tables."""
+  measure, layout = config.calibratemix.difficulty, base_step.table_layout(config)
+  return (dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **layout),
+          dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo_label, measure, **layout))
+
+
+def mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes,
+               pair_feats=None) -> mixup.MixedSets:
+  """Targeted (or random) mixup of this device's labeled and unlabeled weak views."""
+  cm = config.calibratemix
+  lb_difficulty, ulb_difficulty = difficulty
+  pair_lb, pair_ulb = pair_feats if pair_feats is not None else (None, None)
+  return mixup.targeted_mixup(
+      key, x_lb=views['lb'], y_lb=batch['y_lb'], lb_difficulty=lb_difficulty,
+      x_ulb=views['ulb_w'], pseudo_labels=pseudo_label, ulb_difficulty=ulb_difficulty,
+      num_classes=num_classes, pair_k_frac=cm.pair_k_frac, alpha=cm.mixup_alpha,
+      pair_lb=pair_lb, pair_ulb=pair_ulb, random_pairing=cm.random_pairing)
+
+
+def mix_metrics(mixed: mixup.MixedSets, pseudo_label, batch, difficulty) -> dict:
+  """Diagnostics that show the easy/hard split means something."""
+  lb_diff, ulb_diff = difficulty
+  hard_lb, easy_lb = mixup.median_split(lb_diff)
+  hard_ulb, easy_ulb = mixup.median_split(ulb_diff)
+  out = {'mix_lam1': mixed.lam1, 'mix_lam2': mixed.lam2,
+         'difficulty_lb_easy': lb_diff[easy_lb].mean(),
+         'difficulty_lb_hard': lb_diff[hard_lb].mean(),
+         'difficulty_ulb_easy': ulb_diff[easy_ulb].mean(),
+         'difficulty_ulb_hard': ulb_diff[hard_ulb].mean()}
+  if 'y_ulb' in batch:
+    out['hard_pseudo_label_error'] = mixup.hard_pseudo_label_error(
+        pseudo_label, batch['y_ulb'], hard_ulb)
+  return out
+
+
+def two_pass_loss(params, first: base_step.BasePass, dyn, batch, views, key, *, model,
+                  algorithm, config, num_classes):
+  """passes=2: mix from the tables `first` updated, then a second pass -> (loss, pass, metrics).
+
+  `dyn` holds the tables after this step's update; the returned loss is the second pass's
+  SSL loss plus the mixup loss (the caller adds the first pass's loss).
+  """
+  pseudo_label = first.pseudo.label
+  difficulty = difficulties(dyn, batch, pseudo_label, config)
+  pair_feats = None
+  if config.calibratemix.pair_space == 'features':
+    pair_feats = jax.lax.stop_gradient((first.feats_lb, first.feats_w))
+  mixed = mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes,
+                     pair_feats)
+  second = base_step.base_pass(params, first.batch_stats, first.algo_state, batch, views,
+                               model=model, algorithm=algorithm, config=config, extra=mixed.x)
+  mix_loss, loss_metrics = mixup.mixup_loss(second.logits_extra, mixed)
+  metrics = {**loss_metrics, **mix_metrics(mixed, pseudo_label, batch, difficulty),
+             **{f'pass2_{k}': v for k, v in second.metrics.items()}}
+  return second.loss + mix_loss, second, metrics
+
+
+def fused_loss(params, state, batch, views, key, *, model, algorithm, config, num_classes):
+  """passes=1: mixed sets in the one forward pass -> (mixup loss, the pass, metrics).
+
+  Pairing reads the tables before this step's update; the unlabeled difficulty is read at
+  the class the stored APM prefers, since this step's pseudo-label is not known yet.
+  """
+  stored_label = dynamics.stored_pseudo_label(state.dynamics, batch['idx_ulb'],
+                                              **base_step.table_layout(config))
+  difficulty = difficulties(state.dynamics, batch, stored_label, config)
+  mixed = mixed_sets(key, views, batch, stored_label, difficulty, config, num_classes)
+  out = base_step.base_pass(params, state.batch_stats, state.algo_state, batch, views,
+                            model=model, algorithm=algorithm, config=config, extra=mixed.x)
+  partner_label = out.pseudo.label[mixed.partner_idx]  # this step's, not the stored one
+  mixed = mixed.replace(onehot_b=jax.nn.one_hot(partner_label, num_classes, dtype=jnp.float32))
+  mix_loss, loss_metrics = mixup.mixup_loss(out.logits_extra, mixed)
+  metrics = {**loss_metrics, **mix_metrics(mixed, out.pseudo.label, batch, difficulty)}
+  return mix_loss, out, metrics

@@ -1,0 +1,102 @@
+"""What a run writes for people: metrics.jsonl, eval.json, pictures, the dynamics tables."""
+
+import json
+import os
+
+import numpy as np
+
+from cmix_jax import dynamics
+from cmix_jax import parallel
+
+
+def append_jsonl(workdir: str, record: dict) -> None:
+  """Appends one record to `workdir/metrics.jsonl`."""
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def write_json(path: str, obj, **kwargs) -> None:
+  with open(path, 'w') as f:
+    json.dump(obj, f, **kwargs)
+
+
+def write_eval_report(result: dict, out_dir: str, prefix: str = 'eval', title: str = '') -> dict:
+  """Writes `<prefix>.json`, `<prefix>_reliability.json`, the diagram and the histogram."""
+  from cmix_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+  os.makedirs(out_dir, exist_ok=True)
+  write_json(os.path.join(out_dir, f'{prefix}.json'), result['metrics'], indent=2, sort_keys=True)
+  write_json(os.path.join(out_dir, f'{prefix}_reliability.json'), result['reliability'])
+  ece = result['metrics'].get('ece')
+  return {
+      'reliability': plots.reliability_diagram(
+          result['reliability'], os.path.join(out_dir, f'{prefix}_reliability.png'),
+          title=title, ece=ece)[0],
+      'histogram': plots.confidence_histogram(
+          result['confidence'], result['correct'],
+          os.path.join(out_dir, f'{prefix}_confidence.png'))[0]}
+
+
+def selected_report(config, result: dict, meta: dict, step: int) -> tuple[dict, list]:
+  """(eval.json content, reliability table) of the checkpoint `eval.selection` names."""
+  selection = config.eval.selection
+  selected, selected_step, reliability = dict(result['metrics']), step, result['reliability']
+  if selection != 'final' and meta['best']:
+    selected = {k[len('test/'):]: v for k, v in meta['best'].items() if k.startswith('test/')}
+    selected_step, reliability = meta['best']['step'], meta['best_reliability']
+  report = {**selected, 'selection': selection, 'step': selected_step,
+            'final': dict(result['metrics'], step=step), 'best': meta['best'],
+            'num_train_steps': config.num_train_steps}
+  return report, reliability
+
+
+def write_final_report(run, state, result: dict, meta: dict, step: int) -> dict:
+  """Writes eval.json (the selected checkpoint's metrics), pictures and the dynamics tables."""
+  report, reliability = selected_report(run.config, result, meta, step)
+  plots = run.config.eval.plots
+  dyn = host_dynamics(run, state) if plots else None  # a collective: every process joins
+  if not run.is_lead:
+    return report
+  write_json(os.path.join(run.workdir, 'eval.json'), report, indent=2, sort_keys=True)
+  if plots:
+    write_eval_report(result, run.workdir, prefix='final',
+                      title=f'{run.config.algorithm} final (EMA, step {step})')
+    write_dynamics(run, dyn)
+  # of the selected checkpoint, like eval.json's top level
+  write_json(os.path.join(run.workdir, 'reliability.json'), reliability)
+  _training_curves(run.workdir, meta)
+  return report
+
+
+def host_dynamics(run, state) -> dynamics.DynamicsState:
+  """Full dynamics tables on the host from the stacked state (gathers shards)."""
+  if run.sharded_field is None:
+    return parallel.first_replica_to_host(state.dynamics)
+  stacked = parallel.gather_stacked_to_host(state.dynamics)
+  return dynamics.unshard_state(stacked, run.info.num_labeled, run.info.num_unlabeled)
+
+
+def write_dynamics(run, dyn: dynamics.DynamicsState) -> None:
+  """Exports the dynamics tables (.npz) and draws the labeled/unlabeled data maps."""
+  from cmix_jax import plots  # pylint: disable=g-import-not-at-top
+  dynamics.save_npz(dyn, os.path.join(run.workdir, 'dynamics.npz'))
+  plots.data_map(np.asarray(dynamics.labeled_variability(dyn)),
+                 np.asarray(dynamics.labeled_confidence(dyn)),
+                 os.path.join(run.workdir, 'data_map_labeled.png'),
+                 title='labeled: gold-label probability')
+  if run.algorithm.uses_unlabeled:
+    hidden = run.data.unlabeled_labels
+    pseudo = np.asarray(dyn.apm).argmax(-1)
+    correct = np.where(hidden >= 0, pseudo == hidden, False).astype(np.float32)
+    plots.data_map(np.asarray(dynamics.unlabeled_variability(dyn)),
+                   np.asarray(dynamics.unlabeled_confidence(dyn)),
+                   os.path.join(run.workdir, 'data_map_unlabeled.png'), color=correct,
+                   color_label='APM pseudo-label correct',
+                   title='unlabeled: pseudo-label probability')
+
+
+def _training_curves(workdir: str, meta: dict) -> None:
+  from cmix_jax import plots  # pylint: disable=g-import-not-at-top
+  if meta['history']:
+    history = [{'step': r['step'], 'accuracy': r['test/accuracy'], 'ece': r['test/ece']}
+               for r in meta['history']]
+    plots.training_curves(history, os.path.join(workdir, 'curves.png'))

@@ -1,0 +1,228 @@
+"""Assembles a run: validates the config, checks the workdir, loads data, builds the parts.
+
+Nothing is written before every check has passed: `build_run` validates the whole config
+(with the data set's facts), builds the algorithm, model and optimizer, and only then writes
+`config.json` and `split.json`. It also restores the newest readable checkpoint.
+"""
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from clu import metric_writers
+
+from cmix_jax import algorithms
+from cmix_jax import base_step
+from cmix_jax import checkpointing
+from cmix_jax import config_validation
+from cmix_jax import evaluation
+from cmix_jax import parallel
+from cmix_jax import steps
+from cmix_jax.data import datasets
+from cmix_jax.data import pipeline
+from cmix_jax.data import sources
+from cmix_jax.data import splits
+
+# Fields that may change when a run is resumed (they do not change what is computed).
+RESUMABLE_FIELDS = frozenset({
+    'log_every', 'eval_every', 'checkpoint_every', 'max_to_keep', 'progress_bar',
+    'data.data_dir', 'data.prefetch', 'eval.plots', 'num_devices', 'parallel_backend',
+    'distributed.coordinator_address', 'distributed.num_processes',
+    'distributed.process_id', 'distributed.cpu_collectives', 'max_nonfinite_steps',
+    'xla_flags'})
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the loop works with, built once by `build_run`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  topo: parallel.Topology
+  data: datasets.SSLData
+  info: steps.DataInfo
+  model: Any
+  tx: Any
+  algorithm: algorithms.Algorithm
+  evaluator: evaluation.Evaluator
+  manager: Any  # orbax CheckpointManager of workdir/checkpoints
+  best_manager: Any  # the selection checkpoint, workdir/best/checkpoints
+  writer: Any  # clu metric writer (TensorBoard on the lead process)
+  is_lead: bool  # process 0 writes the files
+  sharded_field: str | None  # state field kept sharded per device ('dynamics') or None
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Names of fields that differ between two configs, other than RESUMABLE_FIELDS."""
+  a, b = _flatten(saved), _flatten(current)
+  return sorted(k for k in set(a) | set(b)
+                if k not in RESUMABLE_FIELDS and a.get(k, '<absent>') != b.get(k, '<absent>'))
+
+
+def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
+  """Refuses to resume a workdir whose saved config differs (unless allowed)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  diff = config_differences(saved, json.loads(config.to_json()))
+  if diff and not allow_change:
+    raise config_validation.ConfigError(
+        f'{workdir} holds a run with a different config (fields: {", ".join(diff)}). '
+        'Use a new --workdir, or pass --allow_config_change to resume anyway.')
+
+
+def start_backend(config) -> None:
+  """Backend flags and multi-host join: both must happen before the first computation."""
+  parallel.set_xla_flags(config.get('xla_flags', ''))
+  dist = config.get('distributed', None)
+  if dist is None:
+    return
+  address = dist.coordinator_address or os.environ.get('CMIX_COORDINATOR_ADDRESS', '')
+  if address:
+    parallel.initialize_distributed(
+        address, int(dist.num_processes or os.environ.get('CMIX_NUM_PROCESSES', 1)),
+        int(dist.process_id if dist.process_id >= 0 else os.environ.get('CMIX_PROCESS_ID', 0)),
+        dist.cpu_collectives or None)
+
+
+def open_data(config):
+  """The raw data set (spec, splits), before any labeled/unlabeled split is drawn."""
+  fake = config.data.get('fake', None)
+  return sources.open_dataset(config.data.name, os.path.expanduser(config.data.data_dir),
+                               fake.to_dict() if fake is not None else None)
+
+
+def split_data(config, raw) -> datasets.SSLData:
+  """Labeled / validation / unlabeled sets of a raw data set, drawn from the config's seed."""
+  return datasets.make_ssl_data(raw, config.data.num_labels, config.seed,
+                                val_size=config.data.val_size,
+                                include_lb_to_ulb=config.data.include_lb_to_ulb)
+
+
+def _static_data_facts(config) -> tuple[int | None, int | None]:
+  """(num_classes, num_train) known before reading any data, so checks come first."""
+  if config.data.name == 'fake' and config.data.get('fake') is not None:
+    return int(config.data.fake.num_classes), int(config.data.fake.num_train)
+  spec = datasets.SPECS.get(config.data.name)
+  return (spec.num_classes if spec else None), None
+
+
+def data_info(data: datasets.SSLData) -> steps.DataInfo:
+  spec = data.spec
+  return steps.DataInfo(num_labeled=data.num_labeled, num_unlabeled=data.num_unlabeled,
+                        num_classes=data.num_classes, image_shape=tuple(spec.image_shape),
+                        mean=tuple(spec.mean), std=tuple(spec.std))
+
+
+def _algorithm(config) -> algorithms.Algorithm:
+  """The configured algorithm; its own hyperparameter checks are config errors."""
+  try:
+    return algorithms.get_algorithm(config)
+  except ValueError as e:
+    raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
+
+
+def _write_run_files(config, workdir: str, data: datasets.SSLData) -> None:
+  """config.json (the resolved config) and split.json (the drawn indices, for audits)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  splits.save_split(workdir, data.labeled_idx, data.val_idx, data.train_labels,
+                    config.seed, config.data.name)
+
+
+def build_run(config, workdir: str, allow_config_change: bool = False,
+              write: bool = True) -> Run:
+  """Validates, loads data and builds everything; writes nothing before all checks pass.
+
+  `write=False` (evaluation of an existing workdir) skips the config check and the writes.
+  """
+  start_backend(config)
+  topo = parallel.make_topology(config.num_devices)
+  config_validation.validate(config, topo.num_devices, *_static_data_facts(config))
+  algorithm = _algorithm(config)
+  raw = open_data(config)
+  config_validation.validate(config, topo.num_devices, raw.spec.num_classes,
+                             len(raw.train_labels))
+  data = split_data(config, raw)
+  if write:
+    check_workdir_config(config, workdir, allow_config_change)
+  info = data_info(data)
+  model = steps.create_model(config, info.num_classes)
+  tx = steps.create_optimizer(config.optim, config.num_train_steps)
+  is_lead = jax.process_index() == 0
+  if is_lead and write:
+    _write_run_files(config, workdir, data)
+  return Run(
+      config=config, workdir=workdir, topo=topo, data=data, info=info, model=model, tx=tx,
+      algorithm=algorithm,
+      evaluator=evaluation.Evaluator(model, info, topo, config.get('parallel_backend', 'pmap'),
+                                     config.data.eval_batch_size, config.eval.num_bins),
+      manager=checkpointing.create_manager(workdir, config.max_to_keep),
+      best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
+      writer=metric_writers.create_default_writer(workdir, just_logging=not (is_lead and write)),
+      is_lead=is_lead,
+      sharded_field='dynamics' if base_step.tables_sharded(config) else None)
+
+
+def fresh_state(run: Run):
+  """A new state in the checkpoint layout (zero dynamics shards when sharded)."""
+  state = steps.create_train_state(
+      run.config, run.model, run.tx, run.algorithm, run.info, jax.random.key(run.config.seed),
+      dynamics_shards=run.topo.num_devices if run.sharded_field else 1)
+  return parallel.host_state_to_checkpoint_layout(state, run.topo, run.sharded_field)
+
+
+def initial_state(run: Run):
+  """(state in checkpoint layout, meta) from the newest readable checkpoint, or fresh."""
+  fresh = fresh_state(run)
+  restored = checkpointing.restore_latest(run.manager, checkpointing.abstract_like(fresh))
+  if restored is None:
+    return fresh, {'step': 0, 'history': [], 'best': {}}
+  step, state, meta = restored
+  logging.info('Resuming from step %d in %s', step, run.workdir)
+  return state, meta
+
+
+def step_kind(config, step: int) -> str:
+  """'mix' for CalibrateMix steps (after warm-up), else 'base'."""
+  cm = config.calibratemix
+  return 'mix' if cm.enabled and step > cm.warmup_steps else 'base'  # steps 0..warmup: base
+
+
+def make_step_fns(run: Run) -> dict:
+  """The parallel train steps: 'base' (and 'mix' when CalibrateMix is enabled)."""
+  backend = run.config.get('parallel_backend', 'pmap')
+  step = functools.partial(steps.train_step, model=run.model, tx=run.tx,
+                           algorithm=run.algorithm, config=run.config, info=run.info)
+  kinds = ('base', 'mix') if run.config.calibratemix.enabled else ('base',)
+  return {kind: parallel.parallelize(functools.partial(step, mix=kind == 'mix'), run.topo,
+                                     backend=backend) for kind in kinds}
+
+
+def train_iterator(run: Run, start_step: int):
+  """Prefetched, device-placed batches from `start_step` on (deterministic in the step)."""
+  data = run.config.data
+  it = pipeline.TrainIterator(
+      run.data, global_batch=data.batch_size,
+      uratio=data.uratio if run.algorithm.uses_unlabeled else 0, seed=run.config.seed,
+      start_step=start_step, local_devices=run.topo.num_local_devices,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return pipeline.prefetch(it, data.prefetch, functools.partial(parallel.shard_batch,
+                                                                topo=run.topo))

@@ -1,0 +1,52 @@
+"""run_setup.py: every check before any write, resume checks, the newest readable checkpoint."""
+
+import os
+
+import pytest
+
+from cmix_jax import config_validation
+from cmix_jax import run_setup
+from tests import test_train
+from tests import tiny
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('ssl.p_cutoff', 1.5, 'p_cutoff'),
+    ('ssl.label_smoothing', 1.0, 'label_smoothing'),
+    ('ssl.ulb_loss_ratio', -1.0, 'ulb_loss_ratio'),
+])
+def test_bad_ssl_value_fails_before_anything_is_written(field, value, message, tmp_path):
+  workdir = tmp_path / 'run'
+  config = tiny.config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(config_validation.ConfigError, match=message):
+    run_setup.build_run(config, str(workdir))
+  assert not workdir.exists()  # no config.json left behind to block the corrected rerun
+  run = run_setup.build_run(tiny.config(), str(workdir))  # the corrected rerun starts
+  assert (workdir / 'config.json').exists() and run.info.num_classes == 4
+
+
+def test_resume_refuses_a_different_config_and_names_the_field(tmp_path):
+  config = tiny.config()
+  run_setup.build_run(config, str(tmp_path))
+  changed = tiny.config()
+  changed.optim.lr = 0.1
+  with pytest.raises(config_validation.ConfigError, match='optim.lr'):
+    run_setup.build_run(changed, str(tmp_path))
+  run_setup.build_run(changed, str(tmp_path), allow_config_change=True)  # the explicit flag allows it
+  changed.log_every = 1  # logging cadence may change freely
+  run_setup.build_run(changed, str(tmp_path))
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):
+  workdir = str(tmp_path / 'run')
+  test_train._driver(f'--workdir={workdir}')
+  ckpt = os.path.join(workdir, 'checkpoints', '4', 'state')
+  for root, _, files in os.walk(ckpt):
+    for name in files:
+      with open(os.path.join(root, name), 'wb') as f:
+        f.write(b'garbage')
+  run = run_setup.build_run(tiny.config(), workdir)
+  _, meta = run_setup.initial_state(run)
+  assert int(meta['step']) == 2
