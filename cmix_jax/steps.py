@@ -71,13 +71,26 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.
                 nesterov=optim.nesterov))
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The configured network; model.bn_momentum, when set, overrides the architecture's BN decay."""
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 dtype: str | None = None) -> nn.Module:
+  """The configured network, computing in `dtype` (default model.dtype).
+
+  model.bn_momentum, when set, overrides the architecture's BN decay.
+  """
   bn_momentum = config.model.get('bn_momentum')
   return models.create_model(
-      config.model.name, num_classes, dtype=config.model.dtype,
+      config.model.name, num_classes, dtype=dtype or config.model.dtype,
       bn_axis_name=AXIS if config.model.cross_replica_bn else None,
       **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}))
+
+
+def create_eval_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The network computing in float32 on the same (float32) params, for evaluation.
+
+  Accuracy and calibration are measured without bfloat16 rounding even when training
+  computes in bfloat16 (classic_cv.py, as the reference's AMP).
+  """
+  return create_model(config, num_classes, dtype='float32')
 
 
 def create_train_state(config, model, tx, algorithm, info: DataInfo, rng,
