@@ -233,24 +233,30 @@ def peak_memory_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS on CPU
 
 
+# Defaults without a preset (the README's CPU table); a preset replaces those it names.
+DEFAULTS = dict(batch_sizes='16,64', uratio=7,
+                variants='fixmatch,softmatch,softmatch+cmix1,softmatch+cmix2',
+                model='wrn_28_2', dtype='float32', image_shape='32,32,3', eval_batch_size=256,
+                num_test=1024, warmup=2, steps=5)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+  """Flags; a flag given explicitly wins over --paper / --smoke, which win over DEFAULTS."""
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--paper', action='store_true', help='the paper\'s step: ' + ', '.join(
       f'{k}={v}' for k, v in PRESETS['paper'].items()))
-  parser.add_argument('--smoke', action='store_true', help='tiny model and batch, one step')
-  parser.add_argument('--batch_sizes', default='16,64', help='global labeled batches B')
-  parser.add_argument('--uratio', type=int, default=7)
-  parser.add_argument('--variants', default='fixmatch,softmatch,softmatch+cmix1,softmatch+cmix2',
-                      help=f'comma-separated, of {", ".join(VARIANTS)}')
-  parser.add_argument('--model', default='wrn_28_2')
-  parser.add_argument('--dtype', default='float32', help='float32 | bfloat16 (compute)')
-  parser.add_argument('--image_shape', default='32,32,3', help='H,W,C of the fake images')
+  parser.add_argument('--smoke', action='store_true', help='tiny model and batch: ' + ', '.join(
+      f'{k}={v}' for k, v in PRESETS['smoke'].items()))
+  helps = dict(batch_sizes='global labeled batches B', uratio='unlabeled batch = uratio * B',
+               variants=f'comma-separated, of {", ".join(VARIANTS)}', model='network',
+               dtype='float32 | bfloat16 (compute)', image_shape='H,W,C of the fake images',
+               eval_batch_size='global eval batch', num_test='fake test images (eval)',
+               warmup='untimed steps after compiling', steps='timed steps (median reported)')
+  for key, value in DEFAULTS.items():
+    parser.add_argument(f'--{key}', type=type(value), default=None,
+                        help=f'{helps[key]} (default {value})')
   parser.add_argument('--num_devices', type=int, default=-1, help='local devices; -1 = all')
-  parser.add_argument('--eval_batch_size', type=int, default=256)
-  parser.add_argument('--num_test', type=int, default=1024, help='fake test images (eval)')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
-  parser.add_argument('--steps', type=int, default=5, help='timed steps (median reported)')
   parser.add_argument('--xla_flags', default=default.get_config().xla_flags,
                       help="backend flags as config.xla_flags ('' = XLA's defaults)")
   parser.add_argument('--breakdown', action='store_true',
@@ -258,11 +264,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.paper and args.smoke:
     parser.error('--paper and --smoke are two presets: pick one.')
-  for name in ('paper', 'smoke'):
-    if getattr(args, name):
-      for key, value in PRESETS[name].items():
-        if getattr(args, key) == parser.get_default(key):  # flags given explicitly win
-          setattr(args, key, value)
+  preset = PRESETS['paper'] if args.paper else PRESETS['smoke'] if args.smoke else {}
+  for key, value in DEFAULTS.items():
+    if getattr(args, key) is None:
+      setattr(args, key, preset.get(key, value))
   unknown = [v for v in args.variants.split(',') if v not in VARIANTS]
   if unknown:
     parser.error(f'unknown variant(s) {unknown}: use {", ".join(VARIANTS)}.')

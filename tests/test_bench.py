@@ -57,6 +57,8 @@ def test_paper_preset_and_explicit_flags_win():
   assert args.variants == 'softmatch,softmatch+cmix1,softmatch+cmix2'
   assert args.num_devices == -1  # every local device
   assert bench.parse_args(['--paper', '--batch_sizes=32']).batch_sizes == '32'
+  assert bench.parse_args(['--paper', '--steps=5']).steps == 5  # even when it is the default
+  assert bench.parse_args([]).batch_sizes == '16,64' and bench.parse_args([]).steps == 5
   with pytest.raises(SystemExit):
     bench.parse_args(['--paper', '--smoke'])
   with pytest.raises(SystemExit):
