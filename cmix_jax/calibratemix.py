@@ -7,14 +7,16 @@ Two variants (`config.calibratemix.passes`), both per-device code on axis `paral
   the algorithm's state are updated a second time, as in the reference).
 - `fused_loss` (1): split and pair from the tables before this step's update, so the mixed
   sets ride in the single forward pass; targets still use this step's pseudo-labels.
+`config.calibratemix.pair_scope` = 'global' splits and pairs the global batch (each device
+mixes its share of the global sets; the same on any device count), 'device' each device's own.
 """
 
 import jax
-import jax.numpy as jnp
 
 from cmix_jax import base_step
 from cmix_jax import dynamics
 from cmix_jax import mixup
+from cmix_jax.parallel import AXIS
 
 
 def difficulties(dyn, batch, pseudo_label, config):
@@ -24,33 +26,36 @@ def difficulties(dyn, batch, pseudo_label, config):
           dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo_label, measure, **layout))
 
 
+def global_scope(config) -> bool:
+  """True when the split and pairing see the global batch (pair_scope='global')."""
+  return config.calibratemix.get('pair_scope', 'global') == 'global'
+
+
 def mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes,
                pair_feats=None) -> mixup.MixedSets:
-  """Targeted (or random) mixup of this device's labeled and unlabeled weak views."""
+  """Targeted (or random) mixup: this device's share of the global sets, or its own sets.
+
+  In global scope `key` must be the same on every device.
+  """
   cm = config.calibratemix
   lb_difficulty, ulb_difficulty = difficulty
   pair_lb, pair_ulb = pair_feats if pair_feats is not None else (None, None)
-  return mixup.targeted_mixup(
-      key, x_lb=views['lb'], y_lb=batch['y_lb'], lb_difficulty=lb_difficulty,
-      x_ulb=views['ulb_w'], pseudo_labels=pseudo_label, ulb_difficulty=ulb_difficulty,
-      num_classes=num_classes, pair_k_frac=cm.pair_k_frac, alpha=cm.mixup_alpha,
-      pair_lb=pair_lb, pair_ulb=pair_ulb, random_pairing=cm.random_pairing)
+  kwargs = dict(x_lb=views['lb'], y_lb=batch['y_lb'], lb_difficulty=lb_difficulty,
+                x_ulb=views['ulb_w'], pseudo_labels=pseudo_label, ulb_difficulty=ulb_difficulty,
+                num_classes=num_classes, pair_k_frac=cm.pair_k_frac, alpha=cm.mixup_alpha,
+                pair_lb=pair_lb, pair_ulb=pair_ulb, random_pairing=cm.random_pairing,
+                pair_downsample=cm.get('pair_downsample', 1))
+  if global_scope(config):
+    return mixup.global_targeted_mixup(key, axis_name=AXIS, **kwargs)
+  return mixup.targeted_mixup(key, **kwargs)
 
 
 def mix_metrics(mixed: mixup.MixedSets, pseudo_label, batch, difficulty) -> dict:
-  """Diagnostics that show the easy/hard split means something."""
+  """Diagnostics that show the easy/hard split means something (of the split that paired)."""
   lb_diff, ulb_diff = difficulty
-  hard_lb, easy_lb = mixup.median_split(lb_diff)
-  hard_ulb, easy_ulb = mixup.median_split(ulb_diff)
-  out = {'mix_lam1': mixed.lam1, 'mix_lam2': mixed.lam2,
-         'difficulty_lb_easy': lb_diff[easy_lb].mean(),
-         'difficulty_lb_hard': lb_diff[hard_lb].mean(),
-         'difficulty_ulb_easy': ulb_diff[easy_ulb].mean(),
-         'difficulty_ulb_hard': ulb_diff[hard_ulb].mean()}
-  if 'y_ulb' in batch:
-    out['hard_pseudo_label_error'] = mixup.hard_pseudo_label_error(
-        pseudo_label, batch['y_ulb'], hard_ulb)
-  return out
+  return {'mix_lam1': mixed.lam1, 'mix_lam2': mixed.lam2,
+          **mixup.split_metrics(lb_diff, ulb_diff, pseudo_label, batch.get('y_ulb'),
+                                axis_name=mixed.axis_name)}
 
 
 def two_pass_loss(params, first: base_step.BasePass, dyn, batch, views, key, *, model,
@@ -87,8 +92,8 @@ def fused_loss(params, state, batch, views, key, *, model, algorithm, config, nu
   mixed = mixed_sets(key, views, batch, stored_label, difficulty, config, num_classes)
   out = base_step.base_pass(params, state.batch_stats, state.algo_state, batch, views,
                             model=model, algorithm=algorithm, config=config, extra=mixed.x)
-  partner_label = out.pseudo.label[mixed.partner_idx]  # this step's, not the stored one
-  mixed = mixed.replace(onehot_b=jax.nn.one_hot(partner_label, num_classes, dtype=jnp.float32))
+  # This step's pseudo-label of each partner, not the stored one (global pool in global scope).
+  mixed = mixed.replace(onehot_b=mixup.partner_onehot(mixed, out.pseudo.label, num_classes))
   mix_loss, loss_metrics = mixup.mixup_loss(out.logits_extra, mixed)
   metrics = {**loss_metrics, **mix_metrics(mixed, out.pseudo.label, batch, difficulty)}
   return mix_loss, out, metrics

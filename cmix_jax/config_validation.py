@@ -53,8 +53,7 @@ def config_errors(config: ml_collections.ConfigDict, num_devices: int,
     errors.append(f'data.uratio={config.data.uratio}: semi-supervised algorithms need '
                   'uratio >= 1 (USB uses 7); only supervised may use 0.')
   for field, size in (('data.batch_size', config.data.batch_size),
-                      ('data.batch_size * data.uratio', config.data.batch_size * config.data.uratio),
-                      ('data.eval_batch_size', config.data.eval_batch_size)):
+                      ('data.batch_size * data.uratio', config.data.batch_size * config.data.uratio)):
     if size > 0 and size % num_devices:
       errors.append(f'{field}={size} is not divisible by the {num_devices} devices: '
                     f'use a multiple of {num_devices} or set --config.num_devices.')
@@ -66,6 +65,11 @@ def config_errors(config: ml_collections.ConfigDict, num_devices: int,
                   f'{config.data.num_labels + config.data.val_size} exceeds the {num_train} '
                   'training examples: lower --config.data.num_labels.')
   errors += _calibratemix_errors(config)
+  cm = config.calibratemix
+  if cm.enabled and cm.get('pair_scope') == 'device' and config.data.batch_size < 2 * num_devices:
+    errors.append(f'calibratemix.pair_scope=device splits each device\'s share, which needs >= 2 '
+                  f'labeled samples per device: use data.batch_size >= {2 * num_devices} or '
+                  'pair_scope=global.')
   errors += _eval_errors(config)
   if not 0.0 <= config.optim.ema_decay < 1.0:
     errors.append(f'optim.ema_decay={config.optim.ema_decay} must be in [0, 1).')
@@ -94,6 +98,16 @@ def _calibratemix_errors(config) -> list[str]:
                   'the first pass): set --config.calibratemix.passes=2.')
   if not 0.0 < cm.pair_k_frac <= 1.0:
     errors.append(f'calibratemix.pair_k_frac={cm.pair_k_frac} must be in (0, 1].')
+  if cm.get('pair_scope', 'global') not in ('global', 'device'):
+    errors.append(f'calibratemix.pair_scope={cm.pair_scope!r}: use global (the same on any '
+                  'device count) or device (each device pairs its own share).')
+  pair_downsample = cm.get('pair_downsample', 1)
+  if int(pair_downsample) != pair_downsample or pair_downsample < 1:
+    errors.append(f'calibratemix.pair_downsample={pair_downsample!r}: use an integer >= 1 '
+                  '(1 = pair on full-size images).')
+  elif pair_downsample > 1 and cm.pair_space == 'features':
+    errors.append(f'calibratemix.pair_downsample={pair_downsample} shrinks images, but '
+                  'pair_space=features pairs on features: set pair_downsample=1.')
   if cm.mixup_alpha <= 0:
     errors.append(f'calibratemix.mixup_alpha={cm.mixup_alpha} must be positive.')
   return errors

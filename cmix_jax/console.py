@@ -12,7 +12,8 @@ import os
 import tempfile
 
 from absl import logging as absl_logging
-import jax
+
+from cmix_jax import parallel
 
 LOG_NAME = 'train.log'
 
@@ -94,7 +95,8 @@ def print_plan(run, start_step: int, log_path: str) -> None:
   """Data, split sizes, devices, steps and workdir, before the first step."""
   c, d = run.config, run.data
   cm = c.calibratemix
-  method = c.algorithm + (f' + CalibrateMix (passes={cm.passes}, from step {cm.warmup_steps + 1})'
+  method = c.algorithm + (f' + CalibrateMix (passes={cm.passes}, pair_scope='
+                          f'{cm.get("pair_scope", "global")}, from step {cm.warmup_steps + 1})'
                           if cm.enabled else '')
   ulb = c.data.batch_size * c.data.uratio if run.algorithm.uses_unlabeled else 0
   resume = f', resuming at step {start_step}' if start_step else ''
@@ -104,10 +106,8 @@ def print_plan(run, start_step: int, log_path: str) -> None:
       f'  data      {c.data.name}: {d.num_labeled} labeled, {len(d.val_idx)} validation, '
       f'{d.num_unlabeled} unlabeled, {len(d.test_labels)} test; {d.num_classes} classes of '
       f'{shape}',
-      f'  devices   {run.topo.num_devices} x {run.topo.devices[0].platform} in '
-      f'{jax.process_count()} process{"es" if jax.process_count() > 1 else ""}, '
-      f'{c.get("parallel_backend", "pmap")}; per step {c.data.batch_size} labeled + {ulb} '
-      'unlabeled images',
+      f'  devices   {parallel.describe(run.topo)}, {c.get("parallel_backend", "pmap")}; per '
+      f'step {c.data.batch_size} labeled + {ulb} unlabeled images',
       f'  steps     {c.num_train_steps}{resume}; evaluate every {c.eval_every}, checkpoint every '
       f'{c.checkpoint_every}',
       f'  workdir   {run.workdir} (log: {log_path})']))

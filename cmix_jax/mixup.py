@@ -5,8 +5,14 @@ labeled-hard anchors with unlabeled-easy partners (set 2). Each anchor's
 partner is drawn uniformly among the k pool samples LEAST cosine-similar to it.
 Everything has static shapes and is jittable and vmappable; the pairing is one
 matmul + top_k for all anchors at once (the reference loops over anchors).
+
+Two scopes: `targeted_mixup` splits and pairs the samples it is given (one device's
+share, as DDP does); `global_targeted_mixup` is per-device code that gathers what the
+split and pairing need over a named axis, splits and pairs the GLOBAL batch exactly as
+one device would, and returns this device's share of the global mixed sets.
 """
 
+import functools
 import math
 
 import flax
@@ -26,9 +32,13 @@ class MixedSets:
   lam_per_sample: jax.Array  # f32 [n_mix] lambda of the sample's set
   lam1: jax.Array  # f32 [] lambda of set 1
   lam2: jax.Array  # f32 [] lambda of set 2 (= lam1 with random pairing, no set 2)
-  anchor_idx: jax.Array  # int32 [n_mix] rows of x_lb
-  partner_idx: jax.Array  # int32 [n_mix] rows of x_ulb
-  num_first: int = flax.struct.field(pytree_node=False)  # size of set 1
+  anchor_idx: jax.Array  # int32 [n_mix] rows of x_lb (of the global batch in global scope)
+  partner_idx: jax.Array  # int32 [n_mix] rows of x_ulb (of the global pool in global scope)
+  in_first: jax.Array  # bool [n_mix] the row belongs to set 1
+  row_weight: jax.Array  # f32 [n_mix] weight of the row in its set's mean (shares / set size)
+  num_first: int = flax.struct.field(pytree_node=False)  # size of set 1 (whole, unshared)
+  # None: the sets are this device's own; else the axis the global sets are shared over.
+  axis_name: str | None = flax.struct.field(pytree_node=False, default=None)
 
 
 def _unit_rows(x: jax.Array) -> jax.Array:
@@ -90,11 +100,14 @@ def mixup_bce(logits: jax.Array, onehot_a: jax.Array, onehot_b: jax.Array, lam) 
                      f'onehot_b {onehot_b.shape} must all be the same [n, K].')
   if logits.shape[0] == 0:
     raise ValueError('mixup_bce: empty batch (the mean would be NaN).')
-  z = logits.astype(jnp.float32)
-  bce_a = optax.sigmoid_binary_cross_entropy(z, onehot_a.astype(jnp.float32)).mean()
-  bce_b = optax.sigmoid_binary_cross_entropy(z, onehot_b.astype(jnp.float32)).mean()
   lam = jnp.asarray(lam, jnp.float32)
-  return lam * bce_a + (1.0 - lam) * bce_b
+  return lam * _row_bce(logits, onehot_a).mean() + (1.0 - lam) * _row_bce(logits, onehot_b).mean()
+
+
+def _row_bce(logits: jax.Array, onehot: jax.Array) -> jax.Array:
+  """f32 [n]: BCE-with-logits of each row, a mean over its classes."""
+  z = logits.astype(jnp.float32)  # [n, K]
+  return optax.sigmoid_binary_cross_entropy(z, onehot.astype(jnp.float32)).mean(axis=1)
 
 
 def num_candidates(pair_k_frac: float, pool_size: int) -> int:
@@ -102,8 +115,23 @@ def num_candidates(pair_k_frac: float, pool_size: int) -> int:
   return max(1, round(pair_k_frac * pool_size))
 
 
+def downsample(x: jax.Array, factor: int) -> jax.Array:
+  """[n, H, W, C] -> f32 [n, ceil(H/f), ceil(W/f), C] means of f x f blocks (edges repeated).
+
+  Cheap pairing inputs: 1/f^2 of the bytes to gather.
+  """
+  if factor == 1:
+    return x
+  n, h, w, c = x.shape
+  hs, ws = -(-h // factor), -(-w // factor)
+  padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, hs * factor - h), (0, ws * factor - w),
+                                           (0, 0)), mode='edge')  # [n, hs*f, ws*f, C]
+  return padded.reshape(n, hs, factor, ws, factor, c).mean(axis=(2, 4))
+
+
 def _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficulty,
-                    pair_lb, pair_ulb, pair_k_frac, alpha, num_classes):
+                    pair_lb, pair_ulb, pair_k_frac, alpha, num_classes, pair_downsample,
+                    min_samples=2):
   """Shape and hyper-parameter checks, before anything is traced."""
   b, u = x_lb.shape[0], x_ulb.shape[0]
   if x_lb.shape[1:] != x_ulb.shape[1:]:
@@ -115,9 +143,9 @@ def _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficu
   if pseudo_labels.shape != (u,) or ulb_difficulty.shape != (u,):
     raise ValueError(f'targeted_mixup: pseudo_labels {pseudo_labels.shape} and ulb_difficulty '
                      f'{ulb_difficulty.shape} must be [{u}] like x_ulb.')
-  if b < 2 or u < 2:
+  if b < min_samples or u < min_samples:
     raise ValueError(f'targeted_mixup: needs at least 2 labeled and 2 unlabeled samples per '
-                     f'device (got {b} and {u}) so both halves of the split are non-empty.')
+                     f'split (got {b} and {u}) so both halves of the split are non-empty.')
   if (pair_lb is None) != (pair_ulb is None):
     raise ValueError('targeted_mixup: give both pair_lb and pair_ulb (pairing features) or '
                      'neither (pair on the images).')
@@ -125,6 +153,9 @@ def _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficu
                               or pair_lb.shape[1:] != pair_ulb.shape[1:]):
     raise ValueError(f'targeted_mixup: pair_lb {pair_lb.shape} / pair_ulb {pair_ulb.shape} '
                      f'must be [{b}, ...] / [{u}, ...] with the same feature shape.')
+  if int(pair_downsample) != pair_downsample or pair_downsample < 1:
+    raise ValueError(f'targeted_mixup: pair_downsample={pair_downsample!r} must be an integer '
+                     '>= 1 (1 = pair on full-size images).')
   if not 0.0 < pair_k_frac <= 1.0:
     raise ValueError(f'targeted_mixup: pair_k_frac={pair_k_frac} must be in (0, 1].')
   if not alpha > 0.0:
@@ -133,25 +164,20 @@ def _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficu
     raise ValueError(f'targeted_mixup: num_classes={num_classes!r} must be an integer >= 2.')
 
 
-def targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
-                   lb_difficulty: jax.Array, x_ulb: jax.Array, pseudo_labels: jax.Array,
-                   ulb_difficulty: jax.Array, num_classes: int,
-                   pair_k_frac: float = 15 / 224, alpha: float = 0.4,
-                   pair_lb: jax.Array | None = None, pair_ulb: jax.Array | None = None,
-                   random_pairing: bool = False) -> MixedSets:
-  """Set 1 = labeled-easy x unlabeled-hard, set 2 = labeled-hard x unlabeled-easy.
+def _pairing_inputs(x, pair_feats, pair_downsample):
+  """What the cosine pairing compares: the given features, else the (downsampled) images."""
+  return downsample(x, pair_downsample) if pair_feats is None else pair_feats
 
-  Low difficulty = hard (median split). Pairs on pair_lb / pair_ulb (e.g. features)
-  when given, else on the images. One lambda ~ Beta(alpha, alpha) per set.
-  random_pairing: ablation with no difficulty split: the labeled batch is split at
-  random into the same two set sizes, each anchor gets a uniformly random unlabeled
-  partner; same loss (mix_1 + mix_2, one lambda per set) as the targeted version.
+
+def _pair_sets(key, lb_difficulty, ulb_difficulty, feats_lb, feats_ulb, *, pair_k_frac, alpha,
+               random_pairing):
+  """The split, pairing and lambdas of the two sets, as indices (one kernel for both scopes).
+
+  Returns (anchor_idx [B], partner_idx [B], lam1, lam2, num_first); anchors are rows of the
+  labeled batch, partners rows of the unlabeled pool, set 1 = rows [:num_first].
   """
-  _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficulty,
-                  pair_lb, pair_ulb, pair_k_frac, alpha, num_classes)
   key_pair1, key_pair2, key_lam1, key_lam2 = jax.random.split(key, 4)
-  b, u = x_lb.shape[0], x_ulb.shape[0]
-
+  b, u = lb_difficulty.shape[0], ulb_difficulty.shape[0]
   if random_pairing:
     # Ablation: a random (not difficulty) split of the labeled batch into the same two
     # set sizes, each anchor with a uniformly random unlabeled partner.
@@ -160,8 +186,6 @@ def targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
     partner_idx = jax.random.randint(key_pair1, (b,), 0, u).astype(jnp.int32)  # [B]
     num_first = b - b // 2
   else:
-    feats_lb = x_lb if pair_lb is None else pair_lb
-    feats_ulb = x_ulb if pair_ulb is None else pair_ulb
     hard_lb, easy_lb = median_split(lb_difficulty)  # [B//2], [B - B//2]
     hard_ulb, easy_ulb = median_split(ulb_difficulty)  # [U//2], [U - U//2]
     k1 = num_candidates(pair_k_frac, hard_ulb.shape[0])
@@ -173,24 +197,153 @@ def targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
     num_first = easy_lb.shape[0]
   lam1 = jax.random.beta(key_lam1, alpha, alpha, dtype=jnp.float32)
   lam2 = jax.random.beta(key_lam2, alpha, alpha, dtype=jnp.float32)
-  lam_per_sample = jnp.concatenate([jnp.full((num_first,), lam1),
-                                    jnp.full((b - num_first,), lam2)])  # [B]
+  return anchor_idx, partner_idx, lam1, lam2, num_first
+
+
+def _row_layout(rows: jax.Array, num_first: int, num_total: int, num_shares: int):
+  """(in_first bool [n], row_weight f32 [n]) of global rows `rows` of the two sets.
+
+  row_weight = num_shares / size of the row's set: summed over one share it gives that
+  share's part of each set's mean, so the mean over shares (pmean) is the whole sets' loss.
+  """
+  in_first = rows < num_first  # [n]
+  num_second = max(num_total - num_first, 1)  # 0 rows of set 2: its weight is never used
+  weight = jnp.where(in_first, num_shares / num_first, num_shares / num_second)
+  return in_first, weight.astype(jnp.float32)
+
+
+def targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
+                   lb_difficulty: jax.Array, x_ulb: jax.Array, pseudo_labels: jax.Array,
+                   ulb_difficulty: jax.Array, num_classes: int,
+                   pair_k_frac: float = 15 / 224, alpha: float = 0.4,
+                   pair_lb: jax.Array | None = None, pair_ulb: jax.Array | None = None,
+                   random_pairing: bool = False, pair_downsample: int = 1) -> MixedSets:
+  """Set 1 = labeled-easy x unlabeled-hard, set 2 = labeled-hard x unlabeled-easy.
+
+  Low difficulty = hard (median split). Pairs on pair_lb / pair_ulb (e.g. features)
+  when given, else on the images (average-downsampled by pair_downsample). One lambda
+  ~ Beta(alpha, alpha) per set.
+  random_pairing: ablation with no difficulty split: the labeled batch is split at
+  random into the same two set sizes, each anchor gets a uniformly random unlabeled
+  partner; same loss (mix_1 + mix_2, one lambda per set) as the targeted version.
+  """
+  _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficulty,
+                  pair_lb, pair_ulb, pair_k_frac, alpha, num_classes, pair_downsample)
+  b = x_lb.shape[0]
+  anchor_idx, partner_idx, lam1, lam2, num_first = _pair_sets(
+      key, lb_difficulty, ulb_difficulty, _pairing_inputs(x_lb, pair_lb, pair_downsample),
+      _pairing_inputs(x_ulb, pair_ulb, pair_downsample), pair_k_frac=pair_k_frac, alpha=alpha,
+      random_pairing=random_pairing)
+  in_first, row_weight = _row_layout(jnp.arange(b), num_first, b, 1)
+  lam_per_sample = jnp.where(in_first, lam1, lam2)  # [B]
   x, onehot_a, onehot_b = mix_pairs(x_lb, y_lb, anchor_idx, x_ulb, pseudo_labels,
                                     partner_idx, lam_per_sample, num_classes)
   return MixedSets(x=x, onehot_a=onehot_a, onehot_b=onehot_b, lam_per_sample=lam_per_sample,
                    lam1=lam1, lam2=lam2, anchor_idx=anchor_idx, partner_idx=partner_idx,
-                   num_first=num_first)
+                   in_first=in_first, row_weight=row_weight, num_first=num_first)
+
+
+def _gather(x: jax.Array, axis_name: str) -> jax.Array:
+  """[n, ...] per device -> [D * n, ...] in device order (the global batch's rows)."""
+  return jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def _mix_across_devices(x_lb, x_ulb, anchor_idx, partner_idx, lam, axis_name):
+  """This device's share of the global mixed images without gathering full-size images.
+
+  Every device writes lam * its own anchors and (1 - lam) * its own partners into the
+  global rows that use them (zeros elsewhere); one reduce-scatter adds the two nonzero
+  terms of each row (so the sum is the one-device value) and hands each device its rows.
+  """
+  device = jax.lax.axis_index(axis_name)
+  b, u = x_lb.shape[0], x_ulb.shape[0]
+  expand = lambda v: v.reshape(v.shape + (1,) * (x_lb.ndim - 1))  # [n] -> [n, 1, 1, 1]
+  own_anchor = expand(anchor_idx // b == device)  # [B_g, 1, 1, 1]
+  own_partner = expand(partner_idx // u == device)
+  lam = expand(lam)
+  from_lb = jnp.where(own_anchor, lam * x_lb[anchor_idx % b].astype(jnp.float32), 0.0)
+  from_ulb = jnp.where(own_partner, (1.0 - lam) * x_ulb[partner_idx % u].astype(jnp.float32),
+                       0.0)  # [B_g, H, W, C]
+  mixed = jax.lax.psum_scatter(from_lb + from_ulb, axis_name, scatter_dimension=0, tiled=True)
+  return mixed.astype(x_lb.dtype)  # [B_g / D, H, W, C]
+
+
+def global_targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
+                          lb_difficulty: jax.Array, x_ulb: jax.Array, pseudo_labels: jax.Array,
+                          ulb_difficulty: jax.Array, num_classes: int, axis_name: str,
+                          pair_k_frac: float = 15 / 224, alpha: float = 0.4,
+                          pair_lb: jax.Array | None = None, pair_ulb: jax.Array | None = None,
+                          random_pairing: bool = False, pair_downsample: int = 1) -> MixedSets:
+  """Per-device: this device's share of `targeted_mixup` of the GLOBAL batch over `axis_name`.
+
+  Arguments are this device's rows (as `targeted_mixup`); `key` must be the same on every
+  device. Gathers difficulties, labels, pseudo-labels and the pairing inputs (features, or
+  images downsampled by pair_downsample), splits and pairs the global batch as one device
+  would, and returns global rows [i*b, (i+1)*b) of the mixed sets on device i (b = local
+  labeled count). anchor_idx / partner_idx index the global batch / pool. With pairing on
+  full-size images those are gathered anyway and mixed locally; otherwise full-size images
+  never cross devices whole: a reduce-scatter builds each device's mixed rows.
+  """
+  _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficulty,
+                  pair_lb, pair_ulb, pair_k_frac, alpha, num_classes, pair_downsample,
+                  min_samples=1)
+  num_devices = jax.lax.axis_size(axis_name)
+  b, u = x_lb.shape[0], x_ulb.shape[0]
+  b_global, u_global = b * num_devices, u * num_devices
+  if b_global < 2 or u_global < 2:
+    raise ValueError(f'global_targeted_mixup: needs at least 2 labeled and 2 unlabeled samples '
+                     f'in the global batch (got {b_global} and {u_global}).')
+  gather = functools.partial(_gather, axis_name=axis_name)
+  full_images = pair_lb is None and pair_downsample == 1
+  feats_lb = gather(_pairing_inputs(x_lb, pair_lb, pair_downsample))  # [B_g, ...]
+  feats_ulb = gather(_pairing_inputs(x_ulb, pair_ulb, pair_downsample))  # [U_g, ...]
+  anchor_g, partner_g, lam1, lam2, num_first = _pair_sets(
+      key, gather(lb_difficulty), gather(ulb_difficulty), feats_lb, feats_ulb,
+      pair_k_frac=pair_k_frac, alpha=alpha, random_pairing=random_pairing)  # [B_g] each
+  in_first_g, row_weight_g = _row_layout(jnp.arange(b_global), num_first, b_global,
+                                         num_devices)
+  lam_g = jnp.where(in_first_g, lam1, lam2)  # [B_g]
+  share = lambda v: jax.lax.dynamic_slice_in_dim(v, jax.lax.axis_index(axis_name) * b, b)
+  anchor_idx, partner_idx = share(anchor_g), share(partner_g)  # [b]
+  lam_per_sample = share(lam_g)  # [b]
+  if full_images:
+    x = mix(feats_lb[anchor_idx], feats_ulb[partner_idx], lam_per_sample)  # [b, H, W, C]
+  else:
+    x = _mix_across_devices(x_lb, x_ulb, anchor_g, partner_g, lam_g, axis_name)
+  onehot_a = jax.nn.one_hot(gather(y_lb)[anchor_idx], num_classes, dtype=jnp.float32)
+  onehot_b = jax.nn.one_hot(gather(pseudo_labels)[partner_idx], num_classes, dtype=jnp.float32)
+  return MixedSets(x=x, onehot_a=onehot_a, onehot_b=onehot_b, lam_per_sample=lam_per_sample,
+                   lam1=lam1, lam2=lam2, anchor_idx=anchor_idx, partner_idx=partner_idx,
+                   in_first=share(in_first_g), row_weight=share(row_weight_g),
+                   num_first=num_first, axis_name=axis_name)
+
+
+def partner_onehot(mixed: MixedSets, pseudo_labels: jax.Array, num_classes: int) -> jax.Array:
+  """f32 [n_mix, K]: one-hot of `pseudo_labels` (this device's [U]) at each row's partner.
+
+  The fused step re-targets its mixed sets with this step's pseudo-labels; in global scope
+  partner_idx indexes the global pool, so the labels are gathered first.
+  """
+  if mixed.axis_name is not None:
+    pseudo_labels = _gather(pseudo_labels, mixed.axis_name)  # [U_g]
+  return jax.nn.one_hot(pseudo_labels[mixed.partner_idx], num_classes, dtype=jnp.float32)
 
 
 def mixup_loss(logits_mixed: jax.Array, mixed: MixedSets) -> tuple[jax.Array, dict]:
-  """mix_1 + mix_2: mixup_bce of each set with its own lambda (set 2 absent -> 0)."""
+  """mix_1 + mix_2: each set's lambda-weighted BCE, a mean over the set's rows x classes.
+
+  On a share of global sets the values are this share's part times the number of shares,
+  so their pmean over the axis is the whole sets' loss (set 2 absent -> 0).
+  """
   n_mix = mixed.x.shape[0]
   if logits_mixed.shape[0] != n_mix:
     raise ValueError(f'mixup_loss: {logits_mixed.shape[0]} logits for {n_mix} mixed samples.')
-  n1 = mixed.num_first
-  loss1 = mixup_bce(logits_mixed[:n1], mixed.onehot_a[:n1], mixed.onehot_b[:n1], mixed.lam1)
-  loss2 = (mixup_bce(logits_mixed[n1:], mixed.onehot_a[n1:], mixed.onehot_b[n1:], mixed.lam2)
-           if n1 < n_mix else jnp.zeros((), jnp.float32))
+  lam = mixed.lam_per_sample
+  row_loss = (lam * _row_bce(logits_mixed, mixed.onehot_a)
+              + (1.0 - lam) * _row_bce(logits_mixed, mixed.onehot_b))  # [n_mix]
+  weighted = mixed.row_weight * row_loss  # [n_mix]
+  loss1 = jnp.sum(jnp.where(mixed.in_first, weighted, 0.0))
+  loss2 = jnp.sum(jnp.where(mixed.in_first, 0.0, weighted))
   loss = loss1 + loss2
   return loss, {'mixup_loss_1': loss1, 'mixup_loss_2': loss2, 'mixup_loss': loss}
 
@@ -199,6 +352,31 @@ def difficulty_half_means(difficulty: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(mean difficulty of the hard half, of the easy half) of one batch's median split."""
   hard_idx, easy_idx = median_split(difficulty)
   return difficulty[hard_idx].mean(), difficulty[easy_idx].mean()
+
+
+def split_metrics(lb_difficulty: jax.Array, ulb_difficulty: jax.Array,
+                  pseudo_labels: jax.Array, hidden_labels: jax.Array | None = None,
+                  axis_name: str | None = None) -> dict:
+  """Mean difficulty of each half of the split, and the unlabeled-hard pseudo-label error.
+
+  Shows the easy/hard split means something. With `axis_name` (global scope) the inputs
+  are gathered first, so the values are those of the split the global pairing used.
+  """
+  if axis_name is not None:
+    gather = functools.partial(_gather, axis_name=axis_name)
+    lb_difficulty, ulb_difficulty = gather(lb_difficulty), gather(ulb_difficulty)
+    pseudo_labels = gather(pseudo_labels)
+    hidden_labels = None if hidden_labels is None else gather(hidden_labels)
+  hard_lb, easy_lb = median_split(lb_difficulty)
+  hard_ulb, easy_ulb = median_split(ulb_difficulty)
+  out = {'difficulty_lb_easy': lb_difficulty[easy_lb].mean(),
+         'difficulty_lb_hard': lb_difficulty[hard_lb].mean(),
+         'difficulty_ulb_easy': ulb_difficulty[easy_ulb].mean(),
+         'difficulty_ulb_hard': ulb_difficulty[hard_ulb].mean()}
+  if hidden_labels is not None:
+    out['hard_pseudo_label_error'] = hard_pseudo_label_error(pseudo_labels, hidden_labels,
+                                                             hard_ulb)
+  return out
 
 
 def hard_pseudo_label_error(pseudo_labels: jax.Array, hidden_labels: jax.Array,

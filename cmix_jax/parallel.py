@@ -9,7 +9,8 @@ leading device axis [D, ...], sharded over the 1-D mesh axis 'batch'.
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+import urllib.request
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -226,10 +227,112 @@ def set_xla_flags(flags: str) -> list[str]:
   return added
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
-                           process_id: int | None, cpu_collectives: str | None = None) -> None:
-  """Joins a multi-host run (no-op for single-process runs with no address given)."""
-  if cpu_collectives:
-    jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+DISTRIBUTED_MODES = ('auto', 'explicit', 'off')
+_SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+               'SLURM_LOCALID')  # what JAX's SLURM detection reads
+_TPU_DEVICE_FILES = ('/dev/accel0', '/dev/vfio/0')  # present on Cloud TPU VMs
+
+
+def _count(env: Mapping[str, str], name: str) -> int:
+  """Integer env variable, 1 when absent or unreadable."""
+  try:
+    return int(env.get(name, '1'))
+  except ValueError:
+    return 1
+
+
+def _gce_tpu_worker_count(timeout_s: float = 2.0) -> int:
+  """Hosts of this Cloud TPU VM's slice, from the metadata server; 1 when not on one."""
+  if not any(os.path.exists(f) for f in _TPU_DEVICE_FILES):
+    return 1
+  url = ('http://' + os.environ.get('GCE_METADATA_IP', 'metadata.google.internal') +
+         '/computeMetadata/v1/instance/attributes/worker-network-endpoints')
+  request = urllib.request.Request(url, headers={'Metadata-Flavor': 'Google'})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+      return len(response.read().decode().split(','))
+  except (OSError, ValueError):
+    return 1
+
+
+def detect_cluster(env: Mapping[str, str] | None = None,
+                   tpu_worker_count: Callable[[], int] = _gce_tpu_worker_count) -> str | None:
+  """'slurm', 'ompi' or 'tpu' when JAX can join a cluster of more than one process, else None.
+
+  SLURM: JAX's variables present and SLURM_NTASKS > 1. Open MPI: launched by mpirun
+  (OMPI_MCA_orte_hnp_uri) with OMPI_COMM_WORLD_SIZE > 1. Cloud TPU: more than one host
+  in TPU_PROCESS_ADDRESSES / TPU_WORKER_HOSTNAMES (GKE), more than one slice
+  (MEGASCALE_NUM_SLICES), or a TPU VM whose metadata lists more than one worker.
+  """
+  env = os.environ if env is None else env
+  if all(v in env for v in _SLURM_VARS) and _count(env, 'SLURM_NTASKS') > 1:
+    return 'slurm'
+  if 'OMPI_MCA_orte_hnp_uri' in env and _count(env, 'OMPI_COMM_WORLD_SIZE') > 1:
+    return 'ompi'
+  hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES') or ''
+  if len([h for h in hosts.split(',') if h.strip()]) > 1 or _count(env, 'MEGASCALE_NUM_SLICES') > 1:
+    return 'tpu'
+  if 'TPU_SKIP_MDS_QUERY' not in env and tpu_worker_count() > 1:
+    return 'tpu'
+  return None
+
+
+def _explicit_settings(dist, env: Mapping[str, str]) -> tuple[str, int, int]:
+  """(coordinator address, process count, process id): config first, CMIX_* env second."""
+  address = dist.get('coordinator_address', '') or env.get('CMIX_COORDINATOR_ADDRESS', '')
+  num = dist.get('num_processes', 0) or _count(env, 'CMIX_NUM_PROCESSES')
+  pid = dist.get('process_id', -1)
+  pid = pid if pid >= 0 else int(env.get('CMIX_PROCESS_ID', '0'))
+  return address, int(num), int(pid)
+
+
+def start_distributed(dist, env: Mapping[str, str] | None = None,
+                      initialize: Callable[..., None] = jax.distributed.initialize,
+                      tpu_worker_count: Callable[[], int] = _gce_tpu_worker_count) -> str:
+  """Joins a multi-process run as `dist.mode` says; returns what it did, in words.
+
+  auto: the explicit settings when a coordinator address is given (config or
+  CMIX_COORDINATOR_ADDRESS), else `jax.distributed.initialize()` when `detect_cluster`
+  finds a cluster, else a plain single-process run. explicit: coordinator_address /
+  num_processes / process_id (CMIX_* env as fallback). off: never initializes.
+  Must run before the first computation starts the backend.
+  """
+  env = os.environ if env is None else env
+  mode = dist.get('mode', 'auto')
+  if mode not in DISTRIBUTED_MODES:
+    raise ValueError(f'distributed.mode={mode!r}: use one of {DISTRIBUTED_MODES} '
+                     '(--config.distributed.mode).')
+  if dist.get('cpu_collectives', ''):
+    jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
+  if mode == 'off':
+    return 'single process (distributed.mode=off)'
+  address, num, pid = _explicit_settings(dist, env)
+  if mode == 'explicit' and not address:
+    raise ValueError('distributed.mode=explicit needs --config.distributed.coordinator_address '
+                     '(or CMIX_COORDINATOR_ADDRESS), e.g. 10.0.0.1:1234.')
+  if jax.distributed.is_initialized():
+    return 'already joined'
+  if address:
+    initialize(address, num, pid)
+    return f'joined {address} as process {pid} of {num}'
+  cluster = detect_cluster(env, tpu_worker_count)
+  if cluster is None:
+    return 'single process (no cluster detected)'
+  initialize()
+  return f'joined the {cluster} cluster'
+
+
+def describe(topo: Topology) -> str:
+  """One line for the run's plan: process index/count and global/local device counts."""
+  kind = topo.devices[0].device_kind if topo.devices else '?'
+  return (f'process {jax.process_index()} of {jax.process_count()}; '
+          f'{topo.num_devices} devices in the mesh ({topo.num_local_devices} local, '
+          f'{jax.default_backend()} {kind})')
+
+
+def use_cross_replica_bn(setting: bool | None, num_devices: int) -> bool:
+  """BN statistics over the global batch: explicit True/False wins, None = more than 1 device.
+
+  As USB's multi-GPU runs (SyncBN), so the BN a model sees does not depend on the device count.
+  """
+  return num_devices > 1 if setting is None else bool(setting)

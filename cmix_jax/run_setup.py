@@ -32,7 +32,7 @@ from cmix_jax.data import splits
 RESUMABLE_FIELDS = frozenset({
     'log_every', 'eval_every', 'checkpoint_every', 'max_to_keep', 'progress_bar',
     'data.data_dir', 'data.prefetch', 'eval.plots', 'num_devices', 'parallel_backend',
-    'distributed.coordinator_address', 'distributed.num_processes',
+    'distributed.mode', 'distributed.coordinator_address', 'distributed.num_processes',
     'distributed.process_id', 'distributed.cpu_collectives', 'max_nonfinite_steps',
     'xla_flags'})
 
@@ -91,14 +91,11 @@ def start_backend(config) -> None:
   """Backend flags and multi-host join: both must happen before the first computation."""
   parallel.set_xla_flags(config.get('xla_flags', ''))
   dist = config.get('distributed', None)
-  if dist is None:
-    return
-  address = dist.coordinator_address or os.environ.get('CMIX_COORDINATOR_ADDRESS', '')
-  if address:
-    parallel.initialize_distributed(
-        address, int(dist.num_processes or os.environ.get('CMIX_NUM_PROCESSES', 1)),
-        int(dist.process_id if dist.process_id >= 0 else os.environ.get('CMIX_PROCESS_ID', 0)),
-        dist.cpu_collectives or None)
+  if dist is not None:
+    try:
+      logging.info('distributed: %s', parallel.start_distributed(dist))
+    except ValueError as e:
+      raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
 
 
 def open_data(config):
@@ -164,7 +161,7 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
   if write:
     check_workdir_config(config, workdir, allow_config_change)
   info = data_info(data)
-  model = steps.create_model(config, info.num_classes)
+  model = steps.create_model(config, info.num_classes, topo.num_devices)
   tx = steps.create_optimizer(config.optim, config.num_train_steps)
   is_lead = jax.process_index() == 0
   if is_lead and write:
@@ -172,9 +169,10 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
   return Run(
       config=config, workdir=workdir, topo=topo, data=data, info=info, model=model, tx=tx,
       algorithm=algorithm,
-      evaluator=evaluation.Evaluator(steps.create_eval_model(config, info.num_classes), info,
-                                     topo, config.get('parallel_backend', 'pmap'),
-                                     config.data.eval_batch_size, config.eval.num_bins),
+      evaluator=evaluation.Evaluator(
+          steps.create_eval_model(config, info.num_classes, topo.num_devices), info, topo,
+          config.get('parallel_backend', 'pmap'), config.data.eval_batch_size,
+          config.eval.num_bins),
       manager=checkpointing.create_manager(workdir, config.max_to_keep),
       best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
       writer=metric_writers.create_default_writer(workdir, just_logging=not (is_lead and write)),

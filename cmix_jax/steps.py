@@ -19,6 +19,7 @@ from cmix_jax import base_step
 from cmix_jax import calibratemix
 from cmix_jax import dynamics
 from cmix_jax import models
+from cmix_jax import parallel
 from cmix_jax.data import augment
 from cmix_jax.parallel import AXIS
 
@@ -72,25 +73,29 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 dtype: str | None = None) -> nn.Module:
-  """The configured network, computing in `dtype` (default model.dtype).
+                 num_devices: int = 1, dtype: str | None = None) -> nn.Module:
+  """The configured network for `num_devices` training devices, computing in `dtype`.
 
-  model.bn_momentum, when set, overrides the architecture's BN decay.
+  `dtype` defaults to model.dtype. model.bn_momentum, when set, overrides the architecture's
+  BN decay; BN statistics are cross-replica (SyncBN) as model.cross_replica_bn says (None: on
+  more than one device).
   """
   bn_momentum = config.model.get('bn_momentum')
+  sync_bn = parallel.use_cross_replica_bn(config.model.get('cross_replica_bn'), num_devices)
   return models.create_model(
       config.model.name, num_classes, dtype=dtype or config.model.dtype,
-      bn_axis_name=AXIS if config.model.cross_replica_bn else None,
+      bn_axis_name=AXIS if sync_bn else None,
       **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}))
 
 
-def create_eval_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+def create_eval_model(config: ml_collections.ConfigDict, num_classes: int,
+                      num_devices: int = 1) -> nn.Module:
   """The network computing in float32 on the same (float32) params, for evaluation.
 
   Accuracy and calibration are measured without bfloat16 rounding even when training
   computes in bfloat16 (classic_cv.py, as the reference's AMP).
   """
-  return create_model(config, num_classes, dtype='float32')
+  return create_model(config, num_classes, num_devices, dtype='float32')
 
 
 def create_train_state(config, model, tx, algorithm, info: DataInfo, rng,
@@ -176,8 +181,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, algorithm, config,
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   aug_key, mix_key = jax.random.split(step_key)
   views = make_views(aug_key, batch, config, info, algorithm.uses_unlabeled)
-  # Pairing randomness differs per device (each pairs its own share, as DDP does).
-  mix_key = jax.random.fold_in(mix_key, jax.lax.axis_index(AXIS))
+  if not calibratemix.global_scope(config):
+    # Pairing randomness differs per device (each pairs its own share, as DDP does); in
+    # global scope every device draws the one global pairing with the same key.
+    mix_key = jax.random.fold_in(mix_key, jax.lax.axis_index(AXIS))
   grad_fn = jax.value_and_grad(functools.partial(
       train_loss, model=model, algorithm=algorithm, config=config, info=info, mix=mix),
       has_aux=True)

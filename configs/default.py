@@ -32,9 +32,12 @@ def get_config():
   # WRN-28-2 forward+backward on the 2-core Xeon here (experiments/bench.py). '' turns it off.
   config.xla_flags = '--xla_cpu_experimental_ynn_fusion_type=dot,reduce'
   config.distributed = ml_collections.ConfigDict()  # multi-host; env CMIX_* as fallback
-  config.distributed.coordinator_address = ''  # e.g. '10.0.0.1:1234'; '' = single process
-  config.distributed.num_processes = 0  # processes in the run (with a coordinator address)
-  config.distributed.process_id = -1  # this process's index; -1 = from CMIX_PROCESS_ID
+  # auto: join a detected cluster (SLURM, Open MPI, multi-host Cloud TPU) or, when an address is
+  # given, the explicit settings below; a single process otherwise. explicit | off.
+  config.distributed.mode = 'auto'
+  config.distributed.coordinator_address = ''  # e.g. '10.0.0.1:1234'; '' = none given
+  config.distributed.num_processes = 0  # with an address: how many processes join (0 = env)
+  config.distributed.process_id = -1  # with an address: this process's rank (-1 = env)
   config.distributed.cpu_collectives = ''  # 'gloo' for multi-process CPU runs
 
   config.data = ml_collections.ConfigDict()
@@ -55,7 +58,8 @@ def get_config():
   config.model = ml_collections.ConfigDict()
   config.model.name = 'cnn_small'  # cnn_small | wrn_28_2 | wrn_28_8 | wrn_37_2 | resnet50
   config.model.dtype = 'float32'  # 'bfloat16' computes in bf16; params, losses, tables stay f32
-  config.model.cross_replica_bn = False  # BN statistics over the global batch
+  # BN statistics over the global batch (SyncBN); None = True when more than one device trains.
+  config.model.cross_replica_bn = ml_collections.config_dict.placeholder(bool)
   # BN running-average decay (Flax convention); None keeps the architecture's (USB: 0.999 for
   # the WRNs and cnn_small, 0.9 for ResNet-50). The stats need ~3 / (1 - decay) steps to settle,
   # so runs of a few thousand steps want 0.99.
@@ -88,6 +92,12 @@ def get_config():
   config.calibratemix.pair_space = 'pixels'  # pixels | features
   config.calibratemix.apm_delta = 0.997  # APM step size delta / (1 + updates so far)
   config.calibratemix.random_pairing = False  # True = random-mixup ablation (no split)
+  # global: split and pair the global batch as one device would (same on any device count);
+  # device: each device splits and pairs its own share (what DDP does).
+  config.calibratemix.pair_scope = 'global'
+  # Pair on images average-pooled by this factor (1 = full size): global scope gathers
+  # 1/f^2 of the pixels; mixing still uses the full-size images.
+  config.calibratemix.pair_downsample = 1
 
   config.eval = ml_collections.ConfigDict()
   config.eval.num_bins = 10  # equal-width confidence bins of ECE and the diagram

@@ -8,8 +8,12 @@ the same loop in torch when torch is importable. Also times the whole jitted
 `targeted_mixup` (median splits included) at B=64, U=448, and one step's dynamics work
 (AUM/APM/Welford table updates + the difficulty read-outs, tables donated as in the train
 step) at CIFAR-10, CIFAR-100 and, with --imagenet, ImageNet table sizes.
+First it prints what `calibratemix.pair_scope=global` moves between devices per step
+(all-gathers of the pairing inputs, the reduce-scatter that builds the mixed images),
+read off the traced program, at CIFAR and ImageNet shapes on 8 devices: full-size images,
+downsampled images and features.
 
-  python experiments/bench_pairing.py [--runs 30] [--warmup 3] [--imagenet]
+  python experiments/bench_pairing.py [--runs 30] [--warmup 3] [--imagenet] [--bytes_only]
 """
 
 import argparse
@@ -22,6 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.extend  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
@@ -31,6 +36,65 @@ from cmix_jax import parallel  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 N_ANCHORS, POOL, IMAGE, K, NUM_CLASSES = 32, 224, (32, 32, 3), 15, 10
+COLLECTIVES = ('all_gather', 'reduce_scatter')
+
+
+def _collective_bytes(jaxpr) -> dict[str, int]:
+  """Per-device bytes of every all_gather result and reduce_scatter operand in a jaxpr."""
+  totals = dict.fromkeys(COLLECTIVES, 0)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'all_gather':
+      totals['all_gather'] += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars)
+    elif eqn.primitive.name == 'reduce_scatter':
+      totals['reduce_scatter'] += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.invars)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      for name, value in _collective_bytes(sub).items():
+        totals[name] += value
+  return totals
+
+
+def global_pairing_bytes(batch: int, uratio: int, image: tuple, num_devices: int,
+                         pair_downsample: int = 1, feature_dim: int | None = None,
+                         num_classes: int = NUM_CLASSES) -> dict[str, int]:
+  """Bytes each device receives per step from global_targeted_mixup's collectives (traced).
+
+  Traces (never runs) one device's global_targeted_mixup of a global batch of `batch`
+  labeled and uratio*batch unlabeled f32 images over `num_devices` devices.
+  """
+  b, u = batch // num_devices, batch * uratio // num_devices
+  f32, i32 = jnp.float32, jnp.int32
+  mesh = jax.sharding.AbstractMesh((num_devices,), (parallel.AXIS,))
+  spec = jax.sharding.PartitionSpec(parallel.AXIS)
+  args = [jax.ShapeDtypeStruct((n * num_devices,) + shape, dtype) for n, shape, dtype in (
+      (b, image, f32), (b, (), i32), (b, (), f32), (u, image, f32), (u, (), i32), (u, (), f32))]
+  if feature_dim:
+    args += [jax.ShapeDtypeStruct((n * num_devices, feature_dim), f32) for n in (b, u)]
+
+  def one_device(x_lb, y_lb, d_lb, x_ulb, pseudo, d_ulb, *feats):
+    mixed = mixup.global_targeted_mixup(
+        jax.random.key(0), x_lb=x_lb, y_lb=y_lb, lb_difficulty=d_lb, x_ulb=x_ulb,
+        pseudo_labels=pseudo, ulb_difficulty=d_ulb, num_classes=num_classes,
+        axis_name=parallel.AXIS, pair_lb=feats[0] if feats else None,
+        pair_ulb=feats[1] if feats else None, pair_downsample=pair_downsample)
+    return mixed.x
+  mapped = jax.shard_map(one_device, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec)
+  return _collective_bytes(jax.make_jaxpr(mapped)(*args).jaxpr)
+
+
+def print_gather_bytes(num_devices: int = 8) -> None:
+  """The table of global-scope traffic per step at CIFAR and ImageNet shapes."""
+  print(f'pair_scope=global traffic per device per step, {num_devices} devices, f32 views, '
+        'B=64 U=448 global:')
+  cases = [('CIFAR 32x32x3', (32, 32, 3), 1, None), ('CIFAR 32x32x3', (32, 32, 3), 4, None),
+           ('CIFAR, WRN-28-2 features', (32, 32, 3), 1, 128),
+           ('ImageNet 224x224x3', (224, 224, 3), 1, None),
+           ('ImageNet 224x224x3', (224, 224, 3), 8, None),
+           ('ImageNet, ResNet-50 features', (224, 224, 3), 1, 2048)]
+  for name, image, factor, feature_dim in cases:
+    got = global_pairing_bytes(64, 7, image, num_devices, factor, feature_dim)
+    pairing = f'features {feature_dim}' if feature_dim else f'pair_downsample={factor}'
+    print(f'  {name:30s} {pairing:20s} all-gather {got["all_gather"] / 2**20:9.2f} MiB   '
+          f'reduce-scatter {got["reduce_scatter"] / 2**20:8.2f} MiB')
 
 
 def _median_times(fns, runs: int, warmup: int) -> list[float]:
@@ -148,8 +212,13 @@ def main():
                       help='also time the dynamics step at ImageNet size (5.2 GB of tables)')
   parser.add_argument('--xla_flags', default=default.get_config().xla_flags,
                       help="backend flags as config.xla_flags ('' = XLA's defaults)")
+  parser.add_argument('--bytes_only', action='store_true',
+                      help='print the global-scope traffic table and stop (nothing runs)')
   args = parser.parse_args()
   parallel.set_xla_flags(args.xla_flags)  # before the first computation starts the backend
+  print_gather_bytes()
+  if args.bytes_only:
+    return
 
   rng = np.random.default_rng(0)
   data = {name: rng.normal(size=(n,) + IMAGE).astype(np.float32)

@@ -38,6 +38,7 @@ def build_config(args):
       target = target[p]
     target[leaf] = type(target[leaf])(eval(value)) if not isinstance(target[leaf], str) else value  # pylint: disable=eval-used
   if args.coordinator:
+    config.distributed.mode = 'explicit'
     config.distributed.coordinator_address = args.coordinator
     config.distributed.num_processes = args.num_processes
     config.distributed.process_id = args.process_id

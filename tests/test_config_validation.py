@@ -24,7 +24,6 @@ BAD = [
     ('data.num_labels', 30, 'not divisible by the 4 classes'),
     ('data.num_labels', 1000, 'exceeds the 256 training examples'),
     ('data.batch_size', 12, 'not divisible by the 8 devices'),
-    ('data.eval_batch_size', 20, 'not divisible by the 8 devices'),
     ('num_train_steps', 0, 'must be positive'),
     ('data.batch_size', -8, 'must be positive'),
     ('data.uratio', 0, 'uratio >= 1'),
@@ -35,6 +34,9 @@ BAD = [
     ('model.dtype', 'float16', 'model.dtype'),
     ('model.bn_momentum', 1.0, 'bn_momentum=1.0'),
     ('parallel_backend', 'xmap', 'parallel_backend'),
+    ('calibratemix.pair_scope', 'world', 'pair_scope=.world.: use global'),
+    ('calibratemix.pair_downsample', 0, 'pair_downsample=0'),
+    ('distributed.mode', 'mpi', "distributed.mode='mpi': use one of"),
 ]
 
 
@@ -48,6 +50,27 @@ def test_bad_config_gives_one_clear_line_before_any_write(key, value, message, t
     run_setup.build_run(config, workdir)
   assert len(str(info.value).splitlines()) == 2  # header + exactly one problem
   assert not os.path.exists(workdir)
+
+
+def test_device_pair_scope_needs_two_labeled_samples_per_device():
+  config = tiny.config(calibratemix=True)  # batch 16
+  config.calibratemix.pair_scope = 'device'
+  assert config_validation.config_errors(config, 8, 4, 256) == []
+  errors = config_validation.config_errors(config, 16, 4, 256)
+  assert any('data.batch_size >= 32 or pair_scope=global' in e for e in errors)
+  config.calibratemix.pair_scope = 'global'  # one labeled sample per device is fine
+  config.data.batch_size, config.data.uratio = 8, 2
+  assert config_validation.config_errors(config, 8, 4, 256) == []
+
+
+def test_pair_downsample_applies_to_pixels_only():
+  config = tiny.config(calibratemix=True)
+  config.calibratemix.pair_downsample = 2
+  assert config_validation.config_errors(config, 8, 4, 256) == []
+  config.calibratemix.pair_space = 'features'
+  errors = config_validation.config_errors(config, 8, 4, 256)
+  assert errors == ['calibratemix.pair_downsample=2 shrinks images, but pair_space=features '
+                    'pairs on features: set pair_downsample=1.']
 
 
 def test_calibratemix_on_supervised_is_refused():

@@ -1,7 +1,9 @@
 """Tests for cmix_jax.mixup: dissimilar pairing, median split, mixing, BCE, targeted mixup."""
 
 import functools
+import importlib.util
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +244,126 @@ def test_hard_pseudo_label_error_ignores_unknown_labels():
 def test_difficulty_half_means():
   hard, easy = mixup.difficulty_half_means(jnp.asarray([4., 1., 3., 2., 5.]))
   np.testing.assert_allclose([hard, easy], [1.5, 4.0])
+
+
+# ---------------------------------------------------------------- global scope
+
+D = 8  # fake devices (tests/conftest.py)
+
+
+def _global_inputs(b, u, seed=0, feature_dim=None):
+  """Global-batch inputs; difficulties with ties so the stable sort order matters."""
+  rng = np.random.default_rng(seed)
+  inp = dict(
+      x_lb=rng.normal(size=(b, 4, 4, 3)).astype(np.float32),
+      y_lb=rng.integers(0, K, b).astype(np.int32),
+      lb_difficulty=rng.integers(0, 3, b).astype(np.float32),
+      x_ulb=rng.normal(size=(u, 4, 4, 3)).astype(np.float32),
+      pseudo_labels=rng.integers(0, K, u).astype(np.int32),
+      ulb_difficulty=rng.integers(0, 4, u).astype(np.float32))
+  if feature_dim:
+    inp['pair_lb'] = rng.normal(size=(b, feature_dim)).astype(np.float32)
+    inp['pair_ulb'] = rng.normal(size=(u, feature_dim)).astype(np.float32)
+  return inp
+
+
+def _per_device(tree):
+  return jax.tree.map(lambda x: x.reshape((D, -1) + x.shape[1:]), tree)
+
+
+def _global_shares(key, inp, logits, **kwargs):
+  """pmap over 8 devices: each device's share of the global sets, its loss and fused targets."""
+  def per_device(local, local_logits):
+    mixed = mixup.global_targeted_mixup(key, **local, num_classes=K, axis_name='i', **kwargs)
+    loss, metrics = mixup.mixup_loss(local_logits, mixed)
+    return (mixed, jax.lax.pmean(loss, 'i'), jax.lax.pmean(metrics, 'i'),
+            mixup.partner_onehot(mixed, local['pseudo_labels'], K))
+  return jax.pmap(per_device, axis_name='i')(_per_device(inp), _per_device(logits))
+
+
+@pytest.mark.parametrize('case', ['pixels', 'downsample', 'features', 'random', 'one_per_device'])
+def test_global_scope_equals_one_device_on_the_whole_batch(case):
+  b, u = (8, 16) if case == 'one_per_device' else (16, 48)
+  inp = _global_inputs(b, u, seed=len(case), feature_dim=6 if case == 'features' else None)
+  kwargs = dict(pair_k_frac=0.3, random_pairing=case == 'random',
+                pair_downsample=2 if case == 'downsample' else 1)
+  logits = np.random.default_rng(7).normal(size=(b, K)).astype(np.float32)
+  key = jax.random.key(11)
+  ref = mixup.targeted_mixup(key, **inp, num_classes=K, **kwargs)
+  ref_loss, ref_metrics = mixup.mixup_loss(jnp.asarray(logits), ref)
+  shares, loss, metrics, fused_b = _global_shares(key, inp, logits, **kwargs)
+  whole = lambda x: np.asarray(x).reshape((b,) + x.shape[2:])  # device shares, in order
+  np.testing.assert_array_equal(whole(shares.anchor_idx), ref.anchor_idx)
+  np.testing.assert_array_equal(whole(shares.partner_idx), ref.partner_idx)
+  np.testing.assert_array_equal(whole(shares.in_first), ref.in_first)
+  np.testing.assert_array_equal(whole(shares.lam_per_sample), ref.lam_per_sample)
+  np.testing.assert_allclose(whole(shares.x), ref.x, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(whole(shares.onehot_a), ref.onehot_a)
+  np.testing.assert_array_equal(whole(shares.onehot_b), ref.onehot_b)
+  np.testing.assert_array_equal(whole(fused_b), ref.onehot_b)  # gathered pseudo-labels
+  for replica in range(D):  # lambda drawn once per pairing, the same on every device
+    assert shares.lam1[replica] == ref.lam1 and shares.lam2[replica] == ref.lam2
+  np.testing.assert_allclose(loss[0], ref_loss, rtol=1e-6)
+  for name in ('mixup_loss_1', 'mixup_loss_2'):
+    np.testing.assert_allclose(metrics[name][0], ref_metrics[name], rtol=1e-6)
+  if case == 'pixels':  # the whole-set loss, by the per-set formula
+    n1 = ref.num_first
+    expected = (mixup.mixup_bce(logits[:n1], ref.onehot_a[:n1], ref.onehot_b[:n1], ref.lam1)
+                + mixup.mixup_bce(logits[n1:], ref.onehot_a[n1:], ref.onehot_b[n1:], ref.lam2))
+    np.testing.assert_allclose(loss[0], expected, rtol=1e-6)
+
+
+def test_device_scope_splits_each_share_on_its_own():
+  """What `device` scope means: 8 separate splits of 2 labeled / 6 unlabeled samples."""
+  inp = _global_inputs(16, 48, seed=3)
+  keys = _keys(D, seed=5)
+  local = jax.vmap(lambda k, kw: mixup.targeted_mixup(k, **kw, num_classes=K, pair_k_frac=0.3))(
+      keys, _per_device(jax.tree.map(jnp.asarray, inp)))
+  assert np.asarray(local.anchor_idx).max() < 2  # rows of the device's own 2 samples
+  whole = mixup.targeted_mixup(keys[0], **inp, num_classes=K, pair_k_frac=0.3)
+  assert np.asarray(whole.anchor_idx).max() >= 2
+
+
+def test_downsample_averages_blocks():
+  x = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.float32).reshape(2, 4, 4, 1)
+  small = mixup.downsample(x, 2)
+  assert small.shape == (2, 2, 2, 1)
+  expected = np.asarray(x).reshape(2, 2, 2, 2, 2, 1).mean(axis=(2, 4))  # 2x2 block means
+  np.testing.assert_allclose(small, expected, rtol=1e-6)
+  thirds = mixup.downsample(x, 3)  # ceil(4 / 3) = 2 blocks; the last repeats row/column 3
+  assert thirds.shape == (2, 2, 2, 1)
+  np.testing.assert_allclose(thirds[0, 1, 1, 0], 15.0)  # the 3x3 block of copies of x[0, 3, 3]
+  np.testing.assert_allclose(thirds[0, 0, 0, 0], np.asarray(x)[0, :3, :3].mean())
+  assert mixup.downsample(x, 1) is x
+  with pytest.raises(ValueError, match='pair_downsample'):
+    mixup.targeted_mixup(jax.random.key(0), **_inputs(), num_classes=K, pair_downsample=0)
+
+
+def test_bench_counts_the_global_scope_traffic_by_hand():
+  """experiments/bench_pairing.py reads the collectives off the traced per-device program."""
+  spec = importlib.util.spec_from_file_location(
+      'bench_pairing', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    'experiments', 'bench_pairing.py'))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  pixels = 32 * 32 * 3 * 4  # f32 bytes of one image
+  scalars = (64 + 448) * 4 * 2  # difficulties, labels / pseudo-labels of the global batch
+  full = bench.global_pairing_bytes(64, 7, (32, 32, 3), 8)
+  assert full == {'all_gather': (64 + 448) * pixels + scalars, 'reduce_scatter': 0}
+  small = bench.global_pairing_bytes(64, 7, (32, 32, 3), 8, pair_downsample=4)
+  # 8x8 pooled pairing inputs; each device reduce-scatters a [64, 32, 32, 3] mixed batch.
+  assert small == {'all_gather': (64 + 448) * pixels // 16 + scalars,
+                   'reduce_scatter': 64 * pixels}
+
+
+def test_split_metrics_in_global_scope_are_the_whole_batch_values():
+  inp = _global_inputs(16, 48, seed=9)
+  hidden = np.random.default_rng(2).integers(-1, K, 48).astype(np.int32)
+  args = (inp['lb_difficulty'], inp['ulb_difficulty'], inp['pseudo_labels'], hidden)
+  whole = mixup.split_metrics(*args)
+  shared = jax.pmap(lambda *a: mixup.split_metrics(*a, axis_name='i'), axis_name='i')(
+      *_per_device(args))
+  for name, value in whole.items():
+    np.testing.assert_allclose(shared[name], np.full(D, value), rtol=1e-6, err_msg=name)
+  hard_lb = np.argsort(inp['lb_difficulty'], kind='stable')[:8]
+  np.testing.assert_allclose(whole['difficulty_lb_hard'], inp['lb_difficulty'][hard_lb].mean())

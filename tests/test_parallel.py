@@ -84,3 +84,77 @@ def test_set_xla_flags_appends_only_flags_not_already_named(monkeypatch):
   assert parallel.set_xla_flags('--d=1 --e') == ['--d=1', '--e']
   assert os.environ['XLA_FLAGS'] == '--d=1 --e'
   assert parallel.set_xla_flags('') == [] and os.environ['XLA_FLAGS'] == '--d=1 --e'
+
+
+# ---------------------------------------------------------------- multi-host start
+
+SLURM = {'SLURM_JOB_ID': '77', 'SLURM_STEP_NODELIST': 'node[1-2]', 'SLURM_NTASKS': '2',
+         'SLURM_PROCID': '1', 'SLURM_LOCALID': '0'}
+OMPI = {'OMPI_MCA_orte_hnp_uri': '1531576320.0;tcp://10.96.0.1:34911',
+        'OMPI_COMM_WORLD_SIZE': '4', 'OMPI_COMM_WORLD_RANK': '0'}
+no_tpu_vm = lambda: 1  # what the metadata probe answers off a Cloud TPU VM
+
+
+@pytest.mark.parametrize('env,expected', [
+    ({}, None),
+    (SLURM, 'slurm'),
+    (dict(SLURM, SLURM_NTASKS='1'), None),  # a one-task allocation is one process
+    ({k: v for k, v in SLURM.items() if k != 'SLURM_STEP_NODELIST'}, None),  # salloc shell
+    (OMPI, 'ompi'),
+    (dict(OMPI, OMPI_COMM_WORLD_SIZE='1'), None),
+    ({'TPU_WORKER_HOSTNAMES': 'host-0,host-1'}, 'tpu'),
+    ({'TPU_WORKER_HOSTNAMES': 'host-0'}, None),
+    ({'TPU_PROCESS_ADDRESSES': 'a:1,b:1,c:1,d:1'}, 'tpu'),
+    ({'MEGASCALE_NUM_SLICES': '2'}, 'tpu'),
+])
+def test_detect_cluster_on_fake_environments(env, expected):
+  assert parallel.detect_cluster(env, no_tpu_vm) == expected
+
+
+def test_detect_cluster_asks_tpu_metadata_unless_told_not_to():
+  assert parallel.detect_cluster({}, lambda: 4) == 'tpu'  # a 4-host TPU VM slice
+  assert parallel.detect_cluster({'TPU_SKIP_MDS_QUERY': '1'}, lambda: 4) is None
+  assert parallel.detect_cluster({}) is None  # this machine: no TPU VM, no network call
+
+
+def _dist(**kwargs):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  dist = default.get_config().distributed
+  dist.update(kwargs)
+  return dist
+
+
+def test_start_distributed_modes_on_fake_environments():
+  calls = []
+  record = lambda *args: calls.append(args)
+  # auto, nothing detected (a laptop): plain single process, initialize never called.
+  assert 'single process' in parallel.start_distributed(_dist(), {}, record, no_tpu_vm)
+  assert parallel.start_distributed(_dist(mode='off'), SLURM, record, no_tpu_vm).startswith(
+      'single process')
+  assert not calls
+  # auto on a cluster: JAX's own detection (no arguments).
+  assert 'slurm' in parallel.start_distributed(_dist(), SLURM, record, no_tpu_vm)
+  assert calls == [()]
+  # explicit (and auto with an address): the given settings, CMIX_* env as fallback.
+  calls.clear()
+  parallel.start_distributed(_dist(mode='explicit', coordinator_address='10.0.0.1:99',
+                                   num_processes=2, process_id=1), {}, record, no_tpu_vm)
+  parallel.start_distributed(_dist(), {'CMIX_COORDINATOR_ADDRESS': 'h:1',
+                                       'CMIX_NUM_PROCESSES': '3', 'CMIX_PROCESS_ID': '2'},
+                             record, no_tpu_vm)
+  assert calls == [('10.0.0.1:99', 2, 1), ('h:1', 3, 2)]
+  with pytest.raises(ValueError, match='coordinator_address'):
+    parallel.start_distributed(_dist(mode='explicit'), SLURM, record, no_tpu_vm)
+  with pytest.raises(ValueError, match="use one of \\('auto', 'explicit', 'off'\\)"):
+    parallel.start_distributed(_dist(mode='mpi'), {}, record, no_tpu_vm)
+
+
+def test_describe_names_processes_and_devices():
+  text = parallel.describe(parallel.make_topology(8))
+  assert text.startswith('process 0 of 1; 8 devices in the mesh (8 local, cpu')
+
+
+@pytest.mark.parametrize('setting,devices,expected', [
+    (None, 1, False), (None, 2, True), (None, 8, True), (False, 8, False), (True, 1, True)])
+def test_cross_replica_bn_defaults_to_sync_bn_on_more_than_one_device(setting, devices, expected):
+  assert parallel.use_cross_replica_bn(setting, devices) is expected

@@ -104,13 +104,15 @@ def test_bad_layout_is_refused_with_the_fix():
   with pytest.raises(ValueError, match='not divisible by 2 processes x 3 local devices = 6'):
     pipeline.TrainIterator(_data(), global_batch=8, uratio=1, seed=0, local_devices=3,
                            process_count=2)
-  with pytest.raises(ValueError, match='batch_size=10 is not divisible'):
+  with pytest.raises(ValueError, match='eval_batch_size'):
     next(pipeline.eval_batches(datasets.ArrayImageSource(np.zeros((5, 2, 2, 1), np.uint8)),
-                               np.zeros(5), 10, local_devices=4))
+                               np.zeros(5), 0, local_devices=4))
 
 
 @pytest.mark.parametrize('num,batch,local_devices,process_count', [
-    (37, 8, 2, 2), (37, 12, 1, 3), (5, 8, 2, 4), (16, 8, 2, 1)])
+    (37, 8, 2, 2), (37, 12, 1, 3), (5, 8, 2, 4), (16, 8, 2, 1),
+    # batch sizes that do not divide over the devices: rounded up per device, padded
+    (37, 10, 4, 1), (37, 500, 8, 1), (37, 7, 2, 2), (3, 5, 3, 2)])
 def test_eval_padding_covers_every_example_once(num, batch, local_devices, process_count):
   images = np.arange(num, dtype=np.uint8).reshape(num, 1, 1, 1) + 1  # image = index + 1
   source = datasets.ArrayImageSource(images)
@@ -120,11 +122,12 @@ def test_eval_padding_covers_every_example_once(num, batch, local_devices, proce
                  for p in range(process_count)]
   counts = {len(b) for b in per_process}
   share = -(-num // process_count)
-  assert counts == {-(-share // (batch // process_count))}  # same count on every process
+  per_device = -(-batch // (local_devices * process_count))  # batch rounded up to the devices
+  assert counts == {-(-share // (per_device * local_devices))}  # same count on every process
   seen = []
   for batches in per_process:
     for b in batches:
-      assert b['x'].shape == (local_devices, batch // process_count // local_devices, 1, 1, 1)
+      assert b['x'].shape == (local_devices, per_device, 1, 1, 1)
       assert b['mask'].dtype == np.float32 and b['y'].dtype == np.int32
       real = b['mask'].ravel() > 0
       x = b['x'].ravel()

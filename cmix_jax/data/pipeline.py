@@ -133,17 +133,32 @@ class TrainIterator:
     return out
 
 
+def eval_batch_layout(batch_size: int, local_devices: int, process_count: int) -> int:
+  """Rows per device of an eval batch: batch_size rounded UP to a multiple of the devices.
+
+  Any batch size works on any device count; the padding rows carry mask 0.
+  """
+  if batch_size <= 0 or local_devices < 1 or process_count < 1:
+    raise ValueError(f'eval batch_size={batch_size} must be positive (--config.data.'
+                     f'eval_batch_size); local_devices={local_devices}, process_count='
+                     f'{process_count} must be >= 1.')
+  return -(-batch_size // (local_devices * process_count))
+
+
 def eval_batches(images: datasets.ImageSource, labels: np.ndarray, batch_size: int, *,
                  local_devices: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """This process's padded eval batches: x uint8 [L,b,H,W,C], y int32 [L,b], mask f32 [L,b].
 
-  Process p takes the contiguous rows [p*S, (p+1)*S) with S = ceil(N / P); every process
-  yields ceil(S / (batch_size / P)) batches (the same count, for collectives); rows past the
-  end of its share are zero images with mask 0, so each example counts exactly once.
+  b = ceil(batch_size / (L * P)) (see eval_batch_layout). Process p takes the contiguous
+  rows [p*S, (p+1)*S) with S = ceil(N / P); every process yields ceil(S / (L * b)) batches
+  (the same count, for collectives); rows past the end of its share are zero images with
+  mask 0, so each example counts exactly once.
   """
-  per_process = _check_layout(batch_size, local_devices, process_index, process_count,
-                              'batch_size')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'bad layout: process_index={process_index}, '
+                     f'process_count={process_count}.')
+  per_process = eval_batch_layout(batch_size, local_devices, process_count) * local_devices
   labels = np.asarray(labels)
   num = len(labels)
   if len(images) != num:

@@ -1,0 +1,89 @@
+"""Every shipped config runs unchanged on 1, 2, 4 and 8 devices (fake CPU devices)."""
+
+import importlib.util
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from cmix_jax import config_validation
+from cmix_jax import parallel
+from cmix_jax import run_setup
+from cmix_jax import train
+from cmix_jax.data import datasets
+from configs import classic_cv
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE_COUNTS = (1, 2, 4, 8)
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _variants(config):
+  """The config as shipped, and with CalibrateMix on in each pass / scope variant."""
+  yield config
+  for passes in (1, 2):
+    for scope in ('global', 'device'):
+      variant = config.copy_and_resolve_references()
+      variant.calibratemix.enabled = True
+      variant.calibratemix.passes = passes
+      variant.calibratemix.pair_scope = scope
+      yield variant
+
+
+@pytest.mark.parametrize('name', ['default', 'fmnist_study'])
+def test_cpu_configs_validate_on_every_device_count(name):
+  for config in _variants(_load(name).get_config()):
+    for devices in DEVICE_COUNTS:
+      assert config_validation.config_errors(config, devices, 10, 60000) == [], devices
+
+
+def test_classic_cv_settings_validate_on_every_device_count():
+  for algorithm, dataset, num_labels, seed, variant in classic_cv.all_settings():
+    if seed:
+      continue  # the seed changes nothing that validation reads
+    config = classic_cv.get_config(f'{algorithm},{dataset},{num_labels},{seed},{variant}')
+    num_classes = datasets.SPECS[config.data.name].num_classes
+    for devices in DEVICE_COUNTS:
+      errors = config_validation.config_errors(config, devices, num_classes)
+      assert not errors, (algorithm, dataset, num_labels, variant, devices, errors)
+
+
+def _default_on_fake_data(num_devices: int):
+  """The default config unchanged except for fake data of its shape (28x28x1, 10 classes)."""
+  config = _load('default').get_config()
+  config.num_devices = num_devices
+  config.data.name = 'fake'
+  config.data.fake = ml_collections.ConfigDict(dict(
+      num_train=1000, num_test=1234, image_shape=(28, 28, 1), num_classes=10, seed=0))
+  config.calibratemix.enabled = True
+  config.calibratemix.warmup_steps = 0  # step 0 base, step 1 CalibrateMix
+  config.progress_bar = False
+  return config
+
+
+def test_default_config_evaluates_with_batch_500_and_trains_on_eight_devices(tmp_path):
+  results = {}
+  for devices in (1, 8):
+    run = run_setup.build_run(_default_on_fake_data(devices), str(tmp_path / str(devices)))
+    assert run.config.data.eval_batch_size == 500  # 500 rows over 8 devices: padded
+    state, _ = run_setup.initial_state(run)
+    state = parallel.stack_state(state, run.topo, run.sharded_field)
+    results[devices] = run.evaluator.evaluate_split(state, run.data, 'test')
+  assert len(results[8]['confidence']) == 1234  # every test example once, no padding row
+  for name, value in results[1]['metrics'].items():
+    assert results[8]['metrics'][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+  # Two train steps (base, then CalibrateMix) of the default model on 8 devices.
+  fns = run_setup.make_step_fns(run)
+  batches = run_setup.train_iterator(run, 0)
+  state, metrics = train.run_steps(fns, state, batches, run.config, 0, 2)
+  batches.close()
+  last = parallel.first_replica_to_host(metrics[-1])
+  assert np.isfinite(last['loss']) and np.isfinite(last['mixup_loss'])
+  assert int(parallel.first_replica_to_host(state.step)) == 2
