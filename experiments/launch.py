@@ -189,10 +189,8 @@ def _need(args, target, *flags):
                          'slurm': '--gpus_per_node=8'}[target] + '.')
 
 
-def plan(args: argparse.Namespace) -> Plan:
-  """Checks the flags and the config; every problem is one LaunchError naming the fix."""
-  config = load_config(args.config)
-  check_overrides(config, args.overrides)
+def _check_target_flags(args: argparse.Namespace) -> None:
+  """Refuses flags of another target and impossible counts."""
   if args.target != 'tpu':
     for flag in ('zone', 'accelerator_type', 'tpu_version', 'spot', 'project'):
       if getattr(args, flag):
@@ -203,21 +201,15 @@ def plan(args: argparse.Namespace) -> Plan:
         raise LaunchError(f'--{flag} is for --target=slurm; drop it for --target={args.target}.')
   if args.nodes < 1 or args.gpus_per_node < 0:
     raise LaunchError('--nodes must be >= 1 and --gpus_per_node >= 0.')
-  bucket = bucket_url(args.bucket) if args.bucket else ''
-  name = args.name or run_name(args.config)
-  if not re.fullmatch(r'[a-z]([a-z0-9-]*[a-z0-9])?', name):
-    raise LaunchError(f'--name={name!r}: use lower-case letters, digits and -, starting with a '
-                      'letter (a TPU VM name), e.g. --name=cmix-v4.')
-  accelerator_type, tpu_version = '', ''
   if args.target == 'tpu':
     _need(args, 'tpu', 'name', 'zone', 'accelerator_type', 'bucket')
-    accelerator_type, generation, num_devices = tpu_type(args.accelerator_type)
-    tpu_version = args.tpu_version or TPU_GENERATIONS[generation][1]
   elif args.target == 'slurm':
     _need(args, 'slurm', 'gpus_per_node')
-    num_devices = args.nodes * args.gpus_per_node
-  else:
-    num_devices = args.gpus_per_node or 1
+
+
+def _paths(args: argparse.Namespace, config) -> tuple[str, str]:
+  """(workdir, data_dir): the flags, else under --bucket, else local defaults."""
+  bucket = bucket_url(args.bucket) if args.bucket else ''
   data_dir = args.data_dir or (f'{bucket}/tfds' if bucket else config.data.data_dir)
   if not data_dir.startswith('gs://'):
     data_dir = os.path.expanduser(data_dir)
@@ -226,12 +218,35 @@ def plan(args: argparse.Namespace) -> Plan:
   if args.target == 'tpu' and not (workdir.startswith('gs://') and data_dir.startswith('gs://')):
     raise LaunchError('--target=tpu: every worker must see the same data and run directory; '
                       'give gs:// paths for --workdir and --data_dir (or leave them to --bucket).')
-  num_classes = datasets.SPECS[config.data.name].num_classes if (
-      config.data.name in datasets.SPECS) else None
-  errors = config_validation.config_errors(config, num_devices, num_classes)
+  return workdir, data_dir
+
+
+def _check_config(config, config_flag: str, num_devices: int) -> None:
+  """The config's own checks (batch divisibility, ...) for the target's device count."""
+  spec = datasets.SPECS.get(config.data.name)
+  errors = config_validation.config_errors(config, num_devices, spec and spec.num_classes)
   if errors:
-    raise LaunchError(f'--config={args.config} cannot run on {num_devices} devices: '
+    raise LaunchError(f'--config={config_flag} cannot run on {num_devices} devices: '
                       + ' '.join(errors))
+
+
+def plan(args: argparse.Namespace) -> Plan:
+  """Checks the flags and the config; every problem is one LaunchError naming the fix."""
+  config = load_config(args.config)
+  check_overrides(config, args.overrides)
+  _check_target_flags(args)
+  name = args.name or run_name(args.config)
+  if not re.fullmatch(r'[a-z]([a-z0-9-]*[a-z0-9])?', name):
+    raise LaunchError(f'--name={name!r}: use lower-case letters, digits and -, starting with a '
+                      'letter (a TPU VM name), e.g. --name=cmix-v4.')
+  accelerator_type, tpu_version = '', ''
+  if args.target == 'tpu':
+    accelerator_type, generation, num_devices = tpu_type(args.accelerator_type)
+    tpu_version = args.tpu_version or TPU_GENERATIONS[generation][1]
+  else:
+    num_devices = (args.nodes * args.gpus_per_node) or 1
+  workdir, data_dir = _paths(args, config)
+  _check_config(config, args.config, num_devices)
   return Plan(args=args, config=config, name=name, workdir=workdir, data_dir=data_dir,
               num_devices=num_devices, accelerator_type=accelerator_type,
               tpu_version=tpu_version)
