@@ -49,6 +49,9 @@ def config_errors(config: ml_collections.ConfigDict, num_devices: int,
     errors.append(f'parallel_backend={config.parallel_backend!r}: use one of {parallel.BACKENDS}.')
   _positive(config, errors, 'num_train_steps', 'log_every', 'eval_every', 'checkpoint_every',
             'max_to_keep', 'data.num_labels', 'data.batch_size', 'data.eval_batch_size')
+  if config.get('lease_timeout_s', 600.0) <= 0:
+    errors.append(f'lease_timeout_s={config.lease_timeout_s} must be positive: the seconds '
+                  'without heartbeat after which a workdir lease is taken over (default 600).')
   if config.data.uratio < 0 or (config.algorithm != 'supervised' and config.data.uratio == 0):
     errors.append(f'data.uratio={config.data.uratio}: semi-supervised algorithms need '
                   'uratio >= 1 (USB uses 7); only supervised may use 0.')

@@ -122,5 +122,6 @@ def print_summary(run, report: dict, log_path: str) -> None:
       f'  metrics   {os.path.join(run.workdir, "eval.json")} (and metrics.jsonl)',
       *([f'  pictures  {run.workdir}: final_reliability.png, final_confidence.png, curves.png, '
          'data_map_*.png'] if run.config.eval.plots else []),
-      f'  TensorBoard: tensorboard --logdir={run.workdir}',
+      *([f'  TensorBoard: tensorboard --logdir={run.workdir}']
+        if run.config.get('tensorboard', True) else []),
       f'  log       {log_path}']))

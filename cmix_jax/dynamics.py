@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cmix_jax import storage
+
 MEASURES = ('margin', 'confidence')
 
 
@@ -337,6 +339,5 @@ def to_numpy_dict(state: DynamicsState) -> dict:
 
 
 def save_npz(state: DynamicsState, path: str) -> None:
-  """Writes `to_numpy_dict(state)` to `path` (.npz) for plots and offline analysis."""
-  with open(path, 'wb') as f:
-    np.savez(f, **to_numpy_dict(state))
+  """Writes `to_numpy_dict(state)` to `path` (.npz, local or gs://) for offline analysis."""
+  storage.save_npz(path, **to_numpy_dict(state))

@@ -7,10 +7,9 @@ Prints a table of every calibration metric, writes `<out>/eval_<tag>.json` and t
 reliability diagram / confidence histogram PNGs (EMA weights unless --raw).
 `--temperature_scaling` fits a temperature by NLL on the held-out labeled validation
 slice (needs a run trained with data.val_size > 0) and reports the metrics before and
-after ("+TS"); training is never changed.
+after ("+TS"); training is never changed. --workdir and --out may be local or gs://.
 """
 
-import json
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -24,6 +23,7 @@ from cmix_jax import metrics
 from cmix_jax import parallel
 from cmix_jax import reports
 from cmix_jax import run_setup
+from cmix_jax import storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a run (holds config.json and checkpoints/).')
@@ -41,12 +41,13 @@ class EvaluateError(RuntimeError):
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  """The config a training run saved in `workdir` (its bucket checked first when gs://)."""
+  storage.check_readable(workdir)
+  path = storage.as_path(workdir) / 'config.json'
+  if not path.exists():
     raise EvaluateError(f'{workdir} has no config.json: is it a cmix_jax workdir? '
                         'Pass the --workdir a training run wrote.')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(storage.read_json(path))
 
 
 def restore(run, which: str, step: int | None):

@@ -1,12 +1,12 @@
 """Pictures of calibration and training dynamics (matplotlib Agg, no pyplot global state).
 
-Every function writes a PNG at `path` and the numbers behind it next to it
+Every function writes a PNG at `path` (local or gs://) and the numbers behind it next to it
 (`<stem>.data.json`, or `<stem>.data.csv` for per-point data maps) and returns
 (png_path, data_path).
 """
 
 import csv
-import json
+import io
 import math
 import os
 import textwrap
@@ -15,6 +15,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from cmix_jax import storage
 
 TABLE_KEYS = ('bin_lo', 'bin_hi', 'count', 'mean_conf', 'accuracy')
 MAX_MAP_POINTS = 20_000
@@ -34,14 +36,15 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, format='png', bbox_inches='tight')
+  """PNG rendered in memory, then written whole (local or gs://)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', bbox_inches='tight')
+  storage.write_bytes(path, buffer.getvalue())
   return path
 
 
 def _write_json(path: str, payload) -> str:
-  with open(path, 'w') as f:
-    json.dump(payload, f, indent=1, allow_nan=False)
+  storage.write_json(path, payload, indent=1, allow_nan=False)
   return path
 
 
@@ -225,12 +228,13 @@ def data_map(variability, confidence, path: str, color=None, color_label: str | 
   ax.set_title(f'{title}\n{shown_note}' if title else shown_note, fontsize=9)
   png = _save(fig, path)
   csv_path = data_path(path, 'csv')
-  with open(csv_path, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['index', 'variability', 'confidence', 'color'])
-    for i in shown:
-      writer.writerow([int(i), repr(float(var[i])), repr(float(conf[i])),
-                       '' if col is None else repr(float(col[i]))])
+  table = io.StringIO(newline='')
+  writer = csv.writer(table)
+  writer.writerow(['index', 'variability', 'confidence', 'color'])
+  for i in shown:
+    writer.writerow([int(i), repr(float(var[i])), repr(float(conf[i])),
+                     '' if col is None else repr(float(col[i]))])
+  storage.write_text(csv_path, table.getvalue())
   return png, csv_path
 
 

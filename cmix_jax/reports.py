@@ -1,29 +1,30 @@
-"""What a run writes for people: metrics.jsonl, eval.json, pictures, the dynamics tables."""
+"""What a run writes for people: metrics.jsonl, eval.json, pictures, the dynamics tables.
 
-import json
+Every file goes through `storage`, so a workdir may be local or gs://.
+"""
+
 import os
 
 import numpy as np
 
 from cmix_jax import dynamics
 from cmix_jax import parallel
+from cmix_jax import storage
 
 
 def append_jsonl(workdir: str, record: dict) -> None:
-  """Appends one record to `workdir/metrics.jsonl`."""
-  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
-    f.write(json.dumps(record) + '\n')
+  """Appends one record to `workdir/metrics.jsonl` (on gs://: the object is rewritten)."""
+  storage.append_jsonl(os.path.join(workdir, 'metrics.jsonl'), record)
 
 
 def write_json(path: str, obj, **kwargs) -> None:
-  with open(path, 'w') as f:
-    json.dump(obj, f, **kwargs)
+  """json.dumps(obj, **kwargs) written whole to `path`."""
+  storage.write_json(path, obj, **kwargs)
 
 
 def write_eval_report(result: dict, out_dir: str, prefix: str = 'eval', title: str = '') -> dict:
   """Writes `<prefix>.json`, `<prefix>_reliability.json`, the diagram and the histogram."""
   from cmix_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
-  os.makedirs(out_dir, exist_ok=True)
   write_json(os.path.join(out_dir, f'{prefix}.json'), result['metrics'], indent=2, sort_keys=True)
   write_json(os.path.join(out_dir, f'{prefix}_reliability.json'), result['reliability'])
   ece = result['metrics'].get('ece')

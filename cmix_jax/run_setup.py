@@ -1,8 +1,10 @@
 """Assembles a run: validates the config, checks the workdir, loads data, builds the parts.
 
 Nothing is written before every check has passed: `build_run` validates the whole config
-(with the data set's facts), builds the algorithm, model and optimizer, and only then writes
-`config.json` and `split.json`. It also restores the newest readable checkpoint.
+(with the data set's facts), checks that the data dir can be read and the workdir written
+(local or gs://), builds the algorithm, model and optimizer, takes the workdir lease (one
+writing run per workdir), and only then writes `config.json` and `split.json`. It also
+restores the newest readable checkpoint.
 """
 
 import dataclasses
@@ -14,6 +16,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from clu import metric_writers
 
 from cmix_jax import algorithms
@@ -23,6 +26,7 @@ from cmix_jax import config_validation
 from cmix_jax import evaluation
 from cmix_jax import parallel
 from cmix_jax import steps
+from cmix_jax import storage
 from cmix_jax.data import datasets
 from cmix_jax.data import pipeline
 from cmix_jax.data import sources
@@ -34,7 +38,7 @@ RESUMABLE_FIELDS = frozenset({
     'data.data_dir', 'data.prefetch', 'eval.plots', 'num_devices', 'parallel_backend',
     'distributed.mode', 'distributed.coordinator_address', 'distributed.num_processes',
     'distributed.process_id', 'distributed.cpu_collectives', 'max_nonfinite_steps',
-    'xla_flags'})
+    'xla_flags', 'lease_timeout_s', 'tensorboard'})
 
 
 @dataclasses.dataclass
@@ -54,6 +58,9 @@ class Run:
   writer: Any  # clu metric writer (TensorBoard on the lead process)
   is_lead: bool  # process 0 writes the files
   sharded_field: str | None  # state field kept sharded per device ('dynamics') or None
+  # The workdir lease (process 0 of a writing run; a no-op elsewhere): refresh() at each log
+  # interval, release() when the run ends.
+  lease: Any = dataclasses.field(default_factory=checkpointing.NoLease)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -75,11 +82,10 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
   """Refuses to resume a workdir whose saved config differs (unless allowed)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = storage.as_path(workdir) / 'config.json'
+  if not path.exists():
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = storage.read_json(path)
   diff = config_differences(saved, json.loads(config.to_json()))
   if diff and not allow_change:
     raise config_validation.ConfigError(
@@ -137,9 +143,8 @@ def _algorithm(config) -> algorithms.Algorithm:
 
 def _write_run_files(config, workdir: str, data: datasets.SSLData) -> None:
   """config.json (the resolved config) and split.json (the drawn indices, for audits)."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  storage.write_text(storage.as_path(workdir) / 'config.json',
+                     config.to_json_best_effort(indent=2, sort_keys=True))
   splits.save_split(workdir, data.labeled_idx, data.val_idx, data.train_labels,
                     config.seed, config.data.name)
 
@@ -154,6 +159,10 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
   topo = parallel.make_topology(config.num_devices)
   config_validation.validate(config, topo.num_devices, *_static_data_facts(config))
   algorithm = _algorithm(config)
+  storage.check_readable(config.data.data_dir)
+  if write:
+    storage.check_writable(workdir)
+    checkpointing.check_lease(workdir, config.get('lease_timeout_s', 600.0))  # early refusal
   raw = open_data(config)
   config_validation.validate(config, topo.num_devices, raw.spec.num_classes,
                              len(raw.train_labels))
@@ -164,8 +173,35 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
   model = steps.create_model(config, info.num_classes, topo.num_devices)
   tx = steps.create_optimizer(config.optim, config.num_train_steps)
   is_lead = jax.process_index() == 0
-  if is_lead and write:
-    _write_run_files(config, workdir, data)
+  lease = take_lease(config, workdir) if write else checkpointing.NoLease()
+  try:
+    if is_lead and write:
+      _write_run_files(config, workdir, data)
+    return _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write,
+                     lease)
+  except BaseException:
+    lease.release()
+    raise
+
+
+def take_lease(config, workdir: str):
+  """The workdir lease on process 0 (a no-op elsewhere); every process fails if it is held."""
+  error = None
+  lease = checkpointing.NoLease()
+  try:
+    lease = checkpointing.acquire_lease(workdir, config.get('lease_timeout_s', 600.0))
+  except checkpointing.LeaseHeldError as e:
+    error = e
+  if parallel.sum_over_processes(np.array([error is not None], np.int32))[0]:
+    raise error or checkpointing.LeaseHeldError(
+        f'process 0 could not take the workdir lease of {workdir}; see its error.')
+  return lease
+
+
+def _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write,
+              lease) -> Run:
+  """The Run of checked parts: evaluator, checkpoint managers, metric writer."""
+  tensorboard = write and is_lead and config.get('tensorboard', True)
   return Run(
       config=config, workdir=workdir, topo=topo, data=data, info=info, model=model, tx=tx,
       algorithm=algorithm,
@@ -175,9 +211,10 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
           config.eval.num_bins),
       manager=checkpointing.create_manager(workdir, config.max_to_keep),
       best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
-      writer=metric_writers.create_default_writer(workdir, just_logging=not (is_lead and write)),
+      writer=metric_writers.create_default_writer(workdir if tensorboard else None,
+                                                  just_logging=not tensorboard),
       is_lead=is_lead,
-      sharded_field='dynamics' if base_step.tables_sharded(config) else None)
+      sharded_field='dynamics' if base_step.tables_sharded(config) else None, lease=lease)
 
 
 def fresh_state(run: Run):

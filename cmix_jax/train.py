@@ -114,6 +114,8 @@ def save_checkpoint(run: run_setup.Run, state, step: int, meta: dict, wait: bool
 
 
 def log_train(run: run_setup.Run, step: int, summary: dict) -> None:
+  """Train metrics to the writer and metrics.jsonl; the workdir lease's heartbeat."""
+  run.lease.refresh()  # LeaseLostError if another run took the workdir over
   run.writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
   if run.is_lead:
     reports.append_jsonl(run.workdir, {'kind': 'train', 'step': step, **summary})
@@ -210,19 +212,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   with console.routed_logs(workdir, log_to_terminal) as log:
     run = run_setup.build_run(config, workdir, allow_config_change)
-    if run.is_lead:
-      log.attach()  # the config passed every check: the workdir may be written now
-    state, meta = run_setup.initial_state(run)
-    console.print_plan(run, int(meta['step']), log.path)
-    flag = stop_flag or StopFlag()
-    previous = _install_sigterm(flag)
-    try:
-      report = train(run, state, meta, flag)
-    finally:
-      run.manager.wait_until_finished()
-      run.writer.flush()
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-    if not report.get('preempted'):
-      console.print_summary(run, report, log.path)
-    return report
+    with run.lease:  # released however the run ends; a killed run's lease is taken over
+      if run.is_lead:
+        log.attach()  # the config passed every check: the workdir may be written now
+      state, meta = run_setup.initial_state(run)
+      console.print_plan(run, int(meta['step']), log.path)
+      flag = stop_flag or StopFlag()
+      previous = _install_sigterm(flag)
+      try:
+        report = train(run, state, meta, flag)
+      finally:
+        run.manager.wait_until_finished()
+        run.writer.flush()
+        if previous is not None:
+          signal.signal(signal.SIGTERM, previous)
+      if not report.get('preempted'):
+        console.print_summary(run, report, log.path)
+      return report

@@ -5,10 +5,10 @@
       [--reference=experiments/usb_reference_results.csv] [--paper=paper.csv] [--out=DIR]
 
 A path is a run workdir (holds config.json; finished when it holds eval.json) or a
-folder searched recursively for them. Runs are grouped by (dataset, num_labels,
-algorithm, variant) plus the dotted config keys of --group_by; variant is `base`,
-`cmix` (+CalibrateMix) or `randmix` (+random mixup, the ablation). The metrics are
-eval.json's top level (the checkpoint its `selection` names). Writes table.md,
+folder searched recursively for them (local or gs://, like --out). Runs are grouped by
+(dataset, num_labels, algorithm, variant) plus the dotted config keys of --group_by;
+variant is `base`, `cmix` (+CalibrateMix) or `randmix` (+random mixup, the ablation). The
+metrics are eval.json's top level (the checkpoint its `selection` names). Writes table.md,
 table.csv and reliability.png (each group's reliability.json pooled over seeds)
 into --out and prints the Markdown table.
 
@@ -21,6 +21,7 @@ USB's (cifar10, cifar100, svhn, stl10); algorithm is the base name, or
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmix_jax import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # USB's published classic-CV error rates, shipped beside this script
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -74,12 +76,12 @@ def discover(paths) -> tuple:
   """(finished run dirs, unfinished run dirs) under the given workdirs / parent folders."""
   finished, unfinished = [], []
   for path in paths:
-    if not os.path.isdir(path):
+    if not storage.as_path(path).is_dir():
       raise ValueError(f'{path} is not a directory; pass run workdirs or folders holding them.')
-    for root, dirs, files in os.walk(path):
+    for root, dirs, files in storage.walk(path):
       dirs.sort()
       if 'config.json' in files or 'eval.json' in files:
-        (finished if 'eval.json' in files else unfinished).append(root)
+        (finished if 'eval.json' in files else unfinished).append(os.fspath(root))
         dirs[:] = []  # a run's subfolders (checkpoints) hold no further runs
   return sorted(set(finished)), sorted(set(unfinished))
 
@@ -95,8 +97,7 @@ def _get(config: dict, dotted: str, source: str):
 
 def _read_json(path: str):
   try:
-    with open(path) as f:
-      return json.load(f)
+    return storage.read_json(path)
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f'cannot read {path}: {e}') from e
 
@@ -129,7 +130,7 @@ def load_run(workdir: str, group_by=()) -> Run:
   metrics.setdefault('error_rate', 1.0 - metrics.get('accuracy', math.nan))
   metrics.setdefault('accuracy', 1.0 - metrics['error_rate'])
   rel_path = os.path.join(workdir, 'reliability.json')
-  reliability = _read_json(rel_path) if os.path.exists(rel_path) else None
+  reliability = _read_json(rel_path) if storage.as_path(rel_path).exists() else None
   step = report.get('step')
   return Run(workdir=workdir, dataset=DATASET_ALIASES.get(data_name, data_name),
              num_labels=num_labels, algorithm=algorithm, variant=variant_of(config),
@@ -165,8 +166,8 @@ def normalize_algorithm(name: str) -> str:
 def load_reference(path: str) -> dict:
   """(algorithm, dataset, num_labels) -> {'error_mean', 'error_std'[, 'ece_mean', 'ece_std']}."""
   try:
-    with open(path) as f:
-      lines = [line for line in f if line.strip() and not line.lstrip().startswith('#')]
+    lines = [line for line in storage.as_path(path).read_text().splitlines(keepends=True)
+             if line.strip() and not line.lstrip().startswith('#')]
   except OSError as e:
     raise ValueError(f'cannot read reference CSV {path}: {e}') from e
   reader = csv.DictReader(lines)
@@ -185,8 +186,9 @@ def load_reference(path: str) -> dict:
 
 def reference_notes(path: str) -> list:
   """The `#` comment lines of a reference CSV (caveats worth printing under the table)."""
-  with open(path) as f:
-    return [line.strip().lstrip('#').strip() for line in f if line.lstrip().startswith('#')]
+  return [line.strip().lstrip('#').strip()
+          for line in storage.as_path(path).read_text().splitlines()
+          if line.lstrip().startswith('#')]
 
 
 def _to_float(text) -> float:
@@ -334,12 +336,13 @@ def write_csv(rows, path: str) -> str:
   fields = []
   for row in rows:
     fields += [k for k in row if k not in fields]
-  with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=fields, restval='')
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({k: ('' if isinstance(v, float) and math.isnan(v) else v)
-                       for k, v in row.items()})
+  text = io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=fields, restval='')
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({k: ('' if isinstance(v, float) and math.isnan(v) else v)
+                     for k, v in row.items()})
+  storage.write_text(path, text.getvalue())
   return path
 
 
@@ -379,7 +382,7 @@ def main(argv=None) -> int:
   runs = load_runs(finished, group_by)
   reference, notes = None, []
   if args.reference:
-    if os.path.exists(args.reference):
+    if storage.as_path(args.reference).exists():
       reference, notes = load_reference(args.reference), reference_notes(args.reference)
     elif args.reference != DEFAULT_REFERENCE:
       raise SystemExit(f'--reference {args.reference} does not exist.')
@@ -389,9 +392,7 @@ def main(argv=None) -> int:
   paper = load_reference(args.paper) if args.paper else None
   rows = aggregate(runs, reference, paper)
   table = format_markdown(rows, notes)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'table.md'), 'w') as f:
-    f.write(table)
+  storage.write_text(os.path.join(args.out, 'table.md'), table)
   write_csv(rows, os.path.join(args.out, 'table.csv'))
   tables = pooled_reliability(runs)
   if tables:

@@ -15,7 +15,7 @@ identical run, test accuracy 0.900, ECE 0.034, NLL 0.365 (final EMA checkpoint);
 """
 
 import argparse
-import json
+import io
 import os
 import shlex
 import subprocess
@@ -24,6 +24,9 @@ import sys
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 TEST_PER_CLASS = 30
 
 
@@ -46,8 +49,7 @@ def digits_arrays(seed: int = 0) -> dict:
 
 
 def write_npz(arrays: dict, path: str) -> str:
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  np.savez(path, **arrays)
+  storage.save_npz(path, **arrays)
   return path
 
 
@@ -57,9 +59,9 @@ def write_folder(arrays: dict, root: str) -> str:
   names = [str(n) for n in arrays['class_names']]
   for split in ('train', 'test'):
     for i, (x, y) in enumerate(zip(arrays[f'x_{split}'], arrays[f'y_{split}'])):
-      directory = os.path.join(root, split, names[y])
-      os.makedirs(directory, exist_ok=True)
-      Image.fromarray(x[..., 0]).save(os.path.join(directory, f'{i:05d}.png'))
+      png = io.BytesIO()
+      Image.fromarray(x[..., 0]).save(png, format='PNG')
+      storage.write_bytes(os.path.join(root, split, names[y], f'{i:05d}.png'), png.getvalue())
   return root
 
 
@@ -79,14 +81,15 @@ def train_command(data_name: str, workdir: str, steps: int, data_dir: str) -> li
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', default='runs/own_data', help='where data and the run go')
+  parser.add_argument('--out', default='runs/own_data',
+                      help='where data and the run go (local or gs://)')
   parser.add_argument('--format', choices=('npz', 'folder'), default='npz')
   parser.add_argument('--steps', type=int, default=2000)
   parser.add_argument('--build_only', action='store_true')
   args, extra = parser.parse_known_args(argv)  # the rest: --config.X=Y flags for the run
   if any(not flag.startswith('--config.') for flag in extra):
     parser.error(f'unknown arguments {extra}; only --config.X=Y flags pass through to the run')
-  out = os.path.abspath(args.out)
+  out = os.fspath(storage.as_path(args.out))  # local (made absolute) or gs://
   arrays = digits_arrays()
   npz = write_npz(arrays, os.path.join(out, 'digits.npz'))
   folder = write_folder(arrays, os.path.join(out, 'digits_folder'))
@@ -99,8 +102,7 @@ def main(argv=None):
   cmd = train_command(data_name, workdir, args.steps, os.path.join(out, 'tfds')) + extra
   print('$', ' '.join(shlex.quote(c) for c in cmd), flush=True)
   subprocess.run(cmd, cwd=ROOT, check=True)
-  with open(os.path.join(workdir, 'eval.json')) as f:
-    report = json.load(f)
+  report = storage.read_json(os.path.join(workdir, 'eval.json'))
   print(f'{args.format}: step {report["step"]} ({report["selection"]} checkpoint), '
         f'accuracy {report["accuracy"]:.4f}, ECE {report["ece"]:.4f}, NLL {report["nll"]:.4f}')
 

@@ -11,13 +11,14 @@ of the 40-label SoftMatch runs (base, +CalibrateMix, +random mixup) beside them.
 
 import argparse
 import os
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
 import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PICTURES = ('data_map_labeled.png', 'data_map_unlabeled.png', 'final_reliability.png')
@@ -29,10 +30,10 @@ def copy_pictures(grid_root: str, out: str) -> list[str]:
   for variant in ('base', 'cmix', 'randmix'):
     run = f'softmatch_fmnist_40_0_{variant}'
     for picture in PICTURES:
-      src = os.path.join(grid_root, run, picture)
-      if os.path.exists(src):
+      src = storage.as_path(grid_root) / run / picture
+      if src.exists():
         dst = os.path.join(out, f'{run}_{picture}')
-        shutil.copyfile(src, dst)
+        storage.write_bytes(dst, src.read_bytes())
         copied.append(dst)
   return copied
 
@@ -45,8 +46,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if not args.table_only:
     sweep.main(['fmnist_study', '--run', f'--root={args.root}'])
-  grid_root = os.path.join(args.root, 'fmnist_study')
-  os.makedirs(args.out, exist_ok=True)
+  grid_root = os.path.join(args.root, 'fmnist_study')  # --root and --out: local or gs://
   compare.main([grid_root, f'--out={args.out}'])
   for path in copy_pictures(grid_root, args.out):
     print('wrote', path)

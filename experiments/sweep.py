@@ -4,8 +4,9 @@
   python experiments/sweep.py fmnist_study --run    # run the CPU study here, one by one
   python experiments/sweep.py paper | xargs -P 4 -I{} sh -c '{}'   # any scheduler
 
-Each run's workdir is named from its settings under --root; a run whose workdir holds
-`eval.json` is finished and skipped, so a sweep can be restarted at any point.
+Each run's workdir is named from its settings under --root (local or gs://); a run whose
+workdir holds `eval.json` is finished and skipped, so a sweep can be restarted at any point.
+With --run, each run's log goes beside its workdir (under runs/sweep_logs/ for a bucket).
 """
 
 import argparse
@@ -16,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import classic_cv  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The CPU study of Fashion-MNIST: (algorithm, variant) pairs, label settings and seeds.
@@ -58,7 +60,14 @@ def command(config: str, workdir: str, overrides: dict, python: str = 'python') 
 
 
 def is_finished(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, 'eval.json'))
+  return (storage.as_path(workdir) / 'eval.json').exists()
+
+
+def log_path(root: str, grid: str, name: str) -> str:
+  """Local file for a run's output: beside its workdir, or under runs/sweep_logs/ for gs://."""
+  if storage.is_remote(root):
+    return os.path.join('runs', 'sweep_logs', grid, f'{name}.log')
+  return os.path.join(root, grid, f'{name}.log')
 
 
 def main(argv=None):
@@ -85,13 +94,13 @@ def main(argv=None):
       print(shlex.join(argv_run))
       continue
     print(f'run: {name}', flush=True)
-    log_path = os.path.join(workdir + '.log')
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, 'w') as log:
-      code = subprocess.call(argv_run + ['--config.progress_bar=False'], stdout=log,
+    log = log_path(args.root, args.grid, name)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, 'w') as f:
+      code = subprocess.call(argv_run + ['--config.progress_bar=False'], stdout=f,
                              stderr=subprocess.STDOUT)
     if code:
-      print(f'FAILED ({code}): {name}; see {log_path}', flush=True)
+      print(f'FAILED ({code}): {name}; see {log}', flush=True)
 
 
 if __name__ == '__main__':

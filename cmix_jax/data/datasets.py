@@ -2,6 +2,11 @@
 
 TFDS and TensorFlow are imported only inside the functions that touch TFDS, so fake data and
 the pipeline tests run without them.
+
+data_dir may be local or gs://. A data set we store into a bucket is built in a local temp
+folder (ArrayRecord has no GCS writer) and uploaded, dataset_info.json last, so a half upload
+never looks complete. ArrayRecord data sets in a bucket are read by array_record's own GCS
+reader; TFRecord ones by tf.data (TF's GCS client).
 """
 
 import concurrent.futures
@@ -15,11 +20,13 @@ import os
 import shutil
 import socket
 import struct
+import tempfile
 import uuid
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from cmix_jax import storage
 from cmix_jax.data import splits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -239,8 +246,7 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dt
 
 def read_idx(path: str) -> np.ndarray:
   """Reads an IDX file (gzipped or not): magic 0,0,dtype,ndim; big-endian uint32 dims; data."""
-  with open(path, 'rb') as f:
-    raw = f.read()
+  raw = storage.as_path(path).read_bytes()
   if raw[:2] == b'\x1f\x8b':
     raw = gzip.decompress(raw)
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -261,9 +267,9 @@ def read_fashion_mnist(source_dir: str = FASHION_MNIST_DIR,
   expected_counts = FASHION_MNIST_COUNTS if expected_counts is None else expected_counts
   out = {}
   for split, prefix in (('train', 'train'), ('test', 't10k')):
-    paths = [os.path.join(source_dir, f'{prefix}-{kind}-ubyte.gz')
+    paths = [storage.as_path(source_dir) / f'{prefix}-{kind}-ubyte.gz'
              for kind in ('images-idx3', 'labels-idx1')]
-    missing = [p for p in paths if not os.path.exists(p)]
+    missing = [p for p in paths if not p.exists()]
     if missing:
       raise DataNotFoundError(f'Fashion-MNIST file {missing[0]} is missing: '
                               + SPECS['fashion_mnist_debian'].how_to_get)
@@ -283,14 +289,14 @@ def read_fashion_mnist(source_dir: str = FASHION_MNIST_DIR,
 
 
 def stored_dir(data_dir: str, tfds_name: str) -> str:
-  """Where a data set we store lives (the TFDS version folder)."""
-  return os.path.join(data_dir, tfds_name, STORE_VERSION)
+  """Where a data set we store lives (the TFDS version folder; local paths made absolute)."""
+  return os.fspath(storage.as_path(data_dir) / tfds_name / STORE_VERSION)
 
 
 def is_stored(data_dir: str, tfds_name: str, required: Sequence[str] = ()) -> bool:
   """True when a complete store exists: dataset_info.json plus every `required` file."""
-  path = stored_dir(data_dir, tfds_name)
-  return all(os.path.exists(os.path.join(path, f)) for f in ('dataset_info.json', *required))
+  path = storage.as_path(stored_dir(data_dir, tfds_name))
+  return all((path / f).exists() for f in ('dataset_info.json', *required))
 
 
 def _remove_stale_incomplete(data_dir: str, tfds_name: str) -> None:
@@ -313,15 +319,23 @@ def store_arrays(tfds_name: str, data_dir: str,
                  extra_json: dict[str, Any] | None = None) -> str:
   """Stores uint8 [N, H, W, C] images + int labels per split as an ArrayRecord TFDS data set.
 
-  Written into a temp data dir and renamed into place, so an interrupted store never looks
-  complete; an incomplete leftover is rebuilt. `extra_json` files go beside dataset_info.json.
-  Returns the version folder. A complete existing store is kept as is.
+  Written into a temp data dir and renamed into place (or, for a bucket, uploaded with
+  dataset_info.json last), so an interrupted store never looks complete; an incomplete
+  leftover is rebuilt. `extra_json` files go beside dataset_info.json. Returns the version
+  folder. A complete existing store is kept as is.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   extra_json = extra_json or {}
   final = stored_dir(data_dir, tfds_name)
   if is_stored(data_dir, tfds_name, list(extra_json)):
     return final
+  if storage.is_remote(data_dir):
+    with tempfile.TemporaryDirectory(prefix=f'{_INCOMPLETE_PREFIX}{tfds_name}.') as local:
+      _upload_store(store_arrays(tfds_name, local, split_arrays, num_classes, class_names,
+                                 extra_json), final)
+    logging.info('Uploaded %s to %s', tfds_name, final)
+    return final
+  data_dir = os.fspath(storage.as_path(data_dir))
   os.makedirs(data_dir, exist_ok=True)
   _remove_stale_incomplete(data_dir, tfds_name)
   shape = tuple(next(iter(split_arrays.values()))[0].shape[1:])
@@ -361,6 +375,13 @@ def store_arrays(tfds_name: str, data_dir: str,
   return final
 
 
+def _upload_store(local_dir: str, remote_dir: str) -> None:
+  """Copies a stored version folder into a bucket, dataset_info.json (completeness) last."""
+  names = sorted(os.listdir(local_dir), key=lambda name: (name == 'dataset_info.json', name))
+  for name in names:
+    storage.copy_file(os.path.join(local_dir, name), storage.as_path(remote_dir) / name)
+
+
 def store_fashion_mnist(data_dir: str, source_dir: str = FASHION_MNIST_DIR,
                         expected_counts: dict[str, int] | None = None) -> str:
   """Stores the Debian Fashion-MNIST IDX files once as `fashion_mnist_debian` under data_dir."""
@@ -376,11 +397,12 @@ def open_builder(spec: DatasetSpec, data_dir: str):
   not_found = DataNotFoundError(
       f'data set {spec.name!r} ({spec.tfds_name}) is not stored under data_dir={data_dir!r}: '
       + spec.how_to_get)
-  if not os.path.isdir(os.path.join(data_dir, spec.tfds_name)):
+  if not (storage.as_path(data_dir) / spec.tfds_name).is_dir():
     raise not_found
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
-    builder = tfds.builder(spec.tfds_name, data_dir=data_dir, try_gcs=False)
+    builder = tfds.builder(spec.tfds_name, data_dir=os.fspath(storage.as_path(data_dir)),
+                           try_gcs=False)
     prepared = builder.is_prepared()
   except Exception:  # pylint: disable=broad-except
     prepared = False
@@ -439,9 +461,9 @@ def read_split(builder, split: str, image_shape: tuple[int, int, int],
 
 def read_labels(builder, split: str) -> np.ndarray:
   """int32 [N] labels of a random-access split without decoding images (cached beside it)."""
-  cache = os.path.join(str(builder.data_dir), f'cmix_labels_{split}.npy')
-  if os.path.exists(cache):
-    return np.load(cache)
+  cache = storage.as_path(os.fspath(builder.data_dir)) / f'cmix_labels_{split}.npy'
+  if cache.exists():
+    return np.load(io.BytesIO(cache.read_bytes()))
   source = _skip_decoding_source(builder, split)
   n = len(source)
   labels = np.empty((n,), np.int32)
@@ -449,11 +471,11 @@ def read_labels(builder, split: str) -> np.ndarray:
     records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
     labels[start:start + len(records)] = [r['label'] for r in records]
   try:
-    tmp = f'{cache}.{os.getpid()}.tmp.npy'
-    np.save(tmp, labels)
-    os.replace(tmp, cache)
-  except OSError:
-    pass  # read-only data dir: read again next time
+    buffer = io.BytesIO()
+    np.save(buffer, labels)
+    storage.write_bytes(cache, buffer.getvalue())
+  except Exception:  # pylint: disable=broad-except
+    pass  # read-only data dir (or bucket): read again next time
   return labels
 
 

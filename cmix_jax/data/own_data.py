@@ -3,16 +3,18 @@
 `sources.load_ssl_data('npz:PATH', ...)` / `('folder:PATH', ...)` store the source on first use as
 `own_<name>_<fingerprint>` under data_dir (ArrayRecord, splits train/test[/unlabeled]) with a
 stats.json beside it holding num_classes, image shape, class names and the train split's
-per-channel mean/std, so nothing about the data is hard-coded.
+per-channel mean/std, so nothing about the data is hard-coded. Sources and data_dir may be
+local or gs:// paths.
 """
 
 import hashlib
-import json
+import io
 import os
 import re
 
 import numpy as np
 
+from cmix_jax import storage
 from cmix_jax.data import datasets
 
 STATS_FILE = 'stats.json'
@@ -92,10 +94,10 @@ def validate_splits(parts: dict, source: str, class_names=None) -> tuple[int, tu
 
 def read_npz(path: str) -> tuple[dict, tuple | None]:
   """Validated ({split: (uint8 [N,H,W,C], int64 [N])}, class_names) from a .npz file."""
-  if not os.path.isfile(path):
+  if not storage.as_path(path).is_file():
     raise datasets.DataNotFoundError(f'npz file {path!r} not found: give npz:PATH to a .npz '
                                      'with x_train, y_train, x_test, y_test.')
-  with np.load(path, allow_pickle=False) as npz:
+  with np.load(io.BytesIO(storage.as_path(path).read_bytes()), allow_pickle=False) as npz:
     arrays = {k: npz[k] for k in npz.files}
   missing = [k for k in ('x_train', 'y_train', 'x_test', 'y_test') if k not in arrays]
   if missing:
@@ -115,15 +117,20 @@ def read_npz(path: str) -> tuple[dict, tuple | None]:
 
 def _image_files(directory: str) -> list[str]:
   """Image files under `directory` (recursive), sorted by relative path."""
-  found = []
-  for root, _, files in os.walk(directory):
-    found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-  return sorted(found, key=lambda p: os.path.relpath(p, directory))
+  if not storage.is_remote(directory):
+    found = []
+    for root, _, files in os.walk(directory):
+      found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found, key=lambda p: os.path.relpath(p, directory))
+  base = storage.as_path(directory)
+  found = [root / f for root, _, files in storage.walk(base) for f in files
+           if f.lower().endswith(IMAGE_EXTENSIONS)]
+  return [os.fspath(p) for p in sorted(found, key=lambda p: os.fspath(p.relative_to(base)))]
 
 
 def _read_image(path: str) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as pil:
+  with Image.open(io.BytesIO(storage.as_path(path).read_bytes())) as pil:
     if pil.mode not in _MODES:
       raise ValueError(f'{path}: image mode {pil.mode} is not 8-bit grayscale or RGB '
                        '(e.g. RGBA or 16-bit); convert it to RGB or L.')
@@ -144,18 +151,18 @@ def _stack(files: list[str], path: str) -> np.ndarray:
 
 def read_folder(path: str) -> tuple[dict, tuple]:
   """Validated splits from train/<class>/*, test/<class>/*, optional unlabeled/* images."""
-  train_dir, test_dir = os.path.join(path, 'train'), os.path.join(path, 'test')
-  if not os.path.isdir(train_dir) or not os.path.isdir(test_dir):
+  root = storage.as_path(path)
+  train_dir, test_dir = os.fspath(root / 'train'), os.fspath(root / 'test')
+  if not (root / 'train').is_dir() or not (root / 'test').is_dir():
     raise datasets.DataNotFoundError(f'{path!r} needs train/<class>/ and test/<class>/ '
                                      'folders of .png/.jpg images.')
-  class_names = tuple(sorted(d for d in os.listdir(train_dir)
-                             if os.path.isdir(os.path.join(train_dir, d))))
+  class_names = tuple(sorted(d.name for d in (root / 'train').iterdir() if d.is_dir()))
   if not class_names:
     raise ValueError(f'{train_dir} has no class folders; put images in train/<class>/.')
   files, labels = {'train': [], 'test': []}, {'train': [], 'test': []}
   for split, split_dir in (('train', train_dir), ('test', test_dir)):
-    for name in sorted(os.listdir(split_dir)):
-      if not os.path.isdir(os.path.join(split_dir, name)):
+    for name in sorted(d.name for d in storage.as_path(split_dir).iterdir()):
+      if not (storage.as_path(split_dir) / name).is_dir():
         continue
       if name not in class_names:
         raise ValueError(f'{split_dir}/{name} is not a train class ({", ".join(class_names)}).')
@@ -164,8 +171,8 @@ def read_folder(path: str) -> tuple[dict, tuple]:
         raise ValueError(f'{split_dir}/{name} holds no .png/.jpg images (an empty class).')
       files[split] += class_files
       labels[split] += [class_names.index(name)] * len(class_files)
-  unlabeled_dir = os.path.join(path, 'unlabeled')
-  if os.path.isdir(unlabeled_dir):
+  unlabeled_dir = os.fspath(root / 'unlabeled')
+  if (root / 'unlabeled').is_dir():
     files['unlabeled'] = _image_files(unlabeled_dir)
     labels['unlabeled'] = [-1] * len(files['unlabeled'])
   if not files['test']:
@@ -186,7 +193,7 @@ def read_folder(path: str) -> tuple[dict, tuple]:
 
 def _fingerprint_file(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with storage.as_path(path).open('rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       digest.update(block)
   return digest.hexdigest()
@@ -195,6 +202,13 @@ def _fingerprint_file(path: str) -> str:
 def _fingerprint_folder(path: str) -> str:
   """Hash of every file's relative path, size and mtime (no content read)."""
   digest = hashlib.sha256()
+  if storage.is_remote(path):
+    base = storage.as_path(path)
+    for file in sorted(root / f for root, _, files in storage.walk(base) for f in files):
+      stat = file.stat()
+      digest.update(f'{os.fspath(file.relative_to(base))}\0{stat.length}\0{stat.mtime}\n'
+                    .encode())
+    return digest.hexdigest()
   for root, dirs, files in os.walk(path):
     dirs.sort()
     for f in sorted(files):
@@ -213,8 +227,7 @@ def _stored_name(path: str, fingerprint: str, name: str | None) -> str:
 
 
 def read_stats(data_dir: str, tfds_name: str) -> dict:
-  with open(os.path.join(datasets.stored_dir(data_dir, tfds_name), STATS_FILE)) as f:
-    return json.load(f)
+  return storage.read_json(storage.as_path(datasets.stored_dir(data_dir, tfds_name)) / STATS_FILE)
 
 
 def _store(kind: str, path: str, data_dir: str, name: str | None, fingerprint: str,
@@ -226,12 +239,12 @@ def _store(kind: str, path: str, data_dir: str, name: str | None, fingerprint: s
     if stored.get('fingerprint') != fingerprint:
       raise ValueError(f'{tfds_name} under {data_dir} was stored from a different source '
                        f'({stored.get("source")}); pass another name or delete '
-                       f'{os.path.join(data_dir, tfds_name)}.')
+                       f'{storage.as_path(data_dir) / tfds_name}.')
     return tfds_name
   parts, class_names = reader(path)
   num_classes, shape = validate_splits(parts, path, class_names)
   mean, std = datasets.channel_stats(parts['train'][0])
-  stats = {'kind': kind, 'source': os.path.abspath(path), 'fingerprint': fingerprint,
+  stats = {'kind': kind, 'source': os.fspath(storage.as_path(path)), 'fingerprint': fingerprint,
            'num_classes': num_classes, 'image_shape': list(shape),
            'class_names': list(class_names) if class_names else None,
            'mean': list(mean), 'std': list(std), 'stats_from': 'train split, pixel/255',
@@ -243,14 +256,14 @@ def _store(kind: str, path: str, data_dir: str, name: str | None, fingerprint: s
 
 def store_npz(path: str, data_dir: str, name: str | None = None) -> str:
   """Validates and stores a .npz (x_train, y_train, x_test, y_test[, x_unlabeled]) once."""
-  if not os.path.isfile(path):
+  if not storage.as_path(path).is_file():
     read_npz(path)  # raises the not-found message
   return _store('npz', path, data_dir, name, _fingerprint_file(path), read_npz)
 
 
 def store_folder(path: str, data_dir: str, name: str | None = None) -> str:
   """Validates and stores train/<class>/, test/<class>/[, unlabeled/] images once."""
-  if not os.path.isdir(path):
+  if not storage.as_path(path).is_dir():
     raise datasets.DataNotFoundError(f'image folder {path!r} not found: give folder:PATH to '
                                      'a folder with train/<class>/ and test/<class>/.')
   return _store('folder', path, data_dir, name, _fingerprint_folder(path), read_folder)
@@ -270,7 +283,7 @@ def spec_from_store(display_name: str, data_dir: str, tfds_name: str) -> dataset
 def resolve(name: str, data_dir: str) -> datasets.DatasetSpec:
   """'npz:PATH' / 'folder:PATH' -> spec of the stored copy (storing it on first use)."""
   kind, _, path = name.partition(':')
-  path = os.path.expanduser(path)
+  path = os.fspath(storage.as_path(path))  # `~` expanded; gs:// kept
   if kind == 'npz':
     tfds_name = store_npz(path, data_dir)
   elif kind == 'folder':

@@ -7,10 +7,9 @@ without a validation slice. numpy's Generator streams do not depend on the host,
 process and machine draws the same indices.
 """
 
-import json
-import os
-
 import numpy as np
+
+from cmix_jax import storage
 
 VAL_STREAM = 1  # second seed word of the validation draw (labeled uses the plain seed)
 SPLIT_FILE = 'split.json'
@@ -78,7 +77,8 @@ def validation_split(labels: np.ndarray, val_size: int, num_classes: int,
 
 def save_split(workdir: str, labeled_idx: np.ndarray, val_idx: np.ndarray,
                train_labels: np.ndarray, seed: int, dataset: str) -> str:
-  """Writes workdir/split.json (indices, per-class counts, seed, data set) for audits."""
+  """Writes workdir/split.json (indices, per-class counts, seed, data set) for audits; returns
+  its path. Local or gs:// (written whole, never half)."""
   train_labels = np.asarray(train_labels)
   num_classes = int(train_labels.max()) + 1 if len(train_labels) else 0
 
@@ -91,19 +91,12 @@ def save_split(workdir: str, labeled_idx: np.ndarray, val_idx: np.ndarray,
       'num_labeled': int(len(labeled_idx)), 'num_val': int(len(val_idx)),
       'labeled_per_class': per_class(labeled_idx), 'val_per_class': per_class(val_idx),
       'labeled_idx': np.asarray(labeled_idx).tolist(), 'val_idx': np.asarray(val_idx).tolist()}
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, SPLIT_FILE)
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(record, f)
-  os.replace(tmp, path)
-  return path
+  return str(storage.write_json(storage.as_path(workdir) / SPLIT_FILE, record))
 
 
 def load_split(workdir: str) -> dict:
-  """Reads workdir/split.json; index lists come back as int64 arrays."""
-  with open(os.path.join(workdir, SPLIT_FILE)) as f:
-    record = json.load(f)
+  """Reads workdir/split.json (local or gs://); index lists come back as int64 arrays."""
+  record = storage.read_json(storage.as_path(workdir) / SPLIT_FILE)
   for key in ('labeled_idx', 'val_idx'):
     record[key] = np.asarray(record[key], np.int64)
   return record

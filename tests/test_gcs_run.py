@@ -1,0 +1,75 @@
+"""A whole run in an (emulated) bucket: data in gs://, workdir in gs://, SIGKILL, exact resume
+with the lease taken over, and `python -m cmix_jax.evaluate` reading the workdir back."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cmix_jax import checkpointing
+from cmix_jax import storage
+from cmix_jax.data import datasets
+from tests import gcs as gcs_lib
+from tests import test_train
+from tests import tiny
+from tests.gcs import gcs  # pylint: disable=unused-import  (the emulator fixture)
+
+ROOT = f'gs://{gcs_lib.BUCKET}/e2e'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _state(workdir):
+  """The newest checkpoint's (step, state as numpy, meta), read back through orbax/epath."""
+  directory = checkpointing.checkpoint_dir(workdir)
+  step = ocp.CheckpointManager(directory, item_names=('state', 'meta')).latest_step()
+  checkpointer = ocp.PyTreeCheckpointer()
+  path = directory / str(step) / 'state'
+  tree = checkpointer.metadata(path).item_metadata.tree
+  state = checkpointer.restore(path, restore_args=jax.tree.map(
+      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+  return step, state, storage.read_json(directory / str(step) / 'meta' / 'metadata')
+
+
+def _train_records(workdir):
+  return {r['step']: r for r in storage.read_jsonl(f'{workdir}/metrics.jsonl')
+          if r['kind'] == 'train'}
+
+
+def test_bucket_run_is_killed_resumes_exactly_and_evaluates(gcs):
+  fake = tiny.config().data.fake  # the tiny run's data, as an npz source in the bucket
+  arrays = datasets.make_fake(fake.num_train, fake.num_test, fake.image_shape,
+                              fake.num_classes, seed=fake.seed)
+  storage.save_npz(f'{ROOT}/tiny.npz', x_train=arrays['train'][0], y_train=arrays['train'][1],
+                   x_test=arrays['test'][0], y_test=arrays['test'][1])
+  data = [f'--set=data.name=npz:{ROOT}/tiny.npz', f'--set=data.data_dir={ROOT}/tfds',
+          '--set=tensorboard=False', '--devices=2']
+  straight, killed = f'{ROOT}/straight', f'{ROOT}/killed'
+  test_train._driver(f'--workdir={straight}', *data)  # pylint: disable=protected-access
+  proc = test_train._driver(f'--workdir={killed}', '--kill_after_checkpoint=2', *data,  # pylint: disable=protected-access
+                            check=False)
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  assert _state(killed)[0] == 2
+  assert storage.read_json(f'{killed}/lease.json')['pid'] > 0  # the killed run's lease is left
+  resumed = test_train._driver(f'--workdir={killed}', *data)  # pylint: disable=protected-access
+  assert 'Taking over the workdir lease' in resumed.stderr
+  assert not storage.as_path(f'{killed}/lease.json').exists()  # released at the clean end
+  (step_a, state_a, meta_a), (step_b, state_b, meta_b) = _state(straight), _state(killed)
+  assert step_a == step_b == 4 and meta_a == meta_b
+  test_train._assert_same_state(state_a, state_b)  # pylint: disable=protected-access
+  assert _train_records(straight).keys() == _train_records(killed).keys() == {2, 4}
+  for step in (2, 4):
+    assert _train_records(straight)[step]['loss'] == _train_records(killed)[step]['loss']
+  report = storage.read_json(f'{killed}/eval.json')
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m', 'cmix_jax.evaluate', f'--workdir={killed}'],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  evaluated = storage.read_json(f'{killed}/eval_latest_4.json')
+  assert evaluated['metrics']['accuracy'] == report['final']['accuracy']
+  png = storage.as_path(f'{killed}/eval_latest_4_reliability.png').read_bytes()
+  assert png[:8] == b'\x89PNG\r\n\x1a\n'
+  assert storage.read_json(f'{killed}/split.json')['num_labeled'] == 32
