@@ -11,7 +11,7 @@ Prints one table: images/s of the train step (B + 2*mu*B input images) in all an
 device, step time (median of --steps timed steps after --warmup untimed ones), XLA's FLOP
 count of one device's step and its fraction of the device's peak, and eval images/s; then
 the peak memory. The peak is the data-sheet dense bf16 FLOP/s for known accelerators
-(PEAK_FLOPS), else a matmul measured here in the run's dtype (CPU: float32). With
+(PEAK_FLOPS), else a matmul measured here in the run's dtype (CPU included). With
 --breakdown, also where one step's time goes: the model's forward + backward alone
 (cross-entropy over the same B + 2*mu*B images in one concatenated pass) and the on-device
 augmentation alone; the rest is losses, pseudo-labels, dynamics, pairing, optimizer and EMA.
@@ -169,7 +169,7 @@ def device_peak(device, dtype: str) -> tuple[float, str]:
       if name.lower() in kind:
         return peak, f'{name} dense bf16, data sheet'
     return matmul_peak(8192, dtype=dtype), f'measured {dtype} matmul (unknown accelerator)'
-  return matmul_peak(), 'measured float32 matmul'
+  return matmul_peak(dtype=dtype), f'measured {dtype} matmul'  # CPU: AMX makes bf16 faster
 
 
 def _median_seconds(fn, warmup: int, steps: int) -> float:

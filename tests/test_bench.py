@@ -80,4 +80,4 @@ def test_unknown_accelerator_and_cpu_use_a_measured_matmul(monkeypatch):
   assert bench.device_peak(unknown, 'bfloat16') == (7.0, 'measured bfloat16 matmul '
                                                     '(unknown accelerator)')
   cpu = types.SimpleNamespace(platform='cpu', device_kind='cpu')
-  assert bench.device_peak(cpu, 'bfloat16') == (7.0, 'measured float32 matmul')
+  assert bench.device_peak(cpu, 'bfloat16') == (7.0, 'measured bfloat16 matmul')
