@@ -19,6 +19,7 @@ augmentation alone; the rest is losses, pseudo-labels, dynamics, pairing, optimi
 
 import argparse
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -271,6 +272,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = [v for v in args.variants.split(',') if v not in VARIANTS]
   if unknown:
     parser.error(f'unknown variant(s) {unknown}: use {", ".join(VARIANTS)}.')
+  if not re.fullmatch(r'\d+,\d+,\d+', args.image_shape):
+    parser.error(f'--image_shape={args.image_shape!r}: give H,W,C, e.g. 32,32,3.')
   return args
 
 

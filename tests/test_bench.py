@@ -63,6 +63,8 @@ def test_paper_preset_and_explicit_flags_win():
     bench.parse_args(['--paper', '--smoke'])
   with pytest.raises(SystemExit):
     bench.parse_args(['--variants=fixmatch,nope'])
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--image_shape=32x32'])
 
 
 @pytest.mark.parametrize('kind,peak', [
