@@ -206,8 +206,10 @@ def _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, 
   return Run(
       config=config, workdir=workdir, topo=topo, data=data, info=info, model=model, tx=tx,
       algorithm=algorithm,
-      evaluator=evaluation.Evaluator(model, info, topo, config.get('parallel_backend', 'pmap'),
-                                     config.data.eval_batch_size, config.eval.num_bins),
+      evaluator=evaluation.Evaluator(
+          steps.create_eval_model(config, info.num_classes, topo.num_devices), info, topo,
+          config.get('parallel_backend', 'pmap'), config.data.eval_batch_size,
+          config.eval.num_bins),
       manager=checkpointing.create_manager(workdir, config.max_to_keep),
       best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
       writer=metric_writers.create_default_writer(workdir if tensorboard else None,

@@ -55,6 +55,7 @@ class DatasetSpec:
   train_split: str = 'train'
   test_split: str = 'test'
   extra_unlabeled_split: str | None = None
+  labeled_from_extra: bool = False  # draw labels from train + extra, as USB does for SVHN
   how_to_get: str = ''
   in_memory: bool = True  # False: random-access source decoded per batch (ImageNet)
   resize: bool = False  # resize shorter side to image_shape + center crop on read
@@ -85,7 +86,8 @@ SPECS: dict[str, DatasetSpec] = {
     'svhn_cropped': DatasetSpec(
         name='svhn_cropped', tfds_name='svhn_cropped', num_classes=10, image_shape=(32, 32, 3),
         mean=(0.4380, 0.4440, 0.4730), std=(0.1751, 0.1771, 0.1744),
-        extra_unlabeled_split='extra', how_to_get=_tfds_build_hint('svhn_cropped')),
+        extra_unlabeled_split='extra', labeled_from_extra=True,
+        how_to_get=_tfds_build_hint('svhn_cropped')),
     'stl10': DatasetSpec(
         name='stl10', tfds_name='stl10', num_classes=10, image_shape=(96, 96, 3),
         mean=(112.4 / 255, 109.1 / 255, 98.6 / 255), std=(68.4 / 255, 66.6 / 255, 68.5 / 255),
@@ -594,15 +596,26 @@ class RawData:
   extra_labels: np.ndarray | None = None  # int32 [N_extra]
 
 
+def merge_extra_into_train(raw: RawData) -> RawData:
+  """Train followed by the extra split as one labeled pool (SVHN: 73,257 + 531,131 images)."""
+  return dataclasses.replace(
+      raw, train_images=ConcatImageSource([raw.train_images, raw.extra_images]),
+      train_labels=np.concatenate([raw.train_labels, raw.extra_labels]).astype(np.int32),
+      extra_images=None, extra_labels=None)
+
+
 def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
                   include_lb_to_ulb: bool = True, unlabeled_size: int = 0) -> SSLData:
   """Draws the class-balanced validation, then labeled split from `seed`; builds the views.
 
   The unlabeled set is the train split minus validation (minus labeled unless
-  include_lb_to_ulb), in train order, followed by the extra unlabeled split. With
+  include_lb_to_ulb), in train order, followed by the extra unlabeled split. A spec with
+  labeled_from_extra first makes train + extra the train split (USB's SVHN). With
   unlabeled_size > 0 only a class-balanced, seeded subset of it is kept (order preserved;
   the labeled samples stay in it when include_lb_to_ulb).
   """
+  if raw.spec.labeled_from_extra and raw.extra_images is not None:
+    raw = merge_extra_into_train(raw)
   num_classes, train_labels = raw.spec.num_classes, raw.train_labels
   val_idx = splits.validation_split(train_labels, val_size, num_classes, seed)
   labeled_idx = splits.labeled_split(train_labels, num_labels, num_classes, seed,
