@@ -100,12 +100,21 @@ def _ssl_losses(logits_lb, logits_w, logits_s, batch, algo_state, algorithm, con
   return loss, pseudo, algo_state, {'sup_loss': sup, 'unsup_loss': unsup, **algo_metrics}
 
 
-def update_dynamics(dyn, batch, out: BasePass, step, config):
-  """AUM/confidence every step; APM only after warm-up, as the reference code."""
+def apm_start_after(config, num_unlabeled: int) -> int:
+  """APM is updated at steps > this: warm-up's end, or one unlabeled epoch earlier (fused)."""
+  cm = config.calibratemix
+  fused = bool(cm.enabled) and cm.passes == 1
+  return dynamics.apm_start_after(cm.warmup_steps, num_unlabeled,
+                                  config.data.batch_size * config.data.uratio, fused)
+
+
+def update_dynamics(dyn, batch, out: BasePass, step, config, num_unlabeled: int):
+  """AUM/confidence every step; APM after warm-up as the reference (fused: see apm_start_after)."""
   dyn = dynamics.update_labeled(dyn, batch['idx_lb'], jax.lax.stop_gradient(out.logits_lb),
                                 batch['y_lb'], **table_layout(config))
   if out.logits_w is not None:
-    update_apm = step > config.calibratemix.warmup_steps  # reference: skipped while it <= warmup
+    # reference: skipped while step <= warmup; the fused split needs every row written first
+    update_apm = step > apm_start_after(config, num_unlabeled)
     dyn = dynamics.update_unlabeled(dyn, batch['idx_ulb'], jax.lax.stop_gradient(out.logits_w),
                                     out.pseudo.label, update_apm=update_apm,
                                     delta=config.calibratemix.apm_delta,

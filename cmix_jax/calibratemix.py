@@ -6,7 +6,13 @@ Two variants (`config.calibratemix.passes`), both per-device code on axis `paral
   [x_lb, mixed, x_ulb_w, x_ulb_s] adds its SSL loss and the mixup loss (BN statistics and
   the algorithm's state are updated a second time, as in the reference).
 - `fused_loss` (1): split and pair from the tables before this step's update, so the mixed
-  sets ride in the single forward pass; targets still use this step's pseudo-labels.
+  sets ride in the single forward pass; targets still use this step's pseudo-labels. The
+  unlabeled split reads APM at each sample's pseudo-label of its last APM update
+  (`dynamics.fused_unlabeled_difficulty`): on the same tables and pseudo-labels it is the
+  two-pass split, and within a step it is the value the two-pass step read for that sample at
+  its previous visit (it misses this step's APM term and a pseudo-label that changed since).
+  APM starts one unlabeled epoch before mixing (`base_step.apm_start_after`), so no sample
+  is split on an empty row.
 `config.calibratemix.pair_scope` = 'global' splits and pairs the global batch (each device
 mixes its share of the global sets; the same on any device count), 'device' each device's own.
 """
@@ -24,6 +30,13 @@ def difficulties(dyn, batch, pseudo_label, config):
   measure, layout = config.calibratemix.difficulty, base_step.table_layout(config)
   return (dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **layout),
           dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo_label, measure, **layout))
+
+
+def fused_difficulties(dyn, batch, config):
+  """(labeled [B], unlabeled [U]) difficulty the fused step can know before its forward pass."""
+  measure, layout = config.calibratemix.difficulty, base_step.table_layout(config)
+  return (dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **layout),
+          dynamics.fused_unlabeled_difficulty(dyn, batch['idx_ulb'], measure, **layout))
 
 
 def global_scope(config) -> bool:
@@ -83,12 +96,12 @@ def two_pass_loss(params, first: base_step.BasePass, dyn, batch, views, key, *, 
 def fused_loss(params, state, batch, views, key, *, model, algorithm, config, num_classes):
   """passes=1: mixed sets in the one forward pass -> (mixup loss, the pass, metrics).
 
-  Pairing reads the tables before this step's update; the unlabeled difficulty is read at
-  the class the stored APM prefers, since this step's pseudo-label is not known yet.
+  Pairing reads the tables before this step's update; the unlabeled difficulty is APM at
+  each sample's last APM-update pseudo-label, since this step's is not known yet.
   """
   stored_label = dynamics.stored_pseudo_label(state.dynamics, batch['idx_ulb'],
                                               **base_step.table_layout(config))
-  difficulty = difficulties(state.dynamics, batch, stored_label, config)
+  difficulty = fused_difficulties(state.dynamics, batch, config)
   mixed = mixed_sets(key, views, batch, stored_label, difficulty, config, num_classes)
   out = base_step.base_pass(params, state.batch_stats, state.algo_state, batch, views,
                             model=model, algorithm=algorithm, config=config, extra=mixed.x)

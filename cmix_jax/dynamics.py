@@ -8,6 +8,9 @@ updated inside the jitted step by pure functions. Update rules (docs/method.md Â
   sample's APM count before this update; only when `update_apm` (after warm-up).
 - Cartography: Welford running mean / population variance of the probability of
   the gold label (labeled) or of the pseudo-label (unlabeled), every step.
+- APM label: the pseudo-label each sample had at its last APM update, so the fused
+  (one-pass) CalibrateMix step can read the APM the two-pass step read for it then
+  (`fused_unlabeled_difficulty`; see there for the exact sense of agreement).
 
 Duplicate indices in one (global) batch follow the reference's PyTorch index
 assignment: the sample is counted once per step and ONE value is kept; here,
@@ -80,6 +83,7 @@ class DynamicsState:
   lb_conf_count: jax.Array  # int32 [N_lb]
   apm: jax.Array  # [N_ulb, C]
   apm_count: jax.Array  # int32 [N_ulb] APM updates so far
+  apm_label: jax.Array  # int32 [N_ulb] pseudo-label at the last APM update (-1 = none yet)
   ulb_conf_mean: jax.Array  # [N_ulb] Welford mean of p(pseudo-label)
   ulb_conf_m2: jax.Array  # [N_ulb]
   ulb_conf_count: jax.Array  # int32 [N_ulb]
@@ -98,7 +102,8 @@ class DynamicsState:
     i32 = lambda n: jnp.zeros((n,), jnp.int32)
     return cls(aum_sum=f32(n_lb), aum_count=i32(n_lb), lb_conf_mean=f32(n_lb),
                lb_conf_m2=f32(n_lb), lb_conf_count=i32(n_lb),
-               apm=f32(n_ulb, num_classes), apm_count=i32(n_ulb), ulb_conf_mean=f32(n_ulb),
+               apm=f32(n_ulb, num_classes), apm_count=i32(n_ulb),
+               apm_label=jnp.full((n_ulb,), -1, jnp.int32), ulb_conf_mean=f32(n_ulb),
                ulb_conf_m2=f32(n_ulb), ulb_conf_count=i32(n_ulb))
 
 
@@ -218,7 +223,8 @@ def update_unlabeled(state: DynamicsState, idx: jax.Array, logits: jax.Array,
     raise ValueError(f'update_unlabeled: update_apm must be a scalar, got {update_apm.shape}.')
   pm = pseudo_margins(logits)  # [U, C]
   prob = _label_prob(logits, pseudo_labels)  # [U]
-  idx, pm, prob = _gather(axis_name, idx.astype(jnp.int32), pm, prob)  # [n], [n, C], [n]
+  idx, pm, prob, labels = _gather(axis_name, idx.astype(jnp.int32), pm, prob,
+                                  pseudo_labels.astype(jnp.int32))  # [n], [n, C], [n], [n]
   rows = state.apm.shape[0]
   read, write, _ = _rows(idx, rows, axis_name, sharded)
   apm_write = jnp.where(update_apm.astype(bool), write, rows)  # no scatter before warm-up ends
@@ -231,6 +237,7 @@ def update_unlabeled(state: DynamicsState, idx: jax.Array, logits: jax.Array,
   return state.replace(
       apm=state.apm.at[apm_write].set(apm_rows, mode='drop'),
       apm_count=state.apm_count.at[apm_write].set(n_before + 1, mode='drop'),
+      apm_label=state.apm_label.at[apm_write].set(labels, mode='drop'),
       ulb_conf_mean=put(state.ulb_conf_mean, mean),
       ulb_conf_m2=put(state.ulb_conf_m2, m2),
       ulb_conf_count=put(state.ulb_conf_count, count))
@@ -291,10 +298,56 @@ def unlabeled_difficulty(state: DynamicsState, idx: jax.Array, pseudo_labels: ja
 
 def stored_pseudo_label(state: DynamicsState, idx: jax.Array, *, axis_name: str | None = None,
                         sharded: bool = False) -> jax.Array:
-  """int32 [U]: the class with the highest stored APM of each sample (before this step)."""
+  """int32 [U]: each sample's pseudo-label at its last APM update (0 if it has none yet)."""
   _check_layout(axis_name, sharded, 'stored_pseudo_label')
-  row_fn = lambda r: jnp.argmax(state.apm[r], axis=-1).astype(jnp.float32)
+  row_fn = lambda r: jnp.maximum(state.apm_label[r], 0).astype(jnp.float32)
   return _read_batch(row_fn, idx, (), state.apm.shape[0], axis_name, sharded).astype(jnp.int32)
+
+
+def fused_unlabeled_difficulty(state: DynamicsState, idx: jax.Array, measure: str = 'margin',
+                               *, axis_name: str | None = None,
+                               sharded: bool = False) -> jax.Array:
+  """float32 [U]: the unlabeled difficulty the fused (one-pass) step can know before its pass.
+
+  'margin': APM at the pseudo-label of the sample's last APM update (0 if none yet);
+  'confidence': the running mean p(pseudo-label). In what sense it agrees with the two-pass
+  `unlabeled_difficulty(state_after_update, idx, pseudo_labels)`: on the same tables, whose
+  last update used the same pseudo-labels, both give the same values (so the same median
+  split). Within a step the fused read comes from the tables BEFORE this step's update, i.e.
+  it is exactly the value the two-pass step read for that sample at its previous visit; it
+  misses this step's APM term (weight ~1/(n+1)) and a pseudo-label that changed since.
+  """
+  _check_measure(measure, 'fused_unlabeled_difficulty')
+  _check_layout(axis_name, sharded, 'fused_unlabeled_difficulty')
+  if measure == 'margin':
+    def row_fn(r):
+      label = state.apm_label[r]  # [n]
+      value = jnp.take_along_axis(state.apm[r], jnp.maximum(label, 0)[:, None], axis=1)[:, 0]
+      return jnp.where(label >= 0, value, 0.0)
+  else:
+    row_fn = lambda r: state.ulb_conf_mean[r]
+  return _read_batch(row_fn, idx, (), state.apm.shape[0], axis_name, sharded)
+
+
+def apm_start_after(warmup_steps: int, num_unlabeled: int, ulb_batch: int, fused: bool) -> int:
+  """APM is updated at steps > this: warm-up's end (reference), or earlier for the fused step.
+
+  The fused step splits on tables written before its pass, so its APM starts at the first
+  step of the last complete unlabeled epoch before mixing (step warmup_steps + 1) begins:
+  every sample then has at least one APM update when the first mixed step reads it
+  (batches walk seeded epoch permutations, `pipeline.batch_indices`). Warm-ups shorter
+  than one epoch start APM at step 0. `ulb_batch` is the GLOBAL unlabeled batch.
+  """
+  if not fused:
+    return warmup_steps
+  if num_unlabeled < 1 or ulb_batch < 1:
+    raise ValueError(f'apm_start_after: num_unlabeled={num_unlabeled} and '
+                     f'ulb_batch={ulb_batch} must be >= 1.')
+  first_mix_position = (warmup_steps + 1) * ulb_batch
+  last_full_epoch = first_mix_position // num_unlabeled - 1
+  if last_full_epoch < 0:
+    return -1
+  return last_full_epoch * num_unlabeled // ulb_batch - 1  # its first step, minus one
 
 
 # ----------------------------------------------------------------------------

@@ -73,13 +73,19 @@ def evaluate_workdir(workdir: str, which: str = 'latest', step: int | None = Non
                      raw: bool = False, temperature_scaling: bool = False,
                      out: str | None = None) -> dict:
   """Evaluates one checkpoint; returns {'step', 'metrics', 'ts_metrics', 'temperature'}."""
-  config = load_config(workdir)
-  run = run_setup.build_run(config, workdir, write=False)
+  run = run_setup.build_run(load_config(workdir), workdir, write=False)
   step, state = restore(run, which, step)
+  return evaluate_restored(run, state, step, which, raw, temperature_scaling, out)
+
+
+def evaluate_restored(run, state, step: int, which: str = 'latest', raw: bool = False,
+                      temperature_scaling: bool = False, out: str | None = None) -> dict:
+  """`evaluate_workdir` on an already built run and restored (stacked) state."""
   tag = f'{which}_{step}{"_raw" if raw else ""}'
-  out = out or workdir
+  out = out or run.workdir
   result = run.evaluator.evaluate_split(state, run.data, 'test', use_ema=not raw)
-  reports.write_eval_report(result, out, prefix=f'eval_{tag}', title=f'{config.algorithm} {tag}')
+  reports.write_eval_report(result, out, prefix=f'eval_{tag}',
+                            title=f'{run.config.algorithm} {tag}')
   report = {'step': step, 'which': which, 'weights': 'raw' if raw else 'ema',
             'metrics': result['metrics']}
   if temperature_scaling:

@@ -16,7 +16,7 @@ from cmix_jax import steps
 from cmix_jax.data import datasets
 from cmix_jax.data import pipeline
 
-SPLITS = ('test', 'val')
+SPLITS = ('test', 'val', 'unlabeled')
 
 
 def eval_sums_step(state, batch, *, model, info: steps.DataInfo, use_ema: bool,
@@ -40,12 +40,18 @@ def make_eval_fn(model, info: steps.DataInfo, topo: parallel.Topology, backend: 
 
 
 def split_arrays(data: datasets.SSLData, split: str):
-  """(images, labels) of the test split or of the labeled validation slice."""
+  """(images, labels) of the test split, the labeled validation slice or the unlabeled pool.
+
+  The unlabeled pool's labels are its hidden labels, unknown ones (-1) read as class 0:
+  its logits are for analysis (the dynamics study), its metrics only where all are known.
+  """
   if split == 'test':
     return data.test_images, data.test_labels
   if split == 'val':
     val_images = datasets.ArrayImageSource(data.train_images.get(data.val_idx))
     return val_images, data.train_labels[data.val_idx]
+  if split == 'unlabeled':
+    return data.unlabeled_images, np.maximum(data.unlabeled_labels, 0)
   raise ValueError(f'unknown split {split!r}: use one of {SPLITS}.')
 
 

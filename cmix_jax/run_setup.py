@@ -115,7 +115,8 @@ def split_data(config, raw) -> datasets.SSLData:
   """Labeled / validation / unlabeled sets of a raw data set, drawn from the config's seed."""
   return datasets.make_ssl_data(raw, config.data.num_labels, config.seed,
                                 val_size=config.data.val_size,
-                                include_lb_to_ulb=config.data.include_lb_to_ulb)
+                                include_lb_to_ulb=config.data.include_lb_to_ulb,
+                                unlabeled_size=config.data.get('unlabeled_size', 0))
 
 
 def _static_data_facts(config) -> tuple[int | None, int | None]:
@@ -146,7 +147,7 @@ def _write_run_files(config, workdir: str, data: datasets.SSLData) -> None:
   storage.write_text(storage.as_path(workdir) / 'config.json',
                      config.to_json_best_effort(indent=2, sort_keys=True))
   splits.save_split(workdir, data.labeled_idx, data.val_idx, data.train_labels,
-                    config.seed, config.data.name)
+                    config.seed, config.data.name, unlabeled=data.unlabeled_record())
 
 
 def build_run(config, workdir: str, allow_config_change: bool = False,
@@ -208,8 +209,10 @@ def _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, 
   return Run(
       config=config, workdir=workdir, topo=topo, data=data, info=info, model=model, tx=tx,
       algorithm=algorithm,
-      evaluator=evaluation.Evaluator(model, info, topo, config.get('parallel_backend', 'pmap'),
-                                     config.data.eval_batch_size, config.eval.num_bins),
+      evaluator=evaluation.Evaluator(
+          steps.create_eval_model(config, info.num_classes, topo.num_devices), info, topo,
+          config.get('parallel_backend', 'pmap'), config.data.eval_batch_size,
+          config.eval.num_bins),
       manager=checkpointing.create_manager(workdir, config.max_to_keep),
       best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
       writer=metric_writers.create_default_writer(workdir if tensorboard else None,

@@ -73,18 +73,29 @@ def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 num_devices: int = 1) -> nn.Module:
-  """The configured network for `num_devices` training devices.
+                 num_devices: int = 1, dtype: str | None = None) -> nn.Module:
+  """The configured network for `num_devices` training devices, computing in `dtype`.
 
-  model.bn_momentum, when set, overrides the architecture's BN decay; BN statistics are
-  cross-replica (SyncBN) as model.cross_replica_bn says (None: on more than one device).
+  `dtype` defaults to model.dtype. model.bn_momentum, when set, overrides the architecture's
+  BN decay; BN statistics are cross-replica (SyncBN) as model.cross_replica_bn says (None: on
+  more than one device).
   """
   bn_momentum = config.model.get('bn_momentum')
   sync_bn = parallel.use_cross_replica_bn(config.model.get('cross_replica_bn'), num_devices)
   return models.create_model(
-      config.model.name, num_classes, dtype=config.model.dtype,
+      config.model.name, num_classes, dtype=dtype or config.model.dtype,
       bn_axis_name=AXIS if sync_bn else None,
       **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}))
+
+
+def create_eval_model(config: ml_collections.ConfigDict, num_classes: int,
+                      num_devices: int = 1) -> nn.Module:
+  """The network computing in float32 on the same (float32) params, for evaluation.
+
+  Accuracy and calibration are measured without bfloat16 rounding even when training
+  computes in bfloat16 (classic_cv.py, as the reference's AMP).
+  """
+  return create_model(config, num_classes, num_devices, dtype='float32')
 
 
 def create_train_state(config, model, tx, algorithm, info: DataInfo, rng,
@@ -143,7 +154,8 @@ def train_loss(params, state, batch, views, key, *, model, algorithm, config, in
         params, state, batch, views, key, num_classes=info.num_classes, **kw)
   else:
     first = base_step.base_pass(params, state.batch_stats, state.algo_state, batch, views, **kw)
-  dyn = base_step.update_dynamics(state.dynamics, batch, first, state.step, config)
+  dyn = base_step.update_dynamics(state.dynamics, batch, first, state.step, config,
+                                  info.num_unlabeled)
   last = first
   loss, metrics = first.loss, {**first.metrics, **base_step.accuracy_metrics(first, batch)}
   if mix and not fused:

@@ -56,6 +56,9 @@ def get_config():
   config.data.cutout = True  # Cutout after RandAugment in the strong view (USB: on)
   config.data.prefetch = 2  # batches prepared ahead on host threads
   config.data.val_size = 500  # held-out labeled slice: best_val selection, temperature scaling
+  # Class-balanced, seeded subset of the unlabeled set (labeled samples kept in it when
+  # include_lb_to_ulb), so short runs revisit each sample often; 0 or -1 = all of it.
+  config.data.unlabeled_size = 0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'cnn_small'  # cnn_small | wrn_28_2 | wrn_28_8 | wrn_37_2 | resnet50

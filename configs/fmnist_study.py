@@ -1,6 +1,7 @@
 """The CPU reproduction study on Fashion-MNIST (experiments/results/README.md).
 
-Command (one run; `python experiments/study.py` runs the whole grid):
+Command (one run; `python experiments/sweep.py fmnist_study --run` runs the whole grid,
+superseded by configs/fmnist_dynamics.py, see experiments/results/README.md):
   python -m cmix_jax.main --config=configs/fmnist_study.py --workdir=runs/study/one \
       --config.algorithm=softmatch --config.calibratemix.enabled=True --config.data.num_labels=40
 Short runs sized so that the 36-run grid (supervised, FixMatch +-CM, SoftMatch +-CM, random

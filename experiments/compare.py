@@ -2,7 +2,7 @@
 
   python experiments/compare.py runs/sweeps/fmnist_study --out=runs/compare/fmnist
   python experiments/compare.py RUN_A RUN_B ... [--group_by=calibratemix.passes]
-      [--reference=/work/shared/usb_reference_results.csv] [--paper=paper.csv] [--out=DIR]
+      [--reference=experiments/usb_reference_results.csv] [--paper=paper.csv] [--out=DIR]
 
 A path is a run workdir (holds config.json; finished when it holds eval.json) or a
 folder searched recursively for them (local or gs://, like --out). Runs are grouped by
@@ -34,7 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cmix_jax import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-DEFAULT_REFERENCE = '/work/shared/usb_reference_results.csv'
+# USB's published classic-CV error rates, shipped beside this script
+DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 'usb_reference_results.csv')
 # our data.name -> USB's dataset name (the reference CSV's names)
 DATASET_ALIASES = {'svhn_cropped': 'svhn', 'svhn': 'svhn', 'cifar10': 'cifar10',
                    'cifar100': 'cifar100', 'stl10': 'stl10', 'imagenet2012': 'imagenet',
@@ -205,6 +207,27 @@ def _mean_std(values) -> tuple:
   if not len(v):
     return math.nan, math.nan
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
+
+
+def paired_interval(differences, confidence: float = 0.95) -> dict:
+  """Mean of paired differences with its two-sided Student-t interval.
+
+  {'n', 'mean', 'std' (ddof=1), 'low', 'high'}; low/high are NaN below two pairs.
+  Non-finite differences are dropped.
+  """
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  d = np.asarray([x for x in differences if x is not None and math.isfinite(x)], np.float64)
+  out = {'n': int(len(d)), 'mean': math.nan, 'std': math.nan, 'low': math.nan,
+         'high': math.nan}
+  if not len(d):
+    return out
+  out['mean'] = float(d.mean())
+  if len(d) < 2:
+    return out
+  out['std'] = float(d.std(ddof=1))
+  half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1)) * out['std'] / math.sqrt(len(d))
+  out['low'], out['high'] = out['mean'] - half, out['mean'] + half
+  return out
 
 
 def _sort_key(group: tuple):

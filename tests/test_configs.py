@@ -1,8 +1,10 @@
 """Every config we ship builds and validates (no training), so none rots."""
 
+import dataclasses
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 
 from cmix_jax import config_validation
@@ -32,16 +34,73 @@ def test_every_paper_setting_builds_and_validates():
     assert config.calibratemix.enabled == (variant == 'cmix')
 
 
-@pytest.mark.parametrize('dataset,network,wd', [
-    ('cifar10', 'wrn_28_2', 5e-4), ('cifar100', 'wrn_28_8', 1e-3), ('svhn', 'wrn_28_2', 5e-4),
-    ('stl10', 'wrn_37_2', 5e-4), ('imagenet', 'resnet50', 3e-4)])
-def test_paper_hyperparameters(dataset, network, wd):
+@pytest.mark.parametrize('dataset,network,wd,uratio', [
+    ('cifar10', 'wrn_28_2', 5e-4, 7), ('cifar100', 'wrn_28_8', 1e-3, 7),
+    ('svhn', 'wrn_28_2', 5e-4, 7), ('stl10', 'wrn_37_2', 5e-4, 7),
+    ('imagenet', 'resnet50', 3e-4, 1)])  # USB's comatch_imagenet_100k_0.yaml
+def test_paper_hyperparameters(dataset, network, wd, uratio):
   config = classic_cv.get_config(f'softmatch,{dataset},{classic_cv.SETTINGS[dataset][3][0]},0')
   assert config.model.name == network and config.optim.weight_decay == wd
-  assert (config.num_train_steps, config.data.batch_size, config.data.uratio) == (2**20, 64, 7)
+  assert (config.num_train_steps, config.data.batch_size) == (2**20, 64)
+  assert config.data.uratio == uratio
+  assert config.data.val_size == 0 and config.data.include_lb_to_ulb  # USB: all train unlabeled
   assert (config.optim.lr, config.optim.momentum, config.optim.nesterov) == (0.03, 0.9, True)
   assert config.optim.ema_decay == 0.999 and config.calibratemix.warmup_steps == 150_000
   assert config.calibratemix.passes == 2 and config.calibratemix.pair_k_frac == 15 / 224
+
+
+def test_classic_cv_cites_the_shipped_reference_table_that_compare_reads():
+  doc = classic_cv.__doc__
+  assert '../' not in doc and '/work/' not in doc
+  assert 'experiments/usb_reference_results.csv' in doc
+  spec = importlib.util.spec_from_file_location(
+      'compare_for_configs', os.path.join(REPO, 'experiments', 'compare.py'))
+  compare = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compare)
+  assert compare.DEFAULT_REFERENCE == os.path.join(REPO, 'experiments',
+                                                   'usb_reference_results.csv')
+  reference = compare.load_reference(compare.DEFAULT_REFERENCE)
+  assert reference[('fixmatch', 'cifar10', '40')]['error_mean'] == 8.33  # the docstring's figure
+
+
+def _svhn_like_raw():
+  """SVHN's spec on fake data: 20 train images (labels 0..1 from i % 2) and 30 extra (2..3)."""
+  arrays = datasets.make_fake(num_train=20, num_test=4, image_shape=(2, 2, 1), num_classes=4)
+  train_images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1) * np.ones((1, 2, 2, 1),
+                                                                               np.uint8)
+  extra_images = (100 + np.arange(30, dtype=np.uint8)).reshape(30, 1, 1, 1) * np.ones(
+      (1, 2, 2, 1), np.uint8)
+  spec = dataclasses.replace(datasets.SPECS['svhn_cropped'], num_classes=4,
+                             image_shape=(2, 2, 1))
+  return datasets.RawData(
+      spec=spec, train_images=datasets.ArrayImageSource(train_images),
+      train_labels=(np.arange(20) % 2).astype(np.int32),
+      test_images=datasets.ArrayImageSource(arrays['test'][0]), test_labels=arrays['test'][1],
+      extra_images=datasets.ArrayImageSource(extra_images),
+      extra_labels=(2 + np.arange(30) % 2).astype(np.int32))
+
+
+def test_svhn_labels_are_drawn_from_train_and_extra():
+  raw = _svhn_like_raw()
+  assert raw.spec.labeled_from_extra
+  data = datasets.make_ssl_data(raw, num_labels=8, seed=0)
+  # Classes 2 and 3 live only in extra: a class-balanced draw of 8 takes 2 of each.
+  assert sorted(data.labeled_labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+  images = data.labeled_images()[:, 0, 0, 0]  # [8] pixel = image id
+  for image, label in zip(images, data.labeled_labels):
+    assert (image < 100 and label in (0, 1)) or (image >= 100 and label in (2, 3))
+  # Unlabeled = train then extra, each once (labeled included, as USB's include_lb_to_ulb).
+  assert data.num_unlabeled == 50
+  assert data.unlabeled_images.get(np.arange(50))[:, 0, 0, 0].tolist() == (
+      list(range(20)) + list(range(100, 130)))
+  assert data.unlabeled_labels.tolist() == raw.train_labels.tolist() + raw.extra_labels.tolist()
+
+
+def test_without_labeled_from_extra_labels_stay_in_train():
+  raw = _svhn_like_raw()
+  raw = dataclasses.replace(raw, spec=dataclasses.replace(raw.spec, labeled_from_extra=False))
+  with pytest.raises(ValueError, match='class 2 has only 0 examples'):  # extra is not drawn
+    datasets.make_ssl_data(raw, num_labels=8, seed=0)
 
 
 def test_bad_classic_cv_argument_names_the_format():
@@ -51,7 +110,7 @@ def test_bad_classic_cv_argument_names_the_format():
     classic_cv.get_config('fixmatch,mnist,40,0')
 
 
-@pytest.mark.parametrize('name', ['default', 'fmnist_study'])
+@pytest.mark.parametrize('name', ['default', 'fmnist_study', 'fmnist_dynamics'])
 def test_cpu_configs_validate(name):
   config = _load(name).get_config()
   errors = config_validation.config_errors(config, 1, 10, 60000)

@@ -37,7 +37,7 @@ def _variants(config):
       yield variant
 
 
-@pytest.mark.parametrize('name', ['default', 'fmnist_study'])
+@pytest.mark.parametrize('name', ['default', 'fmnist_study', 'fmnist_dynamics'])
 def test_cpu_configs_validate_on_every_device_count(name):
   for config in _variants(_load(name).get_config()):
     for devices in DEVICE_COUNTS:

@@ -96,6 +96,75 @@ def test_apm_frozen_before_warmup_but_welford_runs():
   np.testing.assert_array_equal(state.ulb_conf_count, [2, 0])
 
 
+# ---------------------------------------------------------------- fused (one-pass) split
+
+def _hand_tables():
+  """4 unlabeled samples after one APM update each; sample 0's history prefers class 0."""
+  state = DynamicsState.init(1, 4, 3)
+  history = _f32([[4., 0., 1.], [0., 3., 0.], [1., 0., 2.], [0., 0., 5.]])
+  return dynamics.update_unlabeled(state, _i32([0, 1, 2, 3]), history, _i32([0, 1, 2, 2]),
+                                   update_apm=True)
+
+
+def test_fused_split_equals_two_pass_split_on_the_same_tables_and_pseudo_labels():
+  from cmix_jax import mixup  # pylint: disable=g-import-not-at-top
+  state = _hand_tables()
+  idx = _i32([0, 1, 2, 3])
+  # This step: sample 0 now predicts class 1 (disagrees with its history), the rest agree.
+  logits = _f32([[0., 3., 2.], [0., 4., 0.], [0., 0., 1.], [0., 1., 6.]])
+  pseudo = _i32([1, 1, 2, 2])
+  after = dynamics.update_unlabeled(state, idx, logits, pseudo, update_apm=True)
+  two_pass = dynamics.unlabeled_difficulty(after, idx, pseudo, 'margin')
+  fused = dynamics.fused_unlabeled_difficulty(after, idx)  # same tables, same pseudo-labels
+  np.testing.assert_array_equal(fused, two_pass)
+  for a, b in zip(mixup.median_split(fused), mixup.median_split(two_pass)):
+    np.testing.assert_array_equal(a, b)
+  # By hand: sample 0's APM at class 1 = 0.4985 * PM(1) + 0.5015 * 0.997 * PM_hist(1).
+  np.testing.assert_allclose(two_pass[0], 0.4985 * 1. + 0.5015 * 0.997 * -4., rtol=1e-6)
+  np.testing.assert_array_equal(mixup.median_split(two_pass)[0], [0, 2])  # hard: 0 and 2
+  np.testing.assert_array_equal(dynamics.stored_pseudo_label(after, idx), pseudo)
+  # Within a step the fused one reads the tables before the update: the values the
+  # two-pass split used at the previous visit (history's labels), not this step's.
+  np.testing.assert_allclose(dynamics.fused_unlabeled_difficulty(state, idx),
+                             0.997 * np.array([3., 3., 1., 5.]), rtol=1e-6)
+  # The old read-out (class of the highest stored APM) would call sample 0 easy this step
+  # although its current pseudo-label reads hard: reading at the remembered label instead
+  # gives the two-pass value of that label.
+  stored_argmax = jnp.argmax(after.apm, axis=1)
+  assert int(stored_argmax[0]) == 0 and float(after.apm[0, 0]) > 0 > float(two_pass[0])
+
+
+def test_fused_difficulty_unseen_reads_zero_and_confidence_matches_two_pass():
+  state = DynamicsState.init(1, 3, 3)
+  np.testing.assert_array_equal(dynamics.fused_unlabeled_difficulty(state, _i32([0, 2])), [0, 0])
+  np.testing.assert_array_equal(state.apm_label, [-1, -1, -1])
+  np.testing.assert_array_equal(dynamics.stored_pseudo_label(state, _i32([0, 2])), [0, 0])
+  frozen = dynamics.update_unlabeled(state, _i32([1]), _f32([[0., 2., 0.]]), _i32([1]),
+                                     update_apm=False)
+  np.testing.assert_array_equal(frozen.apm_label, [-1, -1, -1])  # set with APM only
+  after = _hand_tables()
+  np.testing.assert_array_equal(
+      dynamics.fused_unlabeled_difficulty(after, _i32([3, 1]), 'confidence'),
+      dynamics.unlabeled_difficulty(after, _i32([3, 1]), _i32([0, 0]), 'confidence'))
+
+
+@pytest.mark.parametrize('warmup,n,u,fused,expected', [
+    (5, 10, 4, False, 5),  # two-pass: the reference's warm-up
+    (5, 10, 4, True, 1),  # first mix position 24 -> last full epoch 1 = positions 10..19
+    (2, 10, 4, True, -1),  # warm-up shorter than an epoch: from step 0
+    (100, 1000, 112, True, 88),  # mixing starts at position 11312: epoch 10 starts in step 89
+])
+def test_apm_start_after_covers_a_whole_epoch_before_mixing(warmup, n, u, fused, expected):
+  from cmix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  start = dynamics.apm_start_after(warmup, n, u, fused)
+  assert start == expected
+  if fused:
+    seen = np.concatenate([pipeline.batch_indices(n, u, t, seed=0, stream_id=1)
+                           for t in range(start + 1, warmup + 1)])
+    if start >= 0:
+      np.testing.assert_array_equal(np.unique(seen), np.arange(n))  # every sample updated
+
+
 # ---------------------------------------------------------------- AUM and Welford
 
 def test_aum_is_running_mean_over_steps():
@@ -230,7 +299,11 @@ def _step(state, batch, update_apm, axis_name=None, sharded=False):
       ulb_margin=dynamics.unlabeled_difficulty(state, batch['idx_ulb'], batch['pseudo'],
                                                'margin', axis_name=axis_name, sharded=sharded),
       ulb_conf=dynamics.unlabeled_difficulty(state, batch['idx_ulb'], batch['pseudo'],
-                                             'confidence', axis_name=axis_name, sharded=sharded))
+                                             'confidence', axis_name=axis_name, sharded=sharded),
+      ulb_fused=dynamics.fused_unlabeled_difficulty(state, batch['idx_ulb'],
+                                                    axis_name=axis_name, sharded=sharded),
+      ulb_stored=dynamics.stored_pseudo_label(state, batch['idx_ulb'], axis_name=axis_name,
+                                              sharded=sharded))
   return state, reads
 
 
@@ -258,7 +331,7 @@ def _reference_run(batches):
 
 
 def _assert_tables_equal(state, ref):
-  for name in ('aum_count', 'lb_conf_count', 'apm_count', 'ulb_conf_count'):
+  for name in ('aum_count', 'lb_conf_count', 'apm_count', 'apm_label', 'ulb_conf_count'):
     np.testing.assert_array_equal(getattr(state, name), getattr(ref, name), err_msg=name)
   for name in ('aum_sum', 'lb_conf_mean', 'lb_conf_m2', 'apm', 'ulb_conf_mean', 'ulb_conf_m2'):
     np.testing.assert_allclose(getattr(state, name), getattr(ref, name), rtol=1e-6, atol=1e-7,

@@ -246,6 +246,23 @@ def test_difficulty_half_means():
   np.testing.assert_allclose([hard, easy], [1.5, 4.0])
 
 
+def test_pair_k_frac_one_is_a_uniform_partner_from_the_opposite_half():
+  # The "split kept, random partner" ablation: k = the whole half, so every partner of the
+  # half is equally likely, whatever the similarity.
+  inp = _inputs()
+  run = jax.jit(jax.vmap(lambda key: mixup.targeted_mixup(
+      key, num_classes=K, pair_k_frac=1.0, **inp)))
+  mixed = run(_keys(1200, seed=4))
+  n1 = B - B // 2
+  ulb_d = np.asarray(inp['ulb_difficulty'])
+  hard_ulb, easy_ulb = np.argsort(ulb_d)[:U // 2], np.argsort(ulb_d)[U // 2:]
+  partners = np.asarray(mixed.partner_idx)  # [draws, B]
+  for col, half in [(0, hard_ulb), (n1, easy_ulb)]:
+    freq = np.array([np.mean(partners[:, col] == j) for j in half])
+    assert set(partners[:, col]) == set(half)
+    np.testing.assert_allclose(freq, 1 / len(half), atol=0.07)
+
+
 # ---------------------------------------------------------------- global scope
 
 D = 8  # fake devices (tests/conftest.py)

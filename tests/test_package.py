@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -84,3 +85,16 @@ def test_evaluation_and_benchmarks_import_no_training_loop(user):
   direct = _imports(ROOT / user, set(graph))
   reached = direct.union(*(_reachable(graph, d) for d in direct))
   assert 'cmix_jax.train' not in reached
+
+
+def test_repo_points_nowhere_outside_itself():
+  offenders = []
+  for folder in ('cmix_jax', 'configs', 'experiments', 'docs'):
+    for path in (ROOT / folder).rglob('*'):
+      if path.suffix in ('.py', '.md', '.cfg') and path.is_file():
+        text = path.read_text()
+        if '../shared' in text or 'METHOD.md' in text or re.search(r'\bissue \d', text):
+          offenders.append(str(path.relative_to(ROOT)))
+  readme = (ROOT / 'README.md').read_text()
+  assert '../shared' not in readme and 'METHOD.md' not in readme
+  assert not offenders, offenders

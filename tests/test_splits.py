@@ -82,3 +82,31 @@ def test_save_and_load_split_round_trip(tmp_path):
   np.testing.assert_array_equal(loaded['labeled_idx'], [0, 4, 8])
   assert loaded['labeled_idx'].dtype == np.int64
   np.testing.assert_array_equal(loaded['val_idx'], [3])
+
+
+def test_unlabeled_subset_keeps_given_positions_and_balances_classes_by_hand():
+  labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+  subset = splits.unlabeled_subset(labels, 6, 3, seed=5, keep=np.array([0, 1, 4]))
+  assert subset.dtype == np.int64 and np.all(np.diff(subset) > 0)
+  assert {0, 1, 4} <= set(subset.tolist())
+  np.testing.assert_array_equal(np.bincount(labels[subset], minlength=3), [2, 2, 2])
+  assert set(subset[labels[subset] == 0].tolist()) == {0, 1}  # class 0 is full with its kept two
+  np.testing.assert_array_equal(subset, splits.unlabeled_subset(labels, 6, 3, 5, np.array([0, 1, 4])))
+  with pytest.raises(ValueError, match='fewer than the 3 labeled'):
+    splits.unlabeled_subset(labels, 6, 3, seed=5, keep=np.array([0, 1, 2]))
+
+
+def test_split_file_records_the_unlabeled_subset(tmp_path):
+  from cmix_jax.data import sources  # pylint: disable=g-import-not-at-top
+  data = sources.load_ssl_data('fake', '', 8, seed=2, fake_kwargs=dict(
+      num_train=40, num_test=4, image_shape=(4, 4, 1), num_classes=4, seed=0),
+                                unlabeled_size=16)
+  splits.save_split(str(tmp_path), data.labeled_idx, data.val_idx, data.train_labels, 2, 'fake',
+                    unlabeled=data.unlabeled_record())
+  record = splits.load_split(str(tmp_path))
+  assert record['unlabeled']['size'] == 16
+  assert record['unlabeled']['per_class'] == [4, 4, 4, 4]
+  assert record['unlabeled']['train_idx'] == data.unlabeled_train_idx.tolist()
+  assert record['unlabeled']['pool_idx'] == data.unlabeled_subset.tolist()
+  splits.save_split(str(tmp_path), data.labeled_idx, data.val_idx, data.train_labels, 2, 'fake')
+  assert 'unlabeled' not in splits.load_split(str(tmp_path))

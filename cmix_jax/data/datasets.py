@@ -55,6 +55,7 @@ class DatasetSpec:
   train_split: str = 'train'
   test_split: str = 'test'
   extra_unlabeled_split: str | None = None
+  labeled_from_extra: bool = False  # draw labels from train + extra, as USB does for SVHN
   how_to_get: str = ''
   in_memory: bool = True  # False: random-access source decoded per batch (ImageNet)
   resize: bool = False  # resize shorter side to image_shape + center crop on read
@@ -85,7 +86,8 @@ SPECS: dict[str, DatasetSpec] = {
     'svhn_cropped': DatasetSpec(
         name='svhn_cropped', tfds_name='svhn_cropped', num_classes=10, image_shape=(32, 32, 3),
         mean=(0.4380, 0.4440, 0.4730), std=(0.1751, 0.1771, 0.1744),
-        extra_unlabeled_split='extra', how_to_get=_tfds_build_hint('svhn_cropped')),
+        extra_unlabeled_split='extra', labeled_from_extra=True,
+        how_to_get=_tfds_build_hint('svhn_cropped')),
     'stl10': DatasetSpec(
         name='stl10', tfds_name='stl10', num_classes=10, image_shape=(96, 96, 3),
         mean=(112.4 / 255, 109.1 / 255, 98.6 / 255), std=(68.4 / 255, 66.6 / 255, 68.5 / 255),
@@ -548,6 +550,18 @@ class SSLData:
   unlabeled_train_idx: np.ndarray  # int64, train position of unlabeled j < len(this)
   test_images: ImageSource
   test_labels: np.ndarray  # int32 [N_test]
+  # int64 [N_ulb]: positions of the kept unlabeled samples in the whole unlabeled set (train
+  # minus validation, then extra) when data.unlabeled_size draws a subset; None = all of it.
+  unlabeled_subset: np.ndarray | None = None
+
+  def unlabeled_record(self) -> dict | None:
+    """What split.json records of an unlabeled subset (None when the whole set is used)."""
+    if self.unlabeled_subset is None:
+      return None
+    return {'size': self.num_unlabeled,
+            'per_class': np.bincount(self.unlabeled_labels, minlength=self.num_classes).tolist(),
+            'train_idx': self.unlabeled_train_idx,  # train positions of the train part
+            'pool_idx': self.unlabeled_subset}
 
   @property
   def num_labeled(self) -> int:
@@ -582,13 +596,26 @@ class RawData:
   extra_labels: np.ndarray | None = None  # int32 [N_extra]
 
 
+def merge_extra_into_train(raw: RawData) -> RawData:
+  """Train followed by the extra split as one labeled pool (SVHN: 73,257 + 531,131 images)."""
+  return dataclasses.replace(
+      raw, train_images=ConcatImageSource([raw.train_images, raw.extra_images]),
+      train_labels=np.concatenate([raw.train_labels, raw.extra_labels]).astype(np.int32),
+      extra_images=None, extra_labels=None)
+
+
 def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
-                  include_lb_to_ulb: bool = True) -> SSLData:
+                  include_lb_to_ulb: bool = True, unlabeled_size: int = 0) -> SSLData:
   """Draws the class-balanced validation, then labeled split from `seed`; builds the views.
 
   The unlabeled set is the train split minus validation (minus labeled unless
-  include_lb_to_ulb), in train order, followed by the extra unlabeled split.
+  include_lb_to_ulb), in train order, followed by the extra unlabeled split. A spec with
+  labeled_from_extra first makes train + extra the train split (USB's SVHN). With
+  unlabeled_size > 0 only a class-balanced, seeded subset of it is kept (order preserved;
+  the labeled samples stay in it when include_lb_to_ulb).
   """
+  if raw.spec.labeled_from_extra and raw.extra_images is not None:
+    raw = merge_extra_into_train(raw)
   num_classes, train_labels = raw.spec.num_classes, raw.train_labels
   val_idx = splits.validation_split(train_labels, val_size, num_classes, seed)
   labeled_idx = splits.labeled_split(train_labels, num_labels, num_classes, seed,
@@ -601,8 +628,23 @@ def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
   if raw.extra_images is not None:
     unlabeled = ConcatImageSource([unlabeled, raw.extra_images])
     unlabeled_labels = np.concatenate([unlabeled_labels, raw.extra_labels])
+  subset = None
+  if int(unlabeled_size) != unlabeled_size or unlabeled_size < -1:
+    raise ValueError(f'data.unlabeled_size={unlabeled_size!r} must be a whole number of '
+                     'unlabeled samples, or 0 / -1 for all: fix --config.data.unlabeled_size.')
+  if unlabeled_size > 0:
+    if np.any(unlabeled_labels < 0):
+      raise ValueError(f'data.unlabeled_size={unlabeled_size} draws a class-balanced subset, '
+                       f'but {raw.spec.name}\'s unlabeled set has samples without a label: '
+                       'set --config.data.unlabeled_size=0 (all) for this data set.')
+    in_pool = np.searchsorted(keep, labeled_idx) if include_lb_to_ulb else None  # [N_lb]
+    subset = splits.unlabeled_subset(unlabeled_labels, unlabeled_size, num_classes, seed,
+                                     keep=in_pool)  # int64 [unlabeled_size], sorted
+    unlabeled = SubsetImageSource(unlabeled, subset)
+    unlabeled_labels = unlabeled_labels[subset]
+    keep = keep[subset[subset < len(keep)]]
   return SSLData(
       spec=raw.spec, train_images=raw.train_images, train_labels=train_labels,
       labeled_idx=labeled_idx, val_idx=val_idx, unlabeled_images=unlabeled,
       unlabeled_labels=unlabeled_labels.astype(np.int32), unlabeled_train_idx=keep,
-      test_images=raw.test_images, test_labels=raw.test_labels)
+      test_images=raw.test_images, test_labels=raw.test_labels, unlabeled_subset=subset)

@@ -49,8 +49,8 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
 
 
 def load_ssl_data(name: str, data_dir: str, num_labels: int, seed: int, val_size: int = 0,
-                  include_lb_to_ulb: bool = True,
-                  fake_kwargs: dict | None = None) -> datasets.SSLData:
+                  include_lb_to_ulb: bool = True, fake_kwargs: dict | None = None,
+                  unlabeled_size: int = 0) -> datasets.SSLData:
   """open_dataset + make_ssl_data: the data set with its seed-drawn labeled/validation split."""
   return datasets.make_ssl_data(open_dataset(name, data_dir, fake_kwargs), num_labels, seed,
-                                val_size, include_lb_to_ulb)
+                                val_size, include_lb_to_ulb, unlabeled_size)

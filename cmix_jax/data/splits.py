@@ -3,7 +3,8 @@
 Order of draws (sources.load_ssl_data): validation first, from the whole train split, with
 `np.random.default_rng([seed, VAL_STREAM])`; then the labeled set from the remaining examples
 with `np.random.default_rng(seed)`. With val_size = 0 the labeled set is therefore the same as
-without a validation slice. numpy's Generator streams do not depend on the host, so every
+without a validation slice. Last, when data.unlabeled_size asks for it, the unlabeled subset
+with `np.random.default_rng([seed, ULB_STREAM])` (labeled and validation draws unchanged). numpy's Generator streams do not depend on the host, so every
 process and machine draws the same indices.
 """
 
@@ -12,6 +13,7 @@ import numpy as np
 from cmix_jax import storage
 
 VAL_STREAM = 1  # second seed word of the validation draw (labeled uses the plain seed)
+ULB_STREAM = 2  # second seed word of the unlabeled-subset draw
 SPLIT_FILE = 'split.json'
 
 
@@ -35,9 +37,10 @@ def _draw_per_class(rng: np.random.Generator, labels: np.ndarray, counts: np.nda
   for c, k in enumerate(counts):
     candidates = np.nonzero((labels == c) & available)[0]  # int64, sorted
     if len(candidates) < k:
+      fix = ('data.unlabeled_size' if what == 'unlabeled'
+             else 'data.num_labels (or data.val_size)')
       raise ValueError(f'class {c} has only {len(candidates)} examples available for the '
-                       f'{what} set but {k} are needed: lower --config.data.num_labels '
-                       '(or data.val_size).')
+                       f'{what} set but {k} are needed: lower --config.{fix}.')
     chosen.append(candidates[rng.choice(len(candidates), size=int(k), replace=False)])
   return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
 
@@ -75,10 +78,40 @@ def validation_split(labels: np.ndarray, val_size: int, num_classes: int,
   return _draw_per_class(rng, labels, counts, None, 'validation')
 
 
+def unlabeled_subset(labels: np.ndarray, size: int, num_classes: int, seed: int,
+                     keep: np.ndarray | None = None) -> np.ndarray:
+  """Sorted int64 positions of a class-balanced subset of `size` pool samples (hidden labels).
+
+  size // C per class, the remainder to random classes; the positions in `keep` (labeled
+  samples, with include_lb_to_ulb) are always in it and count towards their class.
+  """
+  labels = _check_labels(labels, num_classes)
+  keep = np.zeros(0, np.int64) if keep is None else np.unique(np.asarray(keep, np.int64))
+  if size < len(keep) or size > len(labels):
+    raise ValueError(f'data.unlabeled_size={size} must lie between the {len(keep)} labeled '
+                     f'samples it keeps and the {len(labels)} unlabeled samples (0 = all): '
+                     'set --config.data.unlabeled_size accordingly.')
+  rng = np.random.default_rng([seed, ULB_STREAM])
+  counts = np.full(num_classes, size // num_classes)
+  counts[rng.choice(num_classes, size=size % num_classes, replace=False)] += 1
+  kept_per_class = np.bincount(labels[keep], minlength=num_classes)
+  if np.any(kept_per_class > counts):
+    raise ValueError(f'data.unlabeled_size={size} gives {counts.min()} samples per class, '
+                     f'fewer than the {kept_per_class.max()} labeled ones a class keeps: '
+                     'raise --config.data.unlabeled_size.')
+  drawn = _draw_per_class(rng, labels, counts - kept_per_class, keep, 'unlabeled')
+  return np.sort(np.concatenate([keep, drawn])).astype(np.int64)
+
+
 def save_split(workdir: str, labeled_idx: np.ndarray, val_idx: np.ndarray,
-               train_labels: np.ndarray, seed: int, dataset: str) -> str:
+               train_labels: np.ndarray, seed: int, dataset: str,
+               unlabeled: dict | None = None) -> str:
   """Writes workdir/split.json (indices, per-class counts, seed, data set) for audits; returns
-  its path. Local or gs:// (written whole, never half)."""
+  its path. Local or gs:// (written whole, never half).
+
+  `unlabeled` (when a subset of the unlabeled set is used, `SSLData.unlabeled_record()`)
+  adds its size, per-class counts of the hidden labels and its indices.
+  """
   train_labels = np.asarray(train_labels)
   num_classes = int(train_labels.max()) + 1 if len(train_labels) else 0
 
@@ -91,6 +124,9 @@ def save_split(workdir: str, labeled_idx: np.ndarray, val_idx: np.ndarray,
       'num_labeled': int(len(labeled_idx)), 'num_val': int(len(val_idx)),
       'labeled_per_class': per_class(labeled_idx), 'val_per_class': per_class(val_idx),
       'labeled_idx': np.asarray(labeled_idx).tolist(), 'val_idx': np.asarray(val_idx).tolist()}
+  if unlabeled is not None:
+    record['unlabeled'] = {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
+                           for k, v in unlabeled.items()}
   return str(storage.write_json(storage.as_path(workdir) / SPLIT_FILE, record))
 
 

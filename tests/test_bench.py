@@ -1,0 +1,85 @@
+"""experiments/bench.py: the --smoke run on the 8 test devices, presets, the peak table."""
+
+import importlib.util
+import os
+import types
+
+import jax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location(
+      'bench_under_test', os.path.join(ROOT, 'experiments', 'bench.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+bench = _load()
+
+
+def _rows(out: str) -> dict:
+  """variant -> the table row's cells (the '(+x% over base)' note stripped)."""
+  rows = {}
+  for line in out.splitlines():
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    if line.startswith('| ') and cells[0].isdigit():
+      rows[cells[1].split(' ')[0]] = cells
+  return rows
+
+
+def test_smoke_runs_on_all_devices(capsys):
+  # The smoke preset times fixmatch, +cmix1 and +cmix2; two of them keep the test's compile
+  # time down (the fused pass compiles in tests/test_steps.py).
+  bench.main(['--smoke', '--variants=fixmatch,fixmatch+cmix2'])
+  out = capsys.readouterr().out
+  assert 'measured float32 matmul' in out and 'peak memory' in out
+  rows = _rows(out)
+  assert list(rows) == ['fixmatch', 'fixmatch+cmix2']
+  flops = {}
+  for variant, (b, _, devices, imgs, secs, ips, ips_dev, gflop, frac, eval_ips) in rows.items():
+    assert (int(b), int(devices), int(imgs)) == (16, jax.local_device_count(), 16 + 2 * 2 * 16)
+    assert float(secs) > 0 and float(eval_ips) > 0 and float(frac) > 0
+    assert float(ips) == pytest.approx(int(imgs) / float(secs), rel=1e-2)
+    assert float(ips_dev) == pytest.approx(float(ips) / int(devices), rel=1e-2)
+    flops[variant] = float(gflop)
+  # The reference's second pass runs the network again over the mixed sets and both views.
+  assert flops['fixmatch+cmix2'] > 1.6 * flops['fixmatch']
+
+
+def test_paper_preset_and_explicit_flags_win():
+  args = bench.parse_args(['--paper'])
+  assert (args.batch_sizes, args.uratio, args.model, args.dtype) == ('64', 7, 'wrn_28_2',
+                                                                     'bfloat16')
+  assert args.variants == 'softmatch,softmatch+cmix1,softmatch+cmix2'
+  assert args.num_devices == -1  # every local device
+  assert bench.parse_args(['--paper', '--batch_sizes=32']).batch_sizes == '32'
+  assert bench.parse_args(['--paper', '--steps=5']).steps == 5  # even when it is the default
+  assert bench.parse_args([]).batch_sizes == '16,64' and bench.parse_args([]).steps == 5
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--paper', '--smoke'])
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--variants=fixmatch,nope'])
+  with pytest.raises(SystemExit):
+    bench.parse_args(['--image_shape=32x32'])
+
+
+@pytest.mark.parametrize('kind,peak', [
+    ('NVIDIA H200', 989e12), ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+    ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
+    ('TPU v6 lite', 918e12)])
+def test_peak_table_matches_device_kinds(kind, peak):
+  device = types.SimpleNamespace(platform='gpu' if 'NVIDIA' in kind else 'tpu', device_kind=kind)
+  assert bench.device_peak(device, 'bfloat16')[0] == peak
+
+
+def test_unknown_accelerator_and_cpu_use_a_measured_matmul(monkeypatch):
+  monkeypatch.setattr(bench, 'matmul_peak', lambda n=2048, repeats=5, dtype='float32': 7.0)
+  unknown = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA L4')
+  assert bench.device_peak(unknown, 'bfloat16') == (7.0, 'measured bfloat16 matmul '
+                                                    '(unknown accelerator)')
+  cpu = types.SimpleNamespace(platform='cpu', device_kind='cpu')
+  assert bench.device_peak(cpu, 'bfloat16') == (7.0, 'measured bfloat16 matmul')

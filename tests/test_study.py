@@ -1,0 +1,277 @@
+"""experiments/study.py and study_analysis.py: grid, skip/resume, paired intervals, AUROC."""
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(
+      f'{name}_under_test', os.path.join(ROOT, 'experiments', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+study = _load('study')
+analysis = _load('study_analysis')
+T_975_DF2 = 4.302652729911275  # Student-t 97.5 % quantile, 2 degrees of freedom
+
+
+# ---------------------------------------------------------------- grid and listing
+
+def test_grid_lists_every_cell_seed_by_seed_with_its_overrides():
+  runs = study.grid([0, 1, 2])
+  assert len(runs) == 3 * (1 + 2 * 6) and len({r['name'] for r in runs}) == len(runs)
+  assert [r['seed'] for r in runs] == [0] * 13 + [1] * 13 + [2] * 13  # complete pairs first
+  by_name = {r['name']: r['overrides'] for r in runs}
+  assert by_name['supervised-base-s0'] == {'algorithm': 'supervised', 'seed': 0}
+  assert by_name['softmatch-split_random-s2'] == {
+      'algorithm': 'softmatch', 'seed': 2, 'calibratemix.enabled': True,
+      'calibratemix.pair_k_frac': 1.0}
+  assert by_name['fixmatch-randmix-s1']['calibratemix.random_pairing'] is True
+  assert by_name['fixmatch-ls-s1'] == {'algorithm': 'fixmatch', 'seed': 1,
+                                       'ssl.label_smoothing': 0.1}
+  assert by_name['fixmatch-cmix_fused-s0']['calibratemix.passes'] == 1
+  assert len(study.grid([5], variants=('base', 'cmix'))) == 5
+  with pytest.raises(ValueError, match='unknown variants'):
+    study.grid([0], variants=('cmx',))
+
+
+def test_dry_run_lists_runs_states_and_passes_config_overrides(tmp_path, capsys):
+  out, root = tmp_path / 'out', tmp_path / 'runs'
+  study.write_json(study.result_path(str(out), 'supervised-base-s0'), {'seed': 0})
+  (root / 'fixmatch-base-s0').mkdir(parents=True)
+  (root / 'fixmatch-base-s0' / 'eval.json').write_text('{}')
+  (root / 'fixmatch-cmix-s0' / 'checkpoints').mkdir(parents=True)
+  study.main(['--dry_run', '--seeds=0', f'--out={out}', f'--root={root}',
+              '--config.data.name=npz:/x.npz'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 13
+  states = {line.split()[1]: line.split()[0] for line in lines}
+  assert states['supervised-base-s0'] == 'done'
+  assert states['fixmatch-base-s0'] == 'analyse'
+  assert states['fixmatch-cmix-s0'] == 'resume'
+  assert states['softmatch-cmix-s0'] == 'run'
+  assert all('--config.data.name=npz:/x.npz' in line for line in lines)
+  with pytest.raises(SystemExit, match='unknown argument'):
+    study.main(['--dry_run', '--bogus'])
+  with pytest.raises(SystemExit, match='--seeds'):
+    study.main(['--dry_run', '--config.seed=3'])
+
+
+def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypatch):
+  out, root = tmp_path / 'out', tmp_path / 'runs'
+  study.write_json(study.result_path(str(out), 'supervised-base-s0'), {'seed': 0})
+  (root / 'fixmatch-base-s0').mkdir(parents=True)
+  (root / 'fixmatch-base-s0' / 'eval.json').write_text('{}')
+  trained, analysed = [], []
+
+  def fake_train(run, workdir, config, user):
+    trained.append((run['name'], user))
+    return 1.5
+
+  def fake_analyse(workdir):
+    analysed.append(os.path.basename(workdir))
+    return {'metrics': {'accuracy': 0.5, 'ece': 0.1}}
+
+  monkeypatch.setattr(study, 'train', fake_train)
+  monkeypatch.setattr(study, 'analyse', fake_analyse)
+  monkeypatch.setattr(study, 'write_table', lambda out: '')
+  study.main(['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}',
+              f'--root={root}', '--config.num_train_steps=7'])
+  assert trained == [('fixmatch-cmix-s0', {'num_train_steps': '7'})]  # base only analysed
+  assert analysed == ['fixmatch-base-s0', 'fixmatch-cmix-s0']
+  record = json.loads((out / 'runs' / 'fixmatch-cmix-s0.json').read_text())
+  assert record['train_seconds'] == 1.5 and record['user_overrides'] == {'num_train_steps': '7'}
+  assert record['overrides']['calibratemix.enabled'] is True
+  assert json.loads((out / 'runs' / 'fixmatch-base-s0.json').read_text())['train_seconds'] is None
+  trained.clear()
+  analysed.clear()
+  study.main(['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}',
+              f'--root={root}', '--config.num_train_steps=7'])
+  assert not trained and not analysed  # everything finished: nothing reruns
+
+
+def test_train_command_puts_user_overrides_last():
+  run = study.grid([3], variants=('cmix',))[1]
+  argv = study.train_command(run, 'w', 'c.py', {'data.name': 'fake'}, 'py')
+  assert argv[:5] == ['py', '-m', 'cmix_jax.main', '--config=c.py', '--workdir=w']
+  assert argv[5:] == ['--config.algorithm=fixmatch', '--config.seed=3',
+                      '--config.calibratemix.enabled=True', '--config.data.name=fake',
+                      '--config.progress_bar=False']
+
+
+# ---------------------------------------------------------------- aggregation
+
+def _record(algorithm, variant, seed, acc, ece, auroc_apm=None, auroc_conf=None, user=None):
+  rec = {'name': study.run_name(algorithm, variant, seed), 'algorithm': algorithm,
+         'variant': variant, 'seed': seed, 'user_overrides': user or {},
+         'metrics': {'accuracy': acc, 'ece': ece, 'nll': 1.0, 'brier': 0.5},
+         'ts': {'temperature': 1.2, 'metrics': {'ece': ece / 2}},
+         'apm_count': {'mean': 38.5, 'p5': 30.0}, 'mechanism': None}
+  if auroc_apm is not None:
+    rec['mechanism'] = {'auroc_apm': auroc_apm, 'auroc_confidence': auroc_conf,
+                        'pseudo_label_error': 0.2}
+  return rec
+
+
+def _write(out, records):
+  for r in records:
+    study.write_json(study.result_path(str(out), r['name']), r)
+
+
+def test_paired_interval_hand_values():
+  compare = study.compare
+  iv = compare.paired_interval([-0.02, -0.01, -0.03])
+  half = T_975_DF2 * 0.01 / math.sqrt(3)  # sd of the three differences is 0.01
+  assert iv['n'] == 3
+  np.testing.assert_allclose([iv['mean'], iv['std'], iv['low'], iv['high']],
+                             [-0.02, 0.01, -0.02 - half, -0.02 + half], rtol=1e-9)
+  one = compare.paired_interval([0.5, math.nan])
+  assert one['n'] == 1 and one['mean'] == 0.5 and math.isnan(one['low'])
+  assert compare.paired_interval([])['n'] == 0
+
+
+def test_table_from_result_files_alone_pairs_by_seed_and_gives_verdicts(tmp_path):
+  out = tmp_path / 'out'
+  records = []
+  for seed, (acc_b, ece_b) in enumerate([(0.70, 0.10), (0.60, 0.12), (0.65, 0.08)]):
+    records.append(_record('supervised', 'base', seed, acc_b - 0.1, 0.2))
+    records.append(_record('fixmatch', 'base', seed, acc_b, ece_b))
+    # CalibrateMix: ECE lower by 0.03, 0.02, 0.04 on the same seeds; accuracy +0.01 each.
+    records.append(_record('fixmatch', 'cmix', seed, acc_b + 0.01, ece_b - [0.03, 0.02, 0.04][seed],
+                           auroc_apm=0.80 + 0.01 * seed, auroc_conf=0.80))
+    # Split with a random partner: ECE 0.01 below CalibrateMix's, +-: not separable.
+    records.append(_record('fixmatch', 'split_random', seed, acc_b,
+                           ece_b - [0.03, 0.02, 0.04][seed] + [0.01, -0.01, 0.005][seed]))
+  records.append(_record('fixmatch', 'randmix', 0, 0.7, 0.5))  # one seed only
+  _write(out, records)
+  markdown = study.write_table(str(out))
+  summary = json.loads((out / 'summary.json').read_text())
+  verdicts = {v['claim']: v for v in summary['verdicts']}
+  ece = verdicts['fixmatch: CalibrateMix lowers ECE']
+  half = T_975_DF2 * 0.01 / math.sqrt(3)
+  np.testing.assert_allclose([ece['mean'], ece['low'], ece['high']],
+                             [-0.03, -0.03 - half, -0.03 + half], rtol=1e-6)
+  assert ece['verdict'] == 'yes'  # [-0.0548, -0.0052]: wholly below 0
+  split = [p for p in summary['paired']
+           if p['comparison'] == 'fixmatch: CalibrateMix − split_random'
+           and p['metric'] == 'metrics.ece'][0]
+  assert split['n'] == 3 and split['low'] < 0 < split['high']  # differences -.01, .01, -.005
+  assert verdicts['fixmatch beats supervised on accuracy (setting sanity)']['verdict'] == 'yes'
+  assert verdicts['fixmatch: … without costing accuracy']['verdict'].startswith('yes')
+  assert verdicts['fixmatch: targeted pairing beats the ablations (ECE)']['verdict'] == (
+      'not run yet')  # random mixup has one seed
+  mech = verdicts['fixmatch: stored APM flags wrong pseudo-labels better than confidence']
+  np.testing.assert_allclose(mech['mean'], 0.01, rtol=1e-6)  # differences 0, .01, .02
+  assert mech['verdict'] == 'no: APM carries no more information than confidence here'
+  assert '| fixmatch + CalibrateMix | 0 1 2 |' in markdown
+  assert 'fixmatch: CalibrateMix − base | metrics.ece (points) | 3 | -3.00 [' in markdown
+
+
+def test_verdict_rules():
+  iv = lambda mean, low, high, n=3: {'n': n, 'mean': mean, 'low': low, 'high': high}
+  assert study.verdict_lower(iv(-1, -2, -0.5), 'ECE') == 'yes'
+  assert study.verdict_lower(iv(1, 0.5, 2), 'ECE') == 'no: it raises ECE'
+  assert study.verdict_lower(iv(0, -1, 1), 'ECE').startswith('not shown')
+  assert study.verdict_lower(iv(0, math.nan, math.nan, n=1), 'ECE').startswith('not run')
+  assert study.verdict_no_cost(iv(-0.01, -0.02, -0.001)).startswith('no: it costs 1.00')
+  assert study.verdict_no_cost(iv(0.0, -0.004, 0.01)).startswith('yes')
+  assert study.verdict_no_cost(iv(0.0, -0.02, 0.01)).startswith('not shown')
+
+
+def test_one_results_folder_holds_one_setting(tmp_path):
+  _write(tmp_path, [_record('fixmatch', 'base', 0, 0.5, 0.1),
+                    _record('fixmatch', 'base', 1, 0.5, 0.1, user={'data.name': 'fake'})])
+  with pytest.raises(ValueError, match='own --out'):
+    study.load_results(str(tmp_path))
+
+
+# ---------------------------------------------------------------- analysis kernels
+
+def test_auroc_hand_values_ties_and_sklearn():
+  # Positives at scores 0.35 and 0.8, negatives at 0.1 and 0.4: 3 of 4 pairs ordered -> 0.75.
+  assert analysis.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+  assert analysis.auroc([1.0, 1.0], [1, 0]) == 0.5  # a tie counts half
+  assert analysis.auroc([3, 2, 1], [1, 1, 0]) == 1.0
+  assert math.isnan(analysis.auroc([1, 2], [1, 1]))
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  scores, labels = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.3
+  np.testing.assert_allclose(analysis.auroc(scores, labels),
+                             metrics.roc_auc_score(labels, scores), rtol=1e-12)
+
+
+def test_mechanism_scores_wrong_pseudo_labels_by_hand():
+  logits = np.array([[3., 0., 0.], [0., 2., 0.], [0., 0., 1.], [1., 0., 0.], [0., 5., 0.]])
+  hidden = np.array([0, 0, 2, 1, -1])  # sample 4's label is unknown: left out
+  pseudo_wrong = np.array([False, True, False, True])  # pseudo-labels 0, 1, 2, 0
+  apm = np.array([[2., -2., -3.], [-1., -0.5, -2.], [-1., -1., 1.5], [-1., 0., 0.], [0., 9., 0.]])
+  counts = np.array([30, 31, 29, 30, 30])
+  running = np.array([0.9, 0.4, 0.8, 0.6, 0.99])
+  out = analysis.mechanism(apm, counts, running, logits, hidden)
+  assert out['n'] == 4 and out['pseudo_label_error'] == 0.5
+  # -APM at the pseudo-label: [-2, 0.5, -1.5, 1]: both wrong samples rank above both right.
+  assert out['auroc_apm'] == 1.0
+  assert out['auroc_running_confidence'] == 1.0  # -[0.9, 0.4, 0.8, 0.6]
+  conf = analysis._softmax(logits[:4]).max(1)  # pylint: disable=protected-access
+  expected = analysis.auroc(-conf, pseudo_wrong)
+  assert out['auroc_confidence'] == expected
+  assert analysis.mechanism(apm, np.zeros(5), running, logits, hidden)['n'] == 0
+
+
+def test_apm_count_summary():
+  out = analysis.apm_count_summary(np.array([0, 10, 30, 40, 70]))
+  assert out['n'] == 5 and out['mean'] == 30.0 and out['p50'] == 30.0 and out['p100'] == 70.0
+  assert out['share_zero'] == 0.2 and out['share_below_30'] == 0.4
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+  out, root = tmp_path / 'out', tmp_path / 'runs'
+
+  def fake_analyse(workdir):
+    if 'cmix' in workdir:
+      raise FileNotFoundError('dynamics.npz is missing')
+    return {'metrics': {'accuracy': 0.5, 'ece': 0.1}}
+
+  monkeypatch.setattr(study, 'train', lambda *a: 1.0)
+  monkeypatch.setattr(study, 'analyse', fake_analyse)
+  monkeypatch.setattr(study, 'write_table', lambda out: '')
+  study.main(['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}',
+              f'--root={root}'])
+  assert 'FAILED: fixmatch-cmix-s0' in capsys.readouterr().out
+  assert sorted(os.listdir(out / 'runs')) == ['fixmatch-base-s0.json']
+
+
+def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
+  config = tmp_path / 'tiny_study.py'
+  config.write_text(
+      'from tests import tiny\n\n\n'
+      'def get_config():\n'
+      '  c = tiny.config(steps=6)  # FixMatch base: one step program to compile\n'
+      '  c.calibratemix.warmup_steps = 2\n'
+      '  c.data.val_size = 8\n'
+      '  c.data.unlabeled_size = 64\n'
+      '  c.eval.plots = True\n'
+      '  return c\n')
+  out, root = tmp_path / 'out', tmp_path / 'runs'
+  study.main(['--seeds=0', '--only=fixmatch-base-', f'--config={config}', f'--out={out}',
+              f'--root={root}', '--config.num_devices=1'])
+  record = json.loads((out / 'runs' / 'fixmatch-base-s0.json').read_text())
+  assert record['step'] == 6 and 0 <= record['metrics']['ece'] <= 1
+  assert record['ts']['temperature'] > 0 and 'ece' in record['ts']['metrics']
+  assert record['apm_count']['n'] == 64  # the unlabeled subset, not the whole train split
+  # APM after warm-up (the tables run in every SSL run): steps 3..5, 32 per step.
+  assert record['apm_count']['mean'] == pytest.approx(3 * 32 / 64)
+  assert record['mechanism']['n'] <= 64 and 0 <= record['mechanism']['auroc_apm'] <= 1
+  assert record['user_overrides'] == {'num_devices': '1'}
+  split = json.loads((root / 'fixmatch-base-s0' / 'split.json').read_text())
+  assert split['unlabeled']['size'] == 64 and split['unlabeled']['per_class'] == [16] * 4
+  assert '| fixmatch | 0 |' in (out / 'table.md').read_text()
