@@ -123,6 +123,11 @@ def _data_errors(config, num_devices: int, num_classes: int | None,
   if num_classes and data.num_labels > 0 and data.num_labels % num_classes:
     errors.append(f'data.num_labels={data.num_labels} is not divisible by the '
                   f'{num_classes} classes: use a multiple of {num_classes} (class-balanced draw).')
+  unlabeled_size = data.get('unlabeled_size', 0)
+  errors += checks.not_integer('data.unlabeled_size', unlabeled_size, -1)
+  if num_train is not None and isinstance(unlabeled_size, int) and unlabeled_size > num_train:
+    errors.append(f'data.unlabeled_size={unlabeled_size} exceeds the {num_train} training '
+                  'examples: lower it, or set --config.data.unlabeled_size=0 for all of them.')
   if num_train is not None and data.num_labels + data.val_size > num_train:
     errors.append(f'data.num_labels + data.val_size = {data.num_labels + data.val_size} '
                   f'exceeds the {num_train} training examples: lower --config.data.num_labels.')

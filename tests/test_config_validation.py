@@ -73,6 +73,8 @@ BAD = [
     ('data.randaugment_ops', -1, 'data.randaugment_ops=-1'),
     ('data.prefetch', -1, 'data.prefetch=-1'),
     ('data.val_size', -10, 'data.val_size=-10'),
+    ('data.unlabeled_size', -2, 'data.unlabeled_size=-2 must be an integer >= -1'),
+    ('data.unlabeled_size', 300, 'data.unlabeled_size=300 exceeds the 256 training examples'),
     ('model.name', 'vit', "model.name='vit': use one of"),
     ('model.dtype', 'float16', 'model.dtype'),
     ('model.bn_momentum', 1.0, 'bn_momentum=1.0'),
