@@ -72,6 +72,9 @@ def guarded(main: Callable[[list[str]], None], argv: list[str],
   """
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}: flags are written --name=value.', BAD_INPUT_STATUS)
+  terminal = absl_logging.get_absl_handler().python_handler  # set up by app.run by now
+  if not isinstance(terminal.formatter, OneLineBackgroundErrors):
+    terminal.setFormatter(OneLineBackgroundErrors(terminal.formatter))
   bad_input = _bad_input_errors() + tuple(bad_input() if callable(bad_input) else bad_input)
   stopped = _stopped_errors() + tuple(stopped() if callable(stopped) else stopped)
   try:
@@ -107,16 +110,26 @@ def _summary(error: BaseException, cause: str) -> str:
   return next((line for line in lines if cause in line), f'{cause}: {lines[0]}')
 
 
-class OneLineBackgroundErrors(logging.Filter):
-  """Drops the tracebacks of errors that background writers log (orbax's and clu's threads,
-  asyncio's unretrieved futures), keeping their line: the main thread re-raises the error and
-  the user gets one message for it. The run's log file keeps the full records."""
+class OneLineBackgroundErrors(logging.Formatter):
+  """Terminal formatting without the tracebacks of errors that background writers log
+  (orbax's and clu's threads, asyncio's unretrieved futures): the main thread re-raises the
+  error and the user gets one message for it. Other handlers (the run's log file) still
+  format the full record."""
 
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno >= logging.ERROR and any(
+  def __init__(self, inner: logging.Formatter):
+    super().__init__()
+    self.inner = inner
+
+  def format(self, record: logging.LogRecord) -> str:
+    if record.levelno < logging.ERROR or not any(
         f'{os.sep}{package}{os.sep}' in record.pathname for package in _BACKGROUND_WRITERS):
-      record.exc_info, record.exc_text = None, None
-    return True
+      return self.inner.format(record)
+    saved = record.exc_info, record.exc_text
+    record.exc_info, record.exc_text = None, None
+    try:
+      return self.inner.format(record)
+    finally:
+      record.exc_info, record.exc_text = saved
 
 
 _BACKGROUND_WRITERS = ('orbax', 'clu', 'asyncio')
@@ -140,7 +153,6 @@ def _quiet_closed_loop_hook(default_hook):
 def run(main: Callable[[list[str]], None], bad_input: Errors = (), stopped: Errors = (),
         workdir: Callable[[], str] | None = None) -> None:
   """absl's app.run(main) with the exits described in the module docstring."""
-  absl_logging.get_absl_handler().addFilter(OneLineBackgroundErrors())
   sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
   app.run(lambda argv: guarded(main, argv, bad_input, stopped, workdir),
           flags_parser=_parse_flags)
