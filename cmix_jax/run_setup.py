@@ -232,6 +232,8 @@ def fresh_state(run: Run):
 def initial_state(run: Run):
   """(state in checkpoint layout, meta) from the newest readable checkpoint, or fresh."""
   fresh = fresh_state(run)
+  if run.is_lead:  # a cut-off save of the selection checkpoint is kept, not overwritten
+    checkpointing.move_aside_partial_saves(run.best_manager.directory)
   restored = checkpointing.restore_latest(run.manager, checkpointing.abstract_like(fresh))
   if restored is None:
     return fresh, {'step': 0, 'history': [], 'best': {}}

@@ -178,9 +178,12 @@ def test_corrupt_newest_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
   ckpts = os.path.join(damaged, 'checkpoints')
   _garble(os.path.join(ckpts, '4'))
   os.makedirs(os.path.join(ckpts, '4.orbax-checkpoint-tmp', 'state'))  # a cut-off save too
+  best = os.path.join(damaged, 'best', 'checkpoints')
+  os.makedirs(os.path.join(best, '4.orbax-checkpoint-tmp'))  # and one of the selection's
   proc = test_train._driver(f'--workdir={damaged}')  # pylint: disable=protected-access
   assert 'RESULT False 4' in proc.stdout
   assert sorted(os.listdir(ckpts)) == ['2', '4', '4.partial', '4.unreadable']
+  assert os.listdir(best) == ['4.partial']
   assert 'Checkpoint of step 4 is unreadable' in proc.stderr
   step_a, state_a, _ = test_train._latest_state(straight)  # pylint: disable=protected-access
   step_b, state_b, _ = test_train._latest_state(damaged)  # pylint: disable=protected-access
