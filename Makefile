@@ -4,7 +4,7 @@ PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/default
 
-.PHONY: install run test
+.PHONY: install run test lint
 install:
 	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
 	  ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
@@ -15,3 +15,7 @@ run: install
 
 test: install
 	$(PYTHON) -m pytest tests
+
+lint:  # formatter and linter (Google style, see pyproject.toml)
+	$(PYTHON) -m pip install -q ruff
+	ruff format --check . && ruff check .

@@ -13,7 +13,8 @@ import errno
 import logging
 import os
 import sys
-from typing import Callable, NoReturn
+from typing import NoReturn
+from collections.abc import Callable
 
 from absl import app
 from absl import flags

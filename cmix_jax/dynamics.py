@@ -29,7 +29,7 @@ numbers; `shard_state` / `unshard_state` convert between them on the host.
 
 import dataclasses
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax
 import jax

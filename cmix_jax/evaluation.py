@@ -30,7 +30,7 @@ def eval_sums_step(state, batch, *, model, info: steps.DataInfo, use_ema: bool,
   return sums
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_eval_fn(model, info: steps.DataInfo, topo: parallel.Topology, backend: str,
                  use_ema: bool = True, temperature: float = 1.0, return_logits: bool = False):
   """Parallel eval step: stacked state + sharded batch -> stacked per-device sums (cached)."""

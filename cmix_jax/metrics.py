@@ -22,7 +22,7 @@ returns the same sums (compute dtype, padding rows masked), so only sums move to
 the host; `host_sums` converts them (also when stacked over devices).
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,8 @@ import dataclasses
 import functools
 import os
 import urllib.request
-from typing import Any, Callable, Mapping
+from typing import Any
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +91,7 @@ def shard_batch(batch: dict, topo: Topology) -> dict:
   return jax.tree.map(put, batch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _first_replica_fn(topo: Topology):
   return jax.jit(lambda t: jax.tree.map(lambda x: x[0], t), out_shardings=topo.replicated)
 

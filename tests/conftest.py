@@ -15,3 +15,6 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.environ.get("TMPDIR", "/tmp"), "cmix_jax_test_jit_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+
+# The `gcs` fixture (a local GCS emulator with gs://test-bucket) for every test module.
+from tests.gcs import gcs  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import

@@ -21,7 +21,6 @@ from cmix_jax.data import own_data
 from cmix_jax.data import sources
 from cmix_jax.data import splits
 from tests import gcs as gcs_lib
-from tests.gcs import gcs  # pylint: disable=unused-import  (the emulator fixture)
 
 ROOT = f'gs://{gcs_lib.BUCKET}'
 

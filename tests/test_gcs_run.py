@@ -15,7 +15,6 @@ from cmix_jax.data import datasets
 from tests import gcs as gcs_lib
 from tests import test_train
 from tests import tiny
-from tests.gcs import gcs  # pylint: disable=unused-import  (the emulator fixture)
 
 ROOT = f'gs://{gcs_lib.BUCKET}/e2e'
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

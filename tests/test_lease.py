@@ -13,7 +13,6 @@ import pytest
 from cmix_jax import checkpointing
 from cmix_jax import storage
 from tests import gcs as gcs_lib
-from tests.gcs import gcs  # pylint: disable=unused-import  (the emulator fixture)
 
 
 @pytest.fixture(params=['local', 'gs'])

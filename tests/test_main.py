@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from cmix_jax import train
-from configs import default
 from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -40,6 +40,9 @@ from cmix_jax.algorithms.softmatch import SoftMatch
 from cmix_jax.algorithms.softmatch import SoftMatchState
 from cmix_jax.algorithms.supervised import Supervised
 
+__all__ = ['Algorithm', 'PseudoLabels', 'supervised_loss', 'unsup_loss', 'FixMatch', 'FlexMatch',
+           'FlexMatchState', 'SoftMatch', 'SoftMatchState', 'Supervised', 'ALGORITHMS',
+           'ALGORITHM_NAMES', 'ssl_errors', 'get_algorithm']
 
 ALGORITHMS = (Supervised, FixMatch, FlexMatch, SoftMatch)
 ALGORITHM_NAMES = tuple(a.name for a in ALGORITHMS)

@@ -8,7 +8,8 @@ concatenated global batch).
 """
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
+from collections.abc import Mapping
 
 import flax
 import jax

@@ -28,7 +28,7 @@ image, so USB itself has no grayscale answer).
 
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -22,7 +22,8 @@ import socket
 import struct
 import tempfile
 import uuid
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
+from collections.abc import Sequence
 
 import numpy as np
 

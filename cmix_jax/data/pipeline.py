@@ -6,7 +6,8 @@ batches an uninterrupted one would, on any number of processes.
 
 import queue
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
