@@ -28,15 +28,19 @@ from cmix_jax.parallel import AXIS
 def difficulties(dyn, batch, pseudo_label, config):
   """(labeled [B], unlabeled [U]) difficulty of this device's samples from the tables."""
   measure, layout = config.calibratemix.difficulty, base_step.table_layout(config)
-  return (dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **layout),
-          dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo_label, measure, **layout))
+  return (
+    dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **layout),
+    dynamics.unlabeled_difficulty(dyn, batch['idx_ulb'], pseudo_label, measure, **layout),
+  )
 
 
 def fused_difficulties(dyn, batch, config):
   """(labeled [B], unlabeled [U]) difficulty the fused step can know before its forward pass."""
   measure, layout = config.calibratemix.difficulty, base_step.table_layout(config)
-  return (dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **layout),
-          dynamics.fused_unlabeled_difficulty(dyn, batch['idx_ulb'], measure, **layout))
+  return (
+    dynamics.labeled_difficulty(dyn, batch['idx_lb'], measure, **layout),
+    dynamics.fused_unlabeled_difficulty(dyn, batch['idx_ulb'], measure, **layout),
+  )
 
 
 def global_scope(config) -> bool:
@@ -44,8 +48,9 @@ def global_scope(config) -> bool:
   return config.calibratemix.get('pair_scope', 'global') == 'global'
 
 
-def mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes,
-               pair_feats=None) -> mixup.MixedSets:
+def mixed_sets(
+  key, views, batch, pseudo_label, difficulty, config, num_classes, pair_feats=None
+) -> mixup.MixedSets:
   """Targeted (or random) mixup: this device's share of the global sets, or its own sets.
 
   In global scope `key` must be the same on every device.
@@ -53,11 +58,21 @@ def mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes,
   cm = config.calibratemix
   lb_difficulty, ulb_difficulty = difficulty
   pair_lb, pair_ulb = pair_feats if pair_feats is not None else (None, None)
-  kwargs = dict(x_lb=views['lb'], y_lb=batch['y_lb'], lb_difficulty=lb_difficulty,
-                x_ulb=views['ulb_w'], pseudo_labels=pseudo_label, ulb_difficulty=ulb_difficulty,
-                num_classes=num_classes, pair_k_frac=cm.pair_k_frac, alpha=cm.mixup_alpha,
-                pair_lb=pair_lb, pair_ulb=pair_ulb, random_pairing=cm.random_pairing,
-                pair_downsample=cm.get('pair_downsample', 1))
+  kwargs = dict(
+    x_lb=views['lb'],
+    y_lb=batch['y_lb'],
+    lb_difficulty=lb_difficulty,
+    x_ulb=views['ulb_w'],
+    pseudo_labels=pseudo_label,
+    ulb_difficulty=ulb_difficulty,
+    num_classes=num_classes,
+    pair_k_frac=cm.pair_k_frac,
+    alpha=cm.mixup_alpha,
+    pair_lb=pair_lb,
+    pair_ulb=pair_ulb,
+    random_pairing=cm.random_pairing,
+    pair_downsample=cm.get('pair_downsample', 1),
+  )
   if global_scope(config):
     return mixup.global_targeted_mixup(key, axis_name=AXIS, **kwargs)
   return mixup.targeted_mixup(key, **kwargs)
@@ -66,13 +81,28 @@ def mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes,
 def mix_metrics(mixed: mixup.MixedSets, pseudo_label, batch, difficulty) -> dict:
   """Diagnostics that show the easy/hard split means something (of the split that paired)."""
   lb_diff, ulb_diff = difficulty
-  return {'mix_lam1': mixed.lam1, 'mix_lam2': mixed.lam2,
-          **mixup.split_metrics(lb_diff, ulb_diff, pseudo_label, batch.get('y_ulb'),
-                                axis_name=mixed.axis_name)}
+  return {
+    'mix_lam1': mixed.lam1,
+    'mix_lam2': mixed.lam2,
+    **mixup.split_metrics(
+      lb_diff, ulb_diff, pseudo_label, batch.get('y_ulb'), axis_name=mixed.axis_name
+    ),
+  }
 
 
-def two_pass_loss(params, first: base_step.BasePass, dyn, batch, views, key, *, model,
-                  algorithm, config, num_classes):
+def two_pass_loss(
+  params,
+  first: base_step.BasePass,
+  dyn,
+  batch,
+  views,
+  key,
+  *,
+  model,
+  algorithm,
+  config,
+  num_classes,
+):
   """passes=2: mix from the tables `first` updated, then a second pass -> (loss, pass, metrics).
 
   `dyn` holds the tables after this step's update; the returned loss is the second pass's
@@ -83,13 +113,24 @@ def two_pass_loss(params, first: base_step.BasePass, dyn, batch, views, key, *, 
   pair_feats = None
   if config.calibratemix.pair_space == 'features':
     pair_feats = jax.lax.stop_gradient((first.feats_lb, first.feats_w))
-  mixed = mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes,
-                     pair_feats)
-  second = base_step.base_pass(params, first.batch_stats, first.algo_state, batch, views,
-                               model=model, algorithm=algorithm, config=config, extra=mixed.x)
+  mixed = mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes, pair_feats)
+  second = base_step.base_pass(
+    params,
+    first.batch_stats,
+    first.algo_state,
+    batch,
+    views,
+    model=model,
+    algorithm=algorithm,
+    config=config,
+    extra=mixed.x,
+  )
   mix_loss, loss_metrics = mixup.mixup_loss(second.logits_extra, mixed)
-  metrics = {**loss_metrics, **mix_metrics(mixed, pseudo_label, batch, difficulty),
-             **{f'pass2_{k}': v for k, v in second.metrics.items()}}
+  metrics = {
+    **loss_metrics,
+    **mix_metrics(mixed, pseudo_label, batch, difficulty),
+    **{f'pass2_{k}': v for k, v in second.metrics.items()},
+  }
   return second.loss + mix_loss, second, metrics
 
 
@@ -99,12 +140,22 @@ def fused_loss(params, state, batch, views, key, *, model, algorithm, config, nu
   Pairing reads the tables before this step's update; the unlabeled difficulty is APM at
   each sample's last APM-update pseudo-label, since this step's is not known yet.
   """
-  stored_label = dynamics.stored_pseudo_label(state.dynamics, batch['idx_ulb'],
-                                              **base_step.table_layout(config))
+  stored_label = dynamics.stored_pseudo_label(
+    state.dynamics, batch['idx_ulb'], **base_step.table_layout(config)
+  )
   difficulty = fused_difficulties(state.dynamics, batch, config)
   mixed = mixed_sets(key, views, batch, stored_label, difficulty, config, num_classes)
-  out = base_step.base_pass(params, state.batch_stats, state.algo_state, batch, views,
-                            model=model, algorithm=algorithm, config=config, extra=mixed.x)
+  out = base_step.base_pass(
+    params,
+    state.batch_stats,
+    state.algo_state,
+    batch,
+    views,
+    model=model,
+    algorithm=algorithm,
+    config=config,
+    extra=mixed.x,
+  )
   # This step's pseudo-label of each partner, not the stored one (global pool in global scope).
   mixed = mixed.replace(onehot_b=mixup.partner_onehot(mixed, out.pseudo.label, num_classes))
   mix_loss, loss_metrics = mixup.mixup_loss(out.logits_extra, mixed)

@@ -40,20 +40,25 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return storage.as_path(workdir) / 'checkpoints'
 
 
-def create_manager(workdir: str, max_to_keep: int,
-                   async_save: bool = True) -> ocp.CheckpointManager:
+def create_manager(
+  workdir: str, max_to_keep: int, async_save: bool = True
+) -> ocp.CheckpointManager:
   """Manager writing atomically (temp dir + rename) and asynchronously into workdir/checkpoints."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=('state', 'meta'))
+    max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+  )
+  return ocp.CheckpointManager(
+    checkpoint_dir(workdir), options=options, item_names=('state', 'meta')
+  )
 
 
 # ----------------------------------------------------------------------------
 # Saving: failures of the asynchronous writes surface as one CheckpointSaveError.
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
-         wait: bool = False) -> None:
+
+def save(
+  manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, wait: bool = False
+) -> None:
   """Saves the (replicated, unstacked) state and JSON metadata at `step` (asynchronously).
 
   A failure of an earlier asynchronous save, or of this one, raises CheckpointSaveError
@@ -61,8 +66,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   """
   wait_until_saved(manager)
   try:
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointSaveError(save_error_message(manager, step, e)) from e
   if wait:
@@ -114,16 +122,22 @@ def failure_cause(error: BaseException) -> str:
   return first_line[:300]
 
 
-def save_error_message(manager: ocp.CheckpointManager, step: int | None,
-                       error: BaseException) -> str:
+def save_error_message(
+  manager: ocp.CheckpointManager, step: int | None, error: BaseException
+) -> str:
   """One message: where, which step, why, what is kept, and what to do."""
   which = f'the checkpoint of step {step}' if step is not None else 'a checkpoint'
   kept = manager.all_steps()
-  newest = (f'the newest finished one is step {max(kept)}' if kept
-            else 'no finished checkpoint is there yet')
-  return (f'Cannot save {which} in {manager.directory}: {failure_cause(error)}. '
-          f'Finished checkpoints are left intact ({newest}); free space or fix access to '
-          'that directory, then rerun the same command to resume.')
+  newest = (
+    f'the newest finished one is step {max(kept)}'
+    if kept
+    else 'no finished checkpoint is there yet'
+  )
+  return (
+    f'Cannot save {which} in {manager.directory}: {failure_cause(error)}. '
+    f'Finished checkpoints are left intact ({newest}); free space or fix access to '
+    'that directory, then rerun the same command to resume.'
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -165,8 +179,9 @@ def move_aside_partial_saves(directory: epath.PathLike) -> list[epath.Path]:
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
   """The state saved at `step`, restored into the layout of `abstract_state`."""
-  return manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))['state']
+  return manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+  )['state']
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
@@ -187,8 +202,12 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
   errors = []
   for step in steps:
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+      restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+        ),
+      )
     except Exception as e:  # pylint: disable=broad-except
       errors.append((step, e))
       continue
@@ -196,8 +215,9 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
       _move_aside_unreadable(manager, errors, step)
     return step, restored['state'], restored['meta']
   raise CheckpointError(
-      f'No readable checkpoint in {directory} (tried steps {steps}; last error: '
-      f'{failure_cause(errors[-1][1])}). Move the workdir aside to start afresh.')
+    f'No readable checkpoint in {directory} (tried steps {steps}; last error: '
+    f'{failure_cause(errors[-1][1])}). Move the workdir aside to start afresh.'
+  )
 
 
 def _move_aside_unreadable(manager, errors: list, good_step: int) -> None:
@@ -206,8 +226,13 @@ def _move_aside_unreadable(manager, errors: list, good_step: int) -> None:
   for step, error in errors:
     if _is_lead():
       target = move_aside(directory / str(step), f'{step}{UNREADABLE_SUFFIX}')
-      logging.warning('Checkpoint of step %d is unreadable (%s): moved it to %s; resuming from '
-                      'step %d.', step, failure_cause(error), target, good_step)
+      logging.warning(
+        'Checkpoint of step %d is unreadable (%s): moved it to %s; resuming from step %d.',
+        step,
+        failure_cause(error),
+        target,
+        good_step,
+      )
   _sync_and_reload(manager, 'cmix_jax_unreadable_moved')
 
 
@@ -276,7 +301,8 @@ def _pid_alive(pid: int) -> bool:
 
 def _utc(seconds: float) -> str:
   return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime(
-      '%Y-%m-%d %H:%M:%S UTC')
+    '%Y-%m-%d %H:%M:%S UTC'
+  )
 
 
 def _encode(record: dict) -> bytes:
@@ -368,29 +394,34 @@ class _GcsLeaseObject:
 
   def __init__(self, path: epath.Path):
     from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+
     self.bucket = gcs.Client().bucket(storage.bucket_of(path))
     self.name = storage.object_name(path)
 
   def read(self) -> tuple[dict | None, Any]:
     from google.api_core import exceptions as api  # pylint: disable=g-import-not-at-top
+
     for _ in range(5):
       blob = self.bucket.get_blob(self.name)
       if blob is None:
         return None, None
       try:
-        return _decode(blob.download_as_bytes(if_generation_match=blob.generation)), \
-            blob.generation
+        return _decode(blob.download_as_bytes(if_generation_match=blob.generation)), blob.generation
       except (api.PreconditionFailed, api.NotFound):
         continue  # replaced or deleted between the two requests: read again
-    raise LeaseHeldError(f'gs://{self.bucket.name}/{self.name} keeps changing; another run '
-                         'is taking it over right now. Retry in a minute.')
+    raise LeaseHeldError(
+      f'gs://{self.bucket.name}/{self.name} keeps changing; another run '
+      'is taking it over right now. Retry in a minute.'
+    )
 
   def _upload(self, record: dict, generation: int) -> Any:
     from google.api_core import exceptions as api  # pylint: disable=g-import-not-at-top
+
     blob = self.bucket.blob(self.name)
     try:
-      blob.upload_from_string(_encode(record), content_type='application/json',
-                              if_generation_match=generation)
+      blob.upload_from_string(
+        _encode(record), content_type='application/json', if_generation_match=generation
+      )
     except api.PreconditionFailed:
       return None
     return blob.generation
@@ -403,6 +434,7 @@ class _GcsLeaseObject:
 
   def delete(self, version: Any) -> bool:
     from google.api_core import exceptions as api  # pylint: disable=g-import-not-at-top
+
     try:
       self.bucket.blob(self.name).delete(if_generation_match=version)
     except (api.PreconditionFailed, api.NotFound):
@@ -415,16 +447,20 @@ def _lease_store(path: epath.Path):
     return _LocalLeaseFile(path)
   if os.fspath(path).startswith('gs://'):
     return _GcsLeaseObject(path)
-  raise storage.StorageError(f'{path}: the workdir lease works on local disks and gs:// '
-                             'buckets only; use one of those for --workdir.')
+  raise storage.StorageError(
+    f'{path}: the workdir lease works on local disks and gs:// '
+    'buckets only; use one of those for --workdir.'
+  )
 
 
 def _describe(record: dict, now: float) -> str:
   if 'unreadable' in record:
     return f'an unreadable lease ({record["unreadable"]!r})'
-  return (f'host {record.get("host")} pid {record.get("pid")}, started '
-          f'{_utc(record.get("start_time", 0))}, last heartbeat '
-          f'{now - record.get("heartbeat", 0):.0f} s ago')
+  return (
+    f'host {record.get("host")} pid {record.get("pid")}, started '
+    f'{_utc(record.get("start_time", 0))}, last heartbeat '
+    f'{now - record.get("heartbeat", 0):.0f} s ago'
+  )
 
 
 def stale_reason(record: dict, timeout_s: float, now: float | None = None) -> str | None:
@@ -461,10 +497,12 @@ class Lease:
   def _lost(self, current: dict | None) -> LeaseLostError:
     self.held = False
     who = 'removed' if current is None else f'taken over by {_describe(current, time.time())}'
-    return LeaseLostError(f'the workdir lease {self.path} was {who}: another run now writes '
-                          'this workdir, so this one must stop. Check that only one run uses '
-                          'the workdir (a longer config.lease_timeout_s keeps a slow run from '
-                          'being judged stale).')
+    return LeaseLostError(
+      f'the workdir lease {self.path} was {who}: another run now writes '
+      'this workdir, so this one must stop. Check that only one run uses '
+      'the workdir (a longer config.lease_timeout_s keeps a slow run from '
+      'being judged stale).'
+    )
 
   def refresh(self) -> None:
     """Writes a new heartbeat; LeaseLostError if another run took the lease over."""
@@ -490,8 +528,11 @@ class Lease:
       if current is not None and current.get('token') == self.record['token']:
         self._store.delete(version)
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning('Could not release the workdir lease %s (%s); the next run takes it '
-                      'over once it is stale.', self.path, e)
+      logging.warning(
+        'Could not release the workdir lease %s (%s); the next run takes it over once it is stale.',
+        self.path,
+        e,
+      )
 
   def __enter__(self) -> 'Lease':
     return self
@@ -502,6 +543,7 @@ class Lease:
 
 class NoLease:
   """What processes other than 0 hold: the same methods, doing nothing."""
+
   held = False
 
   def refresh(self) -> None:
@@ -519,10 +561,11 @@ class NoLease:
 
 def _held_error(path: epath.Path, current: dict, timeout_s: float) -> LeaseHeldError:
   return LeaseHeldError(
-      f'workdir {path.parent} is in use by another run: {_describe(current, time.time())} '
-      f'(lease {path}). Wait for that run to finish or use another --workdir; if that run is '
-      'really gone, delete the lease file (a lease without heartbeat for '
-      f'lease_timeout_s={timeout_s:g} s is taken over by itself).')
+    f'workdir {path.parent} is in use by another run: {_describe(current, time.time())} '
+    f'(lease {path}). Wait for that run to finish or use another --workdir; if that run is '
+    'really gone, delete the lease file (a lease without heartbeat for '
+    f'lease_timeout_s={timeout_s:g} s is taken over by itself).'
+  )
 
 
 def check_lease(workdir: str, timeout_s: float = 600.0) -> None:
@@ -536,24 +579,34 @@ def check_lease(workdir: str, timeout_s: float = 600.0) -> None:
     raise _held_error(path, current, timeout_s)
 
 
-def acquire_lease(workdir: str, timeout_s: float = 600.0,
-                  process_index: int | None = None) -> Lease | NoLease:
+def acquire_lease(
+  workdir: str, timeout_s: float = 600.0, process_index: int | None = None
+) -> Lease | NoLease:
   """Takes workdir/lease.json for this run (process 0 only), taking over a stale one.
 
   Raises LeaseHeldError naming the holder, since when, and the fix when a live run holds it.
   """
   if timeout_s <= 0:
-    raise ValueError(f'lease_timeout_s={timeout_s} must be > 0 (seconds without heartbeat '
-                     'after which a lease is taken over): set --config.lease_timeout_s.')
+    raise ValueError(
+      f'lease_timeout_s={timeout_s} must be > 0 (seconds without heartbeat '
+      'after which a lease is taken over): set --config.lease_timeout_s.'
+    )
   process_index = jax.process_index() if process_index is None else process_index
   if process_index != 0:
     return NoLease()
   path = storage.as_path(workdir) / LEASE_FILE
   store = _lease_store(path)
   now = time.time()
-  mine = {'host': socket.gethostname(), 'pid': os.getpid(), 'boot_id': _boot_id(),
-          'token': uuid.uuid4().hex, 'start_time': now, 'start_utc': _utc(now),
-          'heartbeat': now, 'heartbeat_utc': _utc(now)}
+  mine = {
+    'host': socket.gethostname(),
+    'pid': os.getpid(),
+    'boot_id': _boot_id(),
+    'token': uuid.uuid4().hex,
+    'start_time': now,
+    'start_utc': _utc(now),
+    'heartbeat': now,
+    'heartbeat_utc': _utc(now),
+  }
   lease = Lease(path, store, mine, None)  # registered before writing: see stale_reason
   try:
     return _take(lease, store, timeout_s)
@@ -576,12 +629,18 @@ def _take(lease: Lease, store, timeout_s: float) -> Lease:
       reason = stale_reason(current, timeout_s)
       if reason is None:
         raise _held_error(path, current, timeout_s)
-      logging.warning('Taking over the workdir lease %s from %s: %s.', path,
-                      _describe(current, time.time()), reason)
+      logging.warning(
+        'Taking over the workdir lease %s from %s: %s.',
+        path,
+        _describe(current, time.time()),
+        reason,
+      )
       version = store.replace(mine, version)
     if version is not None:
       lease.version = version
       return lease
-  raise LeaseHeldError(f'the workdir lease {path} changed hands repeatedly while this run '
-                       'tried to take it; another run is starting in the same workdir. Wait '
-                       'for it or use another --workdir.')
+  raise LeaseHeldError(
+    f'the workdir lease {path} changed hands repeatedly while this run '
+    'tried to take it; another run is starting in the same workdir. Wait '
+    'for it or use another --workdir.'
+  )

@@ -24,8 +24,9 @@ Errors = tuple[type, ...] | Callable[[], tuple[type, ...]]
 BAD_INPUT_STATUS = 2
 STOPPED_STATUS = 1
 # OS errors of writing or reading the workdir/data that the user fixes (space, rights, paths).
-_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
-                             errno.ENOTDIR, errno.EISDIR})
+_STORAGE_ERRNOS = frozenset(
+  {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
+)
 
 
 def fail(message: str, status: int) -> NoReturn:
@@ -41,14 +42,23 @@ def _bad_input_errors() -> tuple[type, ...]:
   from cmix_jax import config_validation  # pylint: disable=g-import-not-at-top
   from cmix_jax import storage  # pylint: disable=g-import-not-at-top
   from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  return (config_validation.ConfigError, datasets.DataNotFoundError, storage.StorageError,
-          checkpointing.LeaseHeldError)
+
+  return (
+    config_validation.ConfigError,
+    datasets.DataNotFoundError,
+    storage.StorageError,
+    checkpointing.LeaseHeldError,
+  )
 
 
 def _stopped_errors() -> tuple[type, ...]:
   from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  return (checkpointing.CheckpointSaveError, checkpointing.CheckpointError,
-          checkpointing.LeaseLostError)
+
+  return (
+    checkpointing.CheckpointSaveError,
+    checkpointing.CheckpointError,
+    checkpointing.LeaseLostError,
+  )
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -58,13 +68,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as e:
     fail(f'{e} (see --helpshort)', BAD_INPUT_STATUS)
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # a --config.* override
-    fail(f'bad --config override or config file: {type(e).__name__}: {e}; check the field '
-         'names and values against the config file.', BAD_INPUT_STATUS)
+    fail(
+      f'bad --config override or config file: {type(e).__name__}: {e}; check the field '
+      'names and values against the config file.',
+      BAD_INPUT_STATUS,
+    )
 
 
-def guarded(main: Callable[[list[str]], None], argv: list[str],
-            bad_input: Errors = (), stopped: Errors = (),
-            workdir: Callable[[], str] | None = None) -> None:
+def guarded(
+  main: Callable[[list[str]], None],
+  argv: list[str],
+  bad_input: Errors = (),
+  stopped: Errors = (),
+  workdir: Callable[[], str] | None = None,
+) -> None:
   """Runs `main(argv)`, turning the known failures into one message and an exit status.
 
   `bad_input` / `stopped`: the caller's own exception types of status 2 / 1, or a function
@@ -89,13 +106,17 @@ def guarded(main: Callable[[list[str]], None], argv: list[str],
     if storage_errno is None:
       raise
     where = f' (workdir {workdir()})' if workdir is not None else ''
-    fail(f'{_summary(e, os.strerror(storage_errno))}{where}; fix the path or its permissions, '
-         'or free space, then rerun the same command (a workdir resumes from its newest '
-         'checkpoint).', STOPPED_STATUS)
+    fail(
+      f'{_summary(e, os.strerror(storage_errno))}{where}; fix the path or its permissions, '
+      'or free space, then rerun the same command (a workdir resumes from its newest '
+      'checkpoint).',
+      STOPPED_STATUS,
+    )
 
 
 def _storage_errno(error: BaseException) -> int | None:
   from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
   number = checkpointing.os_error_of(error)
   return number if number in _STORAGE_ERRNOS else None
 
@@ -123,7 +144,8 @@ class OneLineBackgroundErrors(logging.Formatter):
 
   def format(self, record: logging.LogRecord) -> str:
     if record.levelno < logging.ERROR or not any(
-        f'{os.sep}{package}{os.sep}' in record.pathname for package in _BACKGROUND_WRITERS):
+      f'{os.sep}{package}{os.sep}' in record.pathname for package in _BACKGROUND_WRITERS
+    ):
       return self.inner.format(record)
     saved = record.exc_info, record.exc_text
     record.exc_info, record.exc_text = None, None
@@ -143,17 +165,24 @@ def _quiet_closed_loop_hook(default_hook):
   the write's other futures; each completion reports that error as unraisable (pages of
   tracebacks on a full disk). The write's real error is reported once, by the loop.
   """
+
   def hook(unraisable):
-    if (isinstance(unraisable.exc_value, RuntimeError) and
-        str(unraisable.exc_value) == 'Event loop is closed'):
+    if (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed'
+    ):
       return
     default_hook(unraisable)
+
   return hook
 
 
-def run(main: Callable[[list[str]], None], bad_input: Errors = (), stopped: Errors = (),
-        workdir: Callable[[], str] | None = None) -> None:
+def run(
+  main: Callable[[list[str]], None],
+  bad_input: Errors = (),
+  stopped: Errors = (),
+  workdir: Callable[[], str] | None = None,
+) -> None:
   """absl's app.run(main) with the exits described in the module docstring."""
   sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
-  app.run(lambda argv: guarded(main, argv, bad_input, stopped, workdir),
-          flags_parser=_parse_flags)
+  app.run(lambda argv: guarded(main, argv, bad_input, stopped, workdir), flags_parser=_parse_flags)

@@ -45,28 +45,44 @@ def device_split_errors(field: str, size: int, num_devices: int) -> list[str]:
     return []
   below = size // num_devices * num_devices
   nearest = f'{below} or {below + num_devices}' if below else f'{num_devices}'
-  return [f'{field}={size} is not divisible by the {num_devices} devices: use {nearest} '
-          '(or set --config.num_devices).']
+  return [
+    f'{field}={size} is not divisible by the {num_devices} devices: use {nearest} '
+    '(or set --config.num_devices).'
+  ]
 
 
-def config_errors(config: ml_collections.ConfigDict, num_devices: int,
-                  num_classes: int | None = None, num_train: int | None = None) -> list[str]:
+def config_errors(
+  config: ml_collections.ConfigDict,
+  num_devices: int,
+  num_classes: int | None = None,
+  num_train: int | None = None,
+) -> list[str]:
   """Every problem with `config` for a run on `num_devices` devices (empty if none)."""
-  return (_run_errors(config) + _backend_errors(config) +
-          _data_errors(config, num_devices, num_classes, num_train) + _model_errors(config) +
-          _optim_errors(config) + algorithms.ssl_errors(config.ssl) +
-          _calibratemix_errors(config, num_devices) + _eval_errors(config))
+  return (
+    _run_errors(config)
+    + _backend_errors(config)
+    + _data_errors(config, num_devices, num_classes, num_train)
+    + _model_errors(config)
+    + _optim_errors(config)
+    + algorithms.ssl_errors(config.ssl)
+    + _calibratemix_errors(config, num_devices)
+    + _eval_errors(config)
+  )
 
 
 def _run_errors(config) -> list[str]:
   """Top-level fields: algorithm, step counts and cadences, seed."""
   errors = checks.not_one_of('algorithm', config.algorithm, algorithms.ALGORITHM_NAMES)
   errors += _integers(config, 0, 'seed', 'max_nonfinite_steps')
-  errors += _integers(config, 1, 'num_train_steps', 'log_every', 'eval_every',
-                      'checkpoint_every', 'max_to_keep')
-  errors += checks.out_of_range('lease_timeout_s', config.get('lease_timeout_s', 600.0),
-                                '(0, inf)', 'seconds without heartbeat before a workdir lease '
-                                'is taken over; default 600')
+  errors += _integers(
+    config, 1, 'num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'max_to_keep'
+  )
+  errors += checks.out_of_range(
+    'lease_timeout_s',
+    config.get('lease_timeout_s', 600.0),
+    '(0, inf)',
+    'seconds without heartbeat before a workdir lease is taken over; default 600',
+  )
   return errors
 
 
@@ -74,14 +90,19 @@ def _backend_errors(config) -> list[str]:
   """Devices, parallel backend, XLA flags and the multi-host fields."""
   errors = []
   if config.num_devices != -1:
-    errors += [e.replace('integer >= 1', 'integer >= 1 or -1 (all devices)')
-               for e in checks.not_integer('num_devices', config.num_devices, 1)]
-  errors += checks.not_one_of('parallel_backend', config.get('parallel_backend', 'pmap'),
-                              parallel.BACKENDS)
+    errors += [
+      e.replace('integer >= 1', 'integer >= 1 or -1 (all devices)')
+      for e in checks.not_integer('num_devices', config.num_devices, 1)
+    ]
+  errors += checks.not_one_of(
+    'parallel_backend', config.get('parallel_backend', 'pmap'), parallel.BACKENDS
+  )
   for flag in str(config.get('xla_flags', '')).split():
     if not _XLA_FLAG.match(flag):
-      errors.append(f'xla_flags: {flag!r} is not an XLA flag: write --name=value items '
-                    'separated by spaces, or set --config.xla_flags= for none.')
+      errors.append(
+        f'xla_flags: {flag!r} is not an XLA flag: write --name=value items '
+        'separated by spaces, or set --config.xla_flags= for none.'
+      )
   dist = config.get('distributed')
   if dist is None:
     return errors
@@ -89,56 +110,78 @@ def _backend_errors(config) -> list[str]:
   address = dist.coordinator_address
   match = _HOST_PORT.match(address) if address else None
   if address and not (match and 1 <= int(match.group(2)) <= 65535):
-    errors.append(f'distributed.coordinator_address={address!r}: write HOST:PORT with a port in '
-                  "[1, 65535], e.g. '10.0.0.1:1234', or '' for a single process.")
+    errors.append(
+      f'distributed.coordinator_address={address!r}: write HOST:PORT with a port in '
+      "[1, 65535], e.g. '10.0.0.1:1234', or '' for a single process."
+    )
   errors += _integers(config, 0, 'distributed.num_processes')
   errors += _integers(config, -1, 'distributed.process_id')
   if dist.num_processes > 0 and dist.process_id >= dist.num_processes:
-    errors.append(f'distributed.process_id={dist.process_id} must be below '
-                  f'distributed.num_processes={dist.num_processes} (ids count from 0).')
-  errors += checks.not_one_of('distributed.cpu_collectives', dist.cpu_collectives,
-                              ('', 'gloo', 'mpi'))
+    errors.append(
+      f'distributed.process_id={dist.process_id} must be below '
+      f'distributed.num_processes={dist.num_processes} (ids count from 0).'
+    )
+  errors += checks.not_one_of(
+    'distributed.cpu_collectives', dist.cpu_collectives, ('', 'gloo', 'mpi')
+  )
   return errors
 
 
-def _data_errors(config, num_devices: int, num_classes: int | None,
-                 num_train: int | None) -> list[str]:
+def _data_errors(
+  config, num_devices: int, num_classes: int | None, num_train: int | None
+) -> list[str]:
   """data.*: the data set name, sizes, batch split over the devices, augmentation."""
   data = config.data
   errors = []
   if not _known_dataset(data.name):
-    errors.append(f'unknown data set {data.name!r}: use one of '
-                  f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH '
-                  '(--config.data.name).')
+    errors.append(
+      f'unknown data set {data.name!r}: use one of '
+      f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH '
+      '(--config.data.name).'
+    )
   errors += _integers(config, 1, 'data.num_labels', 'data.batch_size', 'data.eval_batch_size')
-  errors += _integers(config, 0, 'data.uratio', 'data.randaugment_ops', 'data.prefetch',
-                      'data.val_size')
+  errors += _integers(
+    config, 0, 'data.uratio', 'data.randaugment_ops', 'data.prefetch', 'data.val_size'
+  )
   if config.algorithm != 'supervised' and data.uratio == 0:
-    errors.append(f'data.uratio={data.uratio}: semi-supervised algorithms need '
-                  'uratio >= 1 (USB uses 7); only supervised may use 0.')
+    errors.append(
+      f'data.uratio={data.uratio}: semi-supervised algorithms need '
+      'uratio >= 1 (USB uses 7); only supervised may use 0.'
+    )
   errors += device_split_errors('data.batch_size', data.batch_size, num_devices)
   # (batch_size * uratio splits whenever batch_size does; evaluation pads its last shard.)
-  errors += checks.out_of_range('data.crop_pad_frac', data.crop_pad_frac, '[0, 0.5]',
-                                'reflect padding as a fraction of the side; USB: 0.125')
+  errors += checks.out_of_range(
+    'data.crop_pad_frac',
+    data.crop_pad_frac,
+    '[0, 0.5]',
+    'reflect padding as a fraction of the side; USB: 0.125',
+  )
   if num_classes and data.num_labels > 0 and data.num_labels % num_classes:
-    errors.append(f'data.num_labels={data.num_labels} is not divisible by the '
-                  f'{num_classes} classes: use a multiple of {num_classes} (class-balanced draw).')
+    errors.append(
+      f'data.num_labels={data.num_labels} is not divisible by the '
+      f'{num_classes} classes: use a multiple of {num_classes} (class-balanced draw).'
+    )
   unlabeled_size = data.get('unlabeled_size', 0)
   errors += checks.not_integer('data.unlabeled_size', unlabeled_size, -1)
   if num_train is not None and isinstance(unlabeled_size, int) and unlabeled_size > num_train:
-    errors.append(f'data.unlabeled_size={unlabeled_size} exceeds the {num_train} training '
-                  'examples: lower it, or set --config.data.unlabeled_size=0 for all of them.')
+    errors.append(
+      f'data.unlabeled_size={unlabeled_size} exceeds the {num_train} training '
+      'examples: lower it, or set --config.data.unlabeled_size=0 for all of them.'
+    )
   if num_train is not None and data.num_labels + data.val_size > num_train:
-    errors.append(f'data.num_labels + data.val_size = {data.num_labels + data.val_size} '
-                  f'exceeds the {num_train} training examples: lower --config.data.num_labels.')
+    errors.append(
+      f'data.num_labels + data.val_size = {data.num_labels + data.val_size} '
+      f'exceeds the {num_train} training examples: lower --config.data.num_labels.'
+    )
   fake = data.get('fake')
   if fake is not None:
     errors += _integers(config, 1, 'data.fake.num_train', 'data.fake.num_test')
     errors += _integers(config, 2, 'data.fake.num_classes')
     shape = tuple(fake.image_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and s >= 1 for s in shape):
-      errors.append(f'data.fake.image_shape={shape}: use (height, width, channels), e.g. '
-                    '(12, 12, 1).')
+      errors.append(
+        f'data.fake.image_shape={shape}: use (height, width, channels), e.g. (12, 12, 1).'
+      )
   return errors
 
 
@@ -147,20 +190,29 @@ def _model_errors(config) -> list[str]:
   errors = checks.not_one_of('model.name', model.name, models.MODEL_NAMES)
   errors += checks.not_one_of('model.dtype', model.dtype, ('float32', 'bfloat16'))
   if model.get('bn_momentum') is not None:
-    errors += checks.out_of_range('model.bn_momentum', model.bn_momentum, '[0, 1)',
-                                  'BN running-average decay, e.g. 0.99; unset = the default')
+    errors += checks.out_of_range(
+      'model.bn_momentum',
+      model.bn_momentum,
+      '[0, 1)',
+      'BN running-average decay, e.g. 0.99; unset = the default',
+    )
   return errors
 
 
 def _optim_errors(config) -> list[str]:
   optim = config.optim
-  return (checks.out_of_range('optim.lr', optim.lr, '(0, inf)', 'USB: 0.03') +
-          checks.out_of_range('optim.momentum', optim.momentum, '[0, 1)', 'USB: 0.9') +
-          checks.out_of_range('optim.weight_decay', optim.weight_decay, '[0, inf)',
-                              'USB: 5e-4') +
-          checks.out_of_range('optim.cosine_factor', optim.cosine_factor, '[0, 0.5]',
-                              'above 0.5 the cosine schedule turns the lr negative; USB: 7/16') +
-          checks.out_of_range('optim.ema_decay', optim.ema_decay, '[0, 1)', 'USB: 0.999'))
+  return (
+    checks.out_of_range('optim.lr', optim.lr, '(0, inf)', 'USB: 0.03')
+    + checks.out_of_range('optim.momentum', optim.momentum, '[0, 1)', 'USB: 0.9')
+    + checks.out_of_range('optim.weight_decay', optim.weight_decay, '[0, inf)', 'USB: 5e-4')
+    + checks.out_of_range(
+      'optim.cosine_factor',
+      optim.cosine_factor,
+      '[0, 0.5]',
+      'above 0.5 the cosine schedule turns the lr negative; USB: 7/16',
+    )
+    + checks.out_of_range('optim.ema_decay', optim.ema_decay, '[0, 1)', 'USB: 0.999')
+  )
 
 
 def _calibratemix_errors(config, num_devices: int) -> list[str]:
@@ -171,49 +223,74 @@ def _calibratemix_errors(config, num_devices: int) -> list[str]:
   errors += checks.not_one_of('calibratemix.difficulty', cm.difficulty, ('margin', 'confidence'))
   errors += checks.not_one_of('calibratemix.pair_space', cm.pair_space, ('pixels', 'features'))
   if cm.pair_space == 'features' and cm.passes == 1:
-    errors.append('calibratemix.pair_space=features needs passes=2 (features come from '
-                  'the first pass): set --config.calibratemix.passes=2.')
-  errors += checks.out_of_range('calibratemix.pair_k_frac', cm.pair_k_frac, '(0, 1]',
-                                'reference: 15/224')
-  errors += checks.out_of_range('calibratemix.mixup_alpha', cm.mixup_alpha, '(0, inf)',
-                                'Beta(alpha, alpha) of the mixing weight; reference: 0.4')
-  errors += checks.out_of_range('calibratemix.apm_delta', cm.apm_delta, '(0, 1]',
-                                'APM update weight delta / (1 + n); reference: 0.997')
+    errors.append(
+      'calibratemix.pair_space=features needs passes=2 (features come from '
+      'the first pass): set --config.calibratemix.passes=2.'
+    )
+  errors += checks.out_of_range(
+    'calibratemix.pair_k_frac', cm.pair_k_frac, '(0, 1]', 'reference: 15/224'
+  )
+  errors += checks.out_of_range(
+    'calibratemix.mixup_alpha',
+    cm.mixup_alpha,
+    '(0, inf)',
+    'Beta(alpha, alpha) of the mixing weight; reference: 0.4',
+  )
+  errors += checks.out_of_range(
+    'calibratemix.apm_delta',
+    cm.apm_delta,
+    '(0, 1]',
+    'APM update weight delta / (1 + n); reference: 0.997',
+  )
   errors += checks.not_one_of('calibratemix.pair_scope', cm.pair_scope, ('global', 'device'))
   pair_downsample = cm.pair_downsample
   if not isinstance(pair_downsample, int) or pair_downsample < 1:
-    errors.append(f'calibratemix.pair_downsample={pair_downsample!r}: use an integer >= 1 '
-                  '(1 = pair on full-size images).')
+    errors.append(
+      f'calibratemix.pair_downsample={pair_downsample!r}: use an integer >= 1 '
+      '(1 = pair on full-size images).'
+    )
   elif pair_downsample > 1 and cm.pair_space == 'features':
-    errors.append(f'calibratemix.pair_downsample={pair_downsample} shrinks images, but '
-                  'pair_space=features pairs on features: set pair_downsample=1.')
+    errors.append(
+      f'calibratemix.pair_downsample={pair_downsample} shrinks images, but '
+      'pair_space=features pairs on features: set pair_downsample=1.'
+    )
   if not cm.enabled:
     return errors
   if config.algorithm == 'supervised':
-    errors.append('calibratemix.enabled needs unlabeled data: use a semi-supervised '
-                  'algorithm (fixmatch, flexmatch, softmatch), not supervised.')
+    errors.append(
+      'calibratemix.enabled needs unlabeled data: use a semi-supervised '
+      'algorithm (fixmatch, flexmatch, softmatch), not supervised.'
+    )
   if 0 <= cm.warmup_steps and 0 < config.num_train_steps <= cm.warmup_steps:
-    errors.append(f'calibratemix.warmup_steps={cm.warmup_steps} must be in [0, '
-                  f'num_train_steps={config.num_train_steps}): lower the warm-up or train longer.')
+    errors.append(
+      f'calibratemix.warmup_steps={cm.warmup_steps} must be in [0, '
+      f'num_train_steps={config.num_train_steps}): lower the warm-up or train longer.'
+    )
   if cm.pair_scope == 'device' and 0 < config.data.batch_size < 2 * num_devices:
-    errors.append(f'calibratemix.pair_scope=device splits each device\'s share, which needs >= 2 '
-                  f'labeled samples per device: use data.batch_size >= {2 * num_devices} or '
-                  'pair_scope=global.')
+    errors.append(
+      f'calibratemix.pair_scope=device splits each device\'s share, which needs >= 2 '
+      f'labeled samples per device: use data.batch_size >= {2 * num_devices} or '
+      'pair_scope=global.'
+    )
   return errors
 
 
 def _eval_errors(config) -> list[str]:
-  errors = checks.not_one_of('eval.selection', config.eval.selection,
-                             ('final', 'best_val', 'best_test'))
+  errors = checks.not_one_of(
+    'eval.selection', config.eval.selection, ('final', 'best_val', 'best_test')
+  )
   if config.eval.selection == 'best_val' and config.data.val_size <= 0:
-    errors.append('eval.selection=best_val needs a validation slice: set '
-                  '--config.data.val_size to a positive multiple of the class count.')
+    errors.append(
+      'eval.selection=best_val needs a validation slice: set '
+      '--config.data.val_size to a positive multiple of the class count.'
+    )
   errors += _integers(config, 1, 'eval.num_bins')
   return errors
 
 
-def validate(config, num_devices: int, num_classes: int | None = None,
-             num_train: int | None = None) -> None:
+def validate(
+  config, num_devices: int, num_classes: int | None = None, num_train: int | None = None
+) -> None:
   """Raises ConfigError listing every problem, one line each."""
   errors = config_errors(config, num_devices, num_classes, num_train)
   if errors:

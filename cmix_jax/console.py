@@ -59,6 +59,7 @@ def routed_logs(workdir: str, to_terminal: bool):
 class _LogFile(logging.FileHandler):
   """The run's log file; a failed write (e.g. a full disk) is said once, then the file is left
   alone (the run's own error, if any, comes from the loop)."""
+
   failed = False
 
   def emit(self, record: logging.LogRecord) -> None:
@@ -68,8 +69,10 @@ class _LogFile(logging.FileHandler):
   def handleError(self, record: logging.LogRecord) -> None:
     if not self.failed:
       self.failed = True
-      sys.stderr.write(f'cmix_jax: cannot write {self.baseFilename} ({sys.exc_info()[1]}); '
-                       'the log file stops here.\n')
+      sys.stderr.write(
+        f'cmix_jax: cannot write {self.baseFilename} ({sys.exc_info()[1]}); '
+        'the log file stops here.\n'
+      )
 
 
 class LogRoute:
@@ -77,8 +80,7 @@ class LogRoute:
 
   def __init__(self, path: str):
     self.path = path
-    self.handler = logging.handlers.MemoryHandler(capacity=100_000,
-                                                  flushLevel=logging.CRITICAL + 1)
+    self.handler = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
     self.handler.setLevel(logging.INFO)
     self._file = None
 
@@ -88,8 +90,7 @@ class LogRoute:
       return
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     self._file = _LogFile(self.path)
-    self._file.setFormatter(logging.Formatter(
-        '%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    self._file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
     self.handler.setTarget(self._file)
     self.handler.flushLevel = logging.INFO  # from now on every record goes straight through
     self.handler.flush()
@@ -112,33 +113,57 @@ def print_plan(run, start_step: int, log_path: str) -> None:
   """Data, split sizes, devices, steps and workdir, before the first step."""
   c, d = run.config, run.data
   cm = c.calibratemix
-  method = c.algorithm + (f' + CalibrateMix (passes={cm.passes}, pair_scope='
-                          f'{cm.get("pair_scope", "global")}, from step {cm.warmup_steps + 1})'
-                          if cm.enabled else '')
+  method = c.algorithm + (
+    f' + CalibrateMix (passes={cm.passes}, pair_scope='
+    f'{cm.get("pair_scope", "global")}, from step {cm.warmup_steps + 1})'
+    if cm.enabled
+    else ''
+  )
   ulb = c.data.batch_size * c.data.uratio if run.algorithm.uses_unlabeled else 0
   resume = f', resuming at step {start_step}' if start_step else ''
   shape = 'x'.join(map(str, run.info.image_shape))
-  _say(run, '\n'.join([
-      f'cmix_jax: {method}',
-      f'  data      {c.data.name}: {d.num_labeled} labeled, {len(d.val_idx)} validation, '
-      f'{d.num_unlabeled} unlabeled, {len(d.test_labels)} test; {d.num_classes} classes of '
-      f'{shape}',
-      f'  devices   {parallel.describe(run.topo)}, {c.get("parallel_backend", "pmap")}; per '
-      f'step {c.data.batch_size} labeled + {ulb} unlabeled images',
-      f'  steps     {c.num_train_steps}{resume}; evaluate every {c.eval_every}, checkpoint every '
-      f'{c.checkpoint_every}',
-      f'  workdir   {run.workdir} (log: {log_path})']))
+  _say(
+    run,
+    '\n'.join(
+      [
+        f'cmix_jax: {method}',
+        f'  data      {c.data.name}: {d.num_labeled} labeled, {len(d.val_idx)} validation, '
+        f'{d.num_unlabeled} unlabeled, {len(d.test_labels)} test; {d.num_classes} classes of '
+        f'{shape}',
+        f'  devices   {parallel.describe(run.topo)}, {c.get("parallel_backend", "pmap")}; per '
+        f'step {c.data.batch_size} labeled + {ulb} unlabeled images',
+        f'  steps     {c.num_train_steps}{resume}; evaluate every {c.eval_every}, checkpoint every '
+        f'{c.checkpoint_every}',
+        f'  workdir   {run.workdir} (log: {log_path})',
+      ]
+    ),
+  )
 
 
 def print_summary(run, report: dict, log_path: str) -> None:
   """The selected checkpoint's metrics and where the outputs are."""
-  _say(run, '\n'.join([
-      f'Done. {report["selection"]} checkpoint (step {report["step"]}): accuracy '
-      f'{100 * report["accuracy"]:.2f} %, ECE {report["ece"]:.4f}, NLL {report["nll"]:.4f}, '
-      f'Brier {report["brier"]:.4f}',
-      f'  metrics   {os.path.join(run.workdir, "eval.json")} (and metrics.jsonl)',
-      *([f'  pictures  {run.workdir}: final_reliability.png, final_confidence.png, curves.png, '
-         'data_map_*.png'] if run.config.eval.plots else []),
-      *([f'  TensorBoard: tensorboard --logdir={run.workdir}']
-        if run.config.get('tensorboard', True) else []),
-      f'  log       {log_path}']))
+  _say(
+    run,
+    '\n'.join(
+      [
+        f'Done. {report["selection"]} checkpoint (step {report["step"]}): accuracy '
+        f'{100 * report["accuracy"]:.2f} %, ECE {report["ece"]:.4f}, NLL {report["nll"]:.4f}, '
+        f'Brier {report["brier"]:.4f}',
+        f'  metrics   {os.path.join(run.workdir, "eval.json")} (and metrics.jsonl)',
+        *(
+          [
+            f'  pictures  {run.workdir}: final_reliability.png, final_confidence.png, curves.png, '
+            'data_map_*.png'
+          ]
+          if run.config.eval.plots
+          else []
+        ),
+        *(
+          [f'  TensorBoard: tensorboard --logdir={run.workdir}']
+          if run.config.get('tensorboard', True)
+          else []
+        ),
+        f'  log       {log_path}',
+      ]
+    ),
+  )

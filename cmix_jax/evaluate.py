@@ -29,8 +29,12 @@ from cmix_jax import storage
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Workdir of a run (holds config.json and checkpoints/).')
 flags.DEFINE_integer('checkpoint', None, 'Step to evaluate (default: newest).')
-flags.DEFINE_enum('which', 'latest', ['latest', 'best'],
-                  'latest checkpoint, or the selection checkpoint kept in best/.')
+flags.DEFINE_enum(
+  'which',
+  'latest',
+  ['latest', 'best'],
+  'latest checkpoint, or the selection checkpoint kept in best/.',
+)
 flags.DEFINE_bool('raw', False, 'Evaluate the raw weights instead of the EMA.')
 flags.DEFINE_bool('temperature_scaling', False, 'Also report metrics after fitting a temperature.')
 flags.DEFINE_string('out', None, 'Where to write results (default: the workdir).')
@@ -46,8 +50,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   storage.check_readable(workdir)
   path = storage.as_path(workdir) / 'config.json'
   if not path.exists():
-    raise EvaluateError(f'{workdir} has no config.json: is it a cmix_jax workdir? '
-                        'Pass the --workdir a training run wrote.')
+    raise EvaluateError(
+      f'{workdir} has no config.json: is it a cmix_jax workdir? '
+      'Pass the --workdir a training run wrote.'
+    )
   return ml_collections.ConfigDict(storage.read_json(path))
 
 
@@ -58,36 +64,57 @@ def restore(run, which: str, step: int | None):
   if step is None:
     restored = checkpointing.restore_latest(manager, abstract)
     if restored is None:
-      raise EvaluateError(f'no checkpoint in {checkpointing.checkpoint_dir(run.workdir)}'
-                          f'{"/../best" if which == "best" else ""}: train first.')
+      raise EvaluateError(
+        f'no checkpoint in {checkpointing.checkpoint_dir(run.workdir)}'
+        f'{"/../best" if which == "best" else ""}: train first.'
+      )
     step, state, _ = restored
   else:
     if step not in manager.all_steps():
-      raise EvaluateError(f'no checkpoint at step {step} in {manager.directory}; '
-                          f'available: {sorted(manager.all_steps())}.')
+      raise EvaluateError(
+        f'no checkpoint at step {step} in {manager.directory}; '
+        f'available: {sorted(manager.all_steps())}.'
+      )
     state = checkpointing.restore_state(manager, step, abstract)
   return step, parallel.stack_state(state, run.topo, run.sharded_field)
 
 
-def evaluate_workdir(workdir: str, which: str = 'latest', step: int | None = None,
-                     raw: bool = False, temperature_scaling: bool = False,
-                     out: str | None = None) -> dict:
+def evaluate_workdir(
+  workdir: str,
+  which: str = 'latest',
+  step: int | None = None,
+  raw: bool = False,
+  temperature_scaling: bool = False,
+  out: str | None = None,
+) -> dict:
   """Evaluates one checkpoint; returns {'step', 'metrics', 'ts_metrics', 'temperature'}."""
   run = run_setup.build_run(load_config(workdir), workdir, write=False)
   step, state = restore(run, which, step)
   return evaluate_restored(run, state, step, which, raw, temperature_scaling, out)
 
 
-def evaluate_restored(run, state, step: int, which: str = 'latest', raw: bool = False,
-                      temperature_scaling: bool = False, out: str | None = None) -> dict:
+def evaluate_restored(
+  run,
+  state,
+  step: int,
+  which: str = 'latest',
+  raw: bool = False,
+  temperature_scaling: bool = False,
+  out: str | None = None,
+) -> dict:
   """`evaluate_workdir` on an already built run and restored (stacked) state."""
   tag = f'{which}_{step}{"_raw" if raw else ""}'
   out = out or run.workdir
   result = run.evaluator.evaluate_split(state, run.data, 'test', use_ema=not raw)
-  reports.write_eval_report(result, out, prefix=f'eval_{tag}',
-                            title=f'{run.config.algorithm} {tag}')
-  report = {'step': step, 'which': which, 'weights': 'raw' if raw else 'ema',
-            'metrics': result['metrics']}
+  reports.write_eval_report(
+    result, out, prefix=f'eval_{tag}', title=f'{run.config.algorithm} {tag}'
+  )
+  report = {
+    'step': step,
+    'which': which,
+    'weights': 'raw' if raw else 'ema',
+    'metrics': result['metrics'],
+  }
   if temperature_scaling:
     report.update(_temperature_scaled(run, state, raw, out, tag))
   reports.write_json(os.path.join(out, f'eval_{tag}.json'), report, indent=2, sort_keys=True)
@@ -98,18 +125,23 @@ def _temperature_scaled(run, state, raw, out, tag) -> dict:
   """Fits T on held-out labeled data, then evaluates the test split with logits / T."""
   if not len(run.data.val_idx):
     raise EvaluateError(
-        f'{run.workdir} was trained without a held-out labeled slice, so there is nothing '
-        'to fit a temperature on (the labeled training set would give a degenerate T). '
-        'Train with --config.data.val_size=N (a multiple of the class count).')
+      f'{run.workdir} was trained without a held-out labeled slice, so there is nothing '
+      'to fit a temperature on (the labeled training set would give a degenerate T). '
+      'Train with --config.data.val_size=N (a multiple of the class count).'
+    )
   fit_on = f'labeled validation slice ({len(run.data.val_idx)} examples)'
   logits, labels = run.evaluator.logits(state, run.data, 'val', use_ema=not raw)
   temperature = metrics.fit_temperature(logits, labels)
-  result = run.evaluator.evaluate_split(state, run.data, 'test', use_ema=not raw,
-                                        temperature=temperature)
-  reports.write_eval_report(result, out, prefix=f'eval_{tag}_ts',
-                            title=f'{run.config.algorithm} {tag} +TS (T={temperature:.3f})')
-  return {'temperature': temperature, 'temperature_fit_on': fit_on,
-          'ts_metrics': result['metrics']}
+  result = run.evaluator.evaluate_split(
+    state, run.data, 'test', use_ema=not raw, temperature=temperature
+  )
+  reports.write_eval_report(
+    result,
+    out,
+    prefix=f'eval_{tag}_ts',
+    title=f'{run.config.algorithm} {tag} +TS (T={temperature:.3f})',
+  )
+  return {'temperature': temperature, 'temperature_fit_on': fit_on, 'ts_metrics': result['metrics']}
 
 
 def format_table(report: dict) -> str:
@@ -124,10 +156,13 @@ def format_table(report: dict) -> str:
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
-  report = evaluate_workdir(FLAGS.workdir, FLAGS.which, FLAGS.checkpoint, FLAGS.raw,
-                            FLAGS.temperature_scaling, FLAGS.out)
-  print(f'{FLAGS.workdir}: {report["which"]} checkpoint, step {report["step"]}, '
-        f'{report["weights"]} weights')
+  report = evaluate_workdir(
+    FLAGS.workdir, FLAGS.which, FLAGS.checkpoint, FLAGS.raw, FLAGS.temperature_scaling, FLAGS.out
+  )
+  print(
+    f'{FLAGS.workdir}: {report["which"]} checkpoint, step {report["step"]}, '
+    f'{report["weights"]} weights'
+  )
   print(format_table(report))
 
 

@@ -19,8 +19,16 @@ from cmix_jax.data import pipeline
 SPLITS = ('test', 'val', 'unlabeled')
 
 
-def eval_sums_step(state, batch, *, model, info: steps.DataInfo, use_ema: bool,
-                   temperature: float = 1.0, return_logits: bool = False):
+def eval_sums_step(
+  state,
+  batch,
+  *,
+  model,
+  info: steps.DataInfo,
+  use_ema: bool,
+  temperature: float = 1.0,
+  return_logits: bool = False,
+):
   """Per-device calibration sums of one batch (and its logits when asked)."""
   out = steps.eval_step(state, batch, model=model, info=info, use_ema=use_ema)
   probs = jax.nn.softmax(out['logits'] / temperature, axis=-1)
@@ -31,11 +39,24 @@ def eval_sums_step(state, batch, *, model, info: steps.DataInfo, use_ema: bool,
 
 
 @functools.cache
-def make_eval_fn(model, info: steps.DataInfo, topo: parallel.Topology, backend: str,
-                 use_ema: bool = True, temperature: float = 1.0, return_logits: bool = False):
+def make_eval_fn(
+  model,
+  info: steps.DataInfo,
+  topo: parallel.Topology,
+  backend: str,
+  use_ema: bool = True,
+  temperature: float = 1.0,
+  return_logits: bool = False,
+):
   """Parallel eval step: stacked state + sharded batch -> stacked per-device sums (cached)."""
-  step = functools.partial(eval_sums_step, model=model, info=info, use_ema=use_ema,
-                           temperature=temperature, return_logits=return_logits)
+  step = functools.partial(
+    eval_sums_step,
+    model=model,
+    info=info,
+    use_ema=use_ema,
+    temperature=temperature,
+    return_logits=return_logits,
+  )
   return parallel.parallelize(step, topo, backend=backend, donate_first=False)
 
 
@@ -57,22 +78,33 @@ def split_arrays(data: datasets.SSLData, split: str):
 
 def _gather_process_sums(sums: dict) -> dict:
   """Adds every process's sums; concatenates the per-example arrays."""
-  return {key: (parallel.concat_over_processes(value) if key.startswith('example_')
-                else parallel.sum_over_processes(value)) for key, value in sums.items()}
+  return {
+    key: (
+      parallel.concat_over_processes(value)
+      if key.startswith('example_')
+      else parallel.sum_over_processes(value)
+    )
+    for key, value in sums.items()
+  }
 
 
 def result_from_sums(sums: dict, num_bins: int = 10) -> dict:
   """Every calibration metric, the reliability table and per-example confidence/correct."""
-  return {'metrics': {k: float(v) for k, v in metrics_lib.finalize_sums(sums).items()},
-          'reliability': {k: np.asarray(v).tolist() for k, v in
-                          metrics_lib.reliability_table_from_sums(sums, num_bins).items()},
-          'confidence': np.asarray(sums['example_confidence']),
-          'correct': np.asarray(sums['example_correct']) > 0}
+  return {
+    'metrics': {k: float(v) for k, v in metrics_lib.finalize_sums(sums).items()},
+    'reliability': {
+      k: np.asarray(v).tolist()
+      for k, v in metrics_lib.reliability_table_from_sums(sums, num_bins).items()
+    },
+    'confidence': np.asarray(sums['example_confidence']),
+    'correct': np.asarray(sums['example_correct']) > 0,
+  }
 
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
   """Evaluates a stacked train state on a split of a run's data."""
+
   model: object
   info: steps.DataInfo
   topo: parallel.Topology
@@ -84,10 +116,14 @@ class Evaluator:
     """(sums, logits, labels) of a split; logits only if `eval_fn` returns them."""
     sums = metrics_lib.init_sums(self.info.num_classes)
     logits, kept_labels = [], []
-    for batch in pipeline.eval_batches(images, labels, self.batch_size,
-                                       local_devices=self.topo.num_local_devices,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
+    for batch in pipeline.eval_batches(
+      images,
+      labels,
+      self.batch_size,
+      local_devices=self.topo.num_local_devices,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ):
       out = parallel.local_rows(eval_fn(state, parallel.shard_batch(batch, self.topo)))
       if 'logits' in out:
         keep = out['example_mask'].reshape(-1) > 0
@@ -99,8 +135,15 @@ class Evaluator:
       return sums, None, None
     return sums, np.concatenate(logits), np.concatenate(kept_labels)
 
-  def evaluate_split(self, state, data: datasets.SSLData, split: str = 'test', *,
-                     use_ema: bool = True, temperature: float = 1.0) -> dict:
+  def evaluate_split(
+    self,
+    state,
+    data: datasets.SSLData,
+    split: str = 'test',
+    *,
+    use_ema: bool = True,
+    temperature: float = 1.0,
+  ) -> dict:
     """Metrics, reliability table and per-example confidence of `split` (see result_from_sums)."""
     eval_fn = make_eval_fn(self.model, self.info, self.topo, self.backend, use_ema, temperature)
     sums, _, _ = self._accumulate(eval_fn, state, *split_arrays(data, split))
@@ -108,7 +151,8 @@ class Evaluator:
 
   def logits(self, state, data: datasets.SSLData, split: str, *, use_ema: bool = True):
     """(logits [N, C], labels [N]) of `split`, this process's examples (for fitting a temperature)."""
-    eval_fn = make_eval_fn(self.model, self.info, self.topo, self.backend, use_ema,
-                           return_logits=True)
+    eval_fn = make_eval_fn(
+      self.model, self.info, self.topo, self.backend, use_ema, return_logits=True
+    )
     _, logits, labels = self._accumulate(eval_fn, state, *split_arrays(data, split))
     return logits, labels

@@ -16,26 +16,33 @@ from ml_collections import config_flags
 from cmix_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and pictures.')
-flags.DEFINE_bool('allow_config_change', False,
-                  'Resume a workdir even if its saved config differs from --config.')
+flags.DEFINE_bool(
+  'allow_config_change', False, 'Resume a workdir even if its saved config differs from --config.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep it off accelerators.
   from cmix_jax import train  # pylint: disable=g-import-not-at-top
+
   logging.info('workdir: %s', FLAGS.workdir)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.allow_config_change,
-                           log_to_terminal=FLAGS.alsologtostderr or FLAGS.verbosity >= 1)
+  train.train_and_evaluate(
+    FLAGS.config,
+    FLAGS.workdir,
+    FLAGS.allow_config_change,
+    log_to_terminal=FLAGS.alsologtostderr or FLAGS.verbosity >= 1,
+  )
 
 
 def _stopped_errors() -> tuple[type, ...]:
   from cmix_jax import train  # pylint: disable=g-import-not-at-top
+
   return (train.NonFiniteError,)
 
 

@@ -33,14 +33,24 @@ DEFAULT_BINS = (10, 15)  # equal-width bin counts kept in the sums; 10 is the pa
 CLASSWISE_BINS = 15  # Kull et al. 2019 use 15 bins for class-wise ECE
 ADAPTIVE_BINS = 15
 HEADLINE_BINS = 10  # `ece` / `mce` of `summary`; other bin counts give `ece_<B>`
-SUMMARY_KEYS = ('accuracy', 'error_rate', 'ece', 'ece_15', 'mce', 'adaptive_ece',
-                'classwise_ece', 'nll', 'brier')
+SUMMARY_KEYS = (
+  'accuracy',
+  'error_rate',
+  'ece',
+  'ece_15',
+  'mce',
+  'adaptive_ece',
+  'classwise_ece',
+  'nll',
+  'brier',
+)
 _EXAMPLE_KEYS = ('example_confidence', 'example_correct')
 _HOST_CHUNK_ELEMENTS = 1 << 22  # rows * classes per host chunk (bounds float64 temporaries)
 
 
 # ----------------------------------------------------------------------------
 # Bins.
+
 
 def compute_dtype(dtype) -> np.dtype:
   """The dtype bins are assigned in: the probabilities' float dtype, at least float32."""
@@ -62,8 +72,11 @@ def bin_index(values, num_bins: int):
 
 
 def _check_num_bins(num_bins) -> None:
-  if isinstance(num_bins, (bool, np.bool_)) or not isinstance(num_bins, (int, np.integer)) \
-      or num_bins < 1:
+  if (
+    isinstance(num_bins, (bool, np.bool_))
+    or not isinstance(num_bins, (int, np.integer))
+    or num_bins < 1
+  ):
     raise ValueError(f'num_bins must be a positive int, got {num_bins!r}.')
 
 
@@ -81,8 +94,10 @@ def _check_bin_list(num_bins: Sequence[int]) -> tuple:
 # ----------------------------------------------------------------------------
 # Per-batch sums, shared by numpy (host) and jax (inside a jitted step).
 
-def _batch_sums(xp, scatter, probs, labels, valid, acc_dtype, num_bins, classwise_bins,
-                keep_examples):
+
+def _batch_sums(
+  xp, scatter, probs, labels, valid, acc_dtype, num_bins, classwise_bins, keep_examples
+):
   """Sums of one batch; bins assigned in probs' dtype, values summed in acc_dtype."""
   n, c = probs.shape
   cdt = probs.dtype
@@ -97,10 +112,10 @@ def _batch_sums(xp, scatter, probs, labels, valid, acc_dtype, num_bins, classwis
   p_true = (probs_a * onehot).sum(axis=-1)  # [n]
   tiny = np.finfo(cdt).tiny
   sums = {
-      'count': w.sum(),
-      'correct': (w * correct).sum(),
-      'nll': -(w * xp.log(xp.maximum(p_true, tiny))).sum(),
-      'brier': (w * ((probs_a - onehot) ** 2).sum(axis=-1)).sum(),
+    'count': w.sum(),
+    'correct': (w * correct).sum(),
+    'nll': -(w * xp.log(xp.maximum(p_true, tiny))).sum(),
+    'brier': (w * ((probs_a - onehot) ** 2).sum(axis=-1)).sum(),
   }
   for nb in num_bins:
     idx = bin_index(conf_c, nb)  # [n]
@@ -127,10 +142,14 @@ def _jax_scatter(values, idx, length):
   return jax.ops.segment_sum(values, idx, num_segments=length)
 
 
-def batch_calibration_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array | None = None,
-                           num_bins: Sequence[int] = DEFAULT_BINS,
-                           classwise_bins: int | None = CLASSWISE_BINS,
-                           keep_examples: bool = True) -> dict:
+def batch_calibration_sums(
+  probs: jax.Array,
+  labels: jax.Array,
+  mask: jax.Array | None = None,
+  num_bins: Sequence[int] = DEFAULT_BINS,
+  classwise_bins: int | None = CLASSWISE_BINS,
+  keep_examples: bool = True,
+) -> dict:
   """Calibration sums of one batch, jittable (num_bins etc. static); rows with mask 0 ignored.
 
   Returns the keys of `init_sums` in the compute dtype, plus `example_mask` [n]
@@ -143,8 +162,17 @@ def batch_calibration_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array 
   probs = jnp.asarray(probs)
   probs = probs.astype(compute_dtype(probs.dtype))  # [n, C]
   valid = jnp.ones(probs.shape[:1], bool) if mask is None else jnp.asarray(mask) > 0  # [n]
-  sums = _batch_sums(jnp, _jax_scatter, probs, jnp.asarray(labels), valid, probs.dtype,
-                     num_bins, classwise_bins, keep_examples)
+  sums = _batch_sums(
+    jnp,
+    _jax_scatter,
+    probs,
+    jnp.asarray(labels),
+    valid,
+    probs.dtype,
+    num_bins,
+    classwise_bins,
+    keep_examples,
+  )
   if keep_examples:
     sums['example_mask'] = valid.astype(probs.dtype)
   return sums
@@ -153,8 +181,13 @@ def batch_calibration_sums(probs: jax.Array, labels: jax.Array, mask: jax.Array 
 # ----------------------------------------------------------------------------
 # Host sums: init / update / merge / finalize.
 
-def init_sums(num_classes: int, num_bins: Sequence[int] = DEFAULT_BINS,
-              classwise_bins: int | None = CLASSWISE_BINS, keep_examples: bool = True) -> dict:
+
+def init_sums(
+  num_classes: int,
+  num_bins: Sequence[int] = DEFAULT_BINS,
+  classwise_bins: int | None = CLASSWISE_BINS,
+  keep_examples: bool = True,
+) -> dict:
   """Empty float64 sums for `num_classes` classes (see the module docstring for the keys)."""
   if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
     raise ValueError(f'num_classes must be a positive int, got {num_classes!r}.')
@@ -166,8 +199,9 @@ def init_sums(num_classes: int, num_bins: Sequence[int] = DEFAULT_BINS,
   if classwise_bins:
     _check_num_bins(classwise_bins)
     for name in ('count', 'prob', 'label'):
-      sums[f'classwise{classwise_bins}_{name}'] = np.zeros((num_classes, classwise_bins),
-                                                           np.float64)
+      sums[f'classwise{classwise_bins}_{name}'] = np.zeros(
+        (num_classes, classwise_bins), np.float64
+      )
   if keep_examples:
     for k in _EXAMPLE_KEYS:
       sums[k] = np.zeros(0, np.float64)
@@ -176,10 +210,11 @@ def init_sums(num_classes: int, num_bins: Sequence[int] = DEFAULT_BINS,
 
 def _layout(sums: dict) -> tuple:
   """(equal-width bin counts, class-wise bin count or None, num_classes or None, examples?)."""
-  num_bins = tuple(sorted(int(k[4:-6]) for k in sums if k.startswith('bins')
-                          and k.endswith('_count')))
+  num_bins = tuple(
+    sorted(int(k[4:-6]) for k in sums if k.startswith('bins') and k.endswith('_count'))
+  )
   cw = [k for k in sums if k.startswith('classwise') and k.endswith('_count')]
-  cw_bins = int(cw[0][len('classwise'):-len('_count')]) if cw else None
+  cw_bins = int(cw[0][len('classwise') : -len('_count')]) if cw else None
   num_classes = int(np.shape(sums[cw[0]])[-2]) if cw else None
   return num_bins, cw_bins, num_classes, 'example_confidence' in sums
 
@@ -189,15 +224,26 @@ def update_sums(sums: dict, probs, labels, mask=None) -> dict:
   probs, labels, valid = _check_host_inputs(probs, labels, mask)
   num_bins, cw_bins, num_classes, keep = _layout(sums)
   if num_classes is not None and probs.shape[1] != num_classes:
-    raise ValueError(f'probs have {probs.shape[1]} classes but the sums were built for '
-                     f'{num_classes}; use init_sums({probs.shape[1]}).')
+    raise ValueError(
+      f'probs have {probs.shape[1]} classes but the sums were built for '
+      f'{num_classes}; use init_sums({probs.shape[1]}).'
+    )
   out = dict(sums)
   chunk = max(1, _HOST_CHUNK_ELEMENTS // max(1, probs.shape[1]))
   for start in range(0, probs.shape[0], chunk):
-    part = _batch_sums(np, _np_scatter, probs[start:start + chunk], labels[start:start + chunk],
-                       valid[start:start + chunk], np.float64, num_bins, cw_bins, keep)
+    part = _batch_sums(
+      np,
+      _np_scatter,
+      probs[start : start + chunk],
+      labels[start : start + chunk],
+      valid[start : start + chunk],
+      np.float64,
+      num_bins,
+      cw_bins,
+      keep,
+    )
     if keep:
-      keep_rows = valid[start:start + chunk]
+      keep_rows = valid[start : start + chunk]
       for k in _EXAMPLE_KEYS:
         part[k] = part[k][keep_rows]
     out = merge_sums(out, part)
@@ -226,11 +272,12 @@ def host_sums(sums: dict) -> dict:
 def merge_sums(a: dict, b: dict) -> dict:
   """Sums of the union of two sets of examples (either may be `batch_calibration_sums` output)."""
   a, b = host_sums(a), host_sums(b)
-  if set(a) != set(b) or any(np.shape(a[k]) != np.shape(b[k]) for k in a
-                             if k not in _EXAMPLE_KEYS):
-    raise ValueError(f'cannot merge sums of different layouts ({_layout(a)} vs {_layout(b)}); '
-                     'build both with the same num_classes, num_bins, classwise_bins and '
-                     'keep_examples.')
+  if set(a) != set(b) or any(np.shape(a[k]) != np.shape(b[k]) for k in a if k not in _EXAMPLE_KEYS):
+    raise ValueError(
+      f'cannot merge sums of different layouts ({_layout(a)} vs {_layout(b)}); '
+      'build both with the same num_classes, num_bins, classwise_bins and '
+      'keep_examples.'
+    )
   return {k: np.concatenate([a[k], b[k]]) if k in _EXAMPLE_KEYS else a[k] + b[k] for k in a}
 
 
@@ -261,8 +308,9 @@ def finalize_sums(sums: dict, adaptive_bins: int = ADAPTIVE_BINS) -> dict:
   num_bins, cw_bins, _, keep = _layout(sums)
   n = float(sums['count'])
   if n <= 0:
-    raise ValueError('the sums hold no examples; call update_sums with at least one '
-                     'unmasked example first.')
+    raise ValueError(
+      'the sums hold no examples; call update_sums with at least one unmasked example first.'
+    )
   accuracy = float(sums['correct']) / n
   out = {'accuracy': accuracy, 'error_rate': 1.0 - accuracy}
   for nb in num_bins:
@@ -273,8 +321,9 @@ def finalize_sums(sums: dict, adaptive_bins: int = ADAPTIVE_BINS) -> dict:
     else:
       out[f'ece_{nb}'] = _binned_ece(*bins[1:], n)
   if keep:
-    out['adaptive_ece'] = _equal_mass_ece(sums['example_confidence'],
-                                          sums['example_correct'], adaptive_bins)
+    out['adaptive_ece'] = _equal_mass_ece(
+      sums['example_confidence'], sums['example_correct'], adaptive_bins
+    )
   if cw_bins:
     gap = np.abs(sums[f'classwise{cw_bins}_prob'] - sums[f'classwise{cw_bins}_label'])  # [C, B]
     out['classwise_ece'] = float(gap.sum(axis=1).mean() / n)
@@ -287,21 +336,29 @@ def reliability_table_from_sums(sums: dict, num_bins: int = HEADLINE_BINS) -> di
   """Reliability table (bin_lo, bin_hi, count, mean_conf, accuracy) from sums; empty bins 0."""
   sums = host_sums(sums)
   if f'bins{num_bins}_count' not in sums:
-    raise ValueError(f'the sums hold no {num_bins}-bin statistics (they have '
-                     f'{_layout(sums)[0]}); build them with num_bins including {num_bins}.')
+    raise ValueError(
+      f'the sums hold no {num_bins}-bin statistics (they have '
+      f'{_layout(sums)[0]}); build them with num_bins including {num_bins}.'
+    )
   count = sums[f'bins{num_bins}_count']
   safe = np.maximum(count, 1.0)
   edges = bin_edges(num_bins, np.float64)
-  return {'bin_lo': edges[:-1], 'bin_hi': edges[1:], 'count': count,
-          'mean_conf': np.where(count > 0, sums[f'bins{num_bins}_conf'] / safe, 0.0),
-          'accuracy': np.where(count > 0, sums[f'bins{num_bins}_correct'] / safe, 0.0)}
+  return {
+    'bin_lo': edges[:-1],
+    'bin_hi': edges[1:],
+    'count': count,
+    'mean_conf': np.where(count > 0, sums[f'bins{num_bins}_conf'] / safe, 0.0),
+    'accuracy': np.where(count > 0, sums[f'bins{num_bins}_correct'] / safe, 0.0),
+  }
 
 
 # ----------------------------------------------------------------------------
 # One-shot metrics on host arrays.
 
-def _one_shot(probs, labels, num_bins=(), classwise_bins=None, keep_examples=False,
-              mask=None) -> dict:
+
+def _one_shot(
+  probs, labels, num_bins=(), classwise_bins=None, keep_examples=False, mask=None
+) -> dict:
   probs_np = np.asarray(probs)
   if probs_np.ndim != 2:
     raise ValueError(f'probs must be [num_examples, num_classes], got shape {probs_np.shape}.')
@@ -383,19 +440,25 @@ def _nonempty(sums: dict) -> float:
 # ----------------------------------------------------------------------------
 # Input checks (host; shape checks also at trace time for the jax path).
 
+
 def _check_shapes(probs, labels, mask) -> None:
   if np.ndim(probs) != 2:
     raise ValueError(f'probs must be [num_examples, num_classes], got shape {np.shape(probs)}.')
   n = np.shape(probs)[0]
   if np.ndim(labels) != 1 or np.shape(labels)[0] != n:
-    raise ValueError(f'labels must be [num_examples] = [{n}] integer classes, got shape '
-                     f'{np.shape(labels)}.')
+    raise ValueError(
+      f'labels must be [num_examples] = [{n}] integer classes, got shape {np.shape(labels)}.'
+    )
   if mask is not None and (np.ndim(mask) != 1 or np.shape(mask)[0] != n):
-    raise ValueError(f'mask must be [num_examples] = [{n}] (1 = real example, 0 = padding), '
-                     f'got shape {np.shape(mask)}.')
+    raise ValueError(
+      f'mask must be [num_examples] = [{n}] (1 = real example, 0 = padding), '
+      f'got shape {np.shape(mask)}.'
+    )
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-    raise ValueError(f'labels must be integer class indices, got dtype '
-                     f'{jnp.result_type(labels)}; cast with labels.astype(int).')
+    raise ValueError(
+      f'labels must be integer class indices, got dtype '
+      f'{jnp.result_type(labels)}; cast with labels.astype(int).'
+    )
 
 
 def _check_host_inputs(probs, labels, mask):
@@ -403,24 +466,29 @@ def _check_host_inputs(probs, labels, mask):
   probs, labels = np.asarray(probs), np.asarray(labels)
   mask = None if mask is None else np.asarray(mask)
   _check_shapes(probs, labels, mask)
-  if not (np.issubdtype(probs.dtype, np.number) or probs.dtype == bool) \
-      or np.issubdtype(probs.dtype, np.complexfloating):
+  if not (np.issubdtype(probs.dtype, np.number) or probs.dtype == bool) or np.issubdtype(
+    probs.dtype, np.complexfloating
+  ):
     raise ValueError(f'probs must be real numbers, got dtype {probs.dtype}.')
   probs = probs.astype(compute_dtype(probs.dtype))
   valid = np.ones(len(labels), bool) if mask is None else mask > 0
   num_classes = probs.shape[1]
   p, y = probs[valid], labels[valid]
   if len(y) and (y.min() < 0 or y.max() >= num_classes):
-    raise ValueError(f'labels must lie in [0, {num_classes}) for unmasked examples, got range '
-                     f'[{y.min()}, {y.max()}]; mask padding rows with mask=0.')
+    raise ValueError(
+      f'labels must lie in [0, {num_classes}) for unmasked examples, got range '
+      f'[{y.min()}, {y.max()}]; mask padding rows with mask=0.'
+    )
   if not np.all(np.isfinite(p)):
-    raise ValueError('probs contain NaN or Inf (a diverged model?); metrics need finite '
-                     'probabilities.')
+    raise ValueError(
+      'probs contain NaN or Inf (a diverged model?); metrics need finite probabilities.'
+    )
   tol = 1e-3 if probs.dtype.itemsize >= 4 else 5e-2
-  if len(y) and (p.min() < -tol or p.max() > 1 + tol
-                 or np.max(np.abs(p.sum(axis=1) - 1.0)) > tol):
-    raise ValueError('probs must be probabilities (in [0, 1], rows summing to 1); these look '
-                     'like logits: apply softmax first, e.g. jax.nn.softmax(logits, axis=-1).')
+  if len(y) and (p.min() < -tol or p.max() > 1 + tol or np.max(np.abs(p.sum(axis=1) - 1.0)) > tol):
+    raise ValueError(
+      'probs must be probabilities (in [0, 1], rows summing to 1); these look '
+      'like logits: apply softmax first, e.g. jax.nn.softmax(logits, axis=-1).'
+    )
   return probs, labels.astype(np.int64), valid
 
 
@@ -430,8 +498,9 @@ def _check_logits(logits, labels) -> tuple:
   if len(labels) == 0:
     raise ValueError('fit_temperature needs at least one example.')
   if labels.min() < 0 or labels.max() >= logits.shape[1]:
-    raise ValueError(f'labels must lie in [0, {logits.shape[1]}), got range '
-                     f'[{labels.min()}, {labels.max()}].')
+    raise ValueError(
+      f'labels must lie in [0, {logits.shape[1]}), got range [{labels.min()}, {labels.max()}].'
+    )
   if not np.all(np.isfinite(logits)):
     raise ValueError('logits contain NaN or Inf; temperature scaling needs finite logits.')
   return logits, labels.astype(np.int64)
@@ -439,6 +508,7 @@ def _check_logits(logits, labels) -> tuple:
 
 # ----------------------------------------------------------------------------
 # Temperature scaling (Guo et al. 2017).
+
 
 def temperature_nll(logits, labels, temperature: float) -> float:
   """Mean NLL of softmax(logits / T) in float64 (exact log-softmax, no clipping)."""
@@ -470,8 +540,11 @@ def fit_temperature(logits, labels, bounds: tuple = (0.01, 100.0), xatol: float 
     raise ValueError(f'bounds must be 0 < lo < hi < inf, got {bounds}.')
   shifted, shifted_true = _shifted_logits(*_check_logits(logits, labels))
   result = scipy.optimize.minimize_scalar(
-      lambda log_t: _temperature_nll(shifted, shifted_true, float(np.exp(log_t))),
-      bounds=(np.log(lo), np.log(hi)), method='bounded', options={'xatol': xatol})
+    lambda log_t: _temperature_nll(shifted, shifted_true, float(np.exp(log_t))),
+    bounds=(np.log(lo), np.log(hi)),
+    method='bounded',
+    options={'xatol': xatol},
+  )
   return float(np.clip(np.exp(result.x), lo, hi))
 
 

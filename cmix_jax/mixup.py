@@ -26,6 +26,7 @@ _NORM_EPS = 1e-8  # as torch.nn.functional.cosine_similarity
 @flax.struct.dataclass
 class MixedSets:
   """The two mixed sets, concatenated (set 1 = rows [:num_first]), and their targets."""
+
   x: jax.Array  # [n_mix, H, W, C] mixed images
   onehot_a: jax.Array  # f32 [n_mix, K] gold label of the labeled anchor
   onehot_b: jax.Array  # f32 [n_mix, K] pseudo-label of the unlabeled partner
@@ -54,15 +55,18 @@ def pair_dissimilar(key: jax.Array, anchors: jax.Array, pool: jax.Array, k: int)
   k is clipped to the pool size; all anchors are paired by one [n_a, n_p] matmul.
   """
   if anchors.shape[1:] != pool.shape[1:] or anchors.ndim < 2:
-    raise ValueError(f'pair_dissimilar: anchors {anchors.shape} and pool {pool.shape} must be '
-                     '[n, ...] with the same per-sample shape.')
+    raise ValueError(
+      f'pair_dissimilar: anchors {anchors.shape} and pool {pool.shape} must be '
+      '[n, ...] with the same per-sample shape.'
+    )
   if pool.shape[0] < 1:
     raise ValueError('pair_dissimilar: the pool is empty; it needs at least one sample.')
   if int(k) != k or k < 1:
     raise ValueError(f'pair_dissimilar: k={k!r} must be an integer >= 1.')
   k = min(int(k), pool.shape[0])
-  sim = jnp.matmul(_unit_rows(anchors), _unit_rows(pool).T,
-                   precision=jax.lax.Precision.HIGHEST)  # [n_a, n_p]
+  sim = jnp.matmul(
+    _unit_rows(anchors), _unit_rows(pool).T, precision=jax.lax.Precision.HIGHEST
+  )  # [n_a, n_p]
   _, candidates = jax.lax.top_k(-sim, k)  # [n_a, k] most dissimilar first
   pick = jax.random.randint(key, (anchors.shape[0],), 0, k)  # [n_a]
   return jnp.take_along_axis(candidates, pick[:, None], axis=1)[:, 0].astype(jnp.int32)
@@ -74,7 +78,7 @@ def median_split(difficulty: jax.Array) -> tuple[jax.Array, jax.Array]:
     raise ValueError(f'median_split: difficulty must be [n], got {difficulty.shape}.')
   n = difficulty.shape[0]
   order = jnp.argsort(difficulty, stable=True).astype(jnp.int32)  # [n]
-  return order[:n // 2], order[n // 2:]
+  return order[: n // 2], order[n // 2 :]
 
 
 def mix(x_a: jax.Array, x_b: jax.Array, lam) -> jax.Array:
@@ -96,8 +100,10 @@ def mix_pairs(x_lb, y_lb, anchor_idx, x_ulb, pseudo_labels, partner_idx, lam, nu
 def mixup_bce(logits: jax.Array, onehot_a: jax.Array, onehot_b: jax.Array, lam) -> jax.Array:
   """lam * BCE(logits, a) + (1 - lam) * BCE(logits, b), each a mean over batch x classes."""
   if not logits.shape == onehot_a.shape == onehot_b.shape or logits.ndim != 2:
-    raise ValueError(f'mixup_bce: logits {logits.shape}, onehot_a {onehot_a.shape} and '
-                     f'onehot_b {onehot_b.shape} must all be the same [n, K].')
+    raise ValueError(
+      f'mixup_bce: logits {logits.shape}, onehot_a {onehot_a.shape} and '
+      f'onehot_b {onehot_b.shape} must all be the same [n, K].'
+    )
   if logits.shape[0] == 0:
     raise ValueError('mixup_bce: empty batch (the mean would be NaN).')
   lam = jnp.asarray(lam, jnp.float32)
@@ -124,38 +130,65 @@ def downsample(x: jax.Array, factor: int) -> jax.Array:
     return x
   n, h, w, c = x.shape
   hs, ws = -(-h // factor), -(-w // factor)
-  padded = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, hs * factor - h), (0, ws * factor - w),
-                                           (0, 0)), mode='edge')  # [n, hs*f, ws*f, C]
+  padded = jnp.pad(
+    x.astype(jnp.float32), ((0, 0), (0, hs * factor - h), (0, ws * factor - w), (0, 0)), mode='edge'
+  )  # [n, hs*f, ws*f, C]
   return padded.reshape(n, hs, factor, ws, factor, c).mean(axis=(2, 4))
 
 
-def _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficulty,
-                    pair_lb, pair_ulb, pair_k_frac, alpha, num_classes, pair_downsample,
-                    min_samples=2):
+def _check_targeted(
+  x_lb,
+  y_lb,
+  lb_difficulty,
+  x_ulb,
+  pseudo_labels,
+  ulb_difficulty,
+  pair_lb,
+  pair_ulb,
+  pair_k_frac,
+  alpha,
+  num_classes,
+  pair_downsample,
+  min_samples=2,
+):
   """Shape and hyper-parameter checks, before anything is traced."""
   b, u = x_lb.shape[0], x_ulb.shape[0]
   if x_lb.shape[1:] != x_ulb.shape[1:]:
-    raise ValueError(f'targeted_mixup: x_lb {x_lb.shape} and x_ulb {x_ulb.shape} must have '
-                     'the same image shape.')
+    raise ValueError(
+      f'targeted_mixup: x_lb {x_lb.shape} and x_ulb {x_ulb.shape} must have the same image shape.'
+    )
   if y_lb.shape != (b,) or lb_difficulty.shape != (b,):
-    raise ValueError(f'targeted_mixup: y_lb {y_lb.shape} and lb_difficulty '
-                     f'{lb_difficulty.shape} must be [{b}] like x_lb.')
+    raise ValueError(
+      f'targeted_mixup: y_lb {y_lb.shape} and lb_difficulty '
+      f'{lb_difficulty.shape} must be [{b}] like x_lb.'
+    )
   if pseudo_labels.shape != (u,) or ulb_difficulty.shape != (u,):
-    raise ValueError(f'targeted_mixup: pseudo_labels {pseudo_labels.shape} and ulb_difficulty '
-                     f'{ulb_difficulty.shape} must be [{u}] like x_ulb.')
+    raise ValueError(
+      f'targeted_mixup: pseudo_labels {pseudo_labels.shape} and ulb_difficulty '
+      f'{ulb_difficulty.shape} must be [{u}] like x_ulb.'
+    )
   if b < min_samples or u < min_samples:
-    raise ValueError(f'targeted_mixup: needs at least 2 labeled and 2 unlabeled samples per '
-                     f'split (got {b} and {u}) so both halves of the split are non-empty.')
+    raise ValueError(
+      f'targeted_mixup: needs at least 2 labeled and 2 unlabeled samples per '
+      f'split (got {b} and {u}) so both halves of the split are non-empty.'
+    )
   if (pair_lb is None) != (pair_ulb is None):
-    raise ValueError('targeted_mixup: give both pair_lb and pair_ulb (pairing features) or '
-                     'neither (pair on the images).')
-  if pair_lb is not None and (pair_lb.shape[0] != b or pair_ulb.shape[0] != u
-                              or pair_lb.shape[1:] != pair_ulb.shape[1:]):
-    raise ValueError(f'targeted_mixup: pair_lb {pair_lb.shape} / pair_ulb {pair_ulb.shape} '
-                     f'must be [{b}, ...] / [{u}, ...] with the same feature shape.')
+    raise ValueError(
+      'targeted_mixup: give both pair_lb and pair_ulb (pairing features) or '
+      'neither (pair on the images).'
+    )
+  if pair_lb is not None and (
+    pair_lb.shape[0] != b or pair_ulb.shape[0] != u or pair_lb.shape[1:] != pair_ulb.shape[1:]
+  ):
+    raise ValueError(
+      f'targeted_mixup: pair_lb {pair_lb.shape} / pair_ulb {pair_ulb.shape} '
+      f'must be [{b}, ...] / [{u}, ...] with the same feature shape.'
+    )
   if int(pair_downsample) != pair_downsample or pair_downsample < 1:
-    raise ValueError(f'targeted_mixup: pair_downsample={pair_downsample!r} must be an integer '
-                     '>= 1 (1 = pair on full-size images).')
+    raise ValueError(
+      f'targeted_mixup: pair_downsample={pair_downsample!r} must be an integer '
+      '>= 1 (1 = pair on full-size images).'
+    )
   if not 0.0 < pair_k_frac <= 1.0:
     raise ValueError(f'targeted_mixup: pair_k_frac={pair_k_frac} must be in (0, 1].')
   if not alpha > 0.0:
@@ -169,8 +202,9 @@ def _pairing_inputs(x, pair_feats, pair_downsample):
   return downsample(x, pair_downsample) if pair_feats is None else pair_feats
 
 
-def _pair_sets(key, lb_difficulty, ulb_difficulty, feats_lb, feats_ulb, *, pair_k_frac, alpha,
-               random_pairing):
+def _pair_sets(
+  key, lb_difficulty, ulb_difficulty, feats_lb, feats_ulb, *, pair_k_frac, alpha, random_pairing
+):
   """The split, pairing and lambdas of the two sets, as indices (one kernel for both scopes).
 
   Returns (anchor_idx [B], partner_idx [B], lam1, lam2, num_first); anchors are rows of the
@@ -182,7 +216,7 @@ def _pair_sets(key, lb_difficulty, ulb_difficulty, feats_lb, feats_ulb, *, pair_
     # Ablation: a random (not difficulty) split of the labeled batch into the same two
     # set sizes, each anchor with a uniformly random unlabeled partner.
     order = jax.random.permutation(key_pair2, b).astype(jnp.int32)  # [B]
-    anchor_idx = jnp.concatenate([order[b // 2:], order[:b // 2]])  # [B]
+    anchor_idx = jnp.concatenate([order[b // 2 :], order[: b // 2]])  # [B]
     partner_idx = jax.random.randint(key_pair1, (b,), 0, u).astype(jnp.int32)  # [B]
     num_first = b - b // 2
   else:
@@ -212,12 +246,23 @@ def _row_layout(rows: jax.Array, num_first: int, num_total: int, num_shares: int
   return in_first, weight.astype(jnp.float32)
 
 
-def targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
-                   lb_difficulty: jax.Array, x_ulb: jax.Array, pseudo_labels: jax.Array,
-                   ulb_difficulty: jax.Array, num_classes: int,
-                   pair_k_frac: float = 15 / 224, alpha: float = 0.4,
-                   pair_lb: jax.Array | None = None, pair_ulb: jax.Array | None = None,
-                   random_pairing: bool = False, pair_downsample: int = 1) -> MixedSets:
+def targeted_mixup(
+  key: jax.Array,
+  *,
+  x_lb: jax.Array,
+  y_lb: jax.Array,
+  lb_difficulty: jax.Array,
+  x_ulb: jax.Array,
+  pseudo_labels: jax.Array,
+  ulb_difficulty: jax.Array,
+  num_classes: int,
+  pair_k_frac: float = 15 / 224,
+  alpha: float = 0.4,
+  pair_lb: jax.Array | None = None,
+  pair_ulb: jax.Array | None = None,
+  random_pairing: bool = False,
+  pair_downsample: int = 1,
+) -> MixedSets:
   """Set 1 = labeled-easy x unlabeled-hard, set 2 = labeled-hard x unlabeled-easy.
 
   Low difficulty = hard (median split). Pairs on pair_lb / pair_ulb (e.g. features)
@@ -227,20 +272,49 @@ def targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
   random into the same two set sizes, each anchor gets a uniformly random unlabeled
   partner; same loss (mix_1 + mix_2, one lambda per set) as the targeted version.
   """
-  _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficulty,
-                  pair_lb, pair_ulb, pair_k_frac, alpha, num_classes, pair_downsample)
+  _check_targeted(
+    x_lb,
+    y_lb,
+    lb_difficulty,
+    x_ulb,
+    pseudo_labels,
+    ulb_difficulty,
+    pair_lb,
+    pair_ulb,
+    pair_k_frac,
+    alpha,
+    num_classes,
+    pair_downsample,
+  )
   b = x_lb.shape[0]
   anchor_idx, partner_idx, lam1, lam2, num_first = _pair_sets(
-      key, lb_difficulty, ulb_difficulty, _pairing_inputs(x_lb, pair_lb, pair_downsample),
-      _pairing_inputs(x_ulb, pair_ulb, pair_downsample), pair_k_frac=pair_k_frac, alpha=alpha,
-      random_pairing=random_pairing)
+    key,
+    lb_difficulty,
+    ulb_difficulty,
+    _pairing_inputs(x_lb, pair_lb, pair_downsample),
+    _pairing_inputs(x_ulb, pair_ulb, pair_downsample),
+    pair_k_frac=pair_k_frac,
+    alpha=alpha,
+    random_pairing=random_pairing,
+  )
   in_first, row_weight = _row_layout(jnp.arange(b), num_first, b, 1)
   lam_per_sample = jnp.where(in_first, lam1, lam2)  # [B]
-  x, onehot_a, onehot_b = mix_pairs(x_lb, y_lb, anchor_idx, x_ulb, pseudo_labels,
-                                    partner_idx, lam_per_sample, num_classes)
-  return MixedSets(x=x, onehot_a=onehot_a, onehot_b=onehot_b, lam_per_sample=lam_per_sample,
-                   lam1=lam1, lam2=lam2, anchor_idx=anchor_idx, partner_idx=partner_idx,
-                   in_first=in_first, row_weight=row_weight, num_first=num_first)
+  x, onehot_a, onehot_b = mix_pairs(
+    x_lb, y_lb, anchor_idx, x_ulb, pseudo_labels, partner_idx, lam_per_sample, num_classes
+  )
+  return MixedSets(
+    x=x,
+    onehot_a=onehot_a,
+    onehot_b=onehot_b,
+    lam_per_sample=lam_per_sample,
+    lam1=lam1,
+    lam2=lam2,
+    anchor_idx=anchor_idx,
+    partner_idx=partner_idx,
+    in_first=in_first,
+    row_weight=row_weight,
+    num_first=num_first,
+  )
 
 
 def _gather(x: jax.Array, axis_name: str) -> jax.Array:
@@ -262,18 +336,31 @@ def _mix_across_devices(x_lb, x_ulb, anchor_idx, partner_idx, lam, axis_name):
   own_partner = expand(partner_idx // u == device)
   lam = expand(lam)
   from_lb = jnp.where(own_anchor, lam * x_lb[anchor_idx % b].astype(jnp.float32), 0.0)
-  from_ulb = jnp.where(own_partner, (1.0 - lam) * x_ulb[partner_idx % u].astype(jnp.float32),
-                       0.0)  # [B_g, H, W, C]
+  from_ulb = jnp.where(
+    own_partner, (1.0 - lam) * x_ulb[partner_idx % u].astype(jnp.float32), 0.0
+  )  # [B_g, H, W, C]
   mixed = jax.lax.psum_scatter(from_lb + from_ulb, axis_name, scatter_dimension=0, tiled=True)
   return mixed.astype(x_lb.dtype)  # [B_g / D, H, W, C]
 
 
-def global_targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
-                          lb_difficulty: jax.Array, x_ulb: jax.Array, pseudo_labels: jax.Array,
-                          ulb_difficulty: jax.Array, num_classes: int, axis_name: str,
-                          pair_k_frac: float = 15 / 224, alpha: float = 0.4,
-                          pair_lb: jax.Array | None = None, pair_ulb: jax.Array | None = None,
-                          random_pairing: bool = False, pair_downsample: int = 1) -> MixedSets:
+def global_targeted_mixup(
+  key: jax.Array,
+  *,
+  x_lb: jax.Array,
+  y_lb: jax.Array,
+  lb_difficulty: jax.Array,
+  x_ulb: jax.Array,
+  pseudo_labels: jax.Array,
+  ulb_difficulty: jax.Array,
+  num_classes: int,
+  axis_name: str,
+  pair_k_frac: float = 15 / 224,
+  alpha: float = 0.4,
+  pair_lb: jax.Array | None = None,
+  pair_ulb: jax.Array | None = None,
+  random_pairing: bool = False,
+  pair_downsample: int = 1,
+) -> MixedSets:
   """Per-device: this device's share of `targeted_mixup` of the GLOBAL batch over `axis_name`.
 
   Arguments are this device's rows (as `targeted_mixup`); `key` must be the same on every
@@ -284,24 +371,44 @@ def global_targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
   full-size images those are gathered anyway and mixed locally; otherwise full-size images
   never cross devices whole: a reduce-scatter builds each device's mixed rows.
   """
-  _check_targeted(x_lb, y_lb, lb_difficulty, x_ulb, pseudo_labels, ulb_difficulty,
-                  pair_lb, pair_ulb, pair_k_frac, alpha, num_classes, pair_downsample,
-                  min_samples=1)
+  _check_targeted(
+    x_lb,
+    y_lb,
+    lb_difficulty,
+    x_ulb,
+    pseudo_labels,
+    ulb_difficulty,
+    pair_lb,
+    pair_ulb,
+    pair_k_frac,
+    alpha,
+    num_classes,
+    pair_downsample,
+    min_samples=1,
+  )
   num_devices = jax.lax.axis_size(axis_name)
   b, u = x_lb.shape[0], x_ulb.shape[0]
   b_global, u_global = b * num_devices, u * num_devices
   if b_global < 2 or u_global < 2:
-    raise ValueError(f'global_targeted_mixup: needs at least 2 labeled and 2 unlabeled samples '
-                     f'in the global batch (got {b_global} and {u_global}).')
+    raise ValueError(
+      f'global_targeted_mixup: needs at least 2 labeled and 2 unlabeled samples '
+      f'in the global batch (got {b_global} and {u_global}).'
+    )
   gather = functools.partial(_gather, axis_name=axis_name)
   full_images = pair_lb is None and pair_downsample == 1
   feats_lb = gather(_pairing_inputs(x_lb, pair_lb, pair_downsample))  # [B_g, ...]
   feats_ulb = gather(_pairing_inputs(x_ulb, pair_ulb, pair_downsample))  # [U_g, ...]
   anchor_g, partner_g, lam1, lam2, num_first = _pair_sets(
-      key, gather(lb_difficulty), gather(ulb_difficulty), feats_lb, feats_ulb,
-      pair_k_frac=pair_k_frac, alpha=alpha, random_pairing=random_pairing)  # [B_g] each
-  in_first_g, row_weight_g = _row_layout(jnp.arange(b_global), num_first, b_global,
-                                         num_devices)
+    key,
+    gather(lb_difficulty),
+    gather(ulb_difficulty),
+    feats_lb,
+    feats_ulb,
+    pair_k_frac=pair_k_frac,
+    alpha=alpha,
+    random_pairing=random_pairing,
+  )  # [B_g] each
+  in_first_g, row_weight_g = _row_layout(jnp.arange(b_global), num_first, b_global, num_devices)
   lam_g = jnp.where(in_first_g, lam1, lam2)  # [B_g]
   share = lambda v: jax.lax.dynamic_slice_in_dim(v, jax.lax.axis_index(axis_name) * b, b)
   anchor_idx, partner_idx = share(anchor_g), share(partner_g)  # [b]
@@ -312,10 +419,20 @@ def global_targeted_mixup(key: jax.Array, *, x_lb: jax.Array, y_lb: jax.Array,
     x = _mix_across_devices(x_lb, x_ulb, anchor_g, partner_g, lam_g, axis_name)
   onehot_a = jax.nn.one_hot(gather(y_lb)[anchor_idx], num_classes, dtype=jnp.float32)
   onehot_b = jax.nn.one_hot(gather(pseudo_labels)[partner_idx], num_classes, dtype=jnp.float32)
-  return MixedSets(x=x, onehot_a=onehot_a, onehot_b=onehot_b, lam_per_sample=lam_per_sample,
-                   lam1=lam1, lam2=lam2, anchor_idx=anchor_idx, partner_idx=partner_idx,
-                   in_first=share(in_first_g), row_weight=share(row_weight_g),
-                   num_first=num_first, axis_name=axis_name)
+  return MixedSets(
+    x=x,
+    onehot_a=onehot_a,
+    onehot_b=onehot_b,
+    lam_per_sample=lam_per_sample,
+    lam1=lam1,
+    lam2=lam2,
+    anchor_idx=anchor_idx,
+    partner_idx=partner_idx,
+    in_first=share(in_first_g),
+    row_weight=share(row_weight_g),
+    num_first=num_first,
+    axis_name=axis_name,
+  )
 
 
 def partner_onehot(mixed: MixedSets, pseudo_labels: jax.Array, num_classes: int) -> jax.Array:
@@ -339,8 +456,9 @@ def mixup_loss(logits_mixed: jax.Array, mixed: MixedSets) -> tuple[jax.Array, di
   if logits_mixed.shape[0] != n_mix:
     raise ValueError(f'mixup_loss: {logits_mixed.shape[0]} logits for {n_mix} mixed samples.')
   lam = mixed.lam_per_sample
-  row_loss = (lam * _row_bce(logits_mixed, mixed.onehot_a)
-              + (1.0 - lam) * _row_bce(logits_mixed, mixed.onehot_b))  # [n_mix]
+  row_loss = lam * _row_bce(logits_mixed, mixed.onehot_a) + (1.0 - lam) * _row_bce(
+    logits_mixed, mixed.onehot_b
+  )  # [n_mix]
   weighted = mixed.row_weight * row_loss  # [n_mix]
   loss1 = jnp.sum(jnp.where(mixed.in_first, weighted, 0.0))
   loss2 = jnp.sum(jnp.where(mixed.in_first, 0.0, weighted))
@@ -354,9 +472,13 @@ def difficulty_half_means(difficulty: jax.Array) -> tuple[jax.Array, jax.Array]:
   return difficulty[hard_idx].mean(), difficulty[easy_idx].mean()
 
 
-def split_metrics(lb_difficulty: jax.Array, ulb_difficulty: jax.Array,
-                  pseudo_labels: jax.Array, hidden_labels: jax.Array | None = None,
-                  axis_name: str | None = None) -> dict:
+def split_metrics(
+  lb_difficulty: jax.Array,
+  ulb_difficulty: jax.Array,
+  pseudo_labels: jax.Array,
+  hidden_labels: jax.Array | None = None,
+  axis_name: str | None = None,
+) -> dict:
   """Mean difficulty of each half of the split, and the unlabeled-hard pseudo-label error.
 
   Shows the easy/hard split means something. With `axis_name` (global scope) the inputs
@@ -369,18 +491,20 @@ def split_metrics(lb_difficulty: jax.Array, ulb_difficulty: jax.Array,
     hidden_labels = None if hidden_labels is None else gather(hidden_labels)
   hard_lb, easy_lb = median_split(lb_difficulty)
   hard_ulb, easy_ulb = median_split(ulb_difficulty)
-  out = {'difficulty_lb_easy': lb_difficulty[easy_lb].mean(),
-         'difficulty_lb_hard': lb_difficulty[hard_lb].mean(),
-         'difficulty_ulb_easy': ulb_difficulty[easy_ulb].mean(),
-         'difficulty_ulb_hard': ulb_difficulty[hard_ulb].mean()}
+  out = {
+    'difficulty_lb_easy': lb_difficulty[easy_lb].mean(),
+    'difficulty_lb_hard': lb_difficulty[hard_lb].mean(),
+    'difficulty_ulb_easy': ulb_difficulty[easy_ulb].mean(),
+    'difficulty_ulb_hard': ulb_difficulty[hard_ulb].mean(),
+  }
   if hidden_labels is not None:
-    out['hard_pseudo_label_error'] = hard_pseudo_label_error(pseudo_labels, hidden_labels,
-                                                             hard_ulb)
+    out['hard_pseudo_label_error'] = hard_pseudo_label_error(pseudo_labels, hidden_labels, hard_ulb)
   return out
 
 
-def hard_pseudo_label_error(pseudo_labels: jax.Array, hidden_labels: jax.Array,
-                            hard_idx: jax.Array) -> jax.Array:
+def hard_pseudo_label_error(
+  pseudo_labels: jax.Array, hidden_labels: jax.Array, hard_idx: jax.Array
+) -> jax.Array:
   """Fraction of unlabeled-hard samples with a wrong pseudo-label (hidden label -1 ignored)."""
   pseudo = pseudo_labels[hard_idx]
   hidden = hidden_labels[hard_idx]

@@ -26,6 +26,7 @@ BACKENDS = ('pmap', 'shard_map')
 @dataclasses.dataclass(frozen=True)
 class Topology:
   """The devices a run uses: a 1-D mesh over all processes' devices, axis 'batch'."""
+
   mesh: Mesh
 
   @property
@@ -60,11 +61,14 @@ def make_topology(num_devices: int = -1) -> Topology:
   if num_devices not in (-1, None):
     if jax.process_count() > 1 and num_devices != len(devices):
       raise ValueError(
-          f'num_devices={num_devices} is only supported in a single process; '
-          f'multi-host runs use all {len(devices)} devices (set --config.num_devices=-1).')
+        f'num_devices={num_devices} is only supported in a single process; '
+        f'multi-host runs use all {len(devices)} devices (set --config.num_devices=-1).'
+      )
     if not 1 <= num_devices <= len(devices):
-      raise ValueError(f'num_devices={num_devices} but {len(devices)} devices exist; '
-                       'set --config.num_devices to -1 or a number in range.')
+      raise ValueError(
+        f'num_devices={num_devices} but {len(devices)} devices exist; '
+        'set --config.num_devices to -1 or a number in range.'
+      )
     devices = devices[:num_devices]
   return Topology(Mesh(np.asarray(devices), (AXIS,)))
 
@@ -73,8 +77,7 @@ def _stack_local(x, topo: Topology):
   """Host value -> global [D, ...] array holding one copy per device."""
   x = np.asarray(x)
   local = np.broadcast_to(x[None], (topo.num_local_devices,) + x.shape)
-  return jax.make_array_from_process_local_data(
-      topo.stacked, local, (topo.num_devices,) + x.shape)
+  return jax.make_array_from_process_local_data(topo.stacked, local, (topo.num_devices,) + x.shape)
 
 
 def replicate(tree: Any, topo: Topology) -> Any:
@@ -84,10 +87,13 @@ def replicate(tree: Any, topo: Topology) -> Any:
 
 def shard_batch(batch: dict, topo: Topology) -> dict:
   """This process's [L, b, ...] numpy batch -> global [D, b, ...] arrays."""
+
   def put(x):
     x = np.asarray(x)
     return jax.make_array_from_process_local_data(
-        topo.stacked, x, (topo.num_devices,) + x.shape[1:])
+      topo.stacked, x, (topo.num_devices,) + x.shape[1:]
+    )
+
   return jax.tree.map(put, batch)
 
 
@@ -103,15 +109,21 @@ def unreplicate(tree: Any, topo: Topology) -> Any:
 
 def first_replica_to_host(tree: Any) -> Any:
   """Stacked pytree -> numpy copy of the first local replica (metrics, logging)."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0]
-                      if isinstance(x, jax.Array) else np.asarray(x)[0], tree)
+  return jax.tree.map(
+    lambda x: (
+      np.asarray(x.addressable_shards[0].data)[0] if isinstance(x, jax.Array) else np.asarray(x)[0]
+    ),
+    tree,
+  )
 
 
 def to_replicated(tree: Any, topo: Topology) -> Any:
   """Host pytree -> global arrays replicated over the mesh (the checkpoint layout)."""
+
   def put(x):
     x = np.asarray(jax.device_get(x))
     return jax.make_array_from_process_local_data(topo.replicated, x, x.shape)
+
   return jax.tree.map(put, tree)
 
 
@@ -132,24 +144,24 @@ def unstack_state(state: Any, topo: Topology, sharded_field: str | None = None) 
   if sharded_field is None:
     return unreplicate(state, topo)
   keep = getattr(state, sharded_field)
-  return unreplicate(state.replace(**{sharded_field: None}), topo).replace(
-      **{sharded_field: keep})
+  return unreplicate(state.replace(**{sharded_field: None}), topo).replace(**{sharded_field: keep})
 
 
-def host_state_to_checkpoint_layout(state: Any, topo: Topology,
-                                    sharded_field: str | None = None) -> Any:
+def host_state_to_checkpoint_layout(
+  state: Any, topo: Topology, sharded_field: str | None = None
+) -> Any:
   """A fresh host state -> checkpoint layout (a sharded field's [D, ...] shards stacked)."""
   if sharded_field is None:
     return to_replicated(state, topo)
   keep = replicate(getattr(state, sharded_field), topo)
   return to_replicated(state.replace(**{sharded_field: None}), topo).replace(
-      **{sharded_field: keep})
+    **{sharded_field: keep}
+  )
 
 
 def gather_stacked_to_host(tree: Any) -> Any:
   """Stacked [D, ...] arrays (rows on every process) -> numpy [D, ...] on every host."""
-  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                      tree)
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
 
 
 def local_rows(tree: dict) -> dict:
@@ -180,25 +192,36 @@ def concat_over_processes(values: np.ndarray) -> np.ndarray:
 
 def to_global(tree: Any, topo: Topology) -> Any:
   """Multi-host pmap outputs (this process's [L, ...] rows) -> global stacked [D, ...] arrays."""
+
   def glue(x):
     shards = sorted(x.addressable_shards, key=lambda s: topo.devices.index(s.device))
     rows = [s.data.reshape((1,) + x.shape[1:]) for s in shards]  # one [1, ...] per device
-    return jax.make_array_from_single_device_arrays((topo.num_devices,) + x.shape[1:],
-                                                    topo.stacked, rows)
+    return jax.make_array_from_single_device_arrays(
+      (topo.num_devices,) + x.shape[1:], topo.stacked, rows
+    )
+
   return jax.tree.map(glue, tree)
 
 
 def _squeeze_apply(fn: Callable, num_args: int):
   """Per-device fn on [1, ...] blocks: drop the device axis, call, put it back."""
+
   def wrapped(*args):
     squeezed = jax.tree.map(lambda x: x[0], args[:num_args])
     out = fn(*squeezed)
     return jax.tree.map(lambda x: jnp.expand_dims(x, 0), out)
+
   return wrapped
 
 
-def parallelize(fn: Callable, topo: Topology, *, backend: str = 'pmap',
-                num_args: int = 2, donate_first: bool = True) -> Callable:
+def parallelize(
+  fn: Callable,
+  topo: Topology,
+  *,
+  backend: str = 'pmap',
+  num_args: int = 2,
+  donate_first: bool = True,
+) -> Callable:
   """Maps per-device `fn(*args)` over the mesh; all args and outputs are stacked [D, ...]."""
   donate = (0,) if donate_first else ()
   if backend == 'pmap':
@@ -207,9 +230,13 @@ def parallelize(fn: Callable, topo: Topology, *, backend: str = 'pmap',
     pmapped = jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
     return lambda *args: to_global(pmapped(*args), topo)
   if backend == 'shard_map':
-    mapped = jax.shard_map(_squeeze_apply(fn, num_args), mesh=topo.mesh,
-                           in_specs=(P(AXIS),) * num_args, out_specs=P(AXIS),
-                           check_vma=False)
+    mapped = jax.shard_map(
+      _squeeze_apply(fn, num_args),
+      mesh=topo.mesh,
+      in_specs=(P(AXIS),) * num_args,
+      out_specs=P(AXIS),
+      check_vma=False,
+    )
     return jax.jit(mapped, donate_argnums=donate)
   raise ValueError(f'unknown parallel backend {backend!r}; use one of {BACKENDS}.')
 
@@ -229,8 +256,13 @@ def set_xla_flags(flags: str) -> list[str]:
 
 
 DISTRIBUTED_MODES = ('auto', 'explicit', 'off')
-_SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
-               'SLURM_LOCALID')  # what JAX's SLURM detection reads
+_SLURM_VARS = (
+  'SLURM_JOB_ID',
+  'SLURM_STEP_NODELIST',
+  'SLURM_NTASKS',
+  'SLURM_PROCID',
+  'SLURM_LOCALID',
+)  # what JAX's SLURM detection reads
 _TPU_DEVICE_FILES = ('/dev/accel0', '/dev/vfio/0')  # present on Cloud TPU VMs
 
 
@@ -246,8 +278,11 @@ def _gce_tpu_worker_count(timeout_s: float = 2.0) -> int:
   """Hosts of this Cloud TPU VM's slice, from the metadata server; 1 when not on one."""
   if not any(os.path.exists(f) for f in _TPU_DEVICE_FILES):
     return 1
-  url = ('http://' + os.environ.get('GCE_METADATA_IP', 'metadata.google.internal') +
-         '/computeMetadata/v1/instance/attributes/worker-network-endpoints')
+  url = (
+    'http://'
+    + os.environ.get('GCE_METADATA_IP', 'metadata.google.internal')
+    + '/computeMetadata/v1/instance/attributes/worker-network-endpoints'
+  )
   request = urllib.request.Request(url, headers={'Metadata-Flavor': 'Google'})
   try:
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
@@ -256,8 +291,9 @@ def _gce_tpu_worker_count(timeout_s: float = 2.0) -> int:
     return 1
 
 
-def detect_cluster(env: Mapping[str, str] | None = None,
-                   tpu_worker_count: Callable[[], int] = _gce_tpu_worker_count) -> str | None:
+def detect_cluster(
+  env: Mapping[str, str] | None = None, tpu_worker_count: Callable[[], int] = _gce_tpu_worker_count
+) -> str | None:
   """'slurm', 'ompi' or 'tpu' when JAX can join a cluster of more than one process, else None.
 
   SLURM: JAX's variables present and SLURM_NTASKS > 1. Open MPI: launched by mpirun
@@ -287,9 +323,12 @@ def _explicit_settings(dist, env: Mapping[str, str]) -> tuple[str, int, int]:
   return address, int(num), int(pid)
 
 
-def start_distributed(dist, env: Mapping[str, str] | None = None,
-                      initialize: Callable[..., None] = jax.distributed.initialize,
-                      tpu_worker_count: Callable[[], int] = _gce_tpu_worker_count) -> str:
+def start_distributed(
+  dist,
+  env: Mapping[str, str] | None = None,
+  initialize: Callable[..., None] = jax.distributed.initialize,
+  tpu_worker_count: Callable[[], int] = _gce_tpu_worker_count,
+) -> str:
   """Joins a multi-process run as `dist.mode` says; returns what it did, in words.
 
   auto: the explicit settings when a coordinator address is given (config or
@@ -301,16 +340,19 @@ def start_distributed(dist, env: Mapping[str, str] | None = None,
   env = os.environ if env is None else env
   mode = dist.get('mode', 'auto')
   if mode not in DISTRIBUTED_MODES:
-    raise ValueError(f'distributed.mode={mode!r}: use one of {DISTRIBUTED_MODES} '
-                     '(--config.distributed.mode).')
+    raise ValueError(
+      f'distributed.mode={mode!r}: use one of {DISTRIBUTED_MODES} (--config.distributed.mode).'
+    )
   if dist.get('cpu_collectives', ''):
     jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
   if mode == 'off':
     return 'single process (distributed.mode=off)'
   address, num, pid = _explicit_settings(dist, env)
   if mode == 'explicit' and not address:
-    raise ValueError('distributed.mode=explicit needs --config.distributed.coordinator_address '
-                     '(or CMIX_COORDINATOR_ADDRESS), e.g. 10.0.0.1:1234.')
+    raise ValueError(
+      'distributed.mode=explicit needs --config.distributed.coordinator_address '
+      '(or CMIX_COORDINATOR_ADDRESS), e.g. 10.0.0.1:1234.'
+    )
   if jax.distributed.is_initialized():
     return 'already joined'
   if address:
@@ -326,9 +368,11 @@ def start_distributed(dist, env: Mapping[str, str] | None = None,
 def describe(topo: Topology) -> str:
   """One line for the run's plan: process index/count and global/local device counts."""
   kind = topo.devices[0].device_kind if topo.devices else '?'
-  return (f'process {jax.process_index()} of {jax.process_count()}; '
-          f'{topo.num_devices} devices in the mesh ({topo.num_local_devices} local, '
-          f'{jax.default_backend()} {kind})')
+  return (
+    f'process {jax.process_index()} of {jax.process_count()}; '
+    f'{topo.num_devices} devices in the mesh ({topo.num_local_devices} local, '
+    f'{jax.default_backend()} {kind})'
+  )
 
 
 def use_cross_replica_bn(setting: bool | None, num_devices: int) -> bool:

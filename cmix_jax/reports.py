@@ -25,16 +25,21 @@ def write_json(path: str, obj, **kwargs) -> None:
 def write_eval_report(result: dict, out_dir: str, prefix: str = 'eval', title: str = '') -> dict:
   """Writes `<prefix>.json`, `<prefix>_reliability.json`, the diagram and the histogram."""
   from cmix_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+
   write_json(os.path.join(out_dir, f'{prefix}.json'), result['metrics'], indent=2, sort_keys=True)
   write_json(os.path.join(out_dir, f'{prefix}_reliability.json'), result['reliability'])
   ece = result['metrics'].get('ece')
   return {
-      'reliability': plots.reliability_diagram(
-          result['reliability'], os.path.join(out_dir, f'{prefix}_reliability.png'),
-          title=title, ece=ece)[0],
-      'histogram': plots.confidence_histogram(
-          result['confidence'], result['correct'],
-          os.path.join(out_dir, f'{prefix}_confidence.png'))[0]}
+    'reliability': plots.reliability_diagram(
+      result['reliability'],
+      os.path.join(out_dir, f'{prefix}_reliability.png'),
+      title=title,
+      ece=ece,
+    )[0],
+    'histogram': plots.confidence_histogram(
+      result['confidence'], result['correct'], os.path.join(out_dir, f'{prefix}_confidence.png')
+    )[0],
+  }
 
 
 def selected_report(config, result: dict, meta: dict, step: int) -> tuple[dict, list]:
@@ -42,11 +47,16 @@ def selected_report(config, result: dict, meta: dict, step: int) -> tuple[dict, 
   selection = config.eval.selection
   selected, selected_step, reliability = dict(result['metrics']), step, result['reliability']
   if selection != 'final' and meta['best']:
-    selected = {k[len('test/'):]: v for k, v in meta['best'].items() if k.startswith('test/')}
+    selected = {k[len('test/') :]: v for k, v in meta['best'].items() if k.startswith('test/')}
     selected_step, reliability = meta['best']['step'], meta['best_reliability']
-  report = {**selected, 'selection': selection, 'step': selected_step,
-            'final': dict(result['metrics'], step=step), 'best': meta['best'],
-            'num_train_steps': config.num_train_steps}
+  report = {
+    **selected,
+    'selection': selection,
+    'step': selected_step,
+    'final': dict(result['metrics'], step=step),
+    'best': meta['best'],
+    'num_train_steps': config.num_train_steps,
+  }
   return report, reliability
 
 
@@ -59,8 +69,9 @@ def write_final_report(run, state, result: dict, meta: dict, step: int) -> dict:
     return report
   write_json(os.path.join(run.workdir, 'eval.json'), report, indent=2, sort_keys=True)
   if plots:
-    write_eval_report(result, run.workdir, prefix='final',
-                      title=f'{run.config.algorithm} final (EMA, step {step})')
+    write_eval_report(
+      result, run.workdir, prefix='final', title=f'{run.config.algorithm} final (EMA, step {step})'
+    )
     write_dynamics(run, dyn)
   # of the selected checkpoint, like eval.json's top level
   write_json(os.path.join(run.workdir, 'reliability.json'), reliability)
@@ -79,25 +90,34 @@ def host_dynamics(run, state) -> dynamics.DynamicsState:
 def write_dynamics(run, dyn: dynamics.DynamicsState) -> None:
   """Exports the dynamics tables (.npz) and draws the labeled/unlabeled data maps."""
   from cmix_jax import plots  # pylint: disable=g-import-not-at-top
+
   dynamics.save_npz(dyn, os.path.join(run.workdir, 'dynamics.npz'))
-  plots.data_map(np.asarray(dynamics.labeled_variability(dyn)),
-                 np.asarray(dynamics.labeled_confidence(dyn)),
-                 os.path.join(run.workdir, 'data_map_labeled.png'),
-                 title='labeled: gold-label probability')
+  plots.data_map(
+    np.asarray(dynamics.labeled_variability(dyn)),
+    np.asarray(dynamics.labeled_confidence(dyn)),
+    os.path.join(run.workdir, 'data_map_labeled.png'),
+    title='labeled: gold-label probability',
+  )
   if run.algorithm.uses_unlabeled:
     hidden = run.data.unlabeled_labels
     pseudo = np.asarray(dyn.apm).argmax(-1)
     correct = np.where(hidden >= 0, pseudo == hidden, False).astype(np.float32)
-    plots.data_map(np.asarray(dynamics.unlabeled_variability(dyn)),
-                   np.asarray(dynamics.unlabeled_confidence(dyn)),
-                   os.path.join(run.workdir, 'data_map_unlabeled.png'), color=correct,
-                   color_label='APM pseudo-label correct',
-                   title='unlabeled: pseudo-label probability')
+    plots.data_map(
+      np.asarray(dynamics.unlabeled_variability(dyn)),
+      np.asarray(dynamics.unlabeled_confidence(dyn)),
+      os.path.join(run.workdir, 'data_map_unlabeled.png'),
+      color=correct,
+      color_label='APM pseudo-label correct',
+      title='unlabeled: pseudo-label probability',
+    )
 
 
 def _training_curves(workdir: str, meta: dict) -> None:
   from cmix_jax import plots  # pylint: disable=g-import-not-at-top
+
   if meta['history']:
-    history = [{'step': r['step'], 'accuracy': r['test/accuracy'], 'ece': r['test/ece']}
-               for r in meta['history']]
+    history = [
+      {'step': r['step'], 'accuracy': r['test/accuracy'], 'ece': r['test/ece']}
+      for r in meta['history']
+    ]
     plots.training_curves(history, os.path.join(workdir, 'curves.png'))

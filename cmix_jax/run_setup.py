@@ -33,17 +33,35 @@ from cmix_jax.data import sources
 from cmix_jax.data import splits
 
 # Fields that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_FIELDS = frozenset({
-    'log_every', 'eval_every', 'checkpoint_every', 'max_to_keep', 'progress_bar',
-    'data.data_dir', 'data.prefetch', 'eval.plots', 'num_devices', 'parallel_backend',
-    'distributed.mode', 'distributed.coordinator_address', 'distributed.num_processes',
-    'distributed.process_id', 'distributed.cpu_collectives', 'max_nonfinite_steps',
-    'xla_flags', 'lease_timeout_s', 'tensorboard'})
+RESUMABLE_FIELDS = frozenset(
+  {
+    'log_every',
+    'eval_every',
+    'checkpoint_every',
+    'max_to_keep',
+    'progress_bar',
+    'data.data_dir',
+    'data.prefetch',
+    'eval.plots',
+    'num_devices',
+    'parallel_backend',
+    'distributed.mode',
+    'distributed.coordinator_address',
+    'distributed.num_processes',
+    'distributed.process_id',
+    'distributed.cpu_collectives',
+    'max_nonfinite_steps',
+    'xla_flags',
+    'lease_timeout_s',
+    'tensorboard',
+  }
+)
 
 
 @dataclasses.dataclass
 class Run:
   """Everything the loop works with, built once by `build_run`."""
+
   config: ml_collections.ConfigDict
   workdir: str
   topo: parallel.Topology
@@ -76,8 +94,11 @@ def _flatten(d: dict, prefix: str = '') -> dict:
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Names of fields that differ between two configs, other than RESUMABLE_FIELDS."""
   a, b = _flatten(saved), _flatten(current)
-  return sorted(k for k in set(a) | set(b)
-                if k not in RESUMABLE_FIELDS and a.get(k, '<absent>') != b.get(k, '<absent>'))
+  return sorted(
+    k
+    for k in set(a) | set(b)
+    if k not in RESUMABLE_FIELDS and a.get(k, '<absent>') != b.get(k, '<absent>')
+  )
 
 
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
@@ -89,8 +110,9 @@ def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
   diff = config_differences(saved, json.loads(config.to_json()))
   if diff and not allow_change:
     raise config_validation.ConfigError(
-        f'{workdir} holds a run with a different config (fields: {", ".join(diff)}). '
-        'Use a new --workdir, or pass --allow_config_change to resume anyway.')
+      f'{workdir} holds a run with a different config (fields: {", ".join(diff)}). '
+      'Use a new --workdir, or pass --allow_config_change to resume anyway.'
+    )
 
 
 def start_backend(config) -> None:
@@ -107,16 +129,23 @@ def start_backend(config) -> None:
 def open_data(config):
   """The raw data set (spec, splits), before any labeled/unlabeled split is drawn."""
   fake = config.data.get('fake', None)
-  return sources.open_dataset(config.data.name, os.path.expanduser(config.data.data_dir),
-                               fake.to_dict() if fake is not None else None)
+  return sources.open_dataset(
+    config.data.name,
+    os.path.expanduser(config.data.data_dir),
+    fake.to_dict() if fake is not None else None,
+  )
 
 
 def split_data(config, raw) -> datasets.SSLData:
   """Labeled / validation / unlabeled sets of a raw data set, drawn from the config's seed."""
-  return datasets.make_ssl_data(raw, config.data.num_labels, config.seed,
-                                val_size=config.data.val_size,
-                                include_lb_to_ulb=config.data.include_lb_to_ulb,
-                                unlabeled_size=config.data.get('unlabeled_size', 0))
+  return datasets.make_ssl_data(
+    raw,
+    config.data.num_labels,
+    config.seed,
+    val_size=config.data.val_size,
+    include_lb_to_ulb=config.data.include_lb_to_ulb,
+    unlabeled_size=config.data.get('unlabeled_size', 0),
+  )
 
 
 def _static_data_facts(config) -> tuple[int | None, int | None]:
@@ -129,9 +158,14 @@ def _static_data_facts(config) -> tuple[int | None, int | None]:
 
 def data_info(data: datasets.SSLData) -> steps.DataInfo:
   spec = data.spec
-  return steps.DataInfo(num_labeled=data.num_labeled, num_unlabeled=data.num_unlabeled,
-                        num_classes=data.num_classes, image_shape=tuple(spec.image_shape),
-                        mean=tuple(spec.mean), std=tuple(spec.std))
+  return steps.DataInfo(
+    num_labeled=data.num_labeled,
+    num_unlabeled=data.num_unlabeled,
+    num_classes=data.num_classes,
+    image_shape=tuple(spec.image_shape),
+    mean=tuple(spec.mean),
+    std=tuple(spec.std),
+  )
 
 
 def _algorithm(config) -> algorithms.Algorithm:
@@ -144,14 +178,21 @@ def _algorithm(config) -> algorithms.Algorithm:
 
 def _write_run_files(config, workdir: str, data: datasets.SSLData) -> None:
   """config.json (the resolved config) and split.json (the drawn indices, for audits)."""
-  storage.write_text(storage.as_path(workdir) / 'config.json',
-                     config.to_json_best_effort(indent=2, sort_keys=True))
-  splits.save_split(workdir, data.labeled_idx, data.val_idx, data.train_labels,
-                    config.seed, config.data.name, unlabeled=data.unlabeled_record())
+  storage.write_text(
+    storage.as_path(workdir) / 'config.json', config.to_json_best_effort(indent=2, sort_keys=True)
+  )
+  splits.save_split(
+    workdir,
+    data.labeled_idx,
+    data.val_idx,
+    data.train_labels,
+    config.seed,
+    config.data.name,
+    unlabeled=data.unlabeled_record(),
+  )
 
 
-def build_run(config, workdir: str, allow_config_change: bool = False,
-              write: bool = True) -> Run:
+def build_run(config, workdir: str, allow_config_change: bool = False, write: bool = True) -> Run:
   """Validates, loads data and builds everything; writes nothing before all checks pass.
 
   `write=False` (evaluation of an existing workdir) skips the config check and the writes.
@@ -168,8 +209,7 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
     storage.check_writable(workdir)
     checkpointing.check_lease(workdir, config.get('lease_timeout_s', 600.0))  # early refusal
   raw = open_data(config)
-  config_validation.validate(config, topo.num_devices, raw.spec.num_classes,
-                             len(raw.train_labels))
+  config_validation.validate(config, topo.num_devices, raw.spec.num_classes, len(raw.train_labels))
   data = split_data(config, raw)
   if write:
     check_workdir_config(config, workdir, allow_config_change)
@@ -181,8 +221,7 @@ def build_run(config, workdir: str, allow_config_change: bool = False,
   try:
     if is_lead and write:
       _write_run_files(config, workdir, data)
-    return _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write,
-                     lease)
+    return _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write, lease)
   except BaseException:
     lease.release()
     raise
@@ -198,34 +237,55 @@ def take_lease(config, workdir: str):
     error = e
   if parallel.sum_over_processes(np.array([error is not None], np.int32))[0]:
     raise error or checkpointing.LeaseHeldError(
-        f'process 0 could not take the workdir lease of {workdir}; see its error.')
+      f'process 0 could not take the workdir lease of {workdir}; see its error.'
+    )
   return lease
 
 
-def _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write,
-              lease) -> Run:
+def _assemble(
+  config, workdir, topo, data, info, model, tx, algorithm, is_lead, write, lease
+) -> Run:
   """The Run of checked parts: evaluator, checkpoint managers, metric writer."""
   tensorboard = write and is_lead and config.get('tensorboard', True)
   return Run(
-      config=config, workdir=workdir, topo=topo, data=data, info=info, model=model, tx=tx,
-      algorithm=algorithm,
-      evaluator=evaluation.Evaluator(
-          steps.create_eval_model(config, info.num_classes, topo.num_devices), info, topo,
-          config.get('parallel_backend', 'pmap'), config.data.eval_batch_size,
-          config.eval.num_bins),
-      manager=checkpointing.create_manager(workdir, config.max_to_keep),
-      best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
-      writer=metric_writers.create_default_writer(workdir if tensorboard else None,
-                                                  just_logging=not tensorboard),
-      is_lead=is_lead,
-      sharded_field='dynamics' if base_step.tables_sharded(config) else None, lease=lease)
+    config=config,
+    workdir=workdir,
+    topo=topo,
+    data=data,
+    info=info,
+    model=model,
+    tx=tx,
+    algorithm=algorithm,
+    evaluator=evaluation.Evaluator(
+      steps.create_eval_model(config, info.num_classes, topo.num_devices),
+      info,
+      topo,
+      config.get('parallel_backend', 'pmap'),
+      config.data.eval_batch_size,
+      config.eval.num_bins,
+    ),
+    manager=checkpointing.create_manager(workdir, config.max_to_keep),
+    best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
+    writer=metric_writers.create_default_writer(
+      workdir if tensorboard else None, just_logging=not tensorboard
+    ),
+    is_lead=is_lead,
+    sharded_field='dynamics' if base_step.tables_sharded(config) else None,
+    lease=lease,
+  )
 
 
 def fresh_state(run: Run):
   """A new state in the checkpoint layout (zero dynamics shards when sharded)."""
   state = steps.create_train_state(
-      run.config, run.model, run.tx, run.algorithm, run.info, jax.random.key(run.config.seed),
-      dynamics_shards=run.topo.num_devices if run.sharded_field else 1)
+    run.config,
+    run.model,
+    run.tx,
+    run.algorithm,
+    run.info,
+    jax.random.key(run.config.seed),
+    dynamics_shards=run.topo.num_devices if run.sharded_field else 1,
+  )
   return parallel.host_state_to_checkpoint_layout(state, run.topo, run.sharded_field)
 
 
@@ -251,20 +311,36 @@ def step_kind(config, step: int) -> str:
 def make_step_fns(run: Run) -> dict:
   """The parallel train steps: 'base' (and 'mix' when CalibrateMix is enabled)."""
   backend = run.config.get('parallel_backend', 'pmap')
-  step = functools.partial(steps.train_step, model=run.model, tx=run.tx,
-                           algorithm=run.algorithm, config=run.config, info=run.info)
+  step = functools.partial(
+    steps.train_step,
+    model=run.model,
+    tx=run.tx,
+    algorithm=run.algorithm,
+    config=run.config,
+    info=run.info,
+  )
   kinds = ('base', 'mix') if run.config.calibratemix.enabled else ('base',)
-  return {kind: parallel.parallelize(functools.partial(step, mix=kind == 'mix'), run.topo,
-                                     backend=backend) for kind in kinds}
+  return {
+    kind: parallel.parallelize(
+      functools.partial(step, mix=kind == 'mix'), run.topo, backend=backend
+    )
+    for kind in kinds
+  }
 
 
 def train_iterator(run: Run, start_step: int):
   """Prefetched, device-placed batches from `start_step` on (deterministic in the step)."""
   data = run.config.data
   it = pipeline.TrainIterator(
-      run.data, global_batch=data.batch_size,
-      uratio=data.uratio if run.algorithm.uses_unlabeled else 0, seed=run.config.seed,
-      start_step=start_step, local_devices=run.topo.num_local_devices,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  return pipeline.prefetch(it, data.prefetch, functools.partial(parallel.shard_batch,
-                                                                topo=run.topo))
+    run.data,
+    global_batch=data.batch_size,
+    uratio=data.uratio if run.algorithm.uses_unlabeled else 0,
+    seed=run.config.seed,
+    start_step=start_step,
+    local_devices=run.topo.num_local_devices,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return pipeline.prefetch(
+    it, data.prefetch, functools.partial(parallel.shard_batch, topo=run.topo)
+  )

@@ -27,6 +27,7 @@ from cmix_jax.parallel import AXIS
 @flax.struct.dataclass
 class TrainState:
   """Everything a run carries from step to step; checkpointed as a whole."""
+
   step: jax.Array  # int32 []
   params: Any
   batch_stats: Any
@@ -43,6 +44,7 @@ class TrainState:
 @flax.struct.dataclass
 class DataInfo:
   """Static facts about the data a state is built for."""
+
   num_labeled: int = flax.struct.field(pytree_node=False)
   num_unlabeled: int = flax.struct.field(pytree_node=False)
   num_classes: int = flax.struct.field(pytree_node=False)
@@ -53,9 +55,11 @@ class DataInfo:
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict, num_steps: int):
   """USB's cosine decay without warm-up: lr * cos(factor * pi * k / K)."""
+
   def schedule(count):
     progress = jnp.minimum(count, num_steps) / num_steps
     return optim.lr * jnp.cos(optim.cosine_factor * jnp.pi * progress)
+
   return schedule
 
 
@@ -64,16 +68,24 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def create_optimizer(optim: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def create_optimizer(
+  optim: ml_collections.ConfigDict, num_steps: int
+) -> optax.GradientTransformation:
   """SGD + Nesterov momentum with coupled weight decay, as USB's classic CV setup."""
   return optax.chain(
-      optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
-      optax.sgd(learning_rate_schedule(optim, num_steps), momentum=optim.momentum,
-                nesterov=optim.nesterov))
+    optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
+    optax.sgd(
+      learning_rate_schedule(optim, num_steps), momentum=optim.momentum, nesterov=optim.nesterov
+    ),
+  )
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 num_devices: int = 1, dtype: str | None = None) -> nn.Module:
+def create_model(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  num_devices: int = 1,
+  dtype: str | None = None,
+) -> nn.Module:
   """The configured network for `num_devices` training devices, computing in `dtype`.
 
   `dtype` defaults to model.dtype. model.bn_momentum, when set, overrides the architecture's
@@ -83,13 +95,17 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   bn_momentum = config.model.get('bn_momentum')
   sync_bn = parallel.use_cross_replica_bn(config.model.get('cross_replica_bn'), num_devices)
   return models.create_model(
-      config.model.name, num_classes, dtype=dtype or config.model.dtype,
-      bn_axis_name=AXIS if sync_bn else None,
-      **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}))
+    config.model.name,
+    num_classes,
+    dtype=dtype or config.model.dtype,
+    bn_axis_name=AXIS if sync_bn else None,
+    **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}),
+  )
 
 
-def create_eval_model(config: ml_collections.ConfigDict, num_classes: int,
-                      num_devices: int = 1) -> nn.Module:
+def create_eval_model(
+  config: ml_collections.ConfigDict, num_classes: int, num_devices: int = 1
+) -> nn.Module:
   """The network computing in float32 on the same (float32) params, for evaluation.
 
   Accuracy and calibration are measured without bfloat16 rounding even when training
@@ -98,28 +114,37 @@ def create_eval_model(config: ml_collections.ConfigDict, num_classes: int,
   return create_model(config, num_classes, num_devices, dtype='float32')
 
 
-def create_train_state(config, model, tx, algorithm, info: DataInfo, rng,
-                       dynamics_shards: int = 1) -> TrainState:
+def create_train_state(
+  config, model, tx, algorithm, info: DataInfo, rng, dynamics_shards: int = 1
+) -> TrainState:
   """Fresh state on the host (unreplicated): init params, optimizer, algorithm and dynamics.
 
   With `dynamics_shards=D` the dynamics tables are one device's zero shard (N/D rows).
   """
   init_rng, state_rng = jax.random.split(rng)
-  variables = jax.jit(lambda k: model.init(
-      k, jnp.zeros((2,) + tuple(info.image_shape), jnp.float32), train=False))(init_rng)
+  variables = jax.jit(
+    lambda k: model.init(k, jnp.zeros((2,) + tuple(info.image_shape), jnp.float32), train=False)
+  )(init_rng)
   params = variables['params']
   batch_stats = variables.get('batch_stats', {})
-  algo_state = (algorithm.init_state(info.num_unlabeled, info.num_classes)
-                if algorithm.uses_unlabeled else {})
+  algo_state = (
+    algorithm.init_state(info.num_unlabeled, info.num_classes) if algorithm.uses_unlabeled else {}
+  )
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-      opt_state=tx.init(params), ema_params=params, ema_batch_stats=batch_stats,
-      algo_state=algo_state,
-      dynamics=dynamics.DynamicsState.init(info.num_labeled, info.num_unlabeled,
-                                           info.num_classes, num_shards=dynamics_shards),
-      rng=jax.random.key_data(state_rng),
-      nonfinite_steps=jnp.zeros((), jnp.int32),
-      first_nonfinite_step=-jnp.ones((), jnp.int32))
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=tx.init(params),
+    ema_params=params,
+    ema_batch_stats=batch_stats,
+    algo_state=algo_state,
+    dynamics=dynamics.DynamicsState.init(
+      info.num_labeled, info.num_unlabeled, info.num_classes, num_shards=dynamics_shards
+    ),
+    rng=jax.random.key_data(state_rng),
+    nonfinite_steps=jnp.zeros((), jnp.int32),
+    first_nonfinite_step=-jnp.ones((), jnp.int32),
+  )
 
 
 def _sample_keys(key, n_local: int):
@@ -133,8 +158,13 @@ def make_views(key, batch, config, info: DataInfo, uses_unlabeled: bool) -> dict
   k_lb, k_w, k_s = jax.random.split(key, 3)
   data = config.data
   weak = functools.partial(augment.weak_augment, pad_frac=data.crop_pad_frac, flip=data.flip)
-  strong = functools.partial(augment.strong_augment, pad_frac=data.crop_pad_frac,
-                             flip=data.flip, num_ops=data.randaugment_ops, cutout=data.cutout)
+  strong = functools.partial(
+    augment.strong_augment,
+    pad_frac=data.crop_pad_frac,
+    flip=data.flip,
+    num_ops=data.randaugment_ops,
+    cutout=data.cutout,
+  )
   norm = functools.partial(augment.normalize, mean=info.mean, std=info.std)
   n_lb = batch['x_lb'].shape[0]
   views = {'lb': norm(jax.vmap(weak)(_sample_keys(k_lb, n_lb), batch['x_lb']))}
@@ -151,16 +181,19 @@ def train_loss(params, state, batch, views, key, *, model, algorithm, config, in
   fused = mix and config.calibratemix.passes == 1
   if fused:
     mix_loss, first, mix_metrics = calibratemix.fused_loss(
-        params, state, batch, views, key, num_classes=info.num_classes, **kw)
+      params, state, batch, views, key, num_classes=info.num_classes, **kw
+    )
   else:
     first = base_step.base_pass(params, state.batch_stats, state.algo_state, batch, views, **kw)
-  dyn = base_step.update_dynamics(state.dynamics, batch, first, state.step, config,
-                                  info.num_unlabeled)
+  dyn = base_step.update_dynamics(
+    state.dynamics, batch, first, state.step, config, info.num_unlabeled
+  )
   last = first
   loss, metrics = first.loss, {**first.metrics, **base_step.accuracy_metrics(first, batch)}
   if mix and not fused:
     mix_loss, last, mix_metrics = calibratemix.two_pass_loss(
-        params, first, dyn, batch, views, key, num_classes=info.num_classes, **kw)
+      params, first, dyn, batch, views, key, num_classes=info.num_classes, **kw
+    )
   if mix:
     loss = loss + mix_loss
     metrics.update(mix_metrics)
@@ -177,13 +210,16 @@ def _with_step_counts(reverted, advanced):
   A skipped (non-finite) step reverts the optimizer state but still counts, so the
   schedule's count stays equal to `state.step` and the learning rate never falls behind.
   """
+
   def pick(path, old, new):
     return new if path and getattr(path[-1], 'name', None) == 'count' else old
+
   return jax.tree_util.tree_map_with_path(pick, reverted, advanced)
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, algorithm, config,
-               info: DataInfo, mix: bool):
+def train_step(
+  state: TrainState, batch: dict, *, model, tx, algorithm, config, info: DataInfo, mix: bool
+):
   """One SGD step on one device's share of the global batch -> (state, metrics).
 
   Gradients, BN statistics and metrics are averaged over the `batch` axis; the
@@ -197,11 +233,15 @@ def train_step(state: TrainState, batch: dict, *, model, tx, algorithm, config,
     # Pairing randomness differs per device (each pairs its own share, as DDP does); in
     # global scope every device draws the one global pairing with the same key.
     mix_key = jax.random.fold_in(mix_key, jax.lax.axis_index(AXIS))
-  grad_fn = jax.value_and_grad(functools.partial(
-      train_loss, model=model, algorithm=algorithm, config=config, info=info, mix=mix),
-      has_aux=True)
+  grad_fn = jax.value_and_grad(
+    functools.partial(
+      train_loss, model=model, algorithm=algorithm, config=config, info=info, mix=mix
+    ),
+    has_aux=True,
+  )
   (loss, (batch_stats, algo_state, dyn, metrics)), grads = grad_fn(
-      state.params, state, batch, views, mix_key)
+    state.params, state, batch, views, mix_key
+  )
   grads = jax.lax.pmean(grads, AXIS)
   batch_stats = jax.lax.pmean(batch_stats, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -211,23 +251,34 @@ def train_step(state: TrainState, batch: dict, *, model, tx, algorithm, config,
 
   loss = jax.lax.pmean(loss, AXIS)
   grad_norm = optax.global_norm(grads)
-  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            & jnp.isfinite(optax.global_norm(updates)))
-  new = dict(params=params, batch_stats=batch_stats, opt_state=opt_state,
-             ema_params=ema_params, ema_batch_stats=batch_stats, algo_state=algo_state,
-             dynamics=dyn)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+  new = dict(
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    ema_params=ema_params,
+    ema_batch_stats=batch_stats,
+    algo_state=algo_state,
+    dynamics=dyn,
+  )
   old = {k: getattr(state, k) for k in new}
   new = _where_finite(finite, new, old)
   new['opt_state'] = _with_step_counts(new['opt_state'], opt_state)
   state = state.replace(
-      step=state.step + 1, **new,
-      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-      first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite,
-                                     state.step, state.first_nonfinite_step))
+    step=state.step + 1,
+    **new,
+    nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+    first_nonfinite_step=jnp.where(
+      (state.first_nonfinite_step < 0) & ~finite, state.step, state.first_nonfinite_step
+    ),
+  )
   metrics = jax.lax.pmean(metrics, AXIS)
-  metrics.update(loss=loss, grad_norm=grad_norm,
-                 lr=learning_rate_schedule(config.optim, config.num_train_steps)(state.step - 1),
-                 nonfinite_steps=state.nonfinite_steps)
+  metrics.update(
+    loss=loss,
+    grad_norm=grad_norm,
+    lr=learning_rate_schedule(config.optim, config.num_train_steps)(state.step - 1),
+    nonfinite_steps=state.nonfinite_steps,
+  )
   return state, metrics
 
 

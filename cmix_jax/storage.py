@@ -153,6 +153,7 @@ def copy_file(local_file: str, path: Any) -> epath.Path:
 def save_npz(path: Any, **arrays) -> epath.Path:
   """np.savez to a local temp file (zip wants to seek), then renamed or uploaded into place."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   path = as_path(path)
   local_dir = None
   if not is_remote(path):
@@ -177,11 +178,13 @@ def save_npz(path: Any, **arrays) -> epath.Path:
 
 def _gcs_client():
   from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+
   return gcs.Client()
 
 
 def _retry(timeout_s: float):
   from google.cloud.storage import retry as gcs_retry  # pylint: disable=g-import-not-at-top
+
   return gcs_retry.DEFAULT_RETRY.with_timeout(timeout_s)
 
 
@@ -189,20 +192,29 @@ def _bucket_error(path: Any, what: str, error: Exception) -> StorageError:
   """One message per failure kind, naming the bucket and the fix."""
   from google.api_core import exceptions as api  # pylint: disable=g-import-not-at-top
   from google.auth import exceptions as auth  # pylint: disable=g-import-not-at-top
+
   bucket = bucket_of(path)
   if isinstance(error, auth.DefaultCredentialsError):
-    fix = (f'no Google Cloud credentials were found ({error}); run `gcloud auth '
-           'application-default login`, set GOOGLE_APPLICATION_CREDENTIALS to a key file, or '
-           'run on a VM whose service account can use the bucket.')
+    fix = (
+      f'no Google Cloud credentials were found ({error}); run `gcloud auth '
+      'application-default login`, set GOOGLE_APPLICATION_CREDENTIALS to a key file, or '
+      'run on a VM whose service account can use the bucket.'
+    )
   elif isinstance(error, api.NotFound):
-    fix = (f'bucket gs://{bucket} does not exist; create it (`gcloud storage buckets create '
-           f'gs://{bucket}`) or fix the path.')
+    fix = (
+      f'bucket gs://{bucket} does not exist; create it (`gcloud storage buckets create '
+      f'gs://{bucket}`) or fix the path.'
+    )
   elif isinstance(error, (api.Forbidden, api.Unauthorized)):
-    fix = (f'the credentials in use may not {what} gs://{bucket} ({error.message}); grant '
-           'them roles/storage.objectAdmin on the bucket, or use credentials that have it.')
+    fix = (
+      f'the credentials in use may not {what} gs://{bucket} ({error.message}); grant '
+      'them roles/storage.objectAdmin on the bucket, or use credentials that have it.'
+    )
   else:
-    fix = (f'gs://{bucket} could not be reached ({type(error).__name__}: {error}); check the '
-           'network (and STORAGE_EMULATOR_HOST when using an emulator), then retry.')
+    fix = (
+      f'gs://{bucket} could not be reached ({type(error).__name__}: {error}); check the '
+      'network (and STORAGE_EMULATOR_HOST when using an emulator), then retry.'
+    )
   return StorageError(f'cannot {what} {os.fspath(path)}: {fix}')
 
 
@@ -223,15 +235,18 @@ def check_writable(workdir: Any, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> epat
     existing = _nearest_existing(os.fspath(path))
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
       what = 'is not a folder' if not os.path.isdir(existing) else 'is not writable'
-      raise StorageError(f'cannot write to workdir {path}: {existing} {what}; pick a '
-                         'writable --workdir (or fix its permissions).')
+      raise StorageError(
+        f'cannot write to workdir {path}: {existing} {what}; pick a '
+        'writable --workdir (or fix its permissions).'
+      )
     return path
   if not os.fspath(path).startswith('gs://'):
     return path  # other clouds: the first write reports its own error
   probe = f'.write_probe.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}'
   try:
-    blob = _gcs_client().bucket(bucket_of(path)).blob(
-        '/'.join(filter(None, (object_name(path), probe))))
+    blob = (
+      _gcs_client().bucket(bucket_of(path)).blob('/'.join(filter(None, (object_name(path), probe))))
+    )
     blob.upload_from_string(b'probe', retry=_retry(timeout_s), timeout=timeout_s)
     blob.delete(retry=_retry(timeout_s), timeout=timeout_s)
   except Exception as e:  # pylint: disable=broad-except
@@ -248,8 +263,13 @@ def check_readable(data_dir: Any, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> epa
   if not os.fspath(path).startswith('gs://'):
     return path
   try:
-    blobs = _gcs_client().list_blobs(bucket_of(path), prefix=object_name(path), max_results=1,
-                                     retry=_retry(timeout_s), timeout=timeout_s)
+    blobs = _gcs_client().list_blobs(
+      bucket_of(path),
+      prefix=object_name(path),
+      max_results=1,
+      retry=_retry(timeout_s),
+      timeout=timeout_s,
+    )
     list(blobs)
   except Exception as e:  # pylint: disable=broad-except
     raise _bucket_error(path, 'read', e) from None

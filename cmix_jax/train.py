@@ -28,12 +28,14 @@ class NonFiniteError(FloatingPointError):
 @dataclasses.dataclass
 class StopFlag:
   """Set by the SIGTERM handler; read at step boundaries."""
+
   requested: bool = False
 
 
 @dataclasses.dataclass
 class Progress:
   """The loop's host-side state between boundaries."""
+
   state: object  # stacked train state
   meta: dict  # checkpointed: step, eval history, best record
   step: int
@@ -45,8 +47,7 @@ def periodic(step: int, every: int, total: int) -> bool:
   return step % every == 0 or step == total
 
 
-def run_steps(step_fns, state, batches, config, start: int, end: int,
-              flag: StopFlag | None = None):
+def run_steps(step_fns, state, batches, config, start: int, end: int, flag: StopFlag | None = None):
   """Steps [start, end) with no host sync (metrics stay on device); stops early on SIGTERM."""
   step_metrics = []
   for step in range(start, end):
@@ -71,10 +72,11 @@ def check_finite(state, config) -> None:
   if count > allowed:
     first = int(parallel.first_replica_to_host(state.first_nonfinite_step))
     raise NonFiniteError(
-        f'non-finite loss or gradient first at step {first} '
-        f'({count} such steps skipped, {allowed} allowed); '
-        'the last good checkpoint is kept. Lower the learning rate or raise '
-        '--config.max_nonfinite_steps to skip such steps.')
+      f'non-finite loss or gradient first at step {first} '
+      f'({count} such steps skipped, {allowed} allowed); '
+      'the last good checkpoint is kept. Lower the learning rate or raise '
+      '--config.max_nonfinite_steps to skip such steps.'
+    )
 
 
 def selection_metric(config) -> str | None:
@@ -99,18 +101,26 @@ def periodic_eval(run: run_setup.Run, state, step: int, meta: dict) -> dict:
   if sel and record[f'{sel}/accuracy'] > meta['best'].get(f'{sel}/accuracy', -1.0):
     meta['best'] = dict(record)
     meta['best_reliability'] = result['reliability']
-    checkpointing.save(run.best_manager, step,
-                       parallel.unstack_state(state, run.topo, run.sharded_field),
-                       {'record': record}, wait=True)
+    checkpointing.save(
+      run.best_manager,
+      step,
+      parallel.unstack_state(state, run.topo, run.sharded_field),
+      {'record': record},
+      wait=True,
+    )
   if run.is_lead:
     reports.append_jsonl(run.workdir, {'kind': 'eval', **record})
   return result
 
 
 def save_checkpoint(run: run_setup.Run, state, step: int, meta: dict, wait: bool = False) -> None:
-  checkpointing.save(run.manager, step,
-                     parallel.unstack_state(state, run.topo, run.sharded_field),
-                     dict(meta, step=step), wait=wait)
+  checkpointing.save(
+    run.manager,
+    step,
+    parallel.unstack_state(state, run.topo, run.sharded_field),
+    dict(meta, step=step),
+    wait=wait,
+  )
 
 
 def log_train(run: run_setup.Run, step: int, summary: dict) -> None:
@@ -130,8 +140,9 @@ def at_boundary(run: run_setup.Run, progress: Progress, summary: dict, bar) -> N
   if periodic(step, config.eval_every, total):
     progress.result = periodic_eval(run, progress.state, step, progress.meta)
     metrics = progress.result['metrics']
-    bar.set_postfix(loss=f'{summary["loss"]:.3f}', acc=f'{metrics["accuracy"]:.4f}',
-                    ece=f'{metrics["ece"]:.4f}')
+    bar.set_postfix(
+      loss=f'{summary["loss"]:.3f}', acc=f'{metrics["accuracy"]:.4f}', ece=f'{metrics["ece"]:.4f}'
+    )
   if periodic(step, config.checkpoint_every, total):
     save_checkpoint(run, progress.state, step, progress.meta)
 
@@ -148,6 +159,7 @@ def boundaries(config, start: int) -> list[int]:
 def _install_sigterm(flag: StopFlag):
   def handler(signum, frame):  # pylint: disable=unused-argument
     flag.requested = True
+
   try:
     return signal.signal(signal.SIGTERM, handler)
   except ValueError:  # not the main thread
@@ -163,25 +175,35 @@ def _preempt(run: run_setup.Run, progress: Progress) -> dict:
     save_checkpoint(run, progress.state, step, progress.meta, wait=True)
   logging.warning('SIGTERM: saved a checkpoint at step %d in %s.', step, run.workdir)
   if run.is_lead:
-    print(f'Preempted: checkpoint saved at step {step} in {run.workdir}; rerun the same '
-          'command to resume.', flush=True)
+    print(
+      f'Preempted: checkpoint saved at step {step} in {run.workdir}; rerun the same '
+      'command to resume.',
+      flush=True,
+    )
   return {'preempted': True, 'step': step}
 
 
 def train(run: run_setup.Run, state, meta: dict, flag: StopFlag) -> dict:
   """Trains from `state` (checkpoint layout) to the end; returns the final report or preemption."""
   config = run.config
-  progress = Progress(parallel.stack_state(state, run.topo, run.sharded_field), meta,
-                      int(meta['step']))
+  progress = Progress(
+    parallel.stack_state(state, run.topo, run.sharded_field), meta, int(meta['step'])
+  )
   step_fns = run_setup.make_step_fns(run)
   batches = run_setup.train_iterator(run, progress.step)
-  bar = tqdm.tqdm(total=config.num_train_steps, initial=progress.step, dynamic_ncols=True,
-                  disable=not (run.is_lead and config.progress_bar), desc=config.algorithm)
+  bar = tqdm.tqdm(
+    total=config.num_train_steps,
+    initial=progress.step,
+    dynamic_ncols=True,
+    disable=not (run.is_lead and config.progress_bar),
+    desc=config.algorithm,
+  )
   t0 = time.time()
   try:
     for end in boundaries(config, progress.step):
-      progress.state, step_metrics = run_steps(step_fns, progress.state, batches, config,
-                                               progress.step, end, flag)
+      progress.state, step_metrics = run_steps(
+        step_fns, progress.state, batches, config, progress.step, end, flag
+      )
       if not step_metrics:
         break
       summary = summarize_metrics(step_metrics)
@@ -200,8 +222,9 @@ def train(run: run_setup.Run, state, meta: dict, flag: StopFlag) -> dict:
     return _preempt(run, progress)
   if progress.result is None:
     progress.result = periodic_eval(run, progress.state, progress.step, progress.meta)
-  return reports.write_final_report(run, progress.state, progress.result, progress.meta,
-                                    progress.step)
+  return reports.write_final_report(
+    run, progress.state, progress.result, progress.meta, progress.step
+  )
 
 
 def finish_writes(run: run_setup.Run, failed: bool) -> None:
@@ -216,13 +239,18 @@ def finish_writes(run: run_setup.Run, failed: bool) -> None:
     except Exception as e:  # pylint: disable=broad-except
       if not failed:
         raise
-      logging.warning('After the failure, a pending write failed too: %s',
-                      checkpointing.failure_cause(e))
+      logging.warning(
+        'After the failure, a pending write failed too: %s', checkpointing.failure_cause(e)
+      )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_config_change: bool = False, stop_flag: StopFlag | None = None,
-                       log_to_terminal: bool = True) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  allow_config_change: bool = False,
+  stop_flag: StopFlag | None = None,
+  log_to_terminal: bool = True,
+) -> dict:
   """Trains (resuming from `workdir` if possible), evaluates, writes the final report.
 
   `log_to_terminal=False` sends library INFO lines (orbax, TFDS) to the run's log file only.

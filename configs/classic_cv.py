@@ -21,11 +21,11 @@ from configs import default
 
 # dataset -> (our data name, network, weight decay, labels settings of the paper, uratio)
 SETTINGS = {
-    'cifar10': ('cifar10', 'wrn_28_2', 5e-4, (40, 250, 4000), 7),
-    'cifar100': ('cifar100', 'wrn_28_8', 1e-3, (400, 2500, 10000), 7),
-    'svhn': ('svhn_cropped', 'wrn_28_2', 5e-4, (40, 250, 1000), 7),
-    'stl10': ('stl10', 'wrn_37_2', 5e-4, (40, 250, 1000), 7),
-    'imagenet': ('imagenet2012', 'resnet50', 3e-4, (100_000,), 1),  # USB's comatch_imagenet_100k
+  'cifar10': ('cifar10', 'wrn_28_2', 5e-4, (40, 250, 4000), 7),
+  'cifar100': ('cifar100', 'wrn_28_8', 1e-3, (400, 2500, 10000), 7),
+  'svhn': ('svhn_cropped', 'wrn_28_2', 5e-4, (40, 250, 1000), 7),
+  'stl10': ('stl10', 'wrn_37_2', 5e-4, (40, 250, 1000), 7),
+  'imagenet': ('imagenet2012', 'resnet50', 3e-4, (100_000,), 1),  # USB's comatch_imagenet_100k
 }
 ALGORITHMS = ('supervised', 'fixmatch', 'flexmatch', 'softmatch')
 VARIANTS = ('base', 'cmix', 'randmix')
@@ -36,8 +36,10 @@ def parse(arg: str):
   """'softmatch,cifar10,40,0[,cmix]' -> (algorithm, dataset, num_labels, seed, variant)."""
   parts = [p.strip() for p in (arg or '').split(',')]
   if len(parts) not in (4, 5):
-    raise ValueError(f'configs/classic_cv.py needs "algorithm,dataset,num_labels,seed[,variant]"'
-                     f', e.g. "fixmatch,cifar10,40,0"; got {arg!r}.')
+    raise ValueError(
+      f'configs/classic_cv.py needs "algorithm,dataset,num_labels,seed[,variant]"'
+      f', e.g. "fixmatch,cifar10,40,0"; got {arg!r}.'
+    )
   algorithm, dataset, num_labels, seed = parts[:4]
   variant = parts[4] if len(parts) == 5 else 'base'
   if algorithm not in ALGORITHMS:

@@ -37,41 +37,65 @@ from cmix_jax import run_setup  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 VARIANTS = {  # name -> (algorithm, CalibrateMix on, passes)
-    'fixmatch': ('fixmatch', False, 2),
-    'fixmatch+cmix1': ('fixmatch', True, 1),
-    'fixmatch+cmix2': ('fixmatch', True, 2),
-    'softmatch': ('softmatch', False, 2),
-    'softmatch+cmix1': ('softmatch', True, 1),
-    'softmatch+cmix2': ('softmatch', True, 2),
-    'supervised': ('supervised', False, 2),
+  'fixmatch': ('fixmatch', False, 2),
+  'fixmatch+cmix1': ('fixmatch', True, 1),
+  'fixmatch+cmix2': ('fixmatch', True, 2),
+  'softmatch': ('softmatch', False, 2),
+  'softmatch+cmix1': ('softmatch', True, 1),
+  'softmatch+cmix2': ('softmatch', True, 2),
+  'supervised': ('supervised', False, 2),
 }
 # Dense bf16 FLOP/s of one JAX device from the vendors' data sheets (no sparsity; NVIDIA's
 # SXM parts; TPU v4/v5p: one chip = one JAX device). The first name found in the device's
 # `device_kind` wins, so 'TPU v5 lite' (v5e) precedes 'TPU v5' (v5p).
 PEAK_FLOPS = (
-    ('H200', 989e12),
-    ('H100', 989e12),
-    ('A100', 312e12),
-    ('TPU v4', 275e12),
-    ('TPU v5 lite', 197e12),
-    ('TPU v5e', 197e12),
-    ('TPU v5', 459e12),
-    ('TPU v6 lite', 918e12),
+  ('H200', 989e12),
+  ('H100', 989e12),
+  ('A100', 312e12),
+  ('TPU v4', 275e12),
+  ('TPU v5 lite', 197e12),
+  ('TPU v5e', 197e12),
+  ('TPU v5', 459e12),
+  ('TPU v6 lite', 918e12),
 )
 # Presets: one command for the paper's step on an accelerator, one tiny run for a CPU test.
 PRESETS = {
-    'paper': dict(batch_sizes='64', uratio=7, model='wrn_28_2', dtype='bfloat16',
-                  image_shape='32,32,3', variants='softmatch,softmatch+cmix1,softmatch+cmix2',
-                  warmup=3, steps=10),
-    'smoke': dict(batch_sizes='16', uratio=2, model='cnn_small', dtype='float32',
-                  image_shape='12,12,1', variants='fixmatch,fixmatch+cmix1,fixmatch+cmix2',
-                  warmup=1, steps=2, eval_batch_size=64, num_test=128),
+  'paper': dict(
+    batch_sizes='64',
+    uratio=7,
+    model='wrn_28_2',
+    dtype='bfloat16',
+    image_shape='32,32,3',
+    variants='softmatch,softmatch+cmix1,softmatch+cmix2',
+    warmup=3,
+    steps=10,
+  ),
+  'smoke': dict(
+    batch_sizes='16',
+    uratio=2,
+    model='cnn_small',
+    dtype='float32',
+    image_shape='12,12,1',
+    variants='fixmatch,fixmatch+cmix1,fixmatch+cmix2',
+    warmup=1,
+    steps=2,
+    eval_batch_size=64,
+    num_test=128,
+  ),
 }
 
 
-def bench_config(variant: str, batch_size: int, uratio: int, model: str,
-                 image_shape=(32, 32, 3), dtype='float32', num_devices: int = -1,
-                 eval_batch_size: int = 256, num_test: int = 1024) -> ml_collections.ConfigDict:
+def bench_config(
+  variant: str,
+  batch_size: int,
+  uratio: int,
+  model: str,
+  image_shape=(32, 32, 3),
+  dtype='float32',
+  num_devices: int = -1,
+  eval_batch_size: int = 256,
+  num_test: int = 1024,
+) -> ml_collections.ConfigDict:
   """A config on fake data of `image_shape` for one variant."""
   algorithm, cmix, passes = VARIANTS[variant]
   c = default.get_config()
@@ -80,9 +104,15 @@ def bench_config(variant: str, batch_size: int, uratio: int, model: str,
   c.num_devices = num_devices
   c.progress_bar = False
   c.data.name = 'fake'
-  c.data.fake = ml_collections.ConfigDict(dict(
-      num_train=max(4096, batch_size * uratio * 4), num_test=num_test,
-      image_shape=tuple(image_shape), num_classes=10, seed=0))
+  c.data.fake = ml_collections.ConfigDict(
+    dict(
+      num_train=max(4096, batch_size * uratio * 4),
+      num_test=num_test,
+      image_shape=tuple(image_shape),
+      num_classes=10,
+      seed=0,
+    )
+  )
   c.data.num_labels = 40
   c.data.batch_size = batch_size
   c.data.uratio = uratio
@@ -159,7 +189,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype='float32') -> float:
     t0 = time.perf_counter()
     f(a).block_until_ready()
     times.append(time.perf_counter() - t0)
-  return 2 * n ** 3 / float(np.median(times))
+  return 2 * n**3 / float(np.median(times))
 
 
 def device_peak(device, dtype: str) -> tuple[float, str]:
@@ -184,11 +214,18 @@ def _median_seconds(fn, warmup: int, steps: int) -> float:
   return float(np.median(times))
 
 
-def model_grad_seconds(model_name: str, num_images: int, warmup: int, steps: int,
-                       image_shape=(32, 32, 3), num_classes: int = 10,
-                       dtype: str = 'float32') -> float:
+def model_grad_seconds(
+  model_name: str,
+  num_images: int,
+  warmup: int,
+  steps: int,
+  image_shape=(32, 32, 3),
+  num_classes: int = 10,
+  dtype: str = 'float32',
+) -> float:
   """Median seconds of the network's forward + backward alone on num_images (train-mode BN)."""
   from cmix_jax import models  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+
   model = models.create_model(model_name, num_classes, dtype=dtype)
   variables = models.init_model(model, jax.random.key(0), image_shape)
   images = jax.random.normal(jax.random.key(1), (num_images,) + tuple(image_shape))
@@ -197,27 +234,31 @@ def model_grad_seconds(model_name: str, num_images: int, warmup: int, steps: int
   @jax.jit
   def grad(params, batch_stats):
     def loss(p):
-      (logits, _), new_stats = model.apply({'params': p, 'batch_stats': batch_stats}, images,
-                                           train=True, mutable=['batch_stats'])
+      (logits, _), new_stats = model.apply(
+        {'params': p, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+      )
       log_probs = jax.nn.log_softmax(logits)  # [N, C]
       return -jnp.mean(jnp.take_along_axis(log_probs, labels[:, None], 1)), new_stats
+
     return jax.grad(loss, has_aux=True)(params)
 
-  return _median_seconds(lambda: grad(variables['params'], variables['batch_stats']), warmup,
-                         steps)
+  return _median_seconds(lambda: grad(variables['params'], variables['batch_stats']), warmup, steps)
 
 
-def augment_seconds(batch_size: int, uratio: int, warmup: int, steps: int,
-                    image_shape=(32, 32, 3)) -> float:
+def augment_seconds(
+  batch_size: int, uratio: int, warmup: int, steps: int, image_shape=(32, 32, 3)
+) -> float:
   """Median seconds of one step's on-device augmentation alone (weak lb, weak + strong ulb)."""
   from cmix_jax.data import augment  # pylint: disable=g-import-not-at-top,import-outside-toplevel
 
   @jax.jit
   def views(key, x_lb, x_ulb):  # uint8 [B, H, W, C], [U, H, W, C]
     key_lb, key_w, key_s = jax.random.split(key, 3)
-    return (augment.augment_batch(key_lb, x_lb, strong=False),
-            augment.augment_batch(key_w, x_ulb, strong=False),
-            augment.augment_batch(key_s, x_ulb, strong=True))
+    return (
+      augment.augment_batch(key_lb, x_lb, strong=False),
+      augment.augment_batch(key_w, x_ulb, strong=False),
+      augment.augment_batch(key_s, x_ulb, strong=True),
+    )
 
   rng = np.random.default_rng(0)
   x_lb = rng.integers(0, 256, (batch_size,) + tuple(image_shape), dtype=np.uint8)
@@ -235,33 +276,62 @@ def peak_memory_bytes() -> int:
 
 
 # Defaults without a preset (the README's CPU table); a preset replaces those it names.
-DEFAULTS = dict(batch_sizes='16,64', uratio=7,
-                variants='fixmatch,softmatch,softmatch+cmix1,softmatch+cmix2',
-                model='wrn_28_2', dtype='float32', image_shape='32,32,3', eval_batch_size=256,
-                num_test=1024, warmup=2, steps=5)
+DEFAULTS = dict(
+  batch_sizes='16,64',
+  uratio=7,
+  variants='fixmatch,softmatch,softmatch+cmix1,softmatch+cmix2',
+  model='wrn_28_2',
+  dtype='float32',
+  image_shape='32,32,3',
+  eval_batch_size=256,
+  num_test=1024,
+  warmup=2,
+  steps=5,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   """Flags; a flag given explicitly wins over --paper / --smoke, which win over DEFAULTS."""
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--paper', action='store_true', help='the paper\'s step: ' + ', '.join(
-      f'{k}={v}' for k, v in PRESETS['paper'].items()))
-  parser.add_argument('--smoke', action='store_true', help='tiny model and batch: ' + ', '.join(
-      f'{k}={v}' for k, v in PRESETS['smoke'].items()))
-  helps = dict(batch_sizes='global labeled batches B', uratio='unlabeled batch = uratio * B',
-               variants=f'comma-separated, of {", ".join(VARIANTS)}', model='network',
-               dtype='float32 | bfloat16 (compute)', image_shape='H,W,C of the fake images',
-               eval_batch_size='global eval batch', num_test='fake test images (eval)',
-               warmup='untimed steps after compiling', steps='timed steps (median reported)')
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--paper',
+    action='store_true',
+    help='the paper\'s step: ' + ', '.join(f'{k}={v}' for k, v in PRESETS['paper'].items()),
+  )
+  parser.add_argument(
+    '--smoke',
+    action='store_true',
+    help='tiny model and batch: ' + ', '.join(f'{k}={v}' for k, v in PRESETS['smoke'].items()),
+  )
+  helps = dict(
+    batch_sizes='global labeled batches B',
+    uratio='unlabeled batch = uratio * B',
+    variants=f'comma-separated, of {", ".join(VARIANTS)}',
+    model='network',
+    dtype='float32 | bfloat16 (compute)',
+    image_shape='H,W,C of the fake images',
+    eval_batch_size='global eval batch',
+    num_test='fake test images (eval)',
+    warmup='untimed steps after compiling',
+    steps='timed steps (median reported)',
+  )
   for key, value in DEFAULTS.items():
-    parser.add_argument(f'--{key}', type=type(value), default=None,
-                        help=f'{helps[key]} (default {value})')
+    parser.add_argument(
+      f'--{key}', type=type(value), default=None, help=f'{helps[key]} (default {value})'
+    )
   parser.add_argument('--num_devices', type=int, default=-1, help='local devices; -1 = all')
-  parser.add_argument('--xla_flags', default=default.get_config().xla_flags,
-                      help="backend flags as config.xla_flags ('' = XLA's defaults)")
-  parser.add_argument('--breakdown', action='store_true',
-                      help='also time the model forward+backward and the augmentation alone')
+  parser.add_argument(
+    '--xla_flags',
+    default=default.get_config().xla_flags,
+    help="backend flags as config.xla_flags ('' = XLA's defaults)",
+  )
+  parser.add_argument(
+    '--breakdown',
+    action='store_true',
+    help='also time the model forward+backward and the augmentation alone',
+  )
   args = parser.parse_args(argv)
   if args.paper and args.smoke:
     parser.error('--paper and --smoke are two presets: pick one.')
@@ -283,18 +353,31 @@ def main(argv=None):
   image_shape = tuple(int(x) for x in args.image_shape.split(','))
   device = jax.local_devices()[0]
   peak, peak_source = device_peak(device, args.dtype)
-  print(f'device: {device.device_kind} ({jax.default_backend()}, {jax.local_device_count()} '
-        f'local device(s)); peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source}); '
-        f'{args.model} {args.dtype}, images {image_shape}; '
-        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
-  print('| B | variant | devices | imgs/step | step s | train img/s | img/s/device '
-        '| GFLOP/step/device | % of peak | eval img/s |')
+  print(
+    f'device: {device.device_kind} ({jax.default_backend()}, {jax.local_device_count()} '
+    f'local device(s)); peak {peak / 1e12:.3g} TFLOP/s per device ({peak_source}); '
+    f'{args.model} {args.dtype}, images {image_shape}; '
+    f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}'
+  )
+  print(
+    '| B | variant | devices | imgs/step | step s | train img/s | img/s/device '
+    '| GFLOP/step/device | % of peak | eval img/s |'
+  )
   print('|---|---|---|---|---|---|---|---|---|---|')
   base_time, parts = {}, []
   for b in map(int, args.batch_sizes.split(',')):
     for variant in args.variants.split(','):
-      config = bench_config(variant, b, args.uratio, args.model, image_shape, args.dtype,
-                            args.num_devices, args.eval_batch_size, args.num_test)
+      config = bench_config(
+        variant,
+        b,
+        args.uratio,
+        args.model,
+        image_shape,
+        args.dtype,
+        args.num_devices,
+        args.eval_batch_size,
+        args.num_test,
+      )
       config.xla_flags = args.xla_flags
       secs, flops, eval_ips, devices = time_train_step(config, args.warmup, args.steps)
       n = images_per_step(config)
@@ -303,20 +386,33 @@ def main(argv=None):
       base_time.setdefault((b, VARIANTS[variant][0]), secs)
       over = secs / base_time[(b, VARIANTS[variant][0])] - 1
       note = f' ({100 * over:+.1f}% over base)' if VARIANTS[variant][1] else ''
-      print(f'| {b} | {variant}{note} | {devices} | {n} | {secs:.4f} | {n / secs:.1f} | '
-            f'{n / secs / devices:.1f} | {gflop} | {frac} | {eval_ips:.0f} |', flush=True)
+      print(
+        f'| {b} | {variant}{note} | {devices} | {n} | {secs:.4f} | {n / secs:.1f} | '
+        f'{n / secs / devices:.1f} | {gflop} | {frac} | {eval_ips:.0f} |',
+        flush=True,
+      )
     if args.breakdown:
       n = b * (1 + 2 * args.uratio)
-      parts.append((b, model_grad_seconds(args.model, n, args.warmup, args.steps, image_shape,
-                                          dtype=args.dtype),
-                    augment_seconds(b, args.uratio, args.warmup, args.steps, image_shape)))
+      parts.append(
+        (
+          b,
+          model_grad_seconds(args.model, n, args.warmup, args.steps, image_shape, dtype=args.dtype),
+          augment_seconds(b, args.uratio, args.warmup, args.steps, image_shape),
+        )
+      )
   print(f'peak memory: {peak_memory_bytes() / 2**30:.2f} GiB')
   for b, grad_s, aug_s in parts:
     step_s = base_time.get((b, 'fixmatch'))
-    print(f'B={b}: model forward+backward alone {grad_s:.3f} s, augmentation alone {aug_s:.3f} s'
-          + (f'; of the fixmatch step {step_s:.3f} s: model {100 * grad_s / step_s:.0f} %, '
-             f'augmentation {100 * aug_s / step_s:.0f} %, rest '
-             f'{100 * (1 - (grad_s + aug_s) / step_s):.0f} %' if step_s else ''))
+    print(
+      f'B={b}: model forward+backward alone {grad_s:.3f} s, augmentation alone {aug_s:.3f} s'
+      + (
+        f'; of the fixmatch step {step_s:.3f} s: model {100 * grad_s / step_s:.0f} %, '
+        f'augmentation {100 * aug_s / step_s:.0f} %, rest '
+        f'{100 * (1 - (grad_s + aug_s) / step_s):.0f} %'
+        if step_s
+        else ''
+      )
+    )
 
 
 if __name__ == '__main__':

@@ -31,9 +31,11 @@ def _views(key, images, strong: bool):
 def _step_views(key, x_lb, x_ulb):
   """The three views of one step, as the train step makes them."""
   key_lb, key_w, key_s = jax.random.split(key, 3)
-  return (augment.augment_batch(key_lb, x_lb, strong=False),
-          augment.augment_batch(key_w, x_ulb, strong=False),
-          augment.augment_batch(key_s, x_ulb, strong=True))
+  return (
+    augment.augment_batch(key_lb, x_lb, strong=False),
+    augment.augment_batch(key_w, x_ulb, strong=False),
+    augment.augment_batch(key_s, x_ulb, strong=True),
+  )
 
 
 def _median_seconds(fn, runs: int, warmup: int) -> float:
@@ -53,8 +55,10 @@ def main():
   parser.add_argument('--runs', type=int, default=10)
   parser.add_argument('--warmup', type=int, default=2)
   args = parser.parse_args()
-  print(f'backend {jax.default_backend()}, {jax.device_count()} device(s); '
-        f'median of {args.runs} runs after {args.warmup} warm-up')
+  print(
+    f'backend {jax.default_backend()}, {jax.device_count()} device(s); '
+    f'median of {args.runs} runs after {args.warmup} warm-up'
+  )
   rng = np.random.default_rng(0)
   key = jax.random.key(0)
   for shape in ((32, 32, 3), (28, 28, 1)):
@@ -65,9 +69,11 @@ def main():
     step = _median_seconds(lambda: _step_views(key, x_lb, x_ulb), args.runs, args.warmup)
     total = NUM_LB + 2 * NUM_ULB
     name = 'x'.join(map(str, shape))
-    print(f'{name}: weak {NUM_ULB / weak:9.0f} img/s ({weak * 1e3:7.1f} ms / {NUM_ULB})  '
-          f'strong {NUM_ULB / strong:8.0f} img/s ({strong * 1e3:7.1f} ms / {NUM_ULB})  '
-          f'step {total / step:8.0f} img/s ({step * 1e3:7.1f} ms / {total})')
+    print(
+      f'{name}: weak {NUM_ULB / weak:9.0f} img/s ({weak * 1e3:7.1f} ms / {NUM_ULB})  '
+      f'strong {NUM_ULB / strong:8.0f} img/s ({strong * 1e3:7.1f} ms / {NUM_ULB})  '
+      f'step {total / step:8.0f} img/s ({step * 1e3:7.1f} ms / {total})'
+    )
 
 
 if __name__ == '__main__':

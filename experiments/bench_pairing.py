@@ -53,9 +53,15 @@ def _collective_bytes(jaxpr) -> dict[str, int]:
   return totals
 
 
-def global_pairing_bytes(batch: int, uratio: int, image: tuple, num_devices: int,
-                         pair_downsample: int = 1, feature_dim: int | None = None,
-                         num_classes: int = NUM_CLASSES) -> dict[str, int]:
+def global_pairing_bytes(
+  batch: int,
+  uratio: int,
+  image: tuple,
+  num_devices: int,
+  pair_downsample: int = 1,
+  feature_dim: int | None = None,
+  num_classes: int = NUM_CLASSES,
+) -> dict[str, int]:
   """Bytes each device receives per step from global_targeted_mixup's collectives (traced).
 
   Traces (never runs) one device's global_targeted_mixup of a global batch of `batch`
@@ -65,36 +71,62 @@ def global_pairing_bytes(batch: int, uratio: int, image: tuple, num_devices: int
   f32, i32 = jnp.float32, jnp.int32
   mesh = jax.sharding.AbstractMesh((num_devices,), (parallel.AXIS,))
   spec = jax.sharding.PartitionSpec(parallel.AXIS)
-  args = [jax.ShapeDtypeStruct((n * num_devices,) + shape, dtype) for n, shape, dtype in (
-      (b, image, f32), (b, (), i32), (b, (), f32), (u, image, f32), (u, (), i32), (u, (), f32))]
+  args = [
+    jax.ShapeDtypeStruct((n * num_devices,) + shape, dtype)
+    for n, shape, dtype in (
+      (b, image, f32),
+      (b, (), i32),
+      (b, (), f32),
+      (u, image, f32),
+      (u, (), i32),
+      (u, (), f32),
+    )
+  ]
   if feature_dim:
     args += [jax.ShapeDtypeStruct((n * num_devices, feature_dim), f32) for n in (b, u)]
 
   def one_device(x_lb, y_lb, d_lb, x_ulb, pseudo, d_ulb, *feats):
     mixed = mixup.global_targeted_mixup(
-        jax.random.key(0), x_lb=x_lb, y_lb=y_lb, lb_difficulty=d_lb, x_ulb=x_ulb,
-        pseudo_labels=pseudo, ulb_difficulty=d_ulb, num_classes=num_classes,
-        axis_name=parallel.AXIS, pair_lb=feats[0] if feats else None,
-        pair_ulb=feats[1] if feats else None, pair_downsample=pair_downsample)
+      jax.random.key(0),
+      x_lb=x_lb,
+      y_lb=y_lb,
+      lb_difficulty=d_lb,
+      x_ulb=x_ulb,
+      pseudo_labels=pseudo,
+      ulb_difficulty=d_ulb,
+      num_classes=num_classes,
+      axis_name=parallel.AXIS,
+      pair_lb=feats[0] if feats else None,
+      pair_ulb=feats[1] if feats else None,
+      pair_downsample=pair_downsample,
+    )
     return mixed.x
+
   mapped = jax.shard_map(one_device, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec)
   return _collective_bytes(jax.make_jaxpr(mapped)(*args).jaxpr)
 
 
 def print_gather_bytes(num_devices: int = 8) -> None:
   """The table of global-scope traffic per step at CIFAR and ImageNet shapes."""
-  print(f'pair_scope=global traffic per device per step, {num_devices} devices, f32 views, '
-        'B=64 U=448 global:')
-  cases = [('CIFAR 32x32x3', (32, 32, 3), 1, None), ('CIFAR 32x32x3', (32, 32, 3), 4, None),
-           ('CIFAR, WRN-28-2 features', (32, 32, 3), 1, 128),
-           ('ImageNet 224x224x3', (224, 224, 3), 1, None),
-           ('ImageNet 224x224x3', (224, 224, 3), 8, None),
-           ('ImageNet, ResNet-50 features', (224, 224, 3), 1, 2048)]
+  print(
+    f'pair_scope=global traffic per device per step, {num_devices} devices, f32 views, '
+    'B=64 U=448 global:'
+  )
+  cases = [
+    ('CIFAR 32x32x3', (32, 32, 3), 1, None),
+    ('CIFAR 32x32x3', (32, 32, 3), 4, None),
+    ('CIFAR, WRN-28-2 features', (32, 32, 3), 1, 128),
+    ('ImageNet 224x224x3', (224, 224, 3), 1, None),
+    ('ImageNet 224x224x3', (224, 224, 3), 8, None),
+    ('ImageNet, ResNet-50 features', (224, 224, 3), 1, 2048),
+  ]
   for name, image, factor, feature_dim in cases:
     got = global_pairing_bytes(64, 7, image, num_devices, factor, feature_dim)
     pairing = f'features {feature_dim}' if feature_dim else f'pair_downsample={factor}'
-    print(f'  {name:30s} {pairing:20s} all-gather {got["all_gather"] / 2**20:9.2f} MiB   '
-          f'reduce-scatter {got["reduce_scatter"] / 2**20:8.2f} MiB')
+    print(
+      f'  {name:30s} {pairing:20s} all-gather {got["all_gather"] / 2**20:9.2f} MiB   '
+      f'reduce-scatter {got["reduce_scatter"] / 2**20:8.2f} MiB'
+    )
 
 
 def _median_times(fns, runs: int, warmup: int) -> list[float]:
@@ -138,7 +170,8 @@ def _numpy_pairing(rng, anchors, pool, pool_labels):
   for i in range(len(anchors)):
     a = anchors[i].reshape(1, -1)
     cos = (pool_flat @ a[0]) / np.maximum(
-        np.linalg.norm(pool_flat, axis=1) * np.linalg.norm(a), 1e-8)  # [224]
+      np.linalg.norm(pool_flat, axis=1) * np.linalg.norm(a), 1e-8
+    )  # [224]
     dissimilar = np.argsort(cos)[:K]
     chosen = dissimilar[rng.integers(0, K)]
     mixed[i] = lam * anchors[i] + (1 - lam) * pool[chosen]
@@ -173,34 +206,40 @@ def _torch_loop_fn(data):
     pairing(t['lb_hard'], t['ulb_easy'], t['y_easy'])
     if device == 'cuda':
       torch.cuda.synchronize()
+
   return run, device
 
 
-def _dynamics_step_fn(num_labeled: int, num_unlabeled: int, num_classes: int,
-                      batch: int, ulb_batch: int):
+def _dynamics_step_fn(
+  num_labeled: int, num_unlabeled: int, num_classes: int, batch: int, ulb_batch: int
+):
   """A () -> None timing one step's table updates + read-outs, the state donated in place."""
   rng = np.random.default_rng(1)
   state = dynamics.DynamicsState.init(num_labeled, num_unlabeled, num_classes)
   inputs = dict(
-      idx_lb=jnp.asarray(rng.integers(0, num_labeled, batch), jnp.int32),
-      logits_lb=jnp.asarray(rng.normal(size=(batch, num_classes)), jnp.float32),
-      y_lb=jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32),
-      idx_ulb=jnp.asarray(rng.integers(0, num_unlabeled, ulb_batch), jnp.int32),
-      logits_w=jnp.asarray(rng.normal(size=(ulb_batch, num_classes)), jnp.float32))
+    idx_lb=jnp.asarray(rng.integers(0, num_labeled, batch), jnp.int32),
+    logits_lb=jnp.asarray(rng.normal(size=(batch, num_classes)), jnp.float32),
+    y_lb=jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32),
+    idx_ulb=jnp.asarray(rng.integers(0, num_unlabeled, ulb_batch), jnp.int32),
+    logits_w=jnp.asarray(rng.normal(size=(ulb_batch, num_classes)), jnp.float32),
+  )
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, idx_lb, logits_lb, y_lb, idx_ulb, logits_w):
     pseudo = jnp.argmax(logits_w, axis=-1)  # [U]
     state = dynamics.update_labeled(state, idx_lb, logits_lb, y_lb)
     state = dynamics.update_unlabeled(state, idx_ulb, logits_w, pseudo, update_apm=True)
-    return state, (dynamics.labeled_difficulty(state, idx_lb),
-                   dynamics.unlabeled_difficulty(state, idx_ulb, pseudo))
+    return state, (
+      dynamics.labeled_difficulty(state, idx_lb),
+      dynamics.unlabeled_difficulty(state, idx_ulb, pseudo),
+    )
 
   holder = [state]
 
   def run():
     holder[0], read = step(holder[0], **inputs)
     jax.block_until_ready(read)
+
   return run
 
 
@@ -208,12 +247,21 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--runs', type=int, default=30)
   parser.add_argument('--warmup', type=int, default=3)
-  parser.add_argument('--imagenet', action='store_true',
-                      help='also time the dynamics step at ImageNet size (5.2 GB of tables)')
-  parser.add_argument('--xla_flags', default=default.get_config().xla_flags,
-                      help="backend flags as config.xla_flags ('' = XLA's defaults)")
-  parser.add_argument('--bytes_only', action='store_true',
-                      help='print the global-scope traffic table and stop (nothing runs)')
+  parser.add_argument(
+    '--imagenet',
+    action='store_true',
+    help='also time the dynamics step at ImageNet size (5.2 GB of tables)',
+  )
+  parser.add_argument(
+    '--xla_flags',
+    default=default.get_config().xla_flags,
+    help="backend flags as config.xla_flags ('' = XLA's defaults)",
+  )
+  parser.add_argument(
+    '--bytes_only',
+    action='store_true',
+    help='print the global-scope traffic table and stop (nothing runs)',
+  )
   args = parser.parse_args()
   parallel.set_xla_flags(args.xla_flags)  # before the first computation starts the backend
   print_gather_bytes()
@@ -221,9 +269,15 @@ def main():
     return
 
   rng = np.random.default_rng(0)
-  data = {name: rng.normal(size=(n,) + IMAGE).astype(np.float32)
-          for name, n in (('lb_easy', N_ANCHORS), ('lb_hard', N_ANCHORS),
-                          ('ulb_hard', POOL), ('ulb_easy', POOL))}
+  data = {
+    name: rng.normal(size=(n,) + IMAGE).astype(np.float32)
+    for name, n in (
+      ('lb_easy', N_ANCHORS),
+      ('lb_hard', N_ANCHORS),
+      ('ulb_hard', POOL),
+      ('ulb_easy', POOL),
+    )
+  }
   data['y_hard'] = rng.integers(0, NUM_CLASSES, POOL)
   data['y_easy'] = rng.integers(0, NUM_CLASSES, POOL)
   device_data = {k: jnp.asarray(data[k]) for k in ('lb_easy', 'ulb_hard', 'lb_hard', 'ulb_easy')}
@@ -238,28 +292,36 @@ def main():
 
   # Sanity: the kernel's partners lie in numpy's top-k most dissimilar sets.
   _, _, partner_1, _ = _kernel(next(keys), **device_data)
-  flat = lambda x: x.reshape(len(x), -1) / np.linalg.norm(x.reshape(len(x), -1), axis=1,
-                                                          keepdims=True)
+  flat = lambda x: (
+    x.reshape(len(x), -1) / np.linalg.norm(x.reshape(len(x), -1), axis=1, keepdims=True)
+  )
   top_k = np.argsort(flat(data['lb_easy']) @ flat(data['ulb_hard']).T, axis=1)[:, :K]
   assert all(p in row for p, row in zip(np.asarray(partner_1), top_k)), 'kernel left top-k'
 
   print(f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
-  print(f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); '
-        f'{N_ANCHORS} anchors x {POOL} pool of {IMAGE}, k={K}, two pairings + mixing; '
-        f'median of {args.runs} runs after {args.warmup} warm-up')
+  print(
+    f'backend: {jax.default_backend()} ({jax.devices()[0].device_kind}); '
+    f'{N_ANCHORS} anchors x {POOL} pool of {IMAGE}, k={K}, two pairings + mixing; '
+    f'median of {args.runs} runs after {args.warmup} warm-up'
+  )
   b, u = 2 * N_ANCHORS, 2 * POOL
   full = jax.jit(functools.partial(mixup.targeted_mixup, num_classes=NUM_CLASSES))
   full_inputs = dict(
-      x_lb=jnp.asarray(rng.normal(size=(b,) + IMAGE), jnp.float32),
-      y_lb=jnp.asarray(rng.integers(0, NUM_CLASSES, b)),
-      lb_difficulty=jnp.asarray(rng.normal(size=b), jnp.float32),
-      x_ulb=jnp.asarray(rng.normal(size=(u,) + IMAGE), jnp.float32),
-      pseudo_labels=jnp.asarray(rng.integers(0, NUM_CLASSES, u)),
-      ulb_difficulty=jnp.asarray(rng.normal(size=u), jnp.float32))
-  cases = [('jitted kernel (pair_dissimilar x2 + mix)', run_kernel),
-           ('numpy per-anchor loop', run_numpy),
-           (f'jitted targeted_mixup (B={b}, U={u}, splits included)',
-            lambda: jax.block_until_ready(full(next(keys), **full_inputs)))]
+    x_lb=jnp.asarray(rng.normal(size=(b,) + IMAGE), jnp.float32),
+    y_lb=jnp.asarray(rng.integers(0, NUM_CLASSES, b)),
+    lb_difficulty=jnp.asarray(rng.normal(size=b), jnp.float32),
+    x_ulb=jnp.asarray(rng.normal(size=(u,) + IMAGE), jnp.float32),
+    pseudo_labels=jnp.asarray(rng.integers(0, NUM_CLASSES, u)),
+    ulb_difficulty=jnp.asarray(rng.normal(size=u), jnp.float32),
+  )
+  cases = [
+    ('jitted kernel (pair_dissimilar x2 + mix)', run_kernel),
+    ('numpy per-anchor loop', run_numpy),
+    (
+      f'jitted targeted_mixup (B={b}, U={u}, splits included)',
+      lambda: jax.block_until_ready(full(next(keys), **full_inputs)),
+    ),
+  ]
   torch_run, torch_device = _torch_loop_fn(data)
   if torch_run is not None:
     cases.append((f'torch per-anchor loop ({torch_device})', torch_run))
@@ -271,18 +333,22 @@ def main():
 
   for name, median in rows:
     print(f'{name:58s} {median * 1e3:9.3f} ms   x{median / t_kernel:8.1f} vs kernel')
-  print(f'speed-up of the kernel over the numpy loop: {t_numpy / t_kernel:.1f}x '
-        f'(target >= 50x)')
+  print(f'speed-up of the kernel over the numpy loop: {t_numpy / t_kernel:.1f}x (target >= 50x)')
   if torch_run is not None:
     print(f'speed-up of the kernel over the torch loop: {seconds[3] / t_kernel:.1f}x')
 
   tables = [('CIFAR-10', 4000, 50000, 10), ('CIFAR-100', 10000, 50000, 100)]
   if args.imagenet:
     tables.append(('ImageNet', 128116, 1281167, 1000))
-  names = [f'dynamics step, {name} tables ({n_lb} x {n_ulb} x {c}), B=64 U=448'
-           for name, n_lb, n_ulb, c in tables]
-  seconds = _median_times([_dynamics_step_fn(n_lb, n_ulb, c, 64, 448)
-                           for _, n_lb, n_ulb, c in tables], args.runs, args.warmup)
+  names = [
+    f'dynamics step, {name} tables ({n_lb} x {n_ulb} x {c}), B=64 U=448'
+    for name, n_lb, n_ulb, c in tables
+  ]
+  seconds = _median_times(
+    [_dynamics_step_fn(n_lb, n_ulb, c, 64, 448) for _, n_lb, n_ulb, c in tables],
+    args.runs,
+    args.warmup,
+  )
   for name, median in zip(names, seconds):
     print(f'{name:66s} {median * 1e3:9.3f} ms')
 

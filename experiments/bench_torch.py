@@ -39,9 +39,9 @@ IMAGE_SHAPE = (3, 32, 32)  # CHW, as the reference feeds its network
 TORCH_VARIANTS = ('fixmatch', 'softmatch', 'softmatch+cmix2')
 # Our variant(s) timed against each torch variant with --compare.
 OURS_FOR = {
-    'fixmatch': ('fixmatch',),
-    'softmatch': ('softmatch',),
-    'softmatch+cmix2': ('softmatch+cmix2', 'softmatch+cmix1'),
+  'fixmatch': ('fixmatch',),
+  'softmatch': ('softmatch',),
+  'softmatch+cmix2': ('softmatch+cmix2', 'softmatch+cmix1'),
 }
 
 
@@ -57,8 +57,9 @@ class WideBasicBlock(nn.Module):
   input feeds conv1 and the 1x1 shortcut, and bn1 + activation still run with unused output.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, stride: int,
-               activate_before_residual: bool):
+  def __init__(
+    self, in_channels: int, out_channels: int, stride: int, activate_before_residual: bool
+  ):
     super().__init__()
     self.equal_in_out = in_channels == out_channels
     self.activate_before_residual = activate_before_residual
@@ -66,8 +67,11 @@ class WideBasicBlock(nn.Module):
     self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
     self.bn2 = nn.BatchNorm2d(out_channels, momentum=1e-3)
     self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False)
-    self.shortcut = (None if self.equal_in_out else
-                     nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False))
+    self.shortcut = (
+      None
+      if self.equal_in_out
+      else nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+    )
 
   def forward(self, x):  # [N, Cin, H, W] -> [N, Cout, H/stride, W/stride]
     pre = F.leaky_relu(self.bn1(x), 0.1, inplace=True)
@@ -92,10 +96,19 @@ class WideResNet(nn.Module):
     self.conv1 = nn.Conv2d(3, channels[0], 3, stride=1, padding=1, bias=True)
     groups = []
     for group, stride in enumerate((1, 2, 2)):
-      groups.append(nn.Sequential(*[
-          WideBasicBlock(channels[group] if i == 0 else channels[group + 1], channels[group + 1],
-                         stride if i == 0 else 1, activate_before_residual=group == 0)
-          for i in range(blocks_per_group)]))
+      groups.append(
+        nn.Sequential(
+          *[
+            WideBasicBlock(
+              channels[group] if i == 0 else channels[group + 1],
+              channels[group + 1],
+              stride if i == 0 else 1,
+              activate_before_residual=group == 0,
+            )
+            for i in range(blocks_per_group)
+          ]
+        )
+      )
     self.groups = nn.Sequential(*groups)
     self.bn_final = nn.BatchNorm2d(channels[3], eps=1e-3, momentum=1e-3)
     self.classifier = nn.Linear(channels[3], num_classes)
@@ -123,8 +136,16 @@ class WideResNet(nn.Module):
 class Trainer:
   """Everything the reference's algorithm object carries between steps."""
 
-  def __init__(self, num_labeled: int, num_unlabeled: int, device: str, seed: int = 0,
-               lr: float = 0.03, weight_decay: float = 5e-4, num_train_steps: int = 2 ** 20):
+  def __init__(
+    self,
+    num_labeled: int,
+    num_unlabeled: int,
+    device: str,
+    seed: int = 0,
+    lr: float = 0.03,
+    weight_decay: float = 5e-4,
+    num_train_steps: int = 2**20,
+  ):
     torch.manual_seed(seed)
     self.rng = np.random.default_rng(seed)
     self.device = device
@@ -138,10 +159,15 @@ class Trainer:
     for name, param in self.model.named_parameters():
       (no_decay if 'bn' in name or 'bias' in name else decay).append(param)
     self.optimizer = torch.optim.SGD(
-        [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}],
-        lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+      [{'params': decay}, {'params': no_decay, 'weight_decay': 0.0}],
+      lr=lr,
+      momentum=0.9,
+      weight_decay=weight_decay,
+      nesterov=True,
+    )
     self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        self.optimizer, lambda k: max(0.0, math.cos(7 * math.pi * k / (16 * num_train_steps))))
+      self.optimizer, lambda k: max(0.0, math.cos(7 * math.pi * k / (16 * num_train_steps)))
+    )
     # SoftMatch: DistAlignEMAHook (uniform target) and SoftMatchWeightingHook.
     self.p_model = None  # [C], the first batch's mean, then EMA
     self.p_target = torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES, device=device)
@@ -159,8 +185,9 @@ class Trainer:
   def update_ema(self):
     """USB's EMAHook.after_train_step: shadow EMA, then ema_model <- live state + shadow."""
     for name, param in self.model.named_parameters():
-      self.ema_shadow[name] = (self.ema_decay * self.ema_shadow[name]
-                               + (1.0 - self.ema_decay) * param.detach()).clone()
+      self.ema_shadow[name] = (
+        self.ema_decay * self.ema_shadow[name] + (1.0 - self.ema_decay) * param.detach()
+      ).clone()
     self.ema_model.load_state_dict(self.model.state_dict())
     self.ema_model.load_state_dict(self.ema_shadow, strict=False)
 
@@ -179,8 +206,11 @@ class Trainer:
   def dist_align(self, probs_ulb):  # [U, C] -> [U, C]
     """Uniform distribution alignment (USB DistAlignEMAHook): update p_model, then rescale."""
     batch_mean = probs_ulb.mean(0)  # [C]
-    self.p_model = (batch_mean if self.p_model is None
-                    else self.p_model * self.ema_p + batch_mean * (1 - self.ema_p))
+    self.p_model = (
+      batch_mean
+      if self.p_model is None
+      else self.p_model * self.ema_p + batch_mean * (1 - self.ema_p)
+    )
     aligned = probs_ulb * (self.p_target + 1e-6) / (self.p_model + 1e-6)
     return aligned / aligned.sum(-1, keepdim=True)
 
@@ -189,18 +219,20 @@ class Trainer:
     """Truncated-Gaussian weights (USB SoftMatchWeightingHook); EMAs updated first."""
     max_probs = probs_ulb.max(-1).values  # [U]
     self.prob_max_mu = self.ema_p * self.prob_max_mu + (1 - self.ema_p) * max_probs.mean().item()
-    self.prob_max_var = (self.ema_p * self.prob_max_var
-                         + (1 - self.ema_p) * torch.var(max_probs, unbiased=True).item())
+    self.prob_max_var = (
+      self.ema_p * self.prob_max_var + (1 - self.ema_p) * torch.var(max_probs, unbiased=True).item()
+    )
     gap = torch.clamp(max_probs - self.prob_max_mu, max=0.0)
-    return torch.exp(-gap ** 2 / (2 * self.prob_max_var / self.n_sigma ** 2))
+    return torch.exp(-(gap**2) / (2 * self.prob_max_var / self.n_sigma**2))
 
   @torch.no_grad()
   def update_aum(self, logits_lb, y_lb, idx_lb):
     """Margin of the gold label, summed by tensor index assignment (repeats count once)."""
     top2_vals, top2_idx = torch.topk(logits_lb, 2, dim=1)  # [B, 2]
     gold = logits_lb.gather(1, y_lb[:, None])[:, 0]  # [B]
-    margin = torch.where(top2_idx[:, 0] == y_lb, top2_vals[:, 0] - top2_vals[:, 1],
-                         gold - top2_vals[:, 0])
+    margin = torch.where(
+      top2_idx[:, 0] == y_lb, top2_vals[:, 0] - top2_vals[:, 1], gold - top2_vals[:, 0]
+    )
     self.aum_sum[idx_lb] += margin
     self.aum_count[idx_lb] += 1
 
@@ -239,8 +271,12 @@ def fixmatch_step(trainer: Trainer, batch: dict, lap) -> dict:
   loss = sup_loss + unsup_loss
   lap('forward + losses')
   trainer.apply_update(loss, lap)
-  log = dict(sup_loss=sup_loss.item(), unsup_loss=unsup_loss.item(), total_loss=loss.item(),
-             util_ratio=mask.mean().item())
+  log = dict(
+    sup_loss=sup_loss.item(),
+    unsup_loss=unsup_loss.item(),
+    total_loss=loss.item(),
+    util_ratio=mask.mean().item(),
+  )
   lap('logging (.item())')
   return log
 
@@ -274,8 +310,9 @@ def mixup_bce(logits, y_a, y_b, lam: float):
   """lam * BCE(logits, onehot_a) + (1 - lam) * BCE(logits, onehot_b), mean over batch x classes."""
   onehot_a = F.one_hot(y_a, NUM_CLASSES).float()
   onehot_b = F.one_hot(y_b, NUM_CLASSES).float()
-  return (lam * F.binary_cross_entropy_with_logits(logits, onehot_a)
-          + (1 - lam) * F.binary_cross_entropy_with_logits(logits, onehot_b))
+  return lam * F.binary_cross_entropy_with_logits(logits, onehot_a) + (
+    1 - lam
+  ) * F.binary_cross_entropy_with_logits(logits, onehot_b)
 
 
 def softmatch_cmix_step(trainer: Trainer, batch: dict, lap, mix: bool = True) -> dict:
@@ -285,8 +322,7 @@ def softmatch_cmix_step(trainer: Trainer, batch: dict, lap, mix: bool = True) ->
   logits, _ = trainer.model(torch.cat((x_lb, x_ulb_w, batch['x_ulb_s'])))
   logits_lb = logits[:num_lb]  # [B, C]
   logits_ulb_w, logits_ulb_s = logits[num_lb:].chunk(2)  # [U, C] each
-  loss_1, mask, pseudo_label = softmatch_loss(trainer, logits_lb, logits_ulb_w, logits_ulb_s,
-                                              y_lb)
+  loss_1, mask, pseudo_label = softmatch_loss(trainer, logits_lb, logits_ulb_w, logits_ulb_s, y_lb)
   lap('forward 1 + losses')
   trainer.update_aum(logits_lb.detach(), y_lb, batch['idx_lb'])
   if not mix:
@@ -299,26 +335,28 @@ def softmatch_cmix_step(trainer: Trainer, batch: dict, lap, mix: bool = True) ->
   # Median splits: AUM for labeled, APM at the pseudo-label for unlabeled (stable sort).
   aum = trainer.aum_sum[batch['idx_lb']] / (trainer.aum_count[batch['idx_lb']] + 1e-8)  # [B]
   order_lb = torch.sort(aum).indices
-  hard_lb, easy_lb = order_lb[:num_lb // 2], order_lb[num_lb // 2:]
+  hard_lb, easy_lb = order_lb[: num_lb // 2], order_lb[num_lb // 2 :]
   trainer.update_apm(logits_ulb_w.detach(), batch['idx_ulb'])
   apm = trainer.apm_value[batch['idx_ulb']]  # [U, C]
   apm = apm[torch.arange(apm.shape[0], device=apm.device), pseudo_label]  # [U]
   order_ulb = torch.sort(apm).indices
   num_ulb = order_ulb.shape[0]
-  hard_ulb, easy_ulb = order_ulb[:num_ulb // 2], order_ulb[num_ulb // 2:]
+  hard_ulb, easy_ulb = order_ulb[: num_ulb // 2], order_ulb[num_ulb // 2 :]
   lap('AUM/APM bookkeeping + median split')
 
-  x_1, y_1a, y_1b, lam_1 = targeted_mixup(x_lb[easy_lb], y_lb[easy_lb], x_ulb_w[hard_ulb],
-                                          pseudo_label[hard_ulb], trainer.rng)
-  x_2, y_2a, y_2b, lam_2 = targeted_mixup(x_lb[hard_lb], y_lb[hard_lb], x_ulb_w[easy_ulb],
-                                          pseudo_label[easy_ulb], trainer.rng)
+  x_1, y_1a, y_1b, lam_1 = targeted_mixup(
+    x_lb[easy_lb], y_lb[easy_lb], x_ulb_w[hard_ulb], pseudo_label[hard_ulb], trainer.rng
+  )
+  x_2, y_2a, y_2b, lam_2 = targeted_mixup(
+    x_lb[hard_lb], y_lb[hard_lb], x_ulb_w[easy_ulb], pseudo_label[easy_ulb], trainer.rng
+  )
   lap('pairing loop + mixup (per-sample Python)')
 
   logits, _ = trainer.model(torch.cat((x_lb, x_1, x_2, x_ulb_w, batch['x_ulb_s'])))
   logits_lb = logits[:num_lb]
-  logits_1 = logits[num_lb:num_lb + x_1.shape[0]]  # [B - B//2, C]
-  logits_2 = logits[num_lb + x_1.shape[0]:num_lb + x_1.shape[0] + x_2.shape[0]]  # [B//2, C]
-  logits_ulb_w, logits_ulb_s = logits[num_lb + x_1.shape[0] + x_2.shape[0]:].chunk(2)
+  logits_1 = logits[num_lb : num_lb + x_1.shape[0]]  # [B - B//2, C]
+  logits_2 = logits[num_lb + x_1.shape[0] : num_lb + x_1.shape[0] + x_2.shape[0]]  # [B//2, C]
+  logits_ulb_w, logits_ulb_s = logits[num_lb + x_1.shape[0] + x_2.shape[0] :].chunk(2)
   base_2, mask_2, _ = softmatch_loss(trainer, logits_lb, logits_ulb_w, logits_ulb_s, y_lb)
   mix_1 = mixup_bce(logits_1, y_1a, y_1b, lam_1)
   mix_2 = mixup_bce(logits_2, y_2a, y_2b, lam_2)
@@ -326,16 +364,22 @@ def softmatch_cmix_step(trainer: Trainer, batch: dict, lap, mix: bool = True) ->
   total_loss = loss_1 + loss_2
   lap('forward 2 + losses')
   trainer.apply_update(total_loss, lap)
-  log = dict(loss_1=loss_1.item(), mix_1=mix_1.item(), mix_2=mix_2.item(), loss_2=loss_2.item(),
-             total_loss=total_loss.item(), util_ratio=mask_2.mean().item())
+  log = dict(
+    loss_1=loss_1.item(),
+    mix_1=mix_1.item(),
+    mix_2=mix_2.item(),
+    loss_2=loss_2.item(),
+    total_loss=total_loss.item(),
+    util_ratio=mask_2.mean().item(),
+  )
   lap('logging (.item())')
   return log
 
 
 STEP_FNS = {
-    'fixmatch': fixmatch_step,
-    'softmatch': lambda trainer, batch, lap: softmatch_cmix_step(trainer, batch, lap, mix=False),
-    'softmatch+cmix2': softmatch_cmix_step,
+  'fixmatch': fixmatch_step,
+  'softmatch': lambda trainer, batch, lap: softmatch_cmix_step(trainer, batch, lap, mix=False),
+  'softmatch+cmix2': softmatch_cmix_step,
 }
 
 
@@ -362,22 +406,37 @@ class Laps:
     self._last = now
 
 
-def random_batch(batch_size: int, uratio: int, num_labeled: int, num_unlabeled: int,
-                 generator: torch.Generator, device: str) -> dict:
+def random_batch(
+  batch_size: int,
+  uratio: int,
+  num_labeled: int,
+  num_unlabeled: int,
+  generator: torch.Generator,
+  device: str,
+) -> dict:
   """Pre-made, already 'augmented' inputs: random normal images, labels and dataset indices."""
   num_ulb = uratio * batch_size
   images = lambda n: torch.randn((n,) + IMAGE_SHAPE, generator=generator).to(device)
   return dict(
-      x_lb=images(batch_size),  # [B, 3, 32, 32]
-      y_lb=torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator).to(device),
-      idx_lb=torch.randint(0, num_labeled, (batch_size,), generator=generator).to(device),
-      x_ulb_w=images(num_ulb),  # [U, 3, 32, 32]
-      x_ulb_s=images(num_ulb),
-      idx_ulb=torch.randperm(num_unlabeled, generator=generator)[:num_ulb].to(device))
+    x_lb=images(batch_size),  # [B, 3, 32, 32]
+    y_lb=torch.randint(0, NUM_CLASSES, (batch_size,), generator=generator).to(device),
+    idx_lb=torch.randint(0, num_labeled, (batch_size,), generator=generator).to(device),
+    x_ulb_w=images(num_ulb),  # [U, 3, 32, 32]
+    x_ulb_s=images(num_ulb),
+    idx_ulb=torch.randperm(num_unlabeled, generator=generator)[:num_ulb].to(device),
+  )
 
 
-def time_torch_step(variant: str, batch_size: int, uratio: int, warmup: int, steps: int,
-                    device: str, num_labeled: int = 4000, num_unlabeled: int = 50000):
+def time_torch_step(
+  variant: str,
+  batch_size: int,
+  uratio: int,
+  warmup: int,
+  steps: int,
+  device: str,
+  num_labeled: int = 4000,
+  num_unlabeled: int = 50000,
+):
   """(seconds of each timed step, {part: median seconds}) of one torch variant."""
   if variant not in STEP_FNS:
     raise ValueError(f'unknown torch variant {variant!r}; choose from {sorted(STEP_FNS)}.')
@@ -415,14 +474,17 @@ def import_our_bench():
     import bench  # pylint: disable=g-import-not-at-top,import-outside-toplevel
   except Exception as e:  # pylint: disable=broad-except
     raise SystemExit(
-        f'--compare needs experiments/bench.py and the cmix_jax package importable, but the '
-        f'import failed with {type(e).__name__}: {e}. Run without --compare to time the torch '
-        f'side alone, or fix the import first.') from e
+      f'--compare needs experiments/bench.py and the cmix_jax package importable, but the '
+      f'import failed with {type(e).__name__}: {e}. Run without --compare to time the torch '
+      f'side alone, or fix the import first.'
+    ) from e
   for name in ('bench_config', 'time_train_step', 'images_per_step', 'augment_seconds'):
     if not hasattr(bench, name):
-      raise SystemExit(f'--compare: experiments/bench.py has no {name}(); it is expected to '
-                       'provide bench_config, time_train_step, images_per_step and '
-                       'augment_seconds.')
+      raise SystemExit(
+        f'--compare: experiments/bench.py has no {name}(); it is expected to '
+        'provide bench_config, time_train_step, images_per_step and '
+        'augment_seconds.'
+      )
   return bench
 
 
@@ -435,19 +497,29 @@ def time_ours(bench, variant: str, batch_size: int, uratio: int, warmup: int, st
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--batch_sizes', default='16', help='comma-separated labeled batch sizes')
   parser.add_argument('--uratio', type=int, default=7)
-  parser.add_argument('--variants', default='fixmatch,softmatch+cmix2',
-                      help=f'comma-separated, from {",".join(TORCH_VARIANTS)}')
+  parser.add_argument(
+    '--variants',
+    default='fixmatch,softmatch+cmix2',
+    help=f'comma-separated, from {",".join(TORCH_VARIANTS)}',
+  )
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps first')
   parser.add_argument('--steps', type=int, default=3, help='timed steps (median reported)')
   parser.add_argument('--device', default='cpu', help="torch device: 'cpu' or 'cuda'")
-  parser.add_argument('--compare', action='store_true',
-                      help='also time our steps via experiments/bench.py and print ours/torch')
-  parser.add_argument('--op_table', action='store_true',
-                      help='print torch.profiler top ops of one step per variant (first B)')
+  parser.add_argument(
+    '--compare',
+    action='store_true',
+    help='also time our steps via experiments/bench.py and print ours/torch',
+  )
+  parser.add_argument(
+    '--op_table',
+    action='store_true',
+    help='print torch.profiler top ops of one step per variant (first B)',
+  )
   args = parser.parse_args(argv)
 
   batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
@@ -458,8 +530,10 @@ def main(argv=None):
   if min(batch_sizes) < 2:
     problems.append(f'--batch_sizes={args.batch_sizes}: each must be >= 2 (median splits)')
   if args.uratio < 1 or args.steps < 1 or args.warmup < 0:
-    problems.append(f'--uratio={args.uratio}, --steps={args.steps}, --warmup={args.warmup}: '
-                    f'need uratio >= 1, steps >= 1, warmup >= 0')
+    problems.append(
+      f'--uratio={args.uratio}, --steps={args.steps}, --warmup={args.warmup}: '
+      f'need uratio >= 1, steps >= 1, warmup >= 0'
+    )
   if problems:
     raise ValueError('bad arguments: ' + '; '.join(problems) + '.')
   if args.device.startswith('cuda') and not torch.cuda.is_available():
@@ -467,15 +541,21 @@ def main(argv=None):
   bench = import_our_bench() if args.compare else None  # fail before the long torch runs
 
   torch.set_num_threads(os.cpu_count())
-  print(f'torch {torch.__version__} on {args.device}, {torch.get_num_threads()} threads '
-        f'(os.cpu_count() = {os.cpu_count()}); WRN-28-2, 32x32x3, 10 classes, float32, NCHW; '
-        f'uratio {args.uratio}; median of {args.steps} steps after {args.warmup} warm-up')
-  print('torch inputs are pre-made random tensors: NO data loading or augmentation in the '
-        'torch step time.')
+  print(
+    f'torch {torch.__version__} on {args.device}, {torch.get_num_threads()} threads '
+    f'(os.cpu_count() = {os.cpu_count()}); WRN-28-2, 32x32x3, 10 classes, float32, NCHW; '
+    f'uratio {args.uratio}; median of {args.steps} steps after {args.warmup} warm-up'
+  )
+  print(
+    'torch inputs are pre-made random tensors: NO data loading or augmentation in the '
+    'torch step time.'
+  )
   small = [b for b in batch_sizes if args.uratio * b // 2 < 15]
   if small and 'softmatch+cmix2' in variants:
-    print(f'note: at B={small} the unlabeled half-pool is < 15, so the pairing draws from the '
-          f'whole pool (the reference would fail in topk).')
+    print(
+      f'note: at B={small} the unlabeled half-pool is < 15, so the pairing draws from the '
+      f'whole pool (the reference would fail in topk).'
+    )
 
   # Torch and our step of one (B, variant) run back to back, so load drift on a shared
   # machine shifts both alike.
@@ -483,12 +563,14 @@ def main(argv=None):
   for b in batch_sizes:
     for variant in variants:
       totals, parts[(variant, b)] = time_torch_step(
-          variant, b, args.uratio, args.warmup, args.steps, args.device)
+        variant, b, args.uratio, args.warmup, args.steps, args.device
+      )
       results[(variant, b)] = statistics.median(totals)
       spreads[(variant, b)] = f'{min(totals):.2f}-{max(totals):.2f}'
-      for our_variant in (OURS_FOR[variant] if bench is not None else ()):
-        ours[(our_variant, b)] = time_ours(bench, our_variant, b, args.uratio, args.warmup,
-                                           args.steps)
+      for our_variant in OURS_FOR[variant] if bench is not None else ():
+        ours[(our_variant, b)] = time_ours(
+          bench, our_variant, b, args.uratio, args.warmup, args.steps
+        )
     if bench is not None:
       aug[b] = bench.augment_seconds(b, args.uratio, args.warmup, args.steps)
 
@@ -501,31 +583,40 @@ def main(argv=None):
     images = b + 2 * args.uratio * b
     for variant in variants:
       torch_s = results[(variant, b)]
-      row = (f'| {variant} | {b} | {images} | {torch_s:.3f} | {spreads[(variant, b)]} |'
-             f' {images / torch_s:.1f} |')
+      row = (
+        f'| {variant} | {b} | {images} | {torch_s:.3f} | {spreads[(variant, b)]} |'
+        f' {images / torch_s:.1f} |'
+      )
       if bench is None:
         print(row)
         continue
       for our_variant in OURS_FOR[variant]:
         ours_s = ours[(our_variant, b)]
-        print(f'{row} {our_variant} | {ours_s:.3f} | {images / ours_s:.1f} |'
-              f' {torch_s / ours_s:.2f} |')
+        print(
+          f'{row} {our_variant} | {ours_s:.3f} | {images / ours_s:.1f} | {torch_s / ours_s:.2f} |'
+        )
   if bench is not None:
-    print('ours/torch > 1 means our step is faster. Our step time INCLUDES on-device weak + '
-          'RandAugment augmentation; the torch one excludes all augmentation.')
+    print(
+      'ours/torch > 1 means our step is faster. Our step time INCLUDES on-device weak + '
+      'RandAugment augmentation; the torch one excludes all augmentation.'
+    )
     for b in batch_sizes:
       if aug[b] is None:
         print(f'our augmentation cost at B={b}: not measured (cmix_jax.data.augment missing)')
       else:
-        print(f'our augmentation alone at B={b} (augment.augment_batch, 3 views jitted apart): '
-              f'{aug[b]:.3f} s/step, included in "ours step s" above')
+        print(
+          f'our augmentation alone at B={b} (augment.augment_batch, 3 views jitted apart): '
+          f'{aug[b]:.3f} s/step, included in "ours step s" above'
+        )
 
   print('\nwhere the torch step goes (median s per part, share of the median step):')
   for (variant, b), part in parts.items():
     for name, seconds in part.items():
-      print(f'  {variant:16s} B={b:<3d} {name:48s} {seconds:8.3f} s '
-            f'{100 * seconds / results[(variant, b)]:5.1f}%')
-  print(f'peak host RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB')
+      print(
+        f'  {variant:16s} B={b:<3d} {name:48s} {seconds:8.3f} s '
+        f'{100 * seconds / results[(variant, b)]:5.1f}%'
+      )
+  print(f'peak host RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB')
 
   if args.op_table:
     for variant in variants:

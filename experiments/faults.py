@@ -28,8 +28,10 @@ DEVICES = 2
 def get_config():
   """The drill's job: FixMatch + CalibrateMix, tiny CNN, fake 12x12 data, 300 steps."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, REPO)
   from configs import default  # pylint: disable=g-import-not-at-top
+
   config = default.get_config()
   config.num_train_steps = STEPS
   config.log_every = 50
@@ -37,8 +39,11 @@ def get_config():
   config.checkpoint_every = CHECKPOINT_EVERY
   config.progress_bar = False
   config.data.name = 'fake'
-  config.data.fake = ml_collections.ConfigDict(dict(  # fake data set: sizes and shape
-      num_train=256, num_test=40, image_shape=(12, 12, 1), num_classes=4, seed=0))
+  config.data.fake = ml_collections.ConfigDict(
+    dict(  # fake data set: sizes and shape
+      num_train=256, num_test=40, image_shape=(12, 12, 1), num_classes=4, seed=0
+    )
+  )
   config.data.num_labels = 32
   config.data.val_size = 0
   config.data.batch_size = 16
@@ -55,20 +60,38 @@ def get_config():
 # ----------------------------------------------------------------------------
 # Running and inspecting.
 
+
 def main_command(workdir: str, *overrides: str) -> list[str]:
-  return [sys.executable, '-m', 'cmix_jax.main', f'--config={os.path.abspath(__file__)}',
-          f'--workdir={workdir}', *overrides]
+  return [
+    sys.executable,
+    '-m',
+    'cmix_jax.main',
+    f'--config={os.path.abspath(__file__)}',
+    f'--workdir={workdir}',
+    *overrides,
+  ]
 
 
 def environment() -> dict:
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}')
+  env = dict(
+    os.environ,
+    PYTHONPATH=REPO,
+    TF_CPP_MIN_LOG_LEVEL='3',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}',
+  )
   return env
 
 
 def run_main(workdir: str, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
-  return subprocess.run(main_command(workdir, *overrides), cwd=REPO, env=environment(),
-                        capture_output=True, text=True, timeout=timeout, check=False)
+  return subprocess.run(
+    main_command(workdir, *overrides),
+    cwd=REPO,
+    env=environment(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -80,13 +103,15 @@ def final_state(workdir: str):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   ckpts = os.path.join(workdir, 'checkpoints')
   step = max(int(name) for name in os.listdir(ckpts) if name.isdigit())
   path = os.path.join(ckpts, str(step), 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
-  restored = checkpointer.restore(path, restore_args=jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+  restored = checkpointer.restore(
+    path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  )
   flat = jax.tree_util.tree_flatten_with_path(restored)[0]
   return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
 
@@ -94,6 +119,7 @@ def final_state(workdir: str):
 def same_end(reference: str, workdir: str) -> str:
   """'' if both runs end at the same step with equal arrays, else what differs."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   step_a, state_a = final_state(reference)
   step_b, state_b = final_state(workdir)
   if step_a != step_b:
@@ -117,11 +143,17 @@ def copy_run(src: str, dst: str) -> str:
 # ----------------------------------------------------------------------------
 # The cases. Each returns (what was done, what happened, passed).
 
+
 def case_bad_values(root: str):
   """Values that cannot be right are refused before any write, whatever feature is off."""
-  bad = ['--config.optim.lr=-1', '--config.calibratemix.passes=3',
-         '--config.calibratemix.mixup_alpha=0', '--config.ssl.ema_p=2',
-         '--config.ssl.p_cutoff=1.5', '--config.data.batch_size=15']
+  bad = [
+    '--config.optim.lr=-1',
+    '--config.calibratemix.passes=3',
+    '--config.calibratemix.mixup_alpha=0',
+    '--config.ssl.ema_p=2',
+    '--config.ssl.p_cutoff=1.5',
+    '--config.data.batch_size=15',
+  ]
   problems = []
   for i, override in enumerate(bad):
     workdir = os.path.join(root, f'bad_{i}')
@@ -131,10 +163,12 @@ def case_bad_values(root: str):
       problems.append(f'{override}: rc {proc.returncode}, {len(lines)} error lines')
     elif os.path.exists(workdir):
       problems.append(f'{override}: wrote {os.listdir(workdir)}')
-  return (f'{len(bad)} bad overrides (lr=-1, passes=3, mixup_alpha=0, ema_p=2, p_cutoff=1.5, '
-          f'batch 15 on {DEVICES} devices)',
-          '; '.join(problems) or 'each: status 2, one error line, no traceback, no workdir',
-          not problems)
+  return (
+    f'{len(bad)} bad overrides (lr=-1, passes=3, mixup_alpha=0, ema_p=2, p_cutoff=1.5, '
+    f'batch 15 on {DEVICES} devices)',
+    '; '.join(problems) or 'each: status 2, one error line, no traceback, no workdir',
+    not problems,
+  )
 
 
 def case_reference(root: str):
@@ -143,9 +177,12 @@ def case_reference(root: str):
   start = time.time()
   proc = run_main(workdir)
   ok = proc.returncode == 0 and os.path.exists(os.path.join(workdir, 'eval.json'))
-  return ('corrected rerun (no bad override), uninterrupted',
-          f'status {proc.returncode} in {time.time() - start:.0f}s, eval.json '
-          f'{"written" if ok else "missing"}' + ('' if ok else f': {proc.stderr[-500:]}'), ok)
+  return (
+    'corrected rerun (no bad override), uninterrupted',
+    f'status {proc.returncode} in {time.time() - start:.0f}s, eval.json '
+    f'{"written" if ok else "missing"}' + ('' if ok else f': {proc.stderr[-500:]}'),
+    ok,
+  )
 
 
 def case_corrupt_newest(root: str):
@@ -155,9 +192,12 @@ def case_corrupt_newest(root: str):
   entries = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   diff = same_end(os.path.join(root, 'reference'), workdir) if proc.returncode == 0 else 'n/a'
   ok = proc.returncode == 0 and f'{STEPS}.unreadable' in entries and not diff
-  return (f'garbled every file of checkpoint {STEPS}, reran',
-          f'status {proc.returncode}, checkpoints/ = {entries}, end state '
-          f'{"equal to uninterrupted" if not diff else diff}', ok)
+  return (
+    f'garbled every file of checkpoint {STEPS}, reran',
+    f'status {proc.returncode}, checkpoints/ = {entries}, end state '
+    f'{"equal to uninterrupted" if not diff else diff}',
+    ok,
+  )
 
 
 def case_leftover_tmp(root: str):
@@ -168,17 +208,24 @@ def case_leftover_tmp(root: str):
   entries = sorted(os.listdir(ckpts))
   diff = same_end(os.path.join(root, 'reference'), workdir) if proc.returncode == 0 else 'n/a'
   ok = proc.returncode == 0 and f'{STEPS}.partial' in entries and not diff
-  return (f'left a cut-off save {STEPS}.orbax-checkpoint-tmp, reran',
-          f'status {proc.returncode}, checkpoints/ = {entries}, end state '
-          f'{"equal to uninterrupted" if not diff else diff}', ok)
+  return (
+    f'left a cut-off save {STEPS}.orbax-checkpoint-tmp, reran',
+    f'status {proc.returncode}, checkpoints/ = {entries}, end state '
+    f'{"equal to uninterrupted" if not diff else diff}',
+    ok,
+  )
 
 
 def case_full_disk(root: str):
   """A workdir on a tmpfs that holds one checkpoint: one message, then resume after growing."""
   mount_point = os.path.join(root, 'small_disk')
   os.makedirs(mount_point)
-  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=640k', 'tmpfs', mount_point],
-                         capture_output=True, text=True, check=False)
+  mount = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'size=640k', 'tmpfs', mount_point],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if mount.returncode:
     return 'workdir on a 640 KiB tmpfs', f'SKIP: cannot mount ({mount.stderr.strip()})', None
   try:
@@ -186,11 +233,15 @@ def case_full_disk(root: str):
     proc = run_main(workdir)
     lines = error_lines(proc.stderr)
     kept = sorted(n for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())
-    checks = {'status 1': proc.returncode == 1, 'one error line': len(lines) == 1,
-              'no traceback': 'Traceback' not in proc.stderr,
-              'names cause and workdir': bool(lines) and 'No space left on device' in lines[0]
-                                         and workdir in lines[0],
-              'a checkpoint kept': bool(kept)}
+    checks = {
+      'status 1': proc.returncode == 1,
+      'one error line': len(lines) == 1,
+      'no traceback': 'Traceback' not in proc.stderr,
+      'names cause and workdir': bool(lines)
+      and 'No space left on device' in lines[0]
+      and workdir in lines[0],
+      'a checkpoint kept': bool(kept),
+    }
     first_ok = all(checks.values())
     subprocess.run(['mount', '-o', 'remount,size=64m', mount_point], check=True)
     again = run_main(workdir)
@@ -198,10 +249,13 @@ def case_full_disk(root: str):
     ok = bool(first_ok) and again.returncode == 0 and not diff
     said = lines[0][:160] + '...' if lines else proc.stderr[-300:]
     missed = [k for k, v in checks.items() if not v]
-    return ('workdir on a 640 KiB tmpfs, then grown to 64 MiB and rerun',
-            f'status {proc.returncode}, kept checkpoints {kept}, said "{said}"'
-            + (f' (missing: {missed})' if missed else '') +
-            f'; rerun status {again.returncode}, end state {"equal" if not diff else diff}', ok)
+    return (
+      'workdir on a 640 KiB tmpfs, then grown to 64 MiB and rerun',
+      f'status {proc.returncode}, kept checkpoints {kept}, said "{said}"'
+      + (f' (missing: {missed})' if missed else '')
+      + f'; rerun status {again.returncode}, end state {"equal" if not diff else diff}',
+      ok,
+    )
   finally:
     subprocess.run(['umount', mount_point], check=False)
 
@@ -209,8 +263,14 @@ def case_full_disk(root: str):
 def case_sigterm(root: str):
   """SIGTERM after the first checkpoint: saved at the next boundary, status 0, resume equal."""
   workdir = os.path.join(root, 'preempted')
-  proc = subprocess.Popen(main_command(workdir), cwd=REPO, env=environment(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    main_command(workdir),
+    cwd=REPO,
+    env=environment(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   first = os.path.join(workdir, 'checkpoints', str(CHECKPOINT_EVERY))
   deadline = time.time() + 600
   while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
@@ -222,22 +282,34 @@ def case_sigterm(root: str):
   again = run_main(workdir)
   diff = same_end(os.path.join(root, 'reference'), workdir) if again.returncode == 0 else 'n/a'
   ok = preempted and saved_at != str(STEPS) and again.returncode == 0 and not diff
-  return ('SIGTERM once checkpoint 100 exists, then the same command again',
-          f'status {proc.returncode}, saved at step {saved_at}; rerun status '
-          f'{again.returncode}, end state {"equal" if not diff else diff}'
-          + ('' if preempted else f': {err[-300:]}'), ok)
+  return (
+    'SIGTERM once checkpoint 100 exists, then the same command again',
+    f'status {proc.returncode}, saved at step {saved_at}; rerun status '
+    f'{again.returncode}, end state {"equal" if not diff else diff}'
+    + ('' if preempted else f': {err[-300:]}'),
+    ok,
+  )
 
 
 def case_second_writer(root: str):
   """A second run on a workdir that a live run holds is refused with who holds it."""
   workdir = os.path.join(root, 'shared')
   longer = '--config.num_train_steps=100000'  # the holder outlives the second start
-  holder = subprocess.Popen(main_command(workdir, longer), cwd=REPO, env=environment(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    main_command(workdir, longer),
+    cwd=REPO,
+    env=environment(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.time() + 600
-    while (not os.path.exists(os.path.join(workdir, 'metrics.jsonl')) and holder.poll() is None
-           and time.time() < deadline):
+    while (
+      not os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
+      and holder.poll() is None
+      and time.time() < deadline
+    ):
       time.sleep(0.2)
     proc = run_main(workdir, longer)
     still_running = holder.poll() is None
@@ -245,23 +317,31 @@ def case_second_writer(root: str):
     holder.send_signal(signal.SIGTERM)
     holder.communicate(timeout=600)
   lines = error_lines(proc.stderr)
-  ok = (still_running and proc.returncode == 2 and len(lines) == 1 and
-        'is in use by another run' in lines[0] and f'pid {holder.pid}' in lines[0] and
-        'Traceback' not in proc.stderr)
+  ok = (
+    still_running
+    and proc.returncode == 2
+    and len(lines) == 1
+    and 'is in use by another run' in lines[0]
+    and f'pid {holder.pid}' in lines[0]
+    and 'Traceback' not in proc.stderr
+  )
   said = lines[0][:150] + '...' if lines else proc.stderr[-300:]
-  return ('second run of the same command while the first trains',
-          f'status {proc.returncode}, said "{said}"; holder '
-          f'{"still training" if still_running else "had stopped"}, then SIGTERMed', ok)
+  return (
+    'second run of the same command while the first trains',
+    f'status {proc.returncode}, said "{said}"; holder '
+    f'{"still training" if still_running else "had stopped"}, then SIGTERMed',
+    ok,
+  )
 
 
 CASES = [
-    ('bad values refused', case_bad_values),
-    ('corrected rerun starts', case_reference),
-    ('corrupt newest checkpoint', case_corrupt_newest),
-    ('leftover tmp dir', case_leftover_tmp),
-    ('save failure (disk full)', case_full_disk),
-    ('SIGTERM + resume', case_sigterm),
-    ('second writer refused', case_second_writer),
+  ('bad values refused', case_bad_values),
+  ('corrected rerun starts', case_reference),
+  ('corrupt newest checkpoint', case_corrupt_newest),
+  ('leftover tmp dir', case_leftover_tmp),
+  ('save failure (disk full)', case_full_disk),
+  ('SIGTERM + resume', case_sigterm),
+  ('second writer refused', case_second_writer),
 ]
 
 
@@ -280,8 +360,7 @@ def main(argv=None) -> int:
         done, happened, ok = 'crashed', f'{type(e).__name__}: {e}', False
       verdict = 'SKIP' if ok is None else 'PASS' if ok else 'FAIL'
       failed += verdict == 'FAIL'
-      print(f'{verdict}  {name:<26} {done} -> {happened} [{time.time() - start:.0f}s]',
-            flush=True)
+      print(f'{verdict}  {name:<26} {done} -> {happened} [{time.time() - start:.0f}s]', flush=True)
   finally:
     if args.keep:
       print(f'workdirs kept in {root}')

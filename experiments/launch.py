@@ -43,12 +43,12 @@ TFDS_BUILDABLE = ('cifar10', 'cifar100', 'svhn_cropped', 'stl10', 'imagenet2012'
 # TPU generation -> (JAX devices per accelerator-type unit, default TPU VM software version).
 # v2/v3/v4/v5p types count TensorCores (v4/v5p: 2 per chip = 1 JAX device); v5e/v6e count chips.
 TPU_GENERATIONS = {
-    'v2': (1, 'tpu-ubuntu2204-base'),
-    'v3': (1, 'tpu-ubuntu2204-base'),
-    'v4': (2, 'tpu-ubuntu2204-base'),
-    'v5litepod': (1, 'v2-alpha-tpuv5-lite'),
-    'v5p': (2, 'v2-alpha-tpuv5'),
-    'v6e': (1, 'v2-alpha-tpuv6e'),
+  'v2': (1, 'tpu-ubuntu2204-base'),
+  'v3': (1, 'tpu-ubuntu2204-base'),
+  'v4': (2, 'tpu-ubuntu2204-base'),
+  'v5litepod': (1, 'v2-alpha-tpuv5-lite'),
+  'v5p': (2, 'v2-alpha-tpuv5'),
+  'v6e': (1, 'v2-alpha-tpuv6e'),
 }
 TPU_ALIASES = {'v5e': 'v5litepod'}  # v5e-8 is spelled v5litepod-8 in gcloud
 
@@ -67,6 +67,7 @@ class _Parser(argparse.ArgumentParser):
 @dataclasses.dataclass(frozen=True)
 class Step:
   """One command: what it does, its argv, and whether it only prints (a hint to run later)."""
+
   what: str
   argv: tuple
   hint_only: bool = False
@@ -75,30 +76,50 @@ class Step:
 def make_parser() -> argparse.ArgumentParser:
   parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--target', required=True, choices=TARGETS, help='where to train')
-  parser.add_argument('--config', required=True,
-                      help='config file[:argument], e.g. configs/classic_cv.py:fixmatch,cifar10,40,0')
+  parser.add_argument(
+    '--config',
+    required=True,
+    help='config file[:argument], e.g. configs/classic_cv.py:fixmatch,cifar10,40,0',
+  )
   parser.add_argument('--name', default='', help='TPU VM / SLURM job name (default from config)')
   parser.add_argument('--zone', default='', help='TPU zone, e.g. us-central2-b')
   parser.add_argument('--project', default='', help='Google Cloud project (default: gcloud\'s)')
-  parser.add_argument('--accelerator_type', default='',
-                      help='TPU type: v4-8, v5e-8 (= v5litepod-8), v4-32, v5p-16, v6e-8 ...')
-  parser.add_argument('--tpu_version', default='',
-                      help='TPU VM software version (default: per generation)')
+  parser.add_argument(
+    '--accelerator_type',
+    default='',
+    help='TPU type: v4-8, v5e-8 (= v5litepod-8), v4-32, v5p-16, v6e-8 ...',
+  )
+  parser.add_argument(
+    '--tpu_version', default='', help='TPU VM software version (default: per generation)'
+  )
   parser.add_argument('--spot', action='store_true', help='TPU spot VM (preemptible, cheaper)')
-  parser.add_argument('--bucket', default='',
-                      help='gs:// bucket for data (BUCKET/tfds) and runs (BUCKET/runs/RUN)')
-  parser.add_argument('--workdir', default='', help='run directory (default: BUCKET/runs/RUN '
-                      'with --bucket, else runs/RUN; RUN is named from --config)')
-  parser.add_argument('--data_dir', default='', help='TFDS data dir (default: BUCKET/tfds '
-                      'with --bucket, else the config\'s data.data_dir)')
+  parser.add_argument(
+    '--bucket', default='', help='gs:// bucket for data (BUCKET/tfds) and runs (BUCKET/runs/RUN)'
+  )
+  parser.add_argument(
+    '--workdir',
+    default='',
+    help='run directory (default: BUCKET/runs/RUN '
+    'with --bucket, else runs/RUN; RUN is named from --config)',
+  )
+  parser.add_argument(
+    '--data_dir',
+    default='',
+    help='TFDS data dir (default: BUCKET/tfds with --bucket, else the config\'s data.data_dir)',
+  )
   parser.add_argument('--nodes', type=int, default=1, help='SLURM nodes (one task per node)')
-  parser.add_argument('--gpus_per_node', type=int, default=0,
-                      help='GPUs per node (SLURM: required; gpu: used to check the batch)')
+  parser.add_argument(
+    '--gpus_per_node',
+    type=int,
+    default=0,
+    help='GPUs per node (SLURM: required; gpu: used to check the batch)',
+  )
   parser.add_argument('--partition', default='', help='SLURM partition (default: the cluster\'s)')
   parser.add_argument('--time', default='', help='SLURM time limit, e.g. 2-00:00:00')
   parser.add_argument('--dry_run', action='store_true', help='print the commands, run nothing')
-  parser.add_argument('overrides', nargs='*',
-                      help='after --: extra --config.FIELD=VALUE for cmix_jax.main')
+  parser.add_argument(
+    'overrides', nargs='*', help='after --: extra --config.FIELD=VALUE for cmix_jax.main'
+  )
   return parser
 
 
@@ -110,8 +131,10 @@ def load_config(config_flag: str):
   path, _, argument = config_flag.partition(':')
   file = epath.Path(path if os.path.isabs(path) else os.path.join(REPO, path))
   if not file.exists():
-    raise LaunchError(f'--config file {path} does not exist: give a path such as '
-                      'configs/classic_cv.py:fixmatch,cifar10,40,0 (relative to the repo).')
+    raise LaunchError(
+      f'--config file {path} does not exist: give a path such as '
+      'configs/classic_cv.py:fixmatch,cifar10,40,0 (relative to the repo).'
+    )
   spec = importlib.util.spec_from_file_location(f'launch_config_{file.stem}', str(file))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -126,13 +149,17 @@ def check_overrides(config, overrides) -> None:
   for override in overrides:
     match = re.fullmatch(r'--config\.([\w.]+)=(.*)', override)
     if not match:
-      raise LaunchError(f'extra argument {override!r}: only --config.FIELD=VALUE may follow '
-                        '`--`, e.g. -- --config.calibratemix.passes=1.')
+      raise LaunchError(
+        f'extra argument {override!r}: only --config.FIELD=VALUE may follow '
+        '`--`, e.g. -- --config.calibratemix.passes=1.'
+      )
     node = config
     for part in match.group(1).split('.'):
       if not hasattr(node, 'keys') or part not in node:
-        raise LaunchError(f'{override}: the config has no field {match.group(1)!r}; check the '
-                          'spelling against configs/default.py.')
+        raise LaunchError(
+          f'{override}: the config has no field {match.group(1)!r}; check the '
+          'spelling against configs/default.py.'
+        )
       node = node[part]
 
 
@@ -141,9 +168,11 @@ def tpu_type(accelerator_type: str) -> tuple[str, str, int]:
   match = re.fullmatch(r'(v\d+[a-z]*)-(\d+)', accelerator_type)
   generation = match and TPU_ALIASES.get(match.group(1), match.group(1))
   if not match or generation not in TPU_GENERATIONS:
-    raise LaunchError(f'--accelerator_type={accelerator_type!r}: use GENERATION-SIZE with a '
-                      f'generation of {", ".join(list(TPU_GENERATIONS) + list(TPU_ALIASES))}, '
-                      'e.g. v4-8, v5e-8 or v4-32.')
+    raise LaunchError(
+      f'--accelerator_type={accelerator_type!r}: use GENERATION-SIZE with a '
+      f'generation of {", ".join(list(TPU_GENERATIONS) + list(TPU_ALIASES))}, '
+      'e.g. v4-8, v5e-8 or v4-32.'
+    )
   size = int(match.group(2))
   per_device = TPU_GENERATIONS[generation][0]
   return f'{generation}-{size}', generation, max(size // per_device, 1)
@@ -151,11 +180,13 @@ def tpu_type(accelerator_type: str) -> tuple[str, str, int]:
 
 def bucket_url(bucket: str) -> str:
   """'my-bucket' or 'gs://my-bucket/' -> 'gs://my-bucket'."""
-  name = bucket[len('gs://'):] if bucket.startswith('gs://') else bucket
+  name = bucket[len('gs://') :] if bucket.startswith('gs://') else bucket
   name = name.strip('/')
   if not re.fullmatch(r'[a-z0-9][a-z0-9._-]*[a-z0-9](/[^\s]*)?', name):
-    raise LaunchError(f'--bucket={bucket!r}: give a Cloud Storage bucket such as my-bucket or '
-                      'gs://my-bucket (lower-case letters, digits, -, _ and .).')
+    raise LaunchError(
+      f'--bucket={bucket!r}: give a Cloud Storage bucket such as my-bucket or '
+      'gs://my-bucket (lower-case letters, digits, -, _ and .).'
+    )
   return f'gs://{name}'
 
 
@@ -170,6 +201,7 @@ def run_name(config_flag: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """The checked flags: everything the command builders need."""
+
   args: argparse.Namespace
   config: object
   name: str
@@ -183,10 +215,14 @@ class Plan:
 def _need(args, target, *flags):
   missing = [f for f in flags if not getattr(args, f)]
   if missing:
-    raise LaunchError(f'--target={target} needs {", ".join("--" + f for f in missing)}, e.g. '
-                      + {'tpu': '--name=cmix-v4 --zone=us-central2-b --accelerator_type=v4-8 '
-                                '--bucket=my-bucket',
-                         'slurm': '--gpus_per_node=8'}[target] + '.')
+    raise LaunchError(
+      f'--target={target} needs {", ".join("--" + f for f in missing)}, e.g. '
+      + {
+        'tpu': '--name=cmix-v4 --zone=us-central2-b --accelerator_type=v4-8 --bucket=my-bucket',
+        'slurm': '--gpus_per_node=8',
+      }[target]
+      + '.'
+    )
 
 
 def _check_target_flags(args: argparse.Namespace) -> None:
@@ -216,8 +252,10 @@ def _paths(args: argparse.Namespace, config) -> tuple[str, str]:
   run = run_name(args.config)
   workdir = args.workdir or (f'{bucket}/runs/{run}' if bucket else f'runs/{run}')
   if args.target == 'tpu' and not (workdir.startswith('gs://') and data_dir.startswith('gs://')):
-    raise LaunchError('--target=tpu: every worker must see the same data and run directory; '
-                      'give gs:// paths for --workdir and --data_dir (or leave them to --bucket).')
+    raise LaunchError(
+      '--target=tpu: every worker must see the same data and run directory; '
+      'give gs:// paths for --workdir and --data_dir (or leave them to --bucket).'
+    )
   return workdir, data_dir
 
 
@@ -226,8 +264,9 @@ def _check_config(config, config_flag: str, num_devices: int) -> None:
   spec = datasets.SPECS.get(config.data.name)
   errors = config_validation.config_errors(config, num_devices, spec and spec.num_classes)
   if errors:
-    raise LaunchError(f'--config={config_flag} cannot run on {num_devices} devices: '
-                      + ' '.join(errors))
+    raise LaunchError(
+      f'--config={config_flag} cannot run on {num_devices} devices: ' + ' '.join(errors)
+    )
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -237,8 +276,10 @@ def plan(args: argparse.Namespace) -> Plan:
   _check_target_flags(args)
   name = args.name or run_name(args.config)
   if not re.fullmatch(r'[a-z]([a-z0-9-]*[a-z0-9])?', name):
-    raise LaunchError(f'--name={name!r}: use lower-case letters, digits and -, starting with a '
-                      'letter (a TPU VM name), e.g. --name=cmix-v4.')
+    raise LaunchError(
+      f'--name={name!r}: use lower-case letters, digits and -, starting with a '
+      'letter (a TPU VM name), e.g. --name=cmix-v4.'
+    )
   accelerator_type, tpu_version = '', ''
   if args.target == 'tpu':
     accelerator_type, generation, num_devices = tpu_type(args.accelerator_type)
@@ -247,9 +288,16 @@ def plan(args: argparse.Namespace) -> Plan:
     num_devices = (args.nodes * args.gpus_per_node) or 1
   workdir, data_dir = _paths(args, config)
   _check_config(config, args.config, num_devices)
-  return Plan(args=args, config=config, name=name, workdir=workdir, data_dir=data_dir,
-              num_devices=num_devices, accelerator_type=accelerator_type,
-              tpu_version=tpu_version)
+  return Plan(
+    args=args,
+    config=config,
+    name=name,
+    workdir=workdir,
+    data_dir=data_dir,
+    num_devices=num_devices,
+    accelerator_type=accelerator_type,
+    tpu_version=tpu_version,
+  )
 
 
 # ----------------------------------------------------------------------------- commands
@@ -257,8 +305,15 @@ def plan(args: argparse.Namespace) -> Plan:
 
 def train_argv(p: Plan, python: str = 'python') -> list[str]:
   """The argv of cmix_jax.main for this plan."""
-  return [python, '-m', 'cmix_jax.main', f'--config={p.args.config}',
-          f'--config.data.data_dir={p.data_dir}', f'--workdir={p.workdir}', *p.args.overrides]
+  return [
+    python,
+    '-m',
+    'cmix_jax.main',
+    f'--config={p.args.config}',
+    f'--config.data.data_dir={p.data_dir}',
+    f'--workdir={p.workdir}',
+    *p.args.overrides,
+  ]
 
 
 def tfds_build_argv(p: Plan) -> list[str] | None:
@@ -284,38 +339,62 @@ def _ssh(p: Plan, worker: str, command: str) -> list[str]:
 def tpu_steps(p: Plan) -> list[Step]:
   """Create the TPU VM, copy + install the code on all workers, build data, train detached."""
   local_bin = 'export PATH="$HOME/.local/bin:$PATH"'  # pip --user scripts (tfds) on the workers
-  create = _gcloud_tpu(p, 'create', p.name, f'--accelerator-type={p.accelerator_type}',
-                       f'--version={p.tpu_version}') + (['--spot'] if p.args.spot else [])
-  install = (f'rm -rf {REMOTE_DIR} && mkdir {REMOTE_DIR} && '
-             f'tar -xzf {os.path.basename(TARBALL)} -C {REMOTE_DIR} && cd {REMOTE_DIR} && '
-             + shlex.join(['python3', '-m', 'pip', 'install', '-e', '.[tpu]']))
-  train = (f'cd {REMOTE_DIR} && nohup ' + shlex.join(train_argv(p, 'python3'))
-           + f' > {REMOTE_LOG} 2>&1 < /dev/null &')
-  kind = (f'{p.accelerator_type}: {p.num_devices} JAX devices'
-          + (', spot: preemptible, recreate and rerun to resume' if p.args.spot else ''))
-  steps = [Step(f'Create the TPU VM ({kind})', tuple(create)),
-           Step('Pack the committed code (HEAD)',
-                ('git', 'archive', '--format=tar.gz', f'--output={TARBALL}', 'HEAD')),
-           Step('Copy it to every worker',
-                tuple(_gcloud_tpu(p, 'scp', TARBALL, f'{p.name}:{os.path.basename(TARBALL)}',
-                                  '--worker=all'))),
-           Step('Install on every worker', tuple(_ssh(p, 'all', install)))]
+  create = _gcloud_tpu(
+    p, 'create', p.name, f'--accelerator-type={p.accelerator_type}', f'--version={p.tpu_version}'
+  ) + (['--spot'] if p.args.spot else [])
+  install = (
+    f'rm -rf {REMOTE_DIR} && mkdir {REMOTE_DIR} && '
+    f'tar -xzf {os.path.basename(TARBALL)} -C {REMOTE_DIR} && cd {REMOTE_DIR} && '
+    + shlex.join(['python3', '-m', 'pip', 'install', '-e', '.[tpu]'])
+  )
+  train = (
+    f'cd {REMOTE_DIR} && nohup '
+    + shlex.join(train_argv(p, 'python3'))
+    + f' > {REMOTE_LOG} 2>&1 < /dev/null &'
+  )
+  kind = f'{p.accelerator_type}: {p.num_devices} JAX devices' + (
+    ', spot: preemptible, recreate and rerun to resume' if p.args.spot else ''
+  )
+  steps = [
+    Step(f'Create the TPU VM ({kind})', tuple(create)),
+    Step(
+      'Pack the committed code (HEAD)',
+      ('git', 'archive', '--format=tar.gz', f'--output={TARBALL}', 'HEAD'),
+    ),
+    Step(
+      'Copy it to every worker',
+      tuple(
+        _gcloud_tpu(p, 'scp', TARBALL, f'{p.name}:{os.path.basename(TARBALL)}', '--worker=all')
+      ),
+    ),
+    Step('Install on every worker', tuple(_ssh(p, 'all', install))),
+  ]
   build = tfds_build_argv(p)
   if build:
-    steps.append(Step('Build the data set into the bucket once (worker 0)',
-                      tuple(_ssh(p, '0', f'{local_bin} && ' + shlex.join(build)))))
-  steps += [Step('Train on every worker (detached; rerun to resume from the workdir)',
-                 tuple(_ssh(p, 'all', train))),
-            Step('Follow the log', tuple(_ssh(p, '0', f'tail -f {REMOTE_LOG}')), hint_only=True),
-            Step('Delete the VM when done', tuple(_gcloud_tpu(p, 'delete', p.name, '--quiet')),
-                 hint_only=True)]
+    steps.append(
+      Step(
+        'Build the data set into the bucket once (worker 0)',
+        tuple(_ssh(p, '0', f'{local_bin} && ' + shlex.join(build))),
+      )
+    )
+  steps += [
+    Step(
+      'Train on every worker (detached; rerun to resume from the workdir)',
+      tuple(_ssh(p, 'all', train)),
+    ),
+    Step('Follow the log', tuple(_ssh(p, '0', f'tail -f {REMOTE_LOG}')), hint_only=True),
+    Step(
+      'Delete the VM when done', tuple(_gcloud_tpu(p, 'delete', p.name, '--quiet')), hint_only=True
+    ),
+  ]
   return steps
 
 
 def gpu_steps(p: Plan) -> list[Step]:
   """Install with CUDA wheels, build the data, train on every local GPU (one command)."""
-  steps = [Step('Install with the CUDA 12 wheels',
-                ('python', '-m', 'pip', 'install', '-e', '.[cuda]'))]
+  steps = [
+    Step('Install with the CUDA 12 wheels', ('python', '-m', 'pip', 'install', '-e', '.[cuda]'))
+  ]
   build = tfds_build_argv(p)
   if build:
     steps.append(Step('Build the data set once', tuple(build)))
@@ -329,19 +408,34 @@ def slurm_steps(p: Plan) -> list[Step]:
   # jax.distributed reads the SLURM variables; by default it would give each task only GPU
   # SLURM_LOCALID, so every task claims all GPUs of its node.
   wrap = f'JAX_LOCAL_DEVICE_IDS={device_ids} srun ' + shlex.join(train_argv(p))
-  sbatch = ['sbatch', f'--job-name={p.name}', f'--nodes={p.args.nodes}', '--ntasks-per-node=1',
-            f'--gpus-per-node={p.args.gpus_per_node}', '--signal=TERM@300', '--requeue',
-            f'--output={p.name}-%j.log']
+  sbatch = [
+    'sbatch',
+    f'--job-name={p.name}',
+    f'--nodes={p.args.nodes}',
+    '--ntasks-per-node=1',
+    f'--gpus-per-node={p.args.gpus_per_node}',
+    '--signal=TERM@300',
+    '--requeue',
+    f'--output={p.name}-%j.log',
+  ]
   sbatch += [f'--partition={p.args.partition}'] if p.args.partition else []
   sbatch += [f'--time={p.args.time}'] if p.args.time else []
-  steps = [Step('Install with the CUDA 12 wheels (login node, environment shared with the nodes)',
-                ('python', '-m', 'pip', 'install', '-e', '.[cuda]'))]
+  steps = [
+    Step(
+      'Install with the CUDA 12 wheels (login node, environment shared with the nodes)',
+      ('python', '-m', 'pip', 'install', '-e', '.[cuda]'),
+    )
+  ]
   build = tfds_build_argv(p)
   if build:
     steps.append(Step('Build the data set once (login node)', tuple(build)))
-  steps.append(Step(f'Submit: {p.args.nodes} node(s) x {p.args.gpus_per_node} GPUs, SIGTERM '
-                    '5 min before the time limit saves a checkpoint; requeue resumes',
-                    tuple(sbatch + [f'--wrap={wrap}'])))
+  steps.append(
+    Step(
+      f'Submit: {p.args.nodes} node(s) x {p.args.gpus_per_node} GPUs, SIGTERM '
+      '5 min before the time limit saves a checkpoint; requeue resumes',
+      tuple(sbatch + [f'--wrap={wrap}']),
+    )
+  )
   return steps
 
 
@@ -375,9 +469,11 @@ def main(argv=None) -> int:
     print(f'# {i}. {step.what}\n{shlex.join(step.argv)}', flush=True)
     result = subprocess.run(step.argv, cwd=REPO, check=False)
     if result.returncode:
-      print(f'launch.py: step {i} ({step.what}) failed with exit code {result.returncode}; '
-            'fix it and rerun (finished steps are safe to repeat except the VM creation).',
-            file=sys.stderr)
+      print(
+        f'launch.py: step {i} ({step.what}) failed with exit code {result.returncode}; '
+        'fix it and rerun (finished steps are safe to repeat except the VM creation).',
+        file=sys.stderr,
+      )
       return result.returncode
   return 0
 

@@ -27,25 +27,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 TEST_PER_CLASS = 30
 
 
 def digits_arrays(seed: int = 0) -> dict:
   """sklearn digits as uint8 [N, 8, 8, 1]; a class-balanced test split of 30 per class."""
   from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+
   digits = sk_datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
   labels = digits.target.astype(np.int64)
   rng = np.random.default_rng(seed)
-  test = np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), TEST_PER_CLASS,
-                                            replace=False) for c in range(10)]))
+  test = np.sort(
+    np.concatenate(
+      [rng.choice(np.flatnonzero(labels == c), TEST_PER_CLASS, replace=False) for c in range(10)]
+    )
+  )
   train = np.setdiff1d(np.arange(len(labels)), test)
   # Class-sorted, as a folder is read (class by class, file names in order), so the npz and
   # the folder give the same indices and hence the same labeled draw and the same run.
   train = train[np.argsort(labels[train], kind='stable')]
   test = test[np.argsort(labels[test], kind='stable')]
-  return {'x_train': images[train], 'y_train': labels[train], 'x_test': images[test],
-          'y_test': labels[test], 'class_names': np.array([f'digit_{c}' for c in range(10)])}
+  return {
+    'x_train': images[train],
+    'y_train': labels[train],
+    'x_test': images[test],
+    'y_test': labels[test],
+    'class_names': np.array([f'digit_{c}' for c in range(10)]),
+  }
 
 
 def write_npz(arrays: dict, path: str) -> str:
@@ -56,6 +66,7 @@ def write_npz(arrays: dict, path: str) -> str:
 def write_folder(arrays: dict, root: str) -> str:
   """train/<class>/NNNNN.png and test/<class>/NNNNN.png, grayscale PNGs."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   names = [str(n) for n in arrays['class_names']]
   for split in ('train', 'test'):
     for i, (x, y) in enumerate(zip(arrays[f'x_{split}'], arrays[f'y_{split}'])):
@@ -68,21 +79,37 @@ def write_folder(arrays: dict, root: str) -> str:
 def train_command(data_name: str, workdir: str, steps: int, data_dir: str) -> list[str]:
   """The one config change (data.name) plus sizes that suit 1,497 train images of 8x8."""
   overrides = {
-      'data.name': data_name, 'data.data_dir': data_dir, 'data.num_labels': 50,
-      'data.val_size': 100, 'data.flip': False,  # digits are not mirror-symmetric
-      'data.batch_size': 16, 'data.eval_batch_size': 300, 'num_train_steps': steps,
-      'optim.ema_decay': 0.99,  # a short run: 0.999 would still weigh the random init
-      'eval_every': steps, 'checkpoint_every': steps, 'log_every': max(steps // 10, 1),
-      'calibratemix.warmup_steps': steps // 4}
-  return [sys.executable, '-m', 'cmix_jax.main', '--config=configs/default.py',
-          f'--workdir={workdir}', *[f'--config.{k}={v}' for k, v in overrides.items()]]
+    'data.name': data_name,
+    'data.data_dir': data_dir,
+    'data.num_labels': 50,
+    'data.val_size': 100,
+    'data.flip': False,  # digits are not mirror-symmetric
+    'data.batch_size': 16,
+    'data.eval_batch_size': 300,
+    'num_train_steps': steps,
+    'optim.ema_decay': 0.99,  # a short run: 0.999 would still weigh the random init
+    'eval_every': steps,
+    'checkpoint_every': steps,
+    'log_every': max(steps // 10, 1),
+    'calibratemix.warmup_steps': steps // 4,
+  }
+  return [
+    sys.executable,
+    '-m',
+    'cmix_jax.main',
+    '--config=configs/default.py',
+    f'--workdir={workdir}',
+    *[f'--config.{k}={v}' for k, v in overrides.items()],
+  ]
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--out', default='runs/own_data',
-                      help='where data and the run go (local or gs://)')
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    '--out', default='runs/own_data', help='where data and the run go (local or gs://)'
+  )
   parser.add_argument('--format', choices=('npz', 'folder'), default='npz')
   parser.add_argument('--steps', type=int, default=2000)
   parser.add_argument('--build_only', action='store_true')
@@ -93,8 +120,10 @@ def main(argv=None):
   arrays = digits_arrays()
   npz = write_npz(arrays, os.path.join(out, 'digits.npz'))
   folder = write_folder(arrays, os.path.join(out, 'digits_folder'))
-  print(f'wrote {npz} and {folder}/ ({len(arrays["y_train"])} train, '
-        f'{len(arrays["y_test"])} test, 8x8x1, 10 classes)')
+  print(
+    f'wrote {npz} and {folder}/ ({len(arrays["y_train"])} train, '
+    f'{len(arrays["y_test"])} test, 8x8x1, 10 classes)'
+  )
   if args.build_only:
     return
   data_name = f'npz:{npz}' if args.format == 'npz' else f'folder:{folder}'
@@ -103,8 +132,10 @@ def main(argv=None):
   print('$', ' '.join(shlex.quote(c) for c in cmd), flush=True)
   subprocess.run(cmd, cwd=ROOT, check=True)
   report = storage.read_json(os.path.join(workdir, 'eval.json'))
-  print(f'{args.format}: step {report["step"]} ({report["selection"]} checkpoint), '
-        f'accuracy {report["accuracy"]:.4f}, ECE {report["ece"]:.4f}, NLL {report["nll"]:.4f}')
+  print(
+    f'{args.format}: step {report["step"]} ({report["selection"]} checkpoint), '
+    f'accuracy {report["accuracy"]:.4f}, ECE {report["ece"]:.4f}, NLL {report["nll"]:.4f}'
+  )
 
 
 if __name__ == '__main__':

@@ -40,17 +40,21 @@ CONFIG = 'configs/fmnist_dynamics.py'
 BASES = ('fixmatch', 'softmatch')
 # variant -> config overrides on top of a base algorithm
 VARIANTS = {
-    'base': {},
-    'cmix': {'calibratemix.enabled': True},
-    'split_random': {'calibratemix.enabled': True, 'calibratemix.pair_k_frac': 1.0},
-    'randmix': {'calibratemix.enabled': True, 'calibratemix.random_pairing': True},
-    'ls': {'ssl.label_smoothing': 0.1},
-    'cmix_fused': {'calibratemix.enabled': True, 'calibratemix.passes': 1},
+  'base': {},
+  'cmix': {'calibratemix.enabled': True},
+  'split_random': {'calibratemix.enabled': True, 'calibratemix.pair_k_frac': 1.0},
+  'randmix': {'calibratemix.enabled': True, 'calibratemix.random_pairing': True},
+  'ls': {'ssl.label_smoothing': 0.1},
+  'cmix_fused': {'calibratemix.enabled': True, 'calibratemix.passes': 1},
 }
 VARIANT_LABELS = {
-    'base': '', 'cmix': ' + CalibrateMix', 'split_random': ' + split, random partner',
-    'randmix': ' + random mixup (no split)', 'ls': ' + label smoothing 0.1',
-    'cmix_fused': ' + CalibrateMix fused (passes=1)'}
+  'base': '',
+  'cmix': ' + CalibrateMix',
+  'split_random': ' + split, random partner',
+  'randmix': ' + random mixup (no split)',
+  'ls': ' + label smoothing 0.1',
+  'cmix_fused': ' + CalibrateMix fused (passes=1)',
+}
 ACC_MARGIN = 0.005  # "without costing accuracy": the 95 % interval stays above -0.5 points
 
 
@@ -68,9 +72,17 @@ def run_name(algorithm: str, variant: str, seed: int) -> str:
 
 def grid(seeds, variants=tuple(VARIANTS)) -> list[dict]:
   """Every run, seed by seed: name, algorithm, variant, seed and its config overrides."""
-  return [{'name': run_name(a, v, s), 'algorithm': a, 'variant': v, 'seed': s,
-           'overrides': {'algorithm': a, 'seed': s, **VARIANTS[v]}}
-          for s in seeds for a, v in cells(variants)]
+  return [
+    {
+      'name': run_name(a, v, s),
+      'algorithm': a,
+      'variant': v,
+      'seed': s,
+      'overrides': {'algorithm': a, 'seed': s, **VARIANTS[v]},
+    }
+    for s in seeds
+    for a, v in cells(variants)
+  ]
 
 
 def result_path(out: str, name: str) -> str:
@@ -107,8 +119,12 @@ def train(run: dict, workdir: str, config: str, user: dict) -> float:
   os.makedirs(os.path.dirname(log_file), exist_ok=True)
   start = time.time()
   with open(log_file, 'a') as log:
-    code = subprocess.call(train_command(run, workdir, config, user, sys.executable),
-                           stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    code = subprocess.call(
+      train_command(run, workdir, config, user, sys.executable),
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      cwd=ROOT,
+    )
   if code:
     raise RuntimeError(f'{run["name"]} failed (exit {code}); see {log_file}')
   return time.time() - start
@@ -116,6 +132,7 @@ def train(run: dict, workdir: str, config: str, user: dict) -> float:
 
 def analyse(workdir: str) -> dict:
   import study_analysis  # pylint: disable=g-import-not-at-top
+
   return study_analysis.analyze(workdir)
 
 
@@ -132,10 +149,19 @@ def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
   if state in ('run', 'resume'):
     seconds = train(run, workdir, config, user)
   start = time.time()
-  record = {'name': run['name'], 'algorithm': run['algorithm'], 'variant': run['variant'],
-            'seed': run['seed'], 'config': config, 'overrides': run['overrides'],
-            'user_overrides': user, 'workdir': workdir, 'train_seconds': seconds,
-            'resumed': state == 'resume', **analyse(workdir)}
+  record = {
+    'name': run['name'],
+    'algorithm': run['algorithm'],
+    'variant': run['variant'],
+    'seed': run['seed'],
+    'config': config,
+    'overrides': run['overrides'],
+    'user_overrides': user,
+    'workdir': workdir,
+    'train_seconds': seconds,
+    'resumed': state == 'resume',
+    **analyse(workdir),
+  }
   record['analysis_seconds'] = time.time() - start
   write_json(result_path(out, run['name']), record)
   return record
@@ -143,6 +169,7 @@ def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
 
 # ----------------------------------------------------------------------------
 # Table from the result files alone.
+
 
 def load_results(out: str) -> list[dict]:
   """Every result file under out/runs; one setting only (same user overrides)."""
@@ -152,8 +179,10 @@ def load_results(out: str) -> list[dict]:
   results = [storage.read_json(path) for path in sorted(folder.glob('*.json'))]
   settings = {json.dumps(r.get('user_overrides', {}), sort_keys=True) for r in results}
   if len(settings) > 1:
-    raise ValueError(f'{folder} mixes runs of different --config overrides {sorted(settings)}; '
-                     'give each setting its own --out.')
+    raise ValueError(
+      f'{folder} mixes runs of different --config overrides {sorted(settings)}; '
+      'give each setting its own --out.'
+    )
   return results
 
 
@@ -179,8 +208,7 @@ def paired(cell_map: dict, a: tuple, b: tuple, metric: str) -> dict:
   """Paired (a - b) of one metric over the seeds both cells have, with its 95 % t-interval."""
   ra, rb = cell_map.get(a, {}), cell_map.get(b, {})
   seeds = sorted(set(ra) & set(rb))
-  return compare.paired_interval([_value(ra[s], metric) - _value(rb[s], metric)
-                                  for s in seeds])
+  return compare.paired_interval([_value(ra[s], metric) - _value(rb[s], metric) for s in seeds])
 
 
 def verdict_lower(iv: dict, what: str) -> str:
@@ -209,8 +237,13 @@ def comparisons(base: str) -> list[tuple]:
   """(label, cell a, cell b, metric, scale) of the paired differences reported for a base."""
   c = lambda v: (base, v)
   out = [(f'{base} − supervised', c('base'), ('supervised', 'base'), 'metrics.accuracy')]
-  for metric in ('metrics.ece', 'metrics.accuracy', 'metrics.nll', 'metrics.brier',
-                 'ts.metrics.ece'):
+  for metric in (
+    'metrics.ece',
+    'metrics.accuracy',
+    'metrics.nll',
+    'metrics.brier',
+    'ts.metrics.ece',
+  ):
     out.append((f'{base}: CalibrateMix − base', c('cmix'), c('base'), metric))
   for other in ('split_random', 'randmix', 'ls', 'cmix_fused'):
     for metric in ('metrics.ece', 'metrics.accuracy'):
@@ -218,16 +251,18 @@ def comparisons(base: str) -> list[tuple]:
   for metric in ('metrics.ece', 'metrics.accuracy'):
     out.append((f'{base}: split_random − randmix', c('split_random'), c('randmix'), metric))
     out.append((f'{base}: label smoothing − base', c('ls'), c('base'), metric))
-  out.append((f'{base}: AUROC APM − confidence (CalibrateMix runs)', c('cmix'), c('cmix'),
-              'mechanism'))
+  out.append(
+    (f'{base}: AUROC APM − confidence (CalibrateMix runs)', c('cmix'), c('cmix'), 'mechanism')
+  )
   return out
 
 
 def _mechanism_interval(cell_map, cell) -> dict:
   runs = cell_map.get(cell, {})
   return compare.paired_interval(
-      _value(r, 'mechanism.auroc_apm') - _value(r, 'mechanism.auroc_confidence')
-      for r in runs.values())
+    _value(r, 'mechanism.auroc_apm') - _value(r, 'mechanism.auroc_confidence')
+    for r in runs.values()
+  )
 
 
 def verdicts(cell_map: dict, base: str) -> list[tuple[str, str, dict]]:
@@ -257,14 +292,18 @@ def verdicts(cell_map: dict, base: str) -> list[tuple[str, str, dict]]:
     mech_verdict = 'no: APM carries no more information than confidence here'
   ssl = paired(cell_map, c('base'), ('supervised', 'base'), 'metrics.accuracy')
   return [
-      (f'{base} beats supervised on accuracy (setting sanity)',
-       verdict_lower({**ssl, 'low': -ssl['high'], 'high': -ssl['low']}, 'nothing').replace(
-           'no: it raises nothing', 'no: supervised is more accurate'), ssl),
-      (f'{base}: CalibrateMix lowers ECE', verdict_lower(ece, 'ECE'), ece),
-      (f'{base}: … without costing accuracy', verdict_no_cost(acc), acc),
-      (f'{base}: targeted pairing beats the ablations (ECE)', targeted, vs_rand),
-      (f'{base}: stored APM flags wrong pseudo-labels better than confidence', mech_verdict,
-       mech)]
+    (
+      f'{base} beats supervised on accuracy (setting sanity)',
+      verdict_lower({**ssl, 'low': -ssl['high'], 'high': -ssl['low']}, 'nothing').replace(
+        'no: it raises nothing', 'no: supervised is more accurate'
+      ),
+      ssl,
+    ),
+    (f'{base}: CalibrateMix lowers ECE', verdict_lower(ece, 'ECE'), ece),
+    (f'{base}: … without costing accuracy', verdict_no_cost(acc), acc),
+    (f'{base}: targeted pairing beats the ablations (ECE)', targeted, vs_rand),
+    (f'{base}: stored APM flags wrong pseudo-labels better than confidence', mech_verdict, mech),
+  ]
 
 
 def _pm(values, scale=1.0, digits=2) -> str:
@@ -285,44 +324,63 @@ def _ci(iv: dict, scale: float, digits: int = 2) -> str:
 
 
 CELL_COLUMNS = (  # header, metric path, scale, digits
-    ('accuracy (%)', 'metrics.accuracy', 100, 2), ('ECE (%)', 'metrics.ece', 100, 2),
-    ('NLL', 'metrics.nll', 1, 3), ('Brier', 'metrics.brier', 1, 3),
-    ('ECE after TS (%)', 'ts.metrics.ece', 100, 2), ('T', 'ts.temperature', 1, 2),
-    ('AUROC APM', 'mechanism.auroc_apm', 1, 3),
-    ('AUROC confidence', 'mechanism.auroc_confidence', 1, 3),
-    ('pseudo-label error (%)', 'mechanism.pseudo_label_error', 100, 1),
-    ('APM updates (mean)', 'apm_count.mean', 1, 1), ('APM updates (p5)', 'apm_count.p5', 1, 0))
+  ('accuracy (%)', 'metrics.accuracy', 100, 2),
+  ('ECE (%)', 'metrics.ece', 100, 2),
+  ('NLL', 'metrics.nll', 1, 3),
+  ('Brier', 'metrics.brier', 1, 3),
+  ('ECE after TS (%)', 'ts.metrics.ece', 100, 2),
+  ('T', 'ts.temperature', 1, 2),
+  ('AUROC APM', 'mechanism.auroc_apm', 1, 3),
+  ('AUROC confidence', 'mechanism.auroc_confidence', 1, 3),
+  ('pseudo-label error (%)', 'mechanism.pseudo_label_error', 100, 1),
+  ('APM updates (mean)', 'apm_count.mean', 1, 1),
+  ('APM updates (p5)', 'apm_count.p5', 1, 0),
+)
 
 
 def table(results) -> tuple[str, dict]:
   """(Markdown, summary dict) of the result records: per-cell means, paired differences."""
   cell_map = by_cell(results)
   order = [c for c in cells() if c in cell_map] + sorted(set(cell_map) - set(cells()))
-  lines = ['| run | seeds | ' + ' | '.join(h for h, *_ in CELL_COLUMNS) + ' |',
-           '|' + '---|' * (len(CELL_COLUMNS) + 2)]
+  lines = [
+    '| run | seeds | ' + ' | '.join(h for h, *_ in CELL_COLUMNS) + ' |',
+    '|' + '---|' * (len(CELL_COLUMNS) + 2),
+  ]
   summary = {'cells': {}, 'paired': [], 'verdicts': []}
   for cell in order:
     runs = [cell_map[cell][s] for s in sorted(cell_map[cell])]
     label = cell[0] + VARIANT_LABELS.get(cell[1], ' ' + cell[1])
     values = {h: [_value(r, m) for r in runs] for h, m, *_ in CELL_COLUMNS}
-    lines.append(f'| {label} | {" ".join(str(r["seed"]) for r in runs)} | ' + ' | '.join(
-        _pm(values[h], scale, digits) for h, _, scale, digits in CELL_COLUMNS) + ' |')
+    lines.append(
+      f'| {label} | {" ".join(str(r["seed"]) for r in runs)} | '
+      + ' | '.join(_pm(values[h], scale, digits) for h, _, scale, digits in CELL_COLUMNS)
+      + ' |'
+    )
     summary['cells'][f'{cell[0]}/{cell[1]}'] = {
-        'seeds': [r['seed'] for r in runs],
-        **{m: compare._mean_std(values[h]) for h, m, *_ in CELL_COLUMNS}}  # pylint: disable=protected-access
-  lines += ['', '| paired difference (same seed) | metric | seeds | mean [95 % t-interval] |',
-            '|---|---|---|---|']
+      'seeds': [r['seed'] for r in runs],
+      **{m: compare._mean_std(values[h]) for h, m, *_ in CELL_COLUMNS},
+    }  # pylint: disable=protected-access
+  lines += [
+    '',
+    '| paired difference (same seed) | metric | seeds | mean [95 % t-interval] |',
+    '|---|---|---|---|',
+  ]
   bases = [b for b in BASES if any(c[0] == b for c in cell_map)]
   for base in bases:
     for label, a, b, metric in comparisons(base):
-      iv = (_mechanism_interval(cell_map, a) if metric == 'mechanism'
-            else paired(cell_map, a, b, metric))
+      iv = (
+        _mechanism_interval(cell_map, a)
+        if metric == 'mechanism'
+        else paired(cell_map, a, b, metric)
+      )
       if iv['n'] == 0:
         continue
-      scale, unit = ((100, 'points') if metric.endswith(('ece', 'accuracy')) else (1, ''))
+      scale, unit = (100, 'points') if metric.endswith(('ece', 'accuracy')) else (1, '')
       name = 'AUROC' if metric == 'mechanism' else metric
-      lines.append(f'| {label} | {name}{" (" + unit + ")" if unit else ""} | {iv["n"]} | '
-                   f'{_ci(iv, scale, 2 if scale == 100 else 3)} |')
+      lines.append(
+        f'| {label} | {name}{" (" + unit + ")" if unit else ""} | {iv["n"]} | '
+        f'{_ci(iv, scale, 2 if scale == 100 else 3)} |'
+      )
       summary['paired'].append({'comparison': label, 'metric': name, **iv})
   lines += ['', '| claim | verdict | paired mean [95 % interval] |', '|---|---|---|']
   for base in bases:
@@ -331,13 +389,15 @@ def table(results) -> tuple[str, dict]:
       lines.append(f'| {claim} | {verdict} | {_ci(iv, scale, 3 if scale == 1 else 2)} |')
       summary['verdicts'].append({'claim': claim, 'verdict': verdict, **iv})
   lines += [
-      '', 'Final EMA checkpoint, test split; mean ± sample std over seeds. ECE: 10 equal-width '
-      'bins. TS: temperature fitted by NLL on the held-out labeled validation slice. AUROC: '
-      'how well −APM at the current pseudo-label (or −current max probability) ranks the '
-      'unlabeled samples whose current pseudo-label is wrong first (hidden labels; EMA model, '
-      'un-augmented images). Paired differences: same seed (= same labeled draw), Student-t '
-      f'95 % interval; "without costing accuracy" = interval above −{100 * ACC_MARGIN:.1f} '
-      'points.']
+    '',
+    'Final EMA checkpoint, test split; mean ± sample std over seeds. ECE: 10 equal-width '
+    'bins. TS: temperature fitted by NLL on the held-out labeled validation slice. AUROC: '
+    'how well −APM at the current pseudo-label (or −current max probability) ranks the '
+    'unlabeled samples whose current pseudo-label is wrong first (hidden labels; EMA model, '
+    'un-augmented images). Paired differences: same seed (= same labeled draw), Student-t '
+    f'95 % interval; "without costing accuracy" = interval above −{100 * ACC_MARGIN:.1f} '
+    'points.',
+  ]
   return '\n'.join(lines) + '\n', summary
 
 
@@ -354,14 +414,16 @@ def write_table(out: str) -> str:
 # ----------------------------------------------------------------------------
 # Command line.
 
+
 def parse_overrides(extra: list[str]) -> dict:
   """`--config.a.b=v` arguments -> {'a.b': 'v'}; anything else is refused."""
   user = {}
   for arg in extra:
     if not arg.startswith('--config.') or '=' not in arg:
-      raise SystemExit(f'unknown argument {arg!r}: study.py passes only --config.FIELD=VALUE '
-                       'on to the runs.')
-    key, value = arg[len('--config.'):].split('=', 1)
+      raise SystemExit(
+        f'unknown argument {arg!r}: study.py passes only --config.FIELD=VALUE on to the runs.'
+      )
+    key, value = arg[len('--config.') :].split('=', 1)
     if key in ('algorithm', 'seed'):
       raise SystemExit(f'--config.{key} is set per run by the study; use --seeds for seeds.')
     user[key] = value
@@ -369,15 +431,22 @@ def parse_overrides(extra: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds (labeled draws)')
-  parser.add_argument('--out', default=os.path.join(HERE, 'results', 'fmnist_dynamics'),
-                      help='results folder: runs/*.json, table.md, summary.json')
+  parser.add_argument(
+    '--out',
+    default=os.path.join(HERE, 'results', 'fmnist_dynamics'),
+    help='results folder: runs/*.json, table.md, summary.json',
+  )
   parser.add_argument('--root', default='runs/fmnist_dynamics', help='run workdirs')
   parser.add_argument('--config', default=CONFIG, help='the study config file')
-  parser.add_argument('--variants', default=','.join(VARIANTS),
-                      help='variants of each base to run (supervised always runs)')
+  parser.add_argument(
+    '--variants',
+    default=','.join(VARIANTS),
+    help='variants of each base to run (supervised always runs)',
+  )
   parser.add_argument('--only', default='', help='only runs whose name contains this')
   parser.add_argument('--dry_run', action='store_true', help='list the runs and their state')
   parser.add_argument('--table_only', action='store_true', help='only re-aggregate')
@@ -389,8 +458,10 @@ def main(argv=None) -> int:
   if args.dry_run:
     for run in runs:
       workdir = os.path.join(args.root, run['name'])
-      print(f'{state_of(run, args.out, args.root):8s} {run["name"]:32s} ' + ' '.join(
-          train_command(run, workdir, args.config, user, 'python')[3:]))
+      print(
+        f'{state_of(run, args.out, args.root):8s} {run["name"]:32s} '
+        + ' '.join(train_command(run, workdir, args.config, user, 'python')[3:])
+      )
     return 0
   if not args.table_only:
     for i, run in enumerate(runs):
@@ -404,10 +475,12 @@ def main(argv=None) -> int:
         print(f'FAILED: {run["name"]}\n{traceback.format_exc()}', flush=True)
         continue
       trained = record['train_seconds']
-      print(f'  done: accuracy {record["metrics"]["accuracy"]:.4f}, ECE '
-            f'{record["metrics"]["ece"]:.4f}, '
-            + (f'train {trained:.0f} s' if trained is not None else 'analysed only'),
-            flush=True)
+      print(
+        f'  done: accuracy {record["metrics"]["accuracy"]:.4f}, ECE '
+        f'{record["metrics"]["ece"]:.4f}, '
+        + (f'train {trained:.0f} s' if trained is not None else 'analysed only'),
+        flush=True,
+      )
   print(write_table(args.out))
   return 0
 

@@ -44,10 +44,13 @@ def apm_count_summary(counts) -> dict:
   if not len(c):
     return {'n': 0}
   q = np.percentile(c, [0, 5, 25, 50, 75, 95, 100])
-  return {'n': int(len(c)), 'mean': float(c.mean()),
-          **{f'p{p}': float(v) for p, v in zip((0, 5, 25, 50, 75, 95, 100), q)},
-          'share_zero': float(np.mean(c == 0)),
-          f'share_below_{MIN_UPDATES}': float(np.mean(c < MIN_UPDATES))}
+  return {
+    'n': int(len(c)),
+    'mean': float(c.mean()),
+    **{f'p{p}': float(v) for p, v in zip((0, 5, 25, 50, 75, 95, 100), q)},
+    'share_zero': float(np.mean(c == 0)),
+    f'share_below_{MIN_UPDATES}': float(np.mean(c < MIN_UPDATES)),
+  }
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -56,8 +59,13 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
   return e / e.sum(axis=1, keepdims=True)  # [N, C]
 
 
-def mechanism(apm: np.ndarray, apm_count: np.ndarray, running_confidence: np.ndarray,
-              logits: np.ndarray, hidden_labels: np.ndarray) -> dict:
+def mechanism(
+  apm: np.ndarray,
+  apm_count: np.ndarray,
+  running_confidence: np.ndarray,
+  logits: np.ndarray,
+  hidden_labels: np.ndarray,
+) -> dict:
   """AUROCs for "this sample's current pseudo-label is wrong" (samples with an APM update).
 
   Scores (higher = more likely wrong): -APM at the current pseudo-label, -current max
@@ -68,10 +76,13 @@ def mechanism(apm: np.ndarray, apm_count: np.ndarray, running_confidence: np.nda
   use = (np.asarray(hidden_labels) >= 0) & (np.asarray(apm_count) > 0)  # [N]
   wrong = (pseudo != hidden_labels)[use]
   apm_at_pseudo = np.take_along_axis(apm, pseudo[:, None], axis=1)[:, 0]  # [N]
-  return {'n': int(use.sum()), 'pseudo_label_error': float(wrong.mean()) if use.any() else None,
-          'auroc_apm': auroc(-apm_at_pseudo[use], wrong),
-          'auroc_confidence': auroc(-confidence[use], wrong),
-          'auroc_running_confidence': auroc(-np.asarray(running_confidence)[use], wrong)}
+  return {
+    'n': int(use.sum()),
+    'pseudo_label_error': float(wrong.mean()) if use.any() else None,
+    'auroc_apm': auroc(-apm_at_pseudo[use], wrong),
+    'auroc_confidence': auroc(-confidence[use], wrong),
+    'auroc_running_confidence': auroc(-np.asarray(running_confidence)[use], wrong),
+  }
 
 
 def analyze(workdir: str) -> dict:
@@ -79,26 +90,39 @@ def analyze(workdir: str) -> dict:
   from cmix_jax import evaluate  # pylint: disable=g-import-not-at-top
   from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
   from cmix_jax import storage  # pylint: disable=g-import-not-at-top
+
   run = run_setup.build_run(evaluate.load_config(workdir), workdir, write=False)
   step, state = evaluate.restore(run, 'latest', None)
-  report = evaluate.evaluate_restored(run, state, step, temperature_scaling=True,
-                                      out=os.path.join(workdir, 'study_eval'))
-  out = {'step': int(report['step']), 'metrics': report['metrics'],
-         'ts': {'temperature': report['temperature'], 'fit_on': report['temperature_fit_on'],
-                'metrics': report['ts_metrics']},
-         'apm_count': None, 'mechanism': None}
+  report = evaluate.evaluate_restored(
+    run, state, step, temperature_scaling=True, out=os.path.join(workdir, 'study_eval')
+  )
+  out = {
+    'step': int(report['step']),
+    'metrics': report['metrics'],
+    'ts': {
+      'temperature': report['temperature'],
+      'fit_on': report['temperature_fit_on'],
+      'metrics': report['ts_metrics'],
+    },
+    'apm_count': None,
+    'mechanism': None,
+  }
   if not run.algorithm.uses_unlabeled:
     return out  # supervised: no unlabeled pass, no APM
   npz = storage.as_path(workdir) / 'dynamics.npz'
   if not npz.exists():
-    raise FileNotFoundError(f'{npz} is missing: the study needs the dynamics tables a run '
-                            'writes at its end with --config.eval.plots=True.')
+    raise FileNotFoundError(
+      f'{npz} is missing: the study needs the dynamics tables a run '
+      'writes at its end with --config.eval.plots=True.'
+    )
   with np.load(io.BytesIO(npz.read_bytes())) as tables:
     apm, counts, running = tables['apm'], tables['apm_count'], tables['ulb_confidence']
   logits, _ = run.evaluator.logits(state, run.data, 'unlabeled')  # [N_ulb, C], pool order
   if logits.shape != apm.shape:
-    raise ValueError(f'{workdir}: the unlabeled pass gave {logits.shape} logits but the APM '
-                     f'table is {apm.shape}; was data.unlabeled_size changed after training?')
+    raise ValueError(
+      f'{workdir}: the unlabeled pass gave {logits.shape} logits but the APM '
+      f'table is {apm.shape}; was data.unlabeled_size changed after training?'
+    )
   out['apm_count'] = apm_count_summary(counts)
   out['mechanism'] = mechanism(apm, counts, running, logits, np.asarray(run.data.unlabeled_labels))
   return out

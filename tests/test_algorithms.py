@@ -31,10 +31,12 @@ def run_steps(algo, state, batches, axis_name=None):
 # ----------------------------------------------------------------------------
 # Losses.
 
+
 def test_unsup_loss_is_weighted_ce_mean_over_all_samples():
   logits_s = jnp.array([[0.0, math.log(3)], [math.log(3), 0.0], [0.0, 0.0]])  # p1 = .75, .25, .5
-  pseudo = algorithms.PseudoLabels(label=jnp.array([1, 1, 0]), weight=jnp.array([1.0, 0.5, 0.0]),
-                                   max_prob=jnp.ones(3))
+  pseudo = algorithms.PseudoLabels(
+    label=jnp.array([1, 1, 0]), weight=jnp.array([1.0, 0.5, 0.0]), max_prob=jnp.ones(3)
+  )
   expected = (math.log(4 / 3) + 0.5 * math.log(4)) / 3  # the zero-weight sample still divides
   assert expected == pytest.approx(0.326943, abs=1e-6)
   loss = jax.jit(algorithms.unsup_loss)(logits_s, pseudo)
@@ -48,13 +50,15 @@ def test_unsup_loss_is_weighted_ce_mean_over_all_samples():
 def test_supervised_loss_and_label_smoothing():
   logits = jnp.array([[0.0, math.log(3)], [math.log(3), 0.0]])  # probs (.25, .75), (.75, .25)
   labels = jnp.array([1, 0])
-  np.testing.assert_allclose(algorithms.supervised_loss(logits, labels), math.log(4 / 3),
-                             rtol=1e-6)  # 0.287682
+  np.testing.assert_allclose(
+    algorithms.supervised_loss(logits, labels), math.log(4 / 3), rtol=1e-6
+  )  # 0.287682
   # a = 0.2, C = 2: targets (0.1, 0.9) -> -(0.9 log .75 + 0.1 log .25) = 0.397543 per row.
   expected = -(0.9 * math.log(0.75) + 0.1 * math.log(0.25))
   assert expected == pytest.approx(0.397543, abs=1e-6)
-  np.testing.assert_allclose(jax.jit(algorithms.supervised_loss)(logits, labels, 0.2), expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    jax.jit(algorithms.supervised_loss)(logits, labels, 0.2), expected, rtol=1e-6
+  )
   with pytest.raises(ValueError, match='label_smoothing'):
     algorithms.supervised_loss(logits, labels, 1.5)
   with pytest.raises(ValueError, match='labels'):
@@ -63,6 +67,7 @@ def test_supervised_loss_and_label_smoothing():
 
 # ----------------------------------------------------------------------------
 # Construction.
+
 
 def test_get_algorithm_reads_config_and_rejects_bad_values():
   config = default.get_config()
@@ -77,8 +82,7 @@ def test_get_algorithm_reads_config_and_rejects_bad_values():
   assert all(kinds[n].uses_unlabeled for n in ('fixmatch', 'flexmatch', 'softmatch'))
   config.algorithm = 'flexmatch'
   config.ssl.p_cutoff, config.ssl.thresh_warmup = 0.7, False
-  assert algorithms.get_algorithm(config) == algorithms.FlexMatch(p_cutoff=0.7,
-                                                                  thresh_warmup=False)
+  assert algorithms.get_algorithm(config) == algorithms.FlexMatch(p_cutoff=0.7, thresh_warmup=False)
   config.algorithm = 'softmatch'
   config.ssl.ema_p, config.ssl.n_sigma, config.ssl.dist_align = 0.9, 3.0, False
   algo = algorithms.get_algorithm(config)
@@ -117,17 +121,19 @@ def test_bad_inputs_raise_before_compiling():
   with pytest.raises(ValueError, match='num_classes'):
     algo.init_state(10, 1)
   with pytest.raises(ValueError, match='variance'):
-    algorithms.SoftMatch().pseudo_label(algorithms.SoftMatch().init_state(4, 3),
-                                        jnp.zeros((1, 3)), jnp.arange(1))
+    algorithms.SoftMatch().pseudo_label(
+      algorithms.SoftMatch().init_state(4, 3), jnp.zeros((1, 3)), jnp.arange(1)
+    )
 
 
 # ----------------------------------------------------------------------------
 # FixMatch.
 
+
 def test_fixmatch_mask_and_loss():
   algo = algorithms.FixMatch(p_cutoff=0.95)
   probs = [[0.96, 0.02, 0.02], [0.05, 0.90, 0.05], [0.01, 0.02, 0.97], [0.3, 0.3, 0.4]]
-  (pseudo, metrics), = run_steps(algo, algo.init_state(8, 3), [(logits_of(probs), range(4))])[0]
+  ((pseudo, metrics),) = run_steps(algo, algo.init_state(8, 3), [(logits_of(probs), range(4))])[0]
   np.testing.assert_array_equal(pseudo.label, [0, 1, 2, 2])
   np.testing.assert_array_equal(pseudo.weight, [1, 0, 1, 0])
   np.testing.assert_allclose(pseudo.max_prob, [0.96, 0.90, 0.97, 0.4], rtol=1e-6)
@@ -141,15 +147,12 @@ def test_fixmatch_mask_and_loss():
 # FlexMatch: N = 6 unlabeled samples, C = 3 classes, p_cutoff = 0.95.
 
 FLEX_STEPS = [
-    # step 1: sigma = 0 -> every threshold 0; idx 0, 1, 2 are selected.
-    ([[0.99, 0.005, 0.005], [0.005, 0.99, 0.005], [0.97, 0.02, 0.01], [0.2, 0.2, 0.6]],
-     [0, 1, 2, 3]),
-    # step 2: idx 4 appears twice, both selected: the LAST (class 1) wins.
-    ([[0.5, 0.3, 0.2], [0.005, 0.005, 0.99], [0.3, 0.4, 0.3], [0.01, 0.98, 0.01]],
-     [3, 4, 5, 4]),
-    # step 3: idx 5 twice, only the first selected (class 2): an unselected repeat writes nothing.
-    ([[0.005, 0.005, 0.99], [0.5, 0.3, 0.2], [0.02, 0.02, 0.96], [0.015, 0.97, 0.015]],
-     [5, 5, 3, 0]),
+  # step 1: sigma = 0 -> every threshold 0; idx 0, 1, 2 are selected.
+  ([[0.99, 0.005, 0.005], [0.005, 0.99, 0.005], [0.97, 0.02, 0.01], [0.2, 0.2, 0.6]], [0, 1, 2, 3]),
+  # step 2: idx 4 appears twice, both selected: the LAST (class 1) wins.
+  ([[0.5, 0.3, 0.2], [0.005, 0.005, 0.99], [0.3, 0.4, 0.3], [0.01, 0.98, 0.01]], [3, 4, 5, 4]),
+  # step 3: idx 5 twice, only the first selected (class 2): an unselected repeat writes nothing.
+  ([[0.005, 0.005, 0.99], [0.5, 0.3, 0.2], [0.02, 0.02, 0.96], [0.015, 0.97, 0.015]], [5, 5, 3, 0]),
 ]
 
 
@@ -212,12 +215,14 @@ def test_write_last_selected_rules():
   # idx 2: last SELECTED occurrence (11); -1 and 9 are out of range; idx 0 not selected.
   np.testing.assert_array_equal(out, [-1, -1, 11, -1, -1, 12])
   # Exactly one write per row (XLA leaves the winner of duplicate scatters unspecified).
-  np.testing.assert_array_equal(flexmatch.last_selected(idx, selected, 6),
-                                [False, True, True, False, False, False, False])
+  np.testing.assert_array_equal(
+    flexmatch.last_selected(idx, selected, 6), [False, True, True, False, False, False, False]
+  )
 
 
 # ----------------------------------------------------------------------------
 # SoftMatch.
+
 
 def softmatch_reference(prob_steps, ema, n_sigma, num_classes):
   """Independent numpy version of USB's order: p_model, align, mu/var, weight."""
@@ -232,7 +237,7 @@ def softmatch_reference(prob_steps, ema, n_sigma, num_classes):
     max_p = aligned.max(axis=1)
     mu = ema * mu + (1 - ema) * max_p.mean()
     var = ema * var + (1 - ema) * max_p.var(ddof=1)
-    weight = np.exp(-np.minimum(max_p - mu, 0.0) ** 2 / (2 * var / n_sigma ** 2))
+    weight = np.exp(-(np.minimum(max_p - mu, 0.0) ** 2) / (2 * var / n_sigma**2))
     results.append(dict(p_model=p_model, mu=mu, var=var, max_p=max_p, weight=weight))
   return results
 
@@ -240,8 +245,9 @@ def softmatch_reference(prob_steps, ema, n_sigma, num_classes):
 def test_softmatch_first_step_by_hand():
   """C = 2, probs (.6, .4), (.8, .2): p_model = batch mean (.7, .3), not an EMA from uniform."""
   algo = algorithms.SoftMatch(ema_p=0.5, n_sigma=2.0)
-  (pseudo, metrics), = run_steps(algo, algo.init_state(4, 2),
-                                 [(logits_of([[0.6, 0.4], [0.8, 0.2]]), [0, 1])])[0]
+  ((pseudo, metrics),) = run_steps(
+    algo, algo.init_state(4, 2), [(logits_of([[0.6, 0.4], [0.8, 0.2]]), [0, 1])]
+  )[0]
   # aligned: (.6/.7, .4/.3) / sum = (.391304, .608696); (.8/.7, .2/.3) / sum = (.631579, .368421)
   np.testing.assert_allclose(pseudo.max_prob, [0.608696, 0.631579], atol=2e-6)
   np.testing.assert_array_equal(pseudo.label, [0, 0])  # raw argmax, though row 0 aligns to 1
@@ -263,8 +269,9 @@ def test_softmatch_three_steps_match_numpy(ema):
   rng = np.random.default_rng(0)
   prob_steps = [rng.dirichlet(np.full(3, 0.4), size=8) for _ in range(3)]
   algo = algorithms.SoftMatch(ema_p=ema, n_sigma=2.0)
-  outs, state = run_steps(algo, algo.init_state(8, 3),
-                          [(logits_of(p), np.arange(8)) for p in prob_steps])
+  outs, state = run_steps(
+    algo, algo.init_state(8, 3), [(logits_of(p), np.arange(8)) for p in prob_steps]
+  )
   ref = softmatch_reference(prob_steps, ema, 2.0, 3)
   for (pseudo, metrics), r, probs in zip(outs, ref, prob_steps):
     np.testing.assert_allclose(pseudo.max_prob, r['max_p'], rtol=1e-5)
@@ -282,7 +289,7 @@ def test_softmatch_three_steps_match_numpy(ema):
 def test_softmatch_label_is_raw_argmax_when_alignment_flips_it():
   probs = [[0.9, 0.05, 0.05]] * 3 + [[0.6, 0.35, 0.05]]
   algo = algorithms.SoftMatch()
-  (pseudo, _), = run_steps(algo, algo.init_state(4, 3), [(logits_of(probs), range(4))])[0]
+  ((pseudo, _),) = run_steps(algo, algo.init_state(4, 3), [(logits_of(probs), range(4))])[0]
   # p_model = (.825, .125, .05); row 3 aligns to (.727273, 2.8, 1) / 4.527273 -> argmax 1.
   assert int(pseudo.label[3]) == 0
   np.testing.assert_allclose(pseudo.max_prob[3], 2.8 / 4.527273, rtol=1e-5)  # .618474
@@ -294,7 +301,7 @@ def test_softmatch_label_is_raw_argmax_when_alignment_flips_it():
 def test_softmatch_dist_align_off_uses_raw_confidence():
   probs = [[0.9, 0.05, 0.05], [0.6, 0.35, 0.05]]
   algo = algorithms.SoftMatch(dist_align=False)
-  (pseudo, _), = run_steps(algo, algo.init_state(4, 3), [(logits_of(probs), range(2))])[0]
+  ((pseudo, _),) = run_steps(algo, algo.init_state(4, 3), [(logits_of(probs), range(2))])[0]
   np.testing.assert_allclose(pseudo.max_prob, [0.9, 0.6], rtol=1e-6)
 
 
@@ -311,17 +318,21 @@ def test_weak_branch_has_no_gradient_and_computes_in_float32():
 # ----------------------------------------------------------------------------
 # Data parallel: 8 devices equal one device on the concatenated global batch.
 
+
 def map_over_devices(per_device_fn, devices, backend):
   """Per-device fn -> fn on stacked [D, ...] args/outputs, via pmap or shard_map."""
   if backend == 'pmap':
     return jax.pmap(per_device_fn, axis_name='batch', devices=devices)
+
   def blockwise(*args):  # [1, ...] blocks -> per-device call -> [1, ...] blocks
     out = per_device_fn(*jax.tree.map(lambda x: x[0], args))
     return jax.tree.map(lambda x: x[None], out)
+
   mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
   spec = jax.sharding.PartitionSpec('batch')
-  return jax.jit(jax.shard_map(blockwise, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
-                               check_vma=False))
+  return jax.jit(
+    jax.shard_map(blockwise, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
+  )
 
 
 @pytest.mark.parametrize('backend', ['pmap', 'shard_map'])
@@ -330,24 +341,32 @@ def test_eight_devices_equal_one_device(name, backend):
   devices = jax.devices()
   n_dev, per_dev, num_classes, num_ulb = len(devices), 2, 3, 12
   assert n_dev == 8
-  algo = (algorithms.FlexMatch(p_cutoff=0.8) if name == 'flexmatch'
-          else algorithms.SoftMatch(ema_p=0.5))
+  algo = (
+    algorithms.FlexMatch(p_cutoff=0.8) if name == 'flexmatch' else algorithms.SoftMatch(ema_p=0.5)
+  )
   rng = np.random.default_rng(1)
-  batches = [(jnp.asarray(4 * rng.normal(size=(n_dev * per_dev, num_classes)), jnp.float32),
-              jnp.asarray(rng.integers(0, num_ulb, n_dev * per_dev), jnp.int32))  # repeats
-             for _ in range(3)]
+  batches = [
+    (
+      jnp.asarray(4 * rng.normal(size=(n_dev * per_dev, num_classes)), jnp.float32),
+      jnp.asarray(rng.integers(0, num_ulb, n_dev * per_dev), jnp.int32),
+    )  # repeats
+    for _ in range(3)
+  ]
 
   state_1 = algo.init_state(num_ulb, num_classes)
   state_8 = jax.tree.map(lambda x: jnp.stack([x] * n_dev), state_1)
-  step_8 = map_over_devices(lambda s, l, i: algo.pseudo_label(s, l, i, axis_name='batch'),
-                            devices, backend)
+  step_8 = map_over_devices(
+    lambda s, l, i: algo.pseudo_label(s, l, i, axis_name='batch'), devices, backend
+  )
   step_1 = jax.jit(algo.pseudo_label)
   for logits, idx in batches:
     pseudo_1, state_1, _ = step_1(state_1, logits, idx)
-    pseudo_8, state_8, _ = step_8(state_8, logits.reshape(n_dev, per_dev, -1),
-                                  idx.reshape(n_dev, per_dev))
-    np.testing.assert_allclose(np.asarray(pseudo_8.weight).reshape(-1), pseudo_1.weight,
-                               rtol=1e-5, atol=1e-6)
+    pseudo_8, state_8, _ = step_8(
+      state_8, logits.reshape(n_dev, per_dev, -1), idx.reshape(n_dev, per_dev)
+    )
+    np.testing.assert_allclose(
+      np.asarray(pseudo_8.weight).reshape(-1), pseudo_1.weight, rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_array_equal(np.asarray(pseudo_8.label).reshape(-1), pseudo_1.label)
     for leaf_8, leaf_1 in zip(jax.tree.leaves(state_8), jax.tree.leaves(state_1)):
       for replica in np.asarray(leaf_8):  # every replica holds the one-device state

@@ -33,31 +33,33 @@ def _pil_affine(img, coeffs, bilinear=False):
 
 # ---------------------------------------------------------------- identity magnitudes
 
+
 @pytest.mark.parametrize('channels', [1, 3])
 def test_identity_magnitudes_leave_the_image_unchanged(channels):
   img = _random_image(0, (8, 8, channels))
   expected = img.astype(np.float32)
   for name, out in [
-      ('identity', augment.identity(img)),
-      ('brightness', augment.brightness(img, 1.0)),
-      ('color', augment.color(img, 1.0)),
-      ('contrast', augment.contrast(img, 1.0)),
-      ('sharpness', augment.sharpness(img, 1.0)),
-      ('rotate', augment.rotate(img, 0.0)),
-      ('rotate360', augment.rotate(img, 360.0)),
-      ('shear_x', augment.shear_x(img, 0.0)),
-      ('shear_y', augment.shear_y(img, 0.0)),
-      ('translate_x', augment.translate_x(img, 0.0)),
-      ('translate_y', augment.translate_y(img, 0.0)),
-      ('posterize', augment.posterize(img, 8)),
-      ('solarize', augment.solarize(img, 256)),
-      ('cutout', augment.cutout(img, (4.0, 4.0), 0.0, 0.0)),
+    ('identity', augment.identity(img)),
+    ('brightness', augment.brightness(img, 1.0)),
+    ('color', augment.color(img, 1.0)),
+    ('contrast', augment.contrast(img, 1.0)),
+    ('sharpness', augment.sharpness(img, 1.0)),
+    ('rotate', augment.rotate(img, 0.0)),
+    ('rotate360', augment.rotate(img, 360.0)),
+    ('shear_x', augment.shear_x(img, 0.0)),
+    ('shear_y', augment.shear_y(img, 0.0)),
+    ('translate_x', augment.translate_x(img, 0.0)),
+    ('translate_y', augment.translate_y(img, 0.0)),
+    ('posterize', augment.posterize(img, 8)),
+    ('solarize', augment.solarize(img, 256)),
+    ('cutout', augment.cutout(img, (4.0, 4.0), 0.0, 0.0)),
   ]:
     assert out.dtype == jnp.float32, name
     np.testing.assert_array_equal(out, expected, err_msg=name)
 
 
 # ---------------------------------------------------------------- hand-computed LUT ops
+
 
 def test_solarize_inverts_exactly_the_pixels_at_or_above_threshold():
   img = np.array([[[0], [99]], [[100], [255]]], np.uint8)
@@ -87,8 +89,11 @@ def test_equalize_matches_pil_on_a_known_histogram():
     np.testing.assert_array_equal(out[img == level], mapped)
   np.testing.assert_array_equal(out, _np(ImageOps.equalize(_pil(img)), 1))
   # A third of the pixels: step = (300 - 120) // 255 = 0, so PIL leaves the image as is.
-  small = np.random.default_rng(0).permutation(
-      np.repeat(np.array([10, 50, 100, 200], np.uint8), [60, 90, 30, 120])).reshape(15, 20, 1)
+  small = (
+    np.random.default_rng(0)
+    .permutation(np.repeat(np.array([10, 50, 100, 200], np.uint8), [60, 90, 30, 120]))
+    .reshape(15, 20, 1)
+  )
   np.testing.assert_array_equal(augment.equalize(small), small.astype(np.float32))
 
 
@@ -101,8 +106,9 @@ def test_equalize_and_autocontrast_match_pil_on_random_images(channels):
     if seed % 2:
       img = (img // 37 * 37).astype(np.uint8)  # few levels, ties, constant-ish channels
     np.testing.assert_array_equal(equalize(img), _np(ImageOps.equalize(_pil(img)), channels))
-    np.testing.assert_array_equal(auto_contrast(img),
-                                  _np(ImageOps.autocontrast(_pil(img)), channels))
+    np.testing.assert_array_equal(
+      auto_contrast(img), _np(ImageOps.autocontrast(_pil(img)), channels)
+    )
 
 
 def test_auto_contrast_reproduces_pils_double_rounding():
@@ -121,10 +127,15 @@ def test_auto_contrast_reproduces_pils_double_rounding():
 
 # ---------------------------------------------------------------- ImageEnhance blends
 
+
 @pytest.mark.parametrize('channels', [1, 3])
 def test_enhance_ops_match_pil_within_one_grey_level(channels):
-  enhancers = {'brightness': ImageEnhance.Brightness, 'contrast': ImageEnhance.Contrast,
-               'sharpness': ImageEnhance.Sharpness, 'color': ImageEnhance.Color}
+  enhancers = {
+    'brightness': ImageEnhance.Brightness,
+    'contrast': ImageEnhance.Contrast,
+    'sharpness': ImageEnhance.Sharpness,
+    'color': ImageEnhance.Color,
+  }
   for seed, factor in enumerate([0.05, 0.3, 0.77, 1.6]):
     img = _random_image(seed, (8, 9, channels))
     for name, enhancer in enhancers.items():
@@ -155,11 +166,11 @@ def test_sharpness_zero_is_the_smooth_filter_with_border_kept():
   out = np.asarray(augment.sharpness(img, 0.0))[..., 0]
   # Interior (1..2, 1..2): kernel 1 1 1/1 5 1/1 1 1 over 13 -> 130*5/13 = 50 at the centre,
   # 130/13 = 10 at its interior neighbours; the border rows/columns are copied.
-  np.testing.assert_array_equal(out, [[0, 0, 0, 0], [0, 50, 10, 0], [0, 10, 10, 0],
-                                      [0, 0, 0, 0]])
+  np.testing.assert_array_equal(out, [[0, 0, 0, 0], [0, 50, 10, 0], [0, 10, 10, 0], [0, 0, 0, 0]])
 
 
 # ---------------------------------------------------------------- geometric ops
+
 
 def test_translate_moves_a_known_pixel_and_fills_with_black():
   img = np.full((8, 8, 3), 9, np.uint8)
@@ -185,17 +196,25 @@ def test_shear_x_by_hand():
   # Output (x, y) reads input floor(x + 0.5 + 0.5 (y + 0.5)): shifts 0, 1, 1, 2 per row.
   out = np.asarray(augment.shear_x(img, 0.5))[..., 0]
   src = img[..., 0]
-  expected = np.array([[src[y, x + s] if x + s < 4 else 0 for x in range(4)]
-                       for y, s in enumerate([0, 1, 1, 2])])
+  expected = np.array(
+    [[src[y, x + s] if x + s < 4 else 0 for x in range(4)] for y, s in enumerate([0, 1, 1, 2])]
+  )
   np.testing.assert_array_equal(out, expected)
 
 
 @pytest.mark.parametrize('channels', [1, 3])
 def test_geometric_ops_match_pil_nearest_exactly(channels):
   rng = np.random.default_rng(7)
-  rotate, shear_x, shear_y, translate_x, translate_y = (jax.jit(op) for op in (
-      augment.rotate, augment.shear_x, augment.shear_y, augment.translate_x,
-      augment.translate_y))
+  rotate, shear_x, shear_y, translate_x, translate_y = (
+    jax.jit(op)
+    for op in (
+      augment.rotate,
+      augment.shear_x,
+      augment.shear_y,
+      augment.translate_x,
+      augment.translate_y,
+    )
+  )
   for seed in range(5):
     img = _random_image(seed, (9, 8, channels))
     h, w = img.shape[:2]
@@ -204,14 +223,17 @@ def test_geometric_ops_match_pil_nearest_exactly(channels):
     np.testing.assert_array_equal(rotate(img, deg), _np(pil.rotate(deg), channels))
     np.testing.assert_array_equal(shear_x(img, shear), _pil_affine(img, (1, shear, 0, 0, 1, 0)))
     np.testing.assert_array_equal(shear_y(img, shear), _pil_affine(img, (1, 0, 0, shear, 1, 0)))
-    np.testing.assert_array_equal(translate_x(img, frac),
-                                  _pil_affine(img, (1, 0, frac * w, 0, 1, 0)))
-    np.testing.assert_array_equal(translate_y(img, frac),
-                                  _pil_affine(img, (1, 0, 0, 0, 1, frac * h)))
+    np.testing.assert_array_equal(
+      translate_x(img, frac), _pil_affine(img, (1, 0, frac * w, 0, 1, 0))
+    )
+    np.testing.assert_array_equal(
+      translate_y(img, frac), _pil_affine(img, (1, 0, 0, 0, 1, frac * h))
+    )
     fill = (128,) * channels  # PIL's fillcolor as a tuple
-    np.testing.assert_array_equal(augment.rotate(img, deg, fill=128),
-                                  _np(pil.rotate(deg, fillcolor=fill if channels == 3 else 128),
-                                      channels))
+    np.testing.assert_array_equal(
+      augment.rotate(img, deg, fill=128),
+      _np(pil.rotate(deg, fillcolor=fill if channels == 3 else 128), channels),
+    )
 
 
 def test_bilinear_affine_matches_pil_within_one_grey_level():
@@ -225,6 +247,7 @@ def test_bilinear_affine_matches_pil_within_one_grey_level():
 
 
 # ---------------------------------------------------------------- cutout
+
 
 def test_cutout_fills_the_right_square():
   img = np.zeros((8, 8, 3), np.uint8)
@@ -246,32 +269,30 @@ def test_cutout_matches_pil_rectangle_including_border_clipping():
     cx, cy = rng.uniform(1, w), rng.uniform(1, w)  # USB's np.random.uniform(w) range
     x0, y0 = int(max(0, cx - size / 2)), int(max(0, cy - size / 2))
     pil = _pil(img)
-    ImageDraw.Draw(pil).rectangle((x0, y0, min(w, x0 + size), min(w, y0 + size)),
-                                  (125, 123, 114))
+    ImageDraw.Draw(pil).rectangle((x0, y0, min(w, x0 + size), min(w, y0 + size)), (125, 123, 114))
     np.testing.assert_array_equal(cutout(img, (cy, cx), size, (125, 123, 114)), _np(pil, 3))
 
 
 # ---------------------------------------------------------------- grayscale
 
+
 def test_every_op_works_on_grayscale_and_matches_pil_l_mode():
   img = _random_image(21, (8, 8, 1), 20, 230)
   pil = _pil(img)
   cases = [
-      (augment.auto_contrast(img), ImageOps.autocontrast(pil)),
-      (augment.equalize(img), ImageOps.equalize(pil)),
-      (augment.posterize(img, 5), ImageOps.posterize(pil, 5)),
-      (augment.solarize(img, 100), ImageOps.solarize(pil, 100)),
-      (augment.brightness(img, 0.4), ImageEnhance.Brightness(pil).enhance(0.4)),
-      (augment.contrast(img, 0.4), ImageEnhance.Contrast(pil).enhance(0.4)),
-      (augment.color(img, 0.4), ImageEnhance.Color(pil).enhance(0.4)),
-      (augment.sharpness(img, 0.4), ImageEnhance.Sharpness(pil).enhance(0.4)),
-      (augment.rotate(img, 12.0), pil.rotate(12.0)),
-      (augment.shear_x(img, 0.2), pil.transform(pil.size, Image.AFFINE, (1, 0.2, 0, 0, 1, 0))),
-      (augment.shear_y(img, 0.2), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0.2, 1, 0))),
-      (augment.translate_x(img, 0.2), pil.transform(pil.size, Image.AFFINE,
-                                                    (1, 0, 1.6, 0, 1, 0))),
-      (augment.translate_y(img, 0.2), pil.transform(pil.size, Image.AFFINE,
-                                                    (1, 0, 0, 0, 1, 1.6))),
+    (augment.auto_contrast(img), ImageOps.autocontrast(pil)),
+    (augment.equalize(img), ImageOps.equalize(pil)),
+    (augment.posterize(img, 5), ImageOps.posterize(pil, 5)),
+    (augment.solarize(img, 100), ImageOps.solarize(pil, 100)),
+    (augment.brightness(img, 0.4), ImageEnhance.Brightness(pil).enhance(0.4)),
+    (augment.contrast(img, 0.4), ImageEnhance.Contrast(pil).enhance(0.4)),
+    (augment.color(img, 0.4), ImageEnhance.Color(pil).enhance(0.4)),
+    (augment.sharpness(img, 0.4), ImageEnhance.Sharpness(pil).enhance(0.4)),
+    (augment.rotate(img, 12.0), pil.rotate(12.0)),
+    (augment.shear_x(img, 0.2), pil.transform(pil.size, Image.AFFINE, (1, 0.2, 0, 0, 1, 0))),
+    (augment.shear_y(img, 0.2), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0.2, 1, 0))),
+    (augment.translate_x(img, 0.2), pil.transform(pil.size, Image.AFFINE, (1, 0, 1.6, 0, 1, 0))),
+    (augment.translate_y(img, 0.2), pil.transform(pil.size, Image.AFFINE, (1, 0, 0, 0, 1, 1.6))),
   ]
   for i, (ours, ref) in enumerate(cases):
     assert ours.shape == (8, 8, 1), i
@@ -282,10 +303,12 @@ def test_every_op_works_on_grayscale_and_matches_pil_l_mode():
 
 # ---------------------------------------------------------------- random views
 
+
 def test_random_flip_mirrors_or_keeps_and_both_happen():
   img = _random_image(0, (4, 5, 3))
-  outs = np.asarray(jax.vmap(augment.random_flip, (0, None))(jax.random.split(
-      jax.random.key(0), 32), img))
+  outs = np.asarray(
+    jax.vmap(augment.random_flip, (0, None))(jax.random.split(jax.random.key(0), 32), img)
+  )
   flipped = np.all(outs == img[:, ::-1].astype(np.float32), axis=(1, 2, 3))
   kept = np.all(outs == img.astype(np.float32), axis=(1, 2, 3))
   assert np.all(flipped ^ kept) and flipped.any() and kept.any()
@@ -300,13 +323,17 @@ def test_random_crop_is_a_slice_of_the_reflect_padded_image():
   offsets = set()
   for key in jax.random.split(jax.random.key(3), 40):
     out = np.asarray(augment.random_crop(key, img, pad))
-    hits = [(i, j) for i in range(2 * pad + 1) for j in range(2 * pad + 1)
-            if np.array_equal(out, reflect[i:i + 8, j:j + 8])]
+    hits = [
+      (i, j)
+      for i in range(2 * pad + 1)
+      for j in range(2 * pad + 1)
+      if np.array_equal(out, reflect[i : i + 8, j : j + 8])
+    ]
     assert len(hits) == 1
     offsets.add(hits[0])
     if hits[0] != (pad, pad):
       i, j = hits[0]
-      assert not np.array_equal(out, edge[i:i + 8, j:j + 8])  # reflect, not edge
+      assert not np.array_equal(out, edge[i : i + 8, j : j + 8])  # reflect, not edge
   assert len(offsets) >= 12  # offsets spread over the 5x5 possibilities
   assert {o[0] for o in offsets} == set(range(5)) and {o[1] for o in offsets} == set(range(5))
 
@@ -320,7 +347,7 @@ def test_crop_pad_rounds_the_fraction_of_the_side():
 def test_weak_augment_is_a_flipped_crop():
   img = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
   reflect = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode='reflect').astype(np.float32)
-  crops = [reflect[i:i + 8, j:j + 8] for i in range(3) for j in range(3)]
+  crops = [reflect[i : i + 8, j : j + 8] for i in range(3) for j in range(3)]
   candidates = crops + [c[:, ::-1] for c in crops]
   for key in jax.random.split(jax.random.key(1), 10):
     out = np.asarray(augment.weak_augment(key, img, pad_frac=0.125))  # pad = 1 at 8
@@ -331,11 +358,25 @@ def test_weak_augment_is_a_flipped_crop():
 
 # ---------------------------------------------------------------- RandAugment
 
+
 def test_randaugment_ops_follow_usb_list_and_ranges():
   names = [name for name, *_ in augment.RANDAUGMENT_OPS]
-  assert names == ['AutoContrast', 'Brightness', 'Color', 'Contrast', 'Equalize', 'Identity',
-                   'Posterize', 'Rotate', 'Sharpness', 'ShearX', 'ShearY', 'Solarize',
-                   'TranslateX', 'TranslateY']
+  assert names == [
+    'AutoContrast',
+    'Brightness',
+    'Color',
+    'Contrast',
+    'Equalize',
+    'Identity',
+    'Posterize',
+    'Rotate',
+    'Sharpness',
+    'ShearX',
+    'ShearY',
+    'Solarize',
+    'TranslateX',
+    'TranslateY',
+  ]
   ranges = {name: (low, high) for name, _, low, high in augment.RANDAUGMENT_OPS}
   assert ranges['Brightness'] == (0.05, 0.95) and ranges['Posterize'] == (4.0, 8.0)
   assert ranges['Rotate'] == (-30.0, 30.0) and ranges['Solarize'] == (0.0, 256.0)
@@ -349,8 +390,7 @@ def test_vmapped_randaugment_op_equals_each_public_op(channels):
   index = np.repeat(np.arange(len(ops)), len(units)).astype(np.int32)
   unit = np.tile(units, len(ops))
   imgs = np.stack([_random_image(i, (8, 8, channels)) for i in range(len(index))])
-  outs = np.asarray(jax.jit(jax.vmap(augment.randaugment_op))(imgs.astype(np.float32),
-                                                              index, unit))
+  outs = np.asarray(jax.jit(jax.vmap(augment.randaugment_op))(imgs.astype(np.float32), index, unit))
   for n, (i, u) in enumerate(zip(index, unit)):
     name, op, low, high = ops[i]
     expected = op(imgs[n], low + (high - low) * u)
@@ -373,13 +413,15 @@ def test_strong_augment_without_ops_is_weak_plus_a_cutout_square():
 
 # ---------------------------------------------------------------- batch entry point
 
+
 @pytest.mark.parametrize('channels', [1, 3])
 def test_augment_batch_shape_dtype_range_and_per_sample_keys(channels):
   images = np.repeat(np.arange(64, dtype=np.uint8).reshape(1, 8, 8, 1) * 4, 6, axis=0)
   images = np.repeat(images, channels, axis=-1)  # six identical images
   key = jax.random.key(0)
-  fn = jax.jit(augment.augment_batch, static_argnames=('strong', 'pad_frac', 'flip', 'num_ops',
-                                                       'cutout'))
+  fn = jax.jit(
+    augment.augment_batch, static_argnames=('strong', 'pad_frac', 'flip', 'num_ops', 'cutout')
+  )
   for strong in (False, True):
     out = fn(key, images, strong=strong)
     assert out.shape == images.shape and out.dtype == jnp.float32

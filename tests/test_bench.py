@@ -12,7 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load():
   spec = importlib.util.spec_from_file_location(
-      'bench_under_test', os.path.join(ROOT, 'experiments', 'bench.py'))
+    'bench_under_test', os.path.join(ROOT, 'experiments', 'bench.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -52,8 +53,12 @@ def test_smoke_runs_on_all_devices(capsys):
 
 def test_paper_preset_and_explicit_flags_win():
   args = bench.parse_args(['--paper'])
-  assert (args.batch_sizes, args.uratio, args.model, args.dtype) == ('64', 7, 'wrn_28_2',
-                                                                     'bfloat16')
+  assert (args.batch_sizes, args.uratio, args.model, args.dtype) == (
+    '64',
+    7,
+    'wrn_28_2',
+    'bfloat16',
+  )
   assert args.variants == 'softmatch,softmatch+cmix1,softmatch+cmix2'
   assert args.num_devices == -1  # every local device
   assert bench.parse_args(['--paper', '--batch_sizes=32']).batch_sizes == '32'
@@ -67,10 +72,19 @@ def test_paper_preset_and_explicit_flags_win():
     bench.parse_args(['--image_shape=32x32'])
 
 
-@pytest.mark.parametrize('kind,peak', [
-    ('NVIDIA H200', 989e12), ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12),
-    ('TPU v4', 275e12), ('TPU v5 lite', 197e12), ('TPU v5p', 459e12), ('TPU v5', 459e12),
-    ('TPU v6 lite', 918e12)])
+@pytest.mark.parametrize(
+  'kind,peak',
+  [
+    ('NVIDIA H200', 989e12),
+    ('NVIDIA H100 80GB HBM3', 989e12),
+    ('NVIDIA A100-SXM4-80GB', 312e12),
+    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5', 459e12),
+    ('TPU v6 lite', 918e12),
+  ],
+)
 def test_peak_table_matches_device_kinds(kind, peak):
   device = types.SimpleNamespace(platform='gpu' if 'NVIDIA' in kind else 'tpu', device_kind=kind)
   assert bench.device_peak(device, 'bfloat16')[0] == peak
@@ -79,7 +93,9 @@ def test_peak_table_matches_device_kinds(kind, peak):
 def test_unknown_accelerator_and_cpu_use_a_measured_matmul(monkeypatch):
   monkeypatch.setattr(bench, 'matmul_peak', lambda n=2048, repeats=5, dtype='float32': 7.0)
   unknown = types.SimpleNamespace(platform='gpu', device_kind='NVIDIA L4')
-  assert bench.device_peak(unknown, 'bfloat16') == (7.0, 'measured bfloat16 matmul '
-                                                    '(unknown accelerator)')
+  assert bench.device_peak(unknown, 'bfloat16') == (
+    7.0,
+    'measured bfloat16 matmul (unknown accelerator)',
+  )
   cpu = types.SimpleNamespace(platform='cpu', device_kind='cpu')
   assert bench.device_peak(cpu, 'bfloat16') == (7.0, 'measured bfloat16 matmul')

@@ -83,8 +83,10 @@ def test_nothing_readable_moves_nothing_and_names_the_directory(tmp_path):
 
 
 def test_failure_cause_reads_the_os_error_through_orbax_wrappers():
-  wrapped = ValueError('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to '
-                       "write 39556 bytes to file 8: No space left on device [os_error_code='28']")
+  wrapped = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to '
+    "write 39556 bytes to file 8: No space left on device [os_error_code='28']"
+  )
   assert checkpointing.failure_cause(wrapped) == os.strerror(errno.ENOSPC)
   try:
     try:
@@ -94,7 +96,8 @@ def test_failure_cause_reads_the_os_error_through_orbax_wrappers():
   except RuntimeError as e:
     assert checkpointing.failure_cause(e) == os.strerror(errno.EACCES)
   assert checkpointing.failure_cause(ValueError('PERMISSION_DENIED: bucket b\nmore')) == (
-      'PERMISSION_DENIED: bucket b')
+    'PERMISSION_DENIED: bucket b'
+  )
 
 
 def test_unwritable_directory_is_one_save_error_and_keeps_finished_ones(tmp_path):
@@ -117,8 +120,12 @@ def small_tmpfs(tmp_path):
   """A 600 KiB tmpfs (needs root and mount rights; skipped where the machine forbids it)."""
   mount_point = tmp_path / 'small_disk'
   mount_point.mkdir()
-  proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=600k', 'tmpfs', str(mount_point)],
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'size=600k', 'tmpfs', str(mount_point)],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   if proc.returncode:
     pytest.skip(f'cannot mount a small tmpfs here: {proc.stderr.strip()}')
   yield mount_point
@@ -131,8 +138,10 @@ def test_full_disk_during_async_save_is_one_message_at_the_next_boundary(small_t
   checkpointing.save(manager, 2, big, {'step': 2})  # asynchronous: returns at once
   with pytest.raises(checkpointing.CheckpointSaveError) as info:
     checkpointing.wait_until_saved(manager)
-  assert str(info.value).startswith(f'Cannot save the checkpoint of step 2 in '
-                                    f'{small_tmpfs / "checkpoints"}: No space left on device.')
+  assert str(info.value).startswith(
+    f'Cannot save the checkpoint of step 2 in '
+    f'{small_tmpfs / "checkpoints"}: No space left on device.'
+  )
   assert 'newest finished one is step 1' in str(info.value)
   checkpointing.wait_until_saved(manager)  # reported once, not again at close
   manager = _manager(small_tmpfs)
@@ -142,6 +151,7 @@ def test_full_disk_during_async_save_is_one_message_at_the_next_boundary(small_t
 
 class _FailedSaves:
   """A checkpoint manager whose pending save of step 2 failed on a full disk."""
+
   directory = '/w/checkpoints'
 
   def __init__(self):
@@ -163,8 +173,9 @@ class _FailedFlush:
 
 def test_pending_writes_fail_loudly_unless_the_run_already_failed(caplog):
   run = types.SimpleNamespace(manager=_FailedSaves(), writer=_FailedFlush())
-  with pytest.raises(checkpointing.CheckpointSaveError,
-                     match='step 2 in /w/checkpoints: No space left on device'):
+  with pytest.raises(
+    checkpointing.CheckpointSaveError, match='step 2 in /w/checkpoints: No space left on device'
+  ):
     train.finish_writes(run, failed=False)
   run = types.SimpleNamespace(manager=_FailedSaves(), writer=_FailedFlush())
   train.finish_writes(run, failed=True)  # logged; the run's own error stays the one reported

@@ -31,24 +31,51 @@ softmatch,svhn,250,2.15,0.05
 PAPER = """algorithm,dataset,num_labels,error_mean,error_std,ece_mean,ece_std
 FixMatch + CalibrateMix,cifar10,40,7.50,0.50,1.20,0.10
 """
-TABLE = {'bin_lo': [0.0, 0.5], 'bin_hi': [0.5, 1.0], 'count': [10, 30],
-         'mean_conf': [0.4, 0.8], 'accuracy': [0.3, 0.9]}
+TABLE = {
+  'bin_lo': [0.0, 0.5],
+  'bin_hi': [0.5, 1.0],
+  'count': [10, 30],
+  'mean_conf': [0.4, 0.8],
+  'accuracy': [0.3, 0.9],
+}
 
 
-def write_run(root, name, algorithm='fixmatch', data='cifar10', labels=40, seed=0,
-              cmix=False, random_pairing=False, error=0.1, ece=0.05, passes=2, finished=True):
+def write_run(
+  root,
+  name,
+  algorithm='fixmatch',
+  data='cifar10',
+  labels=40,
+  seed=0,
+  cmix=False,
+  random_pairing=False,
+  error=0.1,
+  ece=0.05,
+  passes=2,
+  finished=True,
+):
   workdir = os.path.join(root, name)
   os.makedirs(workdir)
-  config = {'algorithm': algorithm, 'seed': seed,
-            'data': {'name': data, 'num_labels': labels},
-            'calibratemix': {'enabled': cmix, 'random_pairing': random_pairing,
-                             'passes': passes}}
+  config = {
+    'algorithm': algorithm,
+    'seed': seed,
+    'data': {'name': data, 'num_labels': labels},
+    'calibratemix': {'enabled': cmix, 'random_pairing': random_pairing, 'passes': passes},
+  }
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     json.dump(config, f)
   if finished:
-    report = {'accuracy': 1 - error, 'error_rate': error, 'ece': ece, 'ece_15': ece + 0.01,
-              'nll': 0.3 + error, 'brier': 0.2, 'selection': 'best_test', 'step': 1000,
-              'final': {'accuracy': 0.5}}
+    report = {
+      'accuracy': 1 - error,
+      'error_rate': error,
+      'ece': ece,
+      'ece_15': ece + 0.01,
+      'nll': 0.3 + error,
+      'brier': 0.2,
+      'selection': 'best_test',
+      'step': 1000,
+      'final': {'accuracy': 0.5},
+    }
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(report, f)
     with open(os.path.join(workdir, 'reliability.json'), 'w') as f:
@@ -64,8 +91,15 @@ def study(tmp_path):
   for seed, (err, ece) in enumerate([(0.09, 0.02), (0.11, 0.04)]):
     write_run(runs, f'fix_cmix_{seed}', seed=seed, cmix=True, error=err, ece=ece)
   write_run(runs, 'fix_rand_0', seed=0, cmix=True, random_pairing=True, error=0.2, ece=0.15)
-  write_run(runs, 'soft_svhn_0', algorithm='softmatch', data='svhn_cropped', labels=250,
-            error=0.03, ece=0.01)
+  write_run(
+    runs,
+    'soft_svhn_0',
+    algorithm='softmatch',
+    data='svhn_cropped',
+    labels=250,
+    error=0.03,
+    ece=0.01,
+  )
   write_run(runs, 'unfinished', seed=5, finished=False)
   (tmp_path / 'ref.csv').write_text(REFERENCE)
   (tmp_path / 'paper.csv').write_text(PAPER)
@@ -82,8 +116,12 @@ def _rows(study_dir, group_by=()):
 def test_aggregate_mean_std_reference_and_paired_delta(study):
   rows, runs = _rows(study)
   assert len(runs) == 7  # the unfinished run is not loaded
-  assert list(rows) == ['cifar10/40 fixmatch', 'cifar10/40 fixmatch +CalibrateMix',
-                        'cifar10/40 fixmatch +random mixup', 'svhn/250 softmatch']
+  assert list(rows) == [
+    'cifar10/40 fixmatch',
+    'cifar10/40 fixmatch +CalibrateMix',
+    'cifar10/40 fixmatch +random mixup',
+    'svhn/250 softmatch',
+  ]
   base = rows['cifar10/40 fixmatch']
   assert base['n_seeds'] == 3 and base['seeds'] == '0 1 2'
   assert base['error_rate_mean'] == pytest.approx(0.12)
@@ -139,11 +177,23 @@ def test_group_by_and_duplicates(study):
 def test_cli_writes_table_csv_and_reliability(study):
   out = study / 'out'
   result = subprocess.run(
-      [sys.executable, SCRIPT, str(study / 'runs'), f'--reference={study / "ref.csv"}',
-       f'--paper={study / "paper.csv"}', f'--out={out}'],
-      capture_output=True, text=True, check=True, cwd=ROOT)
-  assert '| cifar10 | 40 | fixmatch | 3 | best_test | 12.00 ± 2.00 | 8.33 ± 1.41 | +3.67 |' \
-      in result.stdout
+    [
+      sys.executable,
+      SCRIPT,
+      str(study / 'runs'),
+      f'--reference={study / "ref.csv"}',
+      f'--paper={study / "paper.csv"}',
+      f'--out={out}',
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=ROOT,
+  )
+  assert (
+    '| cifar10 | 40 | fixmatch | 3 | best_test | 12.00 ± 2.00 | 8.33 ± 1.41 | +3.67 |'
+    in result.stdout
+  )
   assert 'unfinished' in result.stderr
   assert (out / 'table.md').read_text() in result.stdout + '\n'
   with open(out / 'table.csv') as f:

@@ -34,10 +34,16 @@ def test_every_paper_setting_builds_and_validates():
     assert config.calibratemix.enabled == (variant == 'cmix')
 
 
-@pytest.mark.parametrize('dataset,network,wd,uratio', [
-    ('cifar10', 'wrn_28_2', 5e-4, 7), ('cifar100', 'wrn_28_8', 1e-3, 7),
-    ('svhn', 'wrn_28_2', 5e-4, 7), ('stl10', 'wrn_37_2', 5e-4, 7),
-    ('imagenet', 'resnet50', 3e-4, 1)])  # USB's comatch_imagenet_100k_0.yaml
+@pytest.mark.parametrize(
+  'dataset,network,wd,uratio',
+  [
+    ('cifar10', 'wrn_28_2', 5e-4, 7),
+    ('cifar100', 'wrn_28_8', 1e-3, 7),
+    ('svhn', 'wrn_28_2', 5e-4, 7),
+    ('stl10', 'wrn_37_2', 5e-4, 7),
+    ('imagenet', 'resnet50', 3e-4, 1),
+  ],
+)  # USB's comatch_imagenet_100k_0.yaml
 def test_paper_hyperparameters(dataset, network, wd, uratio):
   config = classic_cv.get_config(f'softmatch,{dataset},{classic_cv.SETTINGS[dataset][3][0]},0')
   assert config.model.name == network and config.optim.weight_decay == wd
@@ -54,11 +60,11 @@ def test_classic_cv_cites_the_shipped_reference_table_that_compare_reads():
   assert '../' not in doc and '/work/' not in doc
   assert 'experiments/usb_reference_results.csv' in doc
   spec = importlib.util.spec_from_file_location(
-      'compare_for_configs', os.path.join(REPO, 'experiments', 'compare.py'))
+    'compare_for_configs', os.path.join(REPO, 'experiments', 'compare.py')
+  )
   compare = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(compare)
-  assert compare.DEFAULT_REFERENCE == os.path.join(REPO, 'experiments',
-                                                   'usb_reference_results.csv')
+  assert compare.DEFAULT_REFERENCE == os.path.join(REPO, 'experiments', 'usb_reference_results.csv')
   reference = compare.load_reference(compare.DEFAULT_REFERENCE)
   assert reference[('fixmatch', 'cifar10', '40')]['error_mean'] == 8.33  # the docstring's figure
 
@@ -66,18 +72,22 @@ def test_classic_cv_cites_the_shipped_reference_table_that_compare_reads():
 def _svhn_like_raw():
   """SVHN's spec on fake data: 20 train images (labels 0..1 from i % 2) and 30 extra (2..3)."""
   arrays = datasets.make_fake(num_train=20, num_test=4, image_shape=(2, 2, 1), num_classes=4)
-  train_images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1) * np.ones((1, 2, 2, 1),
-                                                                               np.uint8)
+  train_images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1) * np.ones(
+    (1, 2, 2, 1), np.uint8
+  )
   extra_images = (100 + np.arange(30, dtype=np.uint8)).reshape(30, 1, 1, 1) * np.ones(
-      (1, 2, 2, 1), np.uint8)
-  spec = dataclasses.replace(datasets.SPECS['svhn_cropped'], num_classes=4,
-                             image_shape=(2, 2, 1))
+    (1, 2, 2, 1), np.uint8
+  )
+  spec = dataclasses.replace(datasets.SPECS['svhn_cropped'], num_classes=4, image_shape=(2, 2, 1))
   return datasets.RawData(
-      spec=spec, train_images=datasets.ArrayImageSource(train_images),
-      train_labels=(np.arange(20) % 2).astype(np.int32),
-      test_images=datasets.ArrayImageSource(arrays['test'][0]), test_labels=arrays['test'][1],
-      extra_images=datasets.ArrayImageSource(extra_images),
-      extra_labels=(2 + np.arange(30) % 2).astype(np.int32))
+    spec=spec,
+    train_images=datasets.ArrayImageSource(train_images),
+    train_labels=(np.arange(20) % 2).astype(np.int32),
+    test_images=datasets.ArrayImageSource(arrays['test'][0]),
+    test_labels=arrays['test'][1],
+    extra_images=datasets.ArrayImageSource(extra_images),
+    extra_labels=(2 + np.arange(30) % 2).astype(np.int32),
+  )
 
 
 def test_svhn_labels_are_drawn_from_train_and_extra():
@@ -92,7 +102,8 @@ def test_svhn_labels_are_drawn_from_train_and_extra():
   # Unlabeled = train then extra, each once (labeled included, as USB's include_lb_to_ulb).
   assert data.num_unlabeled == 50
   assert data.unlabeled_images.get(np.arange(50))[:, 0, 0, 0].tolist() == (
-      list(range(20)) + list(range(100, 130)))
+    list(range(20)) + list(range(100, 130))
+  )
   assert data.unlabeled_labels.tolist() == raw.train_labels.tolist() + raw.extra_labels.tolist()
 
 

@@ -14,9 +14,15 @@ import pytest
 from cmix_jax.data import datasets
 from cmix_jax.data import sources
 
-REAL_FASHION = all(os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR, f)) for f in (
-    'train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
-    't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'))
+REAL_FASHION = all(
+  os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR, f))
+  for f in (
+    'train-images-idx3-ubyte.gz',
+    'train-labels-idx1-ubyte.gz',
+    't10k-images-idx3-ubyte.gz',
+    't10k-labels-idx1-ubyte.gz',
+  )
+)
 
 
 def _idx_bytes(array: np.ndarray, code: int) -> bytes:
@@ -72,7 +78,8 @@ def _dead_pid() -> int:
 
 
 def test_fashion_mnist_stored_on_first_use_read_back_and_interrupted_store_rebuilt(
-    tmp_path, monkeypatch):
+  tmp_path, monkeypatch
+):
   counts = {'train': 30, 'test': 20}
   arrays = _write_fashion_like(tmp_path / 'src', counts)
   monkeypatch.setattr(datasets, 'FASHION_MNIST_DIR', str(tmp_path / 'src'))
@@ -82,8 +89,9 @@ def test_fashion_mnist_stored_on_first_use_read_back_and_interrupted_store_rebui
   partial = os.path.join(data_dir, 'fashion_mnist_debian', '1.0.0')
   os.makedirs(partial)
   open(os.path.join(partial, 'half-written.array_record'), 'w').close()
-  stale = os.path.join(data_dir, f'.incomplete-fashion_mnist_debian.{socket.gethostname()}.'
-                       f'{_dead_pid()}.abcd')
+  stale = os.path.join(
+    data_dir, f'.incomplete-fashion_mnist_debian.{socket.gethostname()}.{_dead_pid()}.abcd'
+  )
   os.makedirs(stale)
   assert not datasets.is_stored(data_dir, 'fashion_mnist_debian')
 
@@ -150,15 +158,23 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
   labels = np.array([0, 1, 2, 0, 1, 2, 0])
   data_dir = str(tmp_path)
   datasets.store_arrays('wide_images', data_dir, {'train': (images, labels)}, num_classes=3)
-  spec = datasets.DatasetSpec(name='wide', tfds_name='wide_images', num_classes=3,
-                              image_shape=(4, 4, 3), mean=(0.5,) * 3, std=(0.5,) * 3,
-                              in_memory=False, resize=True)
+  spec = datasets.DatasetSpec(
+    name='wide',
+    tfds_name='wide_images',
+    num_classes=3,
+    image_shape=(4, 4, 3),
+    mean=(0.5,) * 3,
+    std=(0.5,) * 3,
+    in_memory=False,
+    resize=True,
+  )
   builder = datasets.open_builder(spec, data_dir)
   source, got_labels = datasets.open_split(builder, spec, 'train')
   assert isinstance(source, datasets.TfdsImageSource) and len(source) == 7
   np.testing.assert_array_equal(got_labels, labels)
-  assert os.path.exists(os.path.join(datasets.stored_dir(data_dir, 'wide_images'),
-                                     'cmix_labels_train.npy'))
+  assert os.path.exists(
+    os.path.join(datasets.stored_dir(data_dir, 'wide_images'), 'cmix_labels_train.npy')
+  )
   got = source.get(np.array([5, 0, 5]))
   assert got.shape == (3, 4, 4, 3) and got.dtype == np.uint8
   for row, i in enumerate([5, 0, 5]):
@@ -167,15 +183,31 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
 
 def test_tfrecord_store_reads_in_memory_and_refuses_random_access(tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   images = np.random.default_rng(2).integers(0, 256, (9, 5, 5, 3), dtype=np.uint8)
-  features = tfds.features.FeaturesDict({'image': tfds.features.Image(shape=(5, 5, 3)),
-                                         'label': tfds.features.ClassLabel(num_classes=3)})
+  features = tfds.features.FeaturesDict(
+    {
+      'image': tfds.features.Image(shape=(5, 5, 3)),
+      'label': tfds.features.ClassLabel(num_classes=3),
+    }
+  )
   tfds.dataset_builders.store_as_tfds_dataset(
-      name='tfrecord_images', version='1.0.0', features=features,
-      split_datasets={'train': [(i, {'image': images[i], 'label': i % 3}) for i in range(9)]},
-      data_dir=str(tmp_path), file_format='tfrecord', disable_shuffling=True)
-  spec = datasets.DatasetSpec(name='t', tfds_name='tfrecord_images', num_classes=3,
-                              image_shape=(5, 5, 3), mean=(0.5,) * 3, std=(0.5,) * 3)
+    name='tfrecord_images',
+    version='1.0.0',
+    features=features,
+    split_datasets={'train': [(i, {'image': images[i], 'label': i % 3}) for i in range(9)]},
+    data_dir=str(tmp_path),
+    file_format='tfrecord',
+    disable_shuffling=True,
+  )
+  spec = datasets.DatasetSpec(
+    name='t',
+    tfds_name='tfrecord_images',
+    num_classes=3,
+    image_shape=(5, 5, 3),
+    mean=(0.5,) * 3,
+    std=(0.5,) * 3,
+  )
   builder = datasets.open_builder(spec, str(tmp_path))
   x, y = datasets.read_split(builder, 'train', (5, 5, 3))
   np.testing.assert_array_equal(x, images)
@@ -219,18 +251,19 @@ def test_ssl_view_unlabeled_excludes_validation_and_optionally_labeled():
   assert data.num_labeled == 8 and len(data.val_idx) == 4 and data.num_classes == 4
   assert data.spec.image_shape == (6, 6, 3)
   assert len(np.intersect1d(data.val_idx, data.labeled_idx)) == 0
-  np.testing.assert_array_equal(data.unlabeled_train_idx,
-                                np.setdiff1d(np.arange(40), data.val_idx))
+  np.testing.assert_array_equal(data.unlabeled_train_idx, np.setdiff1d(np.arange(40), data.val_idx))
   assert data.num_unlabeled == 36
   assert np.all(np.isin(data.labeled_idx, data.unlabeled_train_idx))  # include_lb_to_ulb
   j = np.array([0, 35, 7])
-  np.testing.assert_array_equal(data.unlabeled_images.get(j),
-                                data.train_images.get(data.unlabeled_train_idx[j]))
+  np.testing.assert_array_equal(
+    data.unlabeled_images.get(j), data.train_images.get(data.unlabeled_train_idx[j])
+  )
   np.testing.assert_array_equal(data.unlabeled_labels, data.train_labels[data.unlabeled_train_idx])
   np.testing.assert_array_equal(data.labeled_images(), data.train_images.get(data.labeled_idx))
   np.testing.assert_array_equal(np.bincount(data.labeled_labels), [2] * 4)
-  strict = sources.load_ssl_data('fake', '', 8, seed=0, val_size=4, include_lb_to_ulb=False,
-                                  fake_kwargs=FAKE)
+  strict = sources.load_ssl_data(
+    'fake', '', 8, seed=0, val_size=4, include_lb_to_ulb=False, fake_kwargs=FAKE
+  )
   assert strict.num_unlabeled == 28
   assert not np.any(np.isin(strict.labeled_idx, strict.unlabeled_train_idx))
 
@@ -246,38 +279,46 @@ def test_extra_unlabeled_split_is_appended_with_unknown_labels():
 
 def test_unlabeled_subset_is_class_balanced_seeded_keeps_labeled_and_maps_images():
   fake = dict(FAKE, num_train=80)
-  data = sources.load_ssl_data('fake', '', 8, seed=0, val_size=4, fake_kwargs=fake,
-                                unlabeled_size=20)
+  data = sources.load_ssl_data(
+    'fake', '', 8, seed=0, val_size=4, fake_kwargs=fake, unlabeled_size=20
+  )
   assert data.num_unlabeled == 20 and len(data.unlabeled_train_idx) == 20
   np.testing.assert_array_equal(np.bincount(data.unlabeled_labels, minlength=4), [5] * 4)
   assert np.all(np.isin(data.labeled_idx, data.unlabeled_train_idx))  # include_lb_to_ulb
   assert not np.any(np.isin(data.val_idx, data.unlabeled_train_idx))
   assert np.all(np.diff(data.unlabeled_train_idx) > 0)  # train order kept
-  np.testing.assert_array_equal(data.unlabeled_images.get(np.arange(20)),
-                                data.train_images.get(data.unlabeled_train_idx))
+  np.testing.assert_array_equal(
+    data.unlabeled_images.get(np.arange(20)), data.train_images.get(data.unlabeled_train_idx)
+  )
   np.testing.assert_array_equal(data.unlabeled_labels, data.train_labels[data.unlabeled_train_idx])
-  again = sources.load_ssl_data('fake', '', 8, seed=0, val_size=4, fake_kwargs=fake,
-                                 unlabeled_size=20)
+  again = sources.load_ssl_data(
+    'fake', '', 8, seed=0, val_size=4, fake_kwargs=fake, unlabeled_size=20
+  )
   np.testing.assert_array_equal(again.unlabeled_train_idx, data.unlabeled_train_idx)
-  other = sources.load_ssl_data('fake', '', 8, seed=1, val_size=4, fake_kwargs=fake,
-                                 unlabeled_size=20)
+  other = sources.load_ssl_data(
+    'fake', '', 8, seed=1, val_size=4, fake_kwargs=fake, unlabeled_size=20
+  )
   assert not np.array_equal(other.unlabeled_train_idx, data.unlabeled_train_idx)
   whole = sources.load_ssl_data('fake', '', 8, seed=0, val_size=4, fake_kwargs=fake)
   np.testing.assert_array_equal(whole.labeled_idx, data.labeled_idx)  # labeled draw unchanged
   assert whole.unlabeled_subset is None and whole.unlabeled_record() is None
-  strict = sources.load_ssl_data('fake', '', 8, seed=0, val_size=4, fake_kwargs=fake,
-                                  include_lb_to_ulb=False, unlabeled_size=18)
+  strict = sources.load_ssl_data(
+    'fake', '', 8, seed=0, val_size=4, fake_kwargs=fake, include_lb_to_ulb=False, unlabeled_size=18
+  )
   np.testing.assert_array_equal(np.sort(np.bincount(strict.unlabeled_labels)), [4, 4, 5, 5])
   assert not np.any(np.isin(strict.labeled_idx, strict.unlabeled_train_idx))
 
 
-@pytest.mark.parametrize('size,fake,message', [
+@pytest.mark.parametrize(
+  'size,fake,message',
+  [
     (4, FAKE, 'between the 8 labeled'),  # fewer than the labeled samples it keeps
     (1000, FAKE, 'between the 8 labeled'),
     (20, dict(FAKE, num_unlabeled=5), 'without a label'),
     (-2, FAKE, 'whole number'),
     (2.5, FAKE, 'whole number'),
-])
+  ],
+)
 def test_unlabeled_subset_errors_name_the_field(size, fake, message):
   with pytest.raises(ValueError, match=message) as info:
     sources.load_ssl_data('fake', '', 8, seed=0, fake_kwargs=fake, unlabeled_size=size)

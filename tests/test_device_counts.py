@@ -60,8 +60,9 @@ def _default_on_fake_data(num_devices: int):
   config = _load('default').get_config()
   config.num_devices = num_devices
   config.data.name = 'fake'
-  config.data.fake = ml_collections.ConfigDict(dict(
-      num_train=1000, num_test=1234, image_shape=(28, 28, 1), num_classes=10, seed=0))
+  config.data.fake = ml_collections.ConfigDict(
+    dict(num_train=1000, num_test=1234, image_shape=(28, 28, 1), num_classes=10, seed=0)
+  )
   config.calibratemix.enabled = True
   config.calibratemix.warmup_steps = 0  # step 0 base, step 1 CalibrateMix
   config.progress_bar = False

@@ -28,8 +28,9 @@ def test_bfloat16_trained_run_evaluates_with_float32_logits(tmp_path):
   assert int(host.step) == 2
   variables = {'params': host.ema_params, 'batch_stats': host.ema_batch_stats}
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  images = augment.normalize(run.data.test_images.get(np.arange(len(labels))),
-                             run.info.mean, run.info.std)  # [40, 12, 12, 1]
+  images = augment.normalize(
+    run.data.test_images.get(np.arange(len(labels))), run.info.mean, run.info.std
+  )  # [40, 12, 12, 1]
 
   def logits_of(dtype):
     model = steps.create_model(config, run.info.num_classes, dtype=dtype)

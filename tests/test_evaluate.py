@@ -26,10 +26,16 @@ def test_evaluate_reproduces_training_eval_and_writes_outputs(trained, tmp_path)
   assert report['step'] == 4
   for key in ('accuracy', 'ece', 'nll', 'brier'):
     assert report['metrics'][key] == pytest.approx(final[key], rel=1e-5, abs=1e-6)
-  assert report['temperature'] > 0 and 'validation slice (8 examples)' in report['temperature_fit_on']
+  assert (
+    report['temperature'] > 0 and 'validation slice (8 examples)' in report['temperature_fit_on']
+  )
   assert report['ts_metrics']['accuracy'] == pytest.approx(report['metrics']['accuracy'])
-  for name in ('eval_latest_4.json', 'eval_latest_4_reliability.png',
-               'eval_latest_4_confidence.png', 'eval_latest_4_ts_reliability.png'):
+  for name in (
+    'eval_latest_4.json',
+    'eval_latest_4_reliability.png',
+    'eval_latest_4_confidence.png',
+    'eval_latest_4_ts_reliability.png',
+  ):
     assert os.path.getsize(os.path.join(out, name)) > 0
   table = evaluate.format_table(report)
   assert '+TS (T=' in table and '| ece |' in table

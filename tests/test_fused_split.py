@@ -31,8 +31,11 @@ def _hand_tables(dyn, num_classes, seed=0):
   n = dyn.apm.shape[0]
   apm = rng.normal(size=(n, num_classes)).astype(np.float32)
   label = (np.argmax(apm, 1) + 1 + rng.integers(0, num_classes - 1, n)) % num_classes
-  return dyn.replace(apm=apm, apm_label=label.astype(np.int32),
-                     apm_count=np.ones(n, np.int32)), apm, label
+  return (
+    dyn.replace(apm=apm, apm_label=label.astype(np.int32), apm_count=np.ones(n, np.int32)),
+    apm,
+    label,
+  )
 
 
 def test_fused_step_splits_where_the_two_pass_step_would_on_the_same_tables(tmp_path):
@@ -50,21 +53,31 @@ def test_fused_step_splits_where_the_two_pass_step_would_on_the_same_tables(tmp_
 
   def per_device(state, batch, logits, pseudo):
     before = calibratemix.fused_difficulties(state.dynamics, batch, config)
-    after_dyn = dynamics.update_unlabeled(state.dynamics, batch['idx_ulb'], logits, pseudo,
-                                          update_apm=True, axis_name=parallel.AXIS)
+    after_dyn = dynamics.update_unlabeled(
+      state.dynamics, batch['idx_ulb'], logits, pseudo, update_apm=True, axis_name=parallel.AXIS
+    )
     two_pass = calibratemix.difficulties(after_dyn, batch, pseudo, config)
     fused_after = calibratemix.fused_difficulties(after_dyn, batch, config)
     key = jax.random.key(0)
     views = steps.make_views(key, batch, config, info, True)
     _, _, metrics = calibratemix.fused_loss(
-        state.params, state, batch, views, key, model=run.model, algorithm=run.algorithm,
-        config=config, num_classes=info.num_classes)
+      state.params,
+      state,
+      batch,
+      views,
+      key,
+      model=run.model,
+      algorithm=run.algorithm,
+      config=config,
+      num_classes=info.num_classes,
+    )
     return before, two_pass, fused_after, metrics
 
   mapped = jax.vmap(per_device, axis_name=parallel.AXIS)
   add_axis = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
-  out = jax.tree.map(lambda x: np.asarray(x)[0], mapped(
-      add_axis(state), add_axis(batch), logits[None], pseudo[None]))
+  out = jax.tree.map(
+    lambda x: np.asarray(x)[0], mapped(add_axis(state), add_axis(batch), logits[None], pseudo[None])
+  )
   before, two_pass, fused_after, metrics = out
   # Before the step: APM at the remembered label (not at the stored argmax).
   expected = apm[idx, label[idx]]  # [U]
@@ -73,10 +86,12 @@ def test_fused_step_splits_where_the_two_pass_step_would_on_the_same_tables(tmp_
   # The fused step's mix metrics come from that split.
   order = np.argsort(expected, kind='stable')
   half = len(idx) // 2
-  np.testing.assert_allclose(metrics['difficulty_ulb_hard'], expected[order[:half]].mean(),
-                             rtol=1e-5)
-  np.testing.assert_allclose(metrics['difficulty_ulb_easy'], expected[order[half:]].mean(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics['difficulty_ulb_hard'], expected[order[:half]].mean(), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    metrics['difficulty_ulb_easy'], expected[order[half:]].mean(), rtol=1e-5
+  )
   # Same tables (after this step's update), same pseudo-labels: the same difficulties.
   for fused_part, two_pass_part in zip(fused_after, two_pass):
     np.testing.assert_array_equal(fused_part, two_pass_part)
@@ -90,11 +105,18 @@ def test_fused_apm_starts_one_unlabeled_epoch_before_mixing(passes, tmp_path):
   assert run.info.num_unlabeled == 256
   start = 7 if passes == 1 else 20
   from cmix_jax import base_step  # pylint: disable=g-import-not-at-top
+
   assert base_step.apm_start_after(run.config, run.info.num_unlabeled) == start
   state = parallel.stack_state(state, run.topo, run.sharded_field)
-  step = functools.partial(steps.train_step, model=run.model, tx=run.tx,
-                           algorithm=run.algorithm, config=run.config, info=run.info,
-                           mix=False)
+  step = functools.partial(
+    steps.train_step,
+    model=run.model,
+    tx=run.tx,
+    algorithm=run.algorithm,
+    config=run.config,
+    info=run.info,
+    mix=False,
+  )
   fns = {'base': parallel.parallelize(step, run.topo)}
   batches = run_setup.train_iterator(run, 0)
   state, _ = train.run_steps(fns, state, batches, run.config, 0, 21)  # steps 0..20: no mixing

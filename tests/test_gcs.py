@@ -68,16 +68,23 @@ def test_split_pictures_and_dynamics_written_to_the_bucket(gcs):
   png, data = plots.reliability_diagram(table, f'{run}/reliability.png')
   assert storage.as_path(png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert storage.read_json(data)['ece'] == pytest.approx(0.0)
-  _, csv_path = plots.data_map(np.array([0.1, 0.2]), np.array([0.5, 0.9]),
-                               f'{run}/data_map.png')
+  _, csv_path = plots.data_map(np.array([0.1, 0.2]), np.array([0.5, 0.9]), f'{run}/data_map.png')
   assert storage.as_path(csv_path).read_text().splitlines()[1].startswith('0,0.1,0.5')
   state = dynamics.DynamicsState.init(3, 2, 3)
   dynamics.save_npz(state, f'{run}/dynamics.npz')
   with np.load(io.BytesIO(storage.as_path(f'{run}/dynamics.npz').read_bytes())) as npz:
     assert npz['apm'].shape == (2, 3)
-  assert _objects('outputs/') == [f'outputs/{n}' for n in (
-      'data_map.data.csv', 'data_map.png', 'dynamics.npz', 'reliability.data.json',
-      'reliability.png', 'split.json')]
+  assert _objects('outputs/') == [
+    f'outputs/{n}'
+    for n in (
+      'data_map.data.csv',
+      'data_map.png',
+      'dynamics.npz',
+      'reliability.data.json',
+      'reliability.png',
+      'split.json',
+    )
+  ]
 
 
 def test_orbax_checkpoints_in_the_bucket_save_and_restore(gcs):
@@ -85,11 +92,11 @@ def test_orbax_checkpoints_in_the_bucket_save_and_restore(gcs):
   manager = checkpointing.create_manager(f'{ROOT}/ckpt', max_to_keep=2)
   assert os.fspath(manager.directory) == f'{ROOT}/ckpt/checkpoints'
   for step in (1, 2, 3):
-    checkpointing.save(manager, step, jax.tree.map(lambda x, s=step: x * s, state),
-                       {'step': step})
+    checkpointing.save(manager, step, jax.tree.map(lambda x, s=step: x * s, state), {'step': step})
   manager.wait_until_finished()
   step, restored, meta = checkpointing.restore_latest(
-      checkpointing.create_manager(f'{ROOT}/ckpt', 2), checkpointing.abstract_like(state))
+    checkpointing.create_manager(f'{ROOT}/ckpt', 2), checkpointing.abstract_like(state)
+  )
   assert (step, meta) == (3, {'step': 3})
   np.testing.assert_array_equal(restored['w'], np.arange(6.0).reshape(2, 3) * 3)
   np.testing.assert_array_equal(restored['n'], [0, 3, 6])
@@ -108,13 +115,16 @@ def _write_digits(root_dir, arrays):
 
 def test_own_data_from_the_bucket_stored_in_the_bucket_reads_like_local(gcs, tmp_path):
   fake = datasets.make_fake(num_train=24, num_test=8, image_shape=(8, 8, 1), num_classes=2)
-  arrays = {'x_train': fake['train'][0], 'y_train': fake['train'][1],
-            'x_test': fake['test'][0], 'y_test': fake['test'][1]}
+  arrays = {
+    'x_train': fake['train'][0],
+    'y_train': fake['train'][1],
+    'x_test': fake['test'][0],
+    'y_test': fake['test'][1],
+  }
   storage.save_npz(f'{ROOT}/src/digits.npz', **arrays)
   storage.save_npz(tmp_path / 'digits.npz', **arrays)
   remote = sources.load_ssl_data(f'npz:{ROOT}/src/digits.npz', f'{ROOT}/tfds', 4, seed=0)
-  local = sources.load_ssl_data(f'npz:{tmp_path / "digits.npz"}', str(tmp_path / 'tfds'), 4,
-                                 seed=0)
+  local = sources.load_ssl_data(f'npz:{tmp_path / "digits.npz"}', str(tmp_path / 'tfds'), 4, seed=0)
   assert remote.spec.tfds_name == local.spec.tfds_name  # same bytes, same fingerprint
   assert datasets.is_stored(f'{ROOT}/tfds', remote.spec.tfds_name, ['stats.json'])
   stored = _objects(f'tfds/{remote.spec.tfds_name}/')
@@ -126,8 +136,10 @@ def test_own_data_from_the_bucket_stored_in_the_bucket_reads_like_local(gcs, tmp
   np.testing.assert_array_equal(remote.labeled_idx, local.labeled_idx)
   _write_digits(f'{ROOT}/folder', {'train': fake['train'], 'test': fake['test']})
   _write_digits(tmp_path / 'folder', {'train': fake['train'], 'test': fake['test']})
-  (remote_parts, names), (local_parts, _) = (own_data.read_folder(f'{ROOT}/folder'),
-                                             own_data.read_folder(str(tmp_path / 'folder')))
+  (remote_parts, names), (local_parts, _) = (
+    own_data.read_folder(f'{ROOT}/folder'),
+    own_data.read_folder(str(tmp_path / 'folder')),
+  )
   assert names == ('c0', 'c1')
   for split in ('train', 'test'):
     for a, b in zip(remote_parts[split], local_parts[split]):
@@ -152,8 +164,9 @@ def test_preflight_names_a_missing_bucket_and_creates_nothing(gcs, check):
 def test_preflight_names_missing_credentials(gcs, monkeypatch, tmp_path):
   monkeypatch.delenv('STORAGE_EMULATOR_HOST')  # the real service, which wants credentials
   monkeypatch.setenv('GOOGLE_APPLICATION_CREDENTIALS', str(tmp_path / 'missing-key.json'))
-  with pytest.raises(storage.StorageError, match='no Google Cloud credentials.*'
-                     'gcloud auth application-default login'):
+  with pytest.raises(
+    storage.StorageError, match='no Google Cloud credentials.*gcloud auth application-default login'
+  ):
     storage.check_writable('gs://some-bucket/run')
 
 
@@ -172,8 +185,9 @@ def test_preflight_of_a_local_workdir_writes_nothing(tmp_path):
 
 
 def _load_script(name):
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      'experiments', f'{name}.py')
+  path = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', f'{name}.py'
+  )
   spec = importlib.util.spec_from_file_location(f'{name}_under_gcs_test', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -182,23 +196,35 @@ def _load_script(name):
 
 def test_compare_and_sweep_read_and_write_the_bucket(gcs):
   compare, sweep = _load_script('compare'), _load_script('sweep')
-  table = {'bin_lo': [0.0, 0.5], 'bin_hi': [0.5, 1.0], 'count': [10, 30],
-           'mean_conf': [0.4, 0.8], 'accuracy': [0.3, 0.9]}
+  table = {
+    'bin_lo': [0.0, 0.5],
+    'bin_hi': [0.5, 1.0],
+    'count': [10, 30],
+    'mean_conf': [0.4, 0.8],
+    'accuracy': [0.3, 0.9],
+  }
   runs = f'{ROOT}/sweeps/grid'
   for seed, error in ((0, 0.1), (1, 0.2)):
     run = f'{runs}/fix_{seed}'
-    storage.write_json(f'{run}/config.json', {
-        'algorithm': 'fixmatch', 'seed': seed, 'data': {'name': 'cifar10', 'num_labels': 40}})
-    storage.write_json(f'{run}/eval.json', {'accuracy': 1 - error, 'ece': 0.05,
-                                            'selection': 'final', 'step': 9})
+    storage.write_json(
+      f'{run}/config.json',
+      {'algorithm': 'fixmatch', 'seed': seed, 'data': {'name': 'cifar10', 'num_labels': 40}},
+    )
+    storage.write_json(
+      f'{run}/eval.json', {'accuracy': 1 - error, 'ece': 0.05, 'selection': 'final', 'step': 9}
+    )
     storage.write_json(f'{run}/reliability.json', table)
   storage.write_json(f'{runs}/unfinished/config.json', {'seed': 5})
   assert sweep.is_finished(f'{runs}/fix_0') and not sweep.is_finished(f'{runs}/unfinished')
   finished, unfinished = compare.discover([runs])
   assert finished == [f'{runs}/fix_0', f'{runs}/fix_1'] and unfinished == [f'{runs}/unfinished']
   assert compare.main([runs, f'--out={ROOT}/compare', '--reference=']) == 0
-  assert _objects('compare/') == ['compare/reliability.data.json', 'compare/reliability.png',
-                                  'compare/table.csv', 'compare/table.md']
+  assert _objects('compare/') == [
+    'compare/reliability.data.json',
+    'compare/reliability.png',
+    'compare/table.csv',
+    'compare/table.md',
+  ]
   rows = storage.as_path(f'{ROOT}/compare/table.csv').read_text().splitlines()
   assert len(rows) == 2  # header + the one fixmatch/cifar10/40 group of two seeds
 
@@ -206,6 +232,7 @@ def test_compare_and_sweep_read_and_write_the_bucket(gcs):
 def test_run_assembly_refuses_a_missing_bucket_before_writing(gcs, tmp_path):
   from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
+
   with pytest.raises(storage.StorageError, match='gs://no-such-bucket does not exist'):
     run_setup.build_run(tiny.config(), 'gs://no-such-bucket/run')
   config = tiny.config()

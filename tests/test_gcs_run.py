@@ -27,28 +27,44 @@ def _state(workdir):
   checkpointer = ocp.PyTreeCheckpointer()
   path = directory / str(step) / 'state'
   tree = checkpointer.metadata(path).item_metadata.tree
-  state = checkpointer.restore(path, restore_args=jax.tree.map(
-      lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+  state = checkpointer.restore(
+    path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  )
   return step, state, storage.read_json(directory / str(step) / 'meta' / 'metadata')
 
 
 def _train_records(workdir):
-  return {r['step']: r for r in storage.read_jsonl(f'{workdir}/metrics.jsonl')
-          if r['kind'] == 'train'}
+  return {
+    r['step']: r for r in storage.read_jsonl(f'{workdir}/metrics.jsonl') if r['kind'] == 'train'
+  }
 
 
 def test_bucket_run_is_killed_resumes_exactly_and_evaluates(gcs):
   fake = tiny.config().data.fake  # the tiny run's data, as an npz source in the bucket
-  arrays = datasets.make_fake(fake.num_train, fake.num_test, fake.image_shape,
-                              fake.num_classes, seed=fake.seed)
-  storage.save_npz(f'{ROOT}/tiny.npz', x_train=arrays['train'][0], y_train=arrays['train'][1],
-                   x_test=arrays['test'][0], y_test=arrays['test'][1])
-  data = [f'--set=data.name=npz:{ROOT}/tiny.npz', f'--set=data.data_dir={ROOT}/tfds',
-          '--set=tensorboard=False', '--devices=2']
+  arrays = datasets.make_fake(
+    fake.num_train, fake.num_test, fake.image_shape, fake.num_classes, seed=fake.seed
+  )
+  storage.save_npz(
+    f'{ROOT}/tiny.npz',
+    x_train=arrays['train'][0],
+    y_train=arrays['train'][1],
+    x_test=arrays['test'][0],
+    y_test=arrays['test'][1],
+  )
+  data = [
+    f'--set=data.name=npz:{ROOT}/tiny.npz',
+    f'--set=data.data_dir={ROOT}/tfds',
+    '--set=tensorboard=False',
+    '--devices=2',
+  ]
   straight, killed = f'{ROOT}/straight', f'{ROOT}/killed'
   test_train._driver(f'--workdir={straight}', *data)  # pylint: disable=protected-access
-  proc = test_train._driver(f'--workdir={killed}', '--kill_after_checkpoint=2', *data,  # pylint: disable=protected-access
-                            check=False)
+  proc = test_train._driver(
+    f'--workdir={killed}',
+    '--kill_after_checkpoint=2',
+    *data,  # pylint: disable=protected-access
+    check=False,
+  )
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert _state(killed)[0] == 2
   assert storage.read_json(f'{killed}/lease.json')['pid'] > 0  # the killed run's lease is left
@@ -64,8 +80,14 @@ def test_bucket_run_is_killed_resumes_exactly_and_evaluates(gcs):
   report = storage.read_json(f'{killed}/eval.json')
   env = dict(os.environ, PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m', 'cmix_jax.evaluate', f'--workdir={killed}'],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'cmix_jax.evaluate', f'--workdir={killed}'],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   evaluated = storage.read_json(f'{killed}/eval_latest_4.json')
   assert evaluated['metrics']['accuracy'] == report['final']['accuracy']

@@ -23,8 +23,9 @@ def test_calibratemix_eight_devices_equal_one_device(passes, tmp_path):
     b = parallel.first_replica_to_host(eight_metrics[step])
     for name in ('loss', 'mixup_loss', 'mix_lam1', 'difficulty_ulb_hard'):
       if name in a:
-        np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-6,
-                                   err_msg=f'{name} at step {step}')
+        np.testing.assert_allclose(
+          b[name], a[name], rtol=1e-4, atol=1e-6, err_msg=f'{name} at step {step}'
+        )
     assert ('mixup_loss' in a) == (step > 0)
   one_host, eight_host = parallel.first_replica_to_host(one), jax.device_get(eight)
   for replica in (0, 7):

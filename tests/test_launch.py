@@ -13,8 +13,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'experiments', 'launch.py')
 PAPER = 'configs/classic_cv.py:softmatch,cifar10,40,0,cmix'
-TPU = ['--target=tpu', '--name=cmix-v4', '--zone=us-central2-b', '--bucket=my-bucket',
-       f'--config={PAPER}']
+TPU = [
+  '--target=tpu',
+  '--name=cmix-v4',
+  '--zone=us-central2-b',
+  '--bucket=my-bucket',
+  f'--config={PAPER}',
+]
 
 
 def _load():
@@ -37,7 +42,7 @@ def _dry_run(argv, capsys) -> list[list[str]]:
 
 def _remote(argv: list[str]) -> list[str]:
   """The --command of a `gcloud ... ssh` line, split as the worker's shell would."""
-  (command,) = [a[len('--command='):] for a in argv if a.startswith('--command=')]
+  (command,) = [a[len('--command=') :] for a in argv if a.startswith('--command=')]
   return shlex.split(command)
 
 
@@ -48,10 +53,19 @@ def _steps(argv):
 
 def test_tpu_single_host_lines(capsys):
   create, pack, scp, install, build, train, logs, delete = _dry_run(
-      TPU + ['--accelerator_type=v4-8'], capsys)
-  assert create == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'cmix-v4',
-                    '--accelerator-type=v4-8', '--version=tpu-ubuntu2204-base',
-                    '--zone=us-central2-b']
+    TPU + ['--accelerator_type=v4-8'], capsys
+  )
+  assert create == [
+    'gcloud',
+    'compute',
+    'tpus',
+    'tpu-vm',
+    'create',
+    'cmix-v4',
+    '--accelerator-type=v4-8',
+    '--version=tpu-ubuntu2204-base',
+    '--zone=us-central2-b',
+  ]
   assert pack == ['git', 'archive', '--format=tar.gz', '--output=/tmp/cmix_jax.tar.gz', 'HEAD']
   assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp'] and '--worker=all' in scp
   assert install[4:7] == ['ssh', 'cmix-v4', '--worker=all']
@@ -61,19 +75,27 @@ def test_tpu_single_host_lines(capsys):
   assert train[4:7] == ['ssh', 'cmix-v4', '--worker=all'] and train[-1] == '--zone=us-central2-b'
   remote = _remote(train)
   main = remote.index('python3')
-  assert remote[main:main + 6] == [
-      'python3', '-m', 'cmix_jax.main', f'--config={PAPER}',
-      '--config.data.data_dir=gs://my-bucket/tfds',
-      '--workdir=gs://my-bucket/runs/softmatch-cifar10-40-0-cmix']
+  assert remote[main : main + 6] == [
+    'python3',
+    '-m',
+    'cmix_jax.main',
+    f'--config={PAPER}',
+    '--config.data.data_dir=gs://my-bucket/tfds',
+    '--workdir=gs://my-bucket/runs/softmatch-cifar10-40-0-cmix',
+  ]
   assert remote[:3] == ['cd', 'cmix_jax', '&&'] and remote[-1] == '&'  # detached
   assert _remote(logs) == ['tail', '-f', '~/cmix_train.log']
   assert delete[4:6] == ['delete', 'cmix-v4']
 
 
-@pytest.mark.parametrize('accelerator,gcloud_type,version,devices', [
+@pytest.mark.parametrize(
+  'accelerator,gcloud_type,version,devices',
+  [
     ('v4-32', 'v4-32', 'tpu-ubuntu2204-base', 16),  # 4 hosts x 4 chips
     ('v5e-8', 'v5litepod-8', 'v2-alpha-tpuv5-lite', 8),
-    ('v5p-16', 'v5p-16', 'v2-alpha-tpuv5', 8)])
+    ('v5p-16', 'v5p-16', 'v2-alpha-tpuv5', 8),
+  ],
+)
 def test_tpu_types_spot_and_project(capsys, accelerator, gcloud_type, version, devices):
   argv = TPU + [f'--accelerator_type={accelerator}', '--spot', '--project=my-proj']
   assert launch.main(['--dry_run'] + argv) == 0
@@ -88,49 +110,97 @@ def test_tpu_types_spot_and_project(capsys, accelerator, gcloud_type, version, d
 
 def test_gpu_node_lines(capsys):
   install, build, train = _dry_run(
-      ['--target=gpu', '--config=configs/classic_cv.py:fixmatch,svhn,40,0',
-       '--data_dir=/data/tfds', '--', '--config.calibratemix.passes=1'], capsys)
+    [
+      '--target=gpu',
+      '--config=configs/classic_cv.py:fixmatch,svhn,40,0',
+      '--data_dir=/data/tfds',
+      '--',
+      '--config.calibratemix.passes=1',
+    ],
+    capsys,
+  )
   assert install == ['python', '-m', 'pip', 'install', '-e', '.[cuda]']
   assert build == ['tfds', 'build', 'svhn_cropped', '--data_dir=/data/tfds']
-  assert train == ['python', '-m', 'cmix_jax.main',
-                   '--config=configs/classic_cv.py:fixmatch,svhn,40,0',
-                   '--config.data.data_dir=/data/tfds', '--workdir=runs/fixmatch-svhn-40-0',
-                   '--config.calibratemix.passes=1']
+  assert train == [
+    'python',
+    '-m',
+    'cmix_jax.main',
+    '--config=configs/classic_cv.py:fixmatch,svhn,40,0',
+    '--config.data.data_dir=/data/tfds',
+    '--workdir=runs/fixmatch-svhn-40-0',
+    '--config.calibratemix.passes=1',
+  ]
 
 
 def test_slurm_lines_one_task_per_node_with_all_its_gpus(capsys):
   *_, sbatch = _dry_run(
-      ['--target=slurm', '--nodes=4', '--gpus_per_node=8', '--bucket=gs://my-bucket/',
-       f'--config={PAPER}', '--partition=a100', '--time=2-00:00:00'], capsys)
-  assert sbatch[:8] == ['sbatch', '--job-name=softmatch-cifar10-40-0-cmix', '--nodes=4',
-                        '--ntasks-per-node=1', '--gpus-per-node=8', '--signal=TERM@300',
-                        '--requeue', '--output=softmatch-cifar10-40-0-cmix-%j.log']
+    [
+      '--target=slurm',
+      '--nodes=4',
+      '--gpus_per_node=8',
+      '--bucket=gs://my-bucket/',
+      f'--config={PAPER}',
+      '--partition=a100',
+      '--time=2-00:00:00',
+    ],
+    capsys,
+  )
+  assert sbatch[:8] == [
+    'sbatch',
+    '--job-name=softmatch-cifar10-40-0-cmix',
+    '--nodes=4',
+    '--ntasks-per-node=1',
+    '--gpus-per-node=8',
+    '--signal=TERM@300',
+    '--requeue',
+    '--output=softmatch-cifar10-40-0-cmix-%j.log',
+  ]
   assert '--partition=a100' in sbatch and '--time=2-00:00:00' in sbatch
-  (wrap,) = [a[len('--wrap='):] for a in sbatch if a.startswith('--wrap=')]
+  (wrap,) = [a[len('--wrap=') :] for a in sbatch if a.startswith('--wrap=')]
   assert shlex.split(wrap) == [
-      'JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7', 'srun', 'python', '-m', 'cmix_jax.main',
-      f'--config={PAPER}', '--config.data.data_dir=gs://my-bucket/tfds',
-      '--workdir=gs://my-bucket/runs/softmatch-cifar10-40-0-cmix']
+    'JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7',
+    'srun',
+    'python',
+    '-m',
+    'cmix_jax.main',
+    f'--config={PAPER}',
+    '--config.data.data_dir=gs://my-bucket/tfds',
+    '--workdir=gs://my-bucket/runs/softmatch-cifar10-40-0-cmix',
+  ]
 
 
 def test_imagenet_is_built_as_array_record(capsys):
-  _, build, _ = _dry_run(['--target=gpu', '--config=configs/classic_cv.py:fixmatch,imagenet,'
-                          '100000,0', '--data_dir=/d', '--gpus_per_node=8'], capsys)
-  assert build == ['tfds', 'build', 'imagenet2012', '--data_dir=/d',
-                   '--manual_dir=/d/downloads/manual', '--file_format=array_record']
+  _, build, _ = _dry_run(
+    [
+      '--target=gpu',
+      '--config=configs/classic_cv.py:fixmatch,imagenet,100000,0',
+      '--data_dir=/d',
+      '--gpus_per_node=8',
+    ],
+    capsys,
+  )
+  assert build == [
+    'tfds',
+    'build',
+    'imagenet2012',
+    '--data_dir=/d',
+    '--manual_dir=/d/downloads/manual',
+    '--file_format=array_record',
+  ]
 
 
 def test_fashion_mnist_has_no_tfds_build(capsys):
-  install, train = _dry_run(['--target=gpu', '--config=configs/default.py', '--data_dir=d'],
-                            capsys)
+  install, train = _dry_run(['--target=gpu', '--config=configs/default.py', '--data_dir=d'], capsys)
   assert install[-1] == '.[cuda]' and train[2] == 'cmix_jax.main'
 
 
 ODD = "--config.data.name=folder:/tmp/my data/it's \"x\" $HOME;rm"
 
 
-@pytest.mark.parametrize('target,extra', [
-    ('tpu', ['--accelerator_type=v4-8']), ('gpu', []), ('slurm', ['--gpus_per_node=8'])])
+@pytest.mark.parametrize(
+  'target,extra',
+  [('tpu', ['--accelerator_type=v4-8']), ('gpu', []), ('slurm', ['--gpus_per_node=8'])],
+)
 def test_quoting_round_trips_through_every_shell_layer(capsys, target, extra):
   base = TPU[1:] if target == 'tpu' else [f'--config={PAPER}']
   commands = _dry_run([f'--target={target}'] + base + extra + ['--', ODD], capsys)
@@ -140,21 +210,34 @@ def test_quoting_round_trips_through_every_shell_layer(capsys, target, extra):
   if target == 'tpu':
     inner = _remote(train)
   elif target == 'slurm':
-    inner = shlex.split(next(a for a in train if a.startswith('--wrap='))[len('--wrap='):])
+    inner = shlex.split(next(a for a in train if a.startswith('--wrap='))[len('--wrap=') :])
   else:
     inner = train
   assert inner.count(ODD) == 1  # the remote / batch shell sees the override as one word
 
 
-@pytest.mark.parametrize('argv,message', [
+@pytest.mark.parametrize(
+  'argv,message',
+  [
     (['--config=configs/default.py'], 'the following arguments are required: --target'),
     (['--target=aws', '--config=configs/default.py'], "invalid choice: 'aws'"),
-    (['--target=tpu', '--config=configs/default.py'],
-     '--target=tpu needs --name, --zone, --accelerator_type, --bucket'),
+    (
+      ['--target=tpu', '--config=configs/default.py'],
+      '--target=tpu needs --name, --zone, --accelerator_type, --bucket',
+    ),
     (TPU + ['--accelerator_type=v9-8'], "--accelerator_type='v9-8': use GENERATION-SIZE"),
     (TPU + ['--accelerator_type=v4-8', '--workdir=runs/local'], 'give gs:// paths'),
-    (['--target=tpu', '--name=Bad_Name', '--zone=z', '--accelerator_type=v4-8',
-      '--bucket=my-bucket', '--config=configs/default.py'], "--name='Bad_Name'"),
+    (
+      [
+        '--target=tpu',
+        '--name=Bad_Name',
+        '--zone=z',
+        '--accelerator_type=v4-8',
+        '--bucket=my-bucket',
+        '--config=configs/default.py',
+      ],
+      "--name='Bad_Name'",
+    ),
     (['--target=gpu', '--config=configs/default.py', '--spot'], '--spot is for --target=tpu'),
     (['--target=gpu', '--config=configs/default.py', '--nodes=2'], '--nodes is for --target=slurm'),
     (['--target=slurm', '--config=configs/default.py'], '--target=slurm needs --gpus_per_node'),
@@ -162,11 +245,16 @@ def test_quoting_round_trips_through_every_shell_layer(capsys, target, extra):
     (['--target=gpu', '--config=configs/classic_cv.py:fixmatch,mnist,40,0'], "dataset 'mnist'"),
     (['--target=gpu', '--config=configs/default.py', '--bucket=Bad Bucket'], "--bucket='Bad"),
     (['--target=gpu', '--config=configs/default.py', '--', '--seed=1'], 'only --config.FIELD'),
-    (['--target=gpu', '--config=configs/default.py', '--', '--config.data.nme=x'],
-     "no field 'data.nme'"),
-    (['--target=slurm', '--gpus_per_node=3', f'--config={PAPER}'],
-     'cannot run on 3 devices: data.batch_size=64 is not divisible'),
-])
+    (
+      ['--target=gpu', '--config=configs/default.py', '--', '--config.data.nme=x'],
+      "no field 'data.nme'",
+    ),
+    (
+      ['--target=slurm', '--gpus_per_node=3', f'--config={PAPER}'],
+      'cannot run on 3 devices: data.batch_size=64 is not divisible',
+    ),
+  ],
+)
 def test_bad_flags_give_one_clear_line(capsys, argv, message):
   assert launch.main(['--dry_run'] + argv) == 2
   captured = capsys.readouterr()
@@ -184,8 +272,7 @@ def test_without_dry_run_runs_each_step_and_stops_at_the_first_failure(monkeypat
     return subprocess.CompletedProcess(argv, 3 if argv[0] == 'tfds' else 0)
 
   monkeypatch.setattr(launch.subprocess, 'run', fake_run)
-  argv = ['--target=gpu', '--config=configs/classic_cv.py:fixmatch,cifar10,40,0',
-          '--data_dir=/d']
+  argv = ['--target=gpu', '--config=configs/classic_cv.py:fixmatch,cifar10,40,0', '--data_dir=/d']
   assert launch.main(argv) == 3
   assert [c[0] for c in calls] == ['python', 'tfds']  # training never started
   assert 'step 2 (Build the data set once) failed with exit code 3' in capsys.readouterr().err
@@ -201,8 +288,11 @@ def test_install_extras_exist_in_setup_cfg():
   extras = setup['options.extras_require']
   assert 'jax[tpu]' in extras['tpu'] and 'jax[cuda12]' in extras['cuda']
   used = set()
-  for argv in (TPU + ['--accelerator_type=v4-8'], ['--target=gpu', f'--config={PAPER}'],
-               ['--target=slurm', '--gpus_per_node=8', f'--config={PAPER}']):
+  for argv in (
+    TPU + ['--accelerator_type=v4-8'],
+    ['--target=gpu', f'--config={PAPER}'],
+    ['--target=slurm', '--gpus_per_node=8', f'--config={PAPER}'],
+  ):
     for step in _steps(argv):
       used.update(re.findall(r"\.\[(\w+)\]", ' '.join(step.argv)))
   assert used == {'tpu', 'cuda'} and used <= set(extras)
@@ -210,8 +300,19 @@ def test_install_extras_exist_in_setup_cfg():
 
 def test_script_runs_from_the_command_line():
   result = subprocess.run(
-      [sys.executable, SCRIPT, '--target=gpu', '--config=configs/default.py', '--data_dir=d',
-       '--dry_run'], capture_output=True, text=True, check=True, cwd=ROOT)
+    [
+      sys.executable,
+      SCRIPT,
+      '--target=gpu',
+      '--config=configs/default.py',
+      '--data_dir=d',
+      '--dry_run',
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=ROOT,
+  )
   assert 'python -m cmix_jax.main --config=configs/default.py' in result.stdout
 
 

@@ -35,8 +35,14 @@ def _read(workdir):
 def _plant(workdir, **fields):
   """Writes a lease record as some other run would have left it."""
   now = time.time()
-  record = {'host': 'other-host', 'pid': 12345, 'boot_id': 'b', 'token': 'theirs',
-            'start_time': now - 60, 'heartbeat': now - 5}
+  record = {
+    'host': 'other-host',
+    'pid': 12345,
+    'boot_id': 'b',
+    'token': 'theirs',
+    'start_time': now - 60,
+    'heartbeat': now - 5,
+  }
   record.update(fields)
   storage.write_json(_lease_path(workdir), record)
   return record
@@ -55,8 +61,13 @@ def test_second_acquire_is_refused_naming_the_holder_and_the_fix(workdir):
   with pytest.raises(checkpointing.LeaseHeldError) as err:
     checkpointing.acquire_lease(workdir, 600, process_index=0)
   message = str(err.value)
-  for part in (socket.gethostname(), f'pid {os.getpid()}', record['start_utc'],
-               'another --workdir', 'delete the lease file'):
+  for part in (
+    socket.gethostname(),
+    f'pid {os.getpid()}',
+    record['start_utc'],
+    'another --workdir',
+    'delete the lease file',
+  ):
     assert part in message
   assert _read(workdir)['token'] == record['token']  # the refused run left it alone
   with pytest.raises(checkpointing.LeaseHeldError, match='another --workdir'):
@@ -77,9 +88,11 @@ def test_released_lease_is_gone_and_can_be_taken_again(workdir):
 
 def test_stale_leases_are_taken_over_with_a_warning(workdir, caplog):
   host, boot = socket.gethostname(), checkpointing._boot_id()  # pylint: disable=protected-access
-  stale = [dict(host=host, pid=_dead_pid(), boot_id=boot),
-           dict(host=host, pid=os.getppid(), boot_id='an-earlier-boot'),
-           dict(heartbeat=time.time() - 601)]
+  stale = [
+    dict(host=host, pid=_dead_pid(), boot_id=boot),
+    dict(host=host, pid=os.getppid(), boot_id='an-earlier-boot'),
+    dict(heartbeat=time.time() - 601),
+  ]
   for fields in stale:
     _plant(workdir, **fields)
     with caplog.at_level(logging.WARNING):
@@ -127,6 +140,7 @@ def test_racing_runs_get_exactly_one_lease(workdir, monkeypatch):
       result = read(self)
       time.sleep(0.1)
       return result
+
     monkeypatch.setattr(store, 'read', slow_read)
 
   def try_acquire(_):
@@ -165,6 +179,7 @@ def test_nonpositive_timeout_is_refused(tmp_path):
 def test_run_assembly_refuses_a_busy_workdir_before_writing(tmp_path):
   from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
+
   workdir = str(tmp_path / 'run')
   boot = checkpointing._boot_id()  # pylint: disable=protected-access
   _plant(workdir, host=socket.gethostname(), pid=os.getppid(), boot_id=boot)  # a live process

@@ -14,26 +14,42 @@ from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fmnist = pytest.mark.skipif(
-    not os.path.isdir('/usr/share/datasets/fashion-mnist'),
-    reason='the default data needs the Debian package dataset-fashion-mnist (make install)')
+  not os.path.isdir('/usr/share/datasets/fashion-mnist'),
+  reason='the default data needs the Debian package dataset-fashion-mnist (make install)',
+)
 
 STEPS = 3  # CalibrateMix warm-up 0: the first step (it = 0) is base, steps 2 and 3 mix
 SMALL = {  # the default config, shrunk to a few cheap steps on one device
-    'num_train_steps': STEPS, 'log_every': 1, 'eval_every': STEPS, 'checkpoint_every': STEPS,
-    'num_devices': 1, 'progress_bar': False, 'data.batch_size': 8, 'data.uratio': 2,
-    'data.eval_batch_size': 1000, 'data.val_size': 0, 'eval.plots': False,
-    'calibratemix.warmup_steps': 0}
+  'num_train_steps': STEPS,
+  'log_every': 1,
+  'eval_every': STEPS,
+  'checkpoint_every': STEPS,
+  'num_devices': 1,
+  'progress_bar': False,
+  'data.batch_size': 8,
+  'data.uratio': 2,
+  'data.eval_batch_size': 1000,
+  'data.val_size': 0,
+  'eval.plots': False,
+  'calibratemix.warmup_steps': 0,
+}
 # Each +CalibrateMix variant runs its base algorithm's plain step first (step 1 is warm-up),
 # so these cover every base with and without CalibrateMix at one compile pair each; the
 # command-line test below adds SoftMatch + CalibrateMix with the reference's two passes.
 VARIANTS = {
-    'supervised+label_smoothing': {'algorithm': 'supervised', 'ssl.label_smoothing': 0.1},
-    'fixmatch+calibratemix': {'calibratemix.enabled': True},
-    'flexmatch+calibratemix': {'algorithm': 'flexmatch', 'calibratemix.enabled': True},
-    'softmatch+calibratemix_passes1': {'algorithm': 'softmatch', 'calibratemix.enabled': True,
-                                       'calibratemix.passes': 1},
-    'softmatch+random_mixup': {'algorithm': 'softmatch', 'calibratemix.enabled': True,
-                               'calibratemix.random_pairing': True},
+  'supervised+label_smoothing': {'algorithm': 'supervised', 'ssl.label_smoothing': 0.1},
+  'fixmatch+calibratemix': {'calibratemix.enabled': True},
+  'flexmatch+calibratemix': {'algorithm': 'flexmatch', 'calibratemix.enabled': True},
+  'softmatch+calibratemix_passes1': {
+    'algorithm': 'softmatch',
+    'calibratemix.enabled': True,
+    'calibratemix.passes': 1,
+  },
+  'softmatch+random_mixup': {
+    'algorithm': 'softmatch',
+    'calibratemix.enabled': True,
+    'calibratemix.random_pairing': True,
+  },
 }
 
 
@@ -87,15 +103,33 @@ def test_every_variant_trains_and_evaluates(variant, tmp_path):
 def test_main_module_runs_from_the_command_line(data_dir, tmp_path):
   """The user's entry point: `python -m cmix_jax.main --config=configs/default.py ...`."""
   workdir = str(tmp_path / 'cli')
-  flags = [f'--config.{k}={v}' for k, v in {
-      **SMALL, 'data.data_dir': data_dir, 'algorithm': 'softmatch',
-      'calibratemix.enabled': True, 'calibratemix.passes': 2}.items()]
+  flags = [
+    f'--config.{k}={v}'
+    for k, v in {
+      **SMALL,
+      'data.data_dir': data_dir,
+      'algorithm': 'softmatch',
+      'calibratemix.enabled': True,
+      'calibratemix.passes': 2,
+    }.items()
+  ]
   env = dict(os.environ, PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)  # a plain single-device process, as a user starts it
   proc = subprocess.run(
-      [sys.executable, '-m', 'cmix_jax.main', '--config=configs/default.py',
-       f'--workdir={workdir}', *flags],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      '-m',
+      'cmix_jax.main',
+      '--config=configs/default.py',
+      f'--workdir={workdir}',
+      *flags,
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, 'eval.json')) as f:
     report = json.load(f)

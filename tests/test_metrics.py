@@ -11,19 +11,22 @@ from cmix_jax import metrics
 
 # Six examples, three classes. Confidences 1.0 (last bin, closed), 0.7, 0.8 and
 # 0.5 exactly on bin edges (they go to the bin that starts there), 0.75, 0.4.
-HAND_PROBS = np.array([
+HAND_PROBS = np.array(
+  [
     [1.0, 0.0, 0.0],  # y=0 correct, conf 1.0 -> bin 9
     [0.7, 0.2, 0.1],  # y=1 wrong,   conf 0.7 -> bin 7 [0.7, 0.8)
     [0.1, 0.1, 0.8],  # y=2 correct, conf 0.8 -> bin 8
     [0.75, 0.25, 0.0],  # y=0 correct, conf 0.75 -> bin 7
     [0.5, 0.3, 0.2],  # y=2 wrong,   conf 0.5 -> bin 5
     [0.4, 0.35, 0.25],  # y=0 correct, conf 0.4 -> bin 4
-])
+  ]
+)
 HAND_LABELS = np.array([0, 1, 2, 0, 2, 0])
 
 
 # ----------------------------------------------------------------------------
 # Straightforward loop implementations (independent of the vectorised code).
+
 
 def loop_bins(conf, correct, num_bins):
   """Per-bin (count, sum conf, sum correct) with [lo, hi) bins, last bin [lo, 1] closed."""
@@ -54,12 +57,13 @@ def loop_ece(probs, labels, num_bins):
 
 
 def loop_adaptive_ece(probs, labels, num_bins):
-  pairs = sorted((max(row), float(int(np.argmax(row)) == y))
-                 for row, y in zip(probs.tolist(), labels))
+  pairs = sorted(
+    (max(row), float(int(np.argmax(row)) == y)) for row, y in zip(probs.tolist(), labels)
+  )
   n, total, start = len(pairs), 0.0, 0
   for b in range(num_bins):
     size = n // num_bins + (1 if b < n % num_bins else 0)
-    chunk = pairs[start:start + size]
+    chunk = pairs[start : start + size]
     start += size
     if chunk:
       acc = sum(p[1] for p in chunk) / len(chunk)
@@ -72,10 +76,8 @@ def loop_classwise_ece(probs, labels, num_bins):
   n, num_classes = probs.shape
   per_class = []
   for c in range(num_classes):
-    count, psum, lsum = loop_bins(probs[:, c].tolist(), [float(y == c) for y in labels],
-                                  num_bins)
-    per_class.append(sum(k / n * abs(ls / k - ps / k)
-                         for k, ps, ls in zip(count, psum, lsum) if k))
+    count, psum, lsum = loop_bins(probs[:, c].tolist(), [float(y == c) for y in labels], num_bins)
+    per_class.append(sum(k / n * abs(ls / k - ps / k) for k, ps, ls in zip(count, psum, lsum) if k))
   return sum(per_class) / num_classes
 
 
@@ -99,6 +101,7 @@ def random_problem(seed, n=300, num_classes=5, scale=3.0):
 # ----------------------------------------------------------------------------
 # Hand-computed values.
 
+
 def test_ece_and_mce_by_hand():
   # bins: 4 {0.4 ok}, 5 {0.5 wrong}, 7 {0.7 wrong, 0.75 ok}, 8 {0.8 ok}, 9 {1.0 ok}
   # ECE = (0.6 + 0.5 + 2 * |0.5 - 0.725| + 0.2 + 0) / 6 = 1.75 / 6
@@ -112,8 +115,9 @@ def test_ece_and_mce_by_hand():
 def test_reliability_table_by_hand():
   table = metrics.reliability_table(HAND_PROBS, HAND_LABELS, 10)
   np.testing.assert_array_equal(table['count'], [0, 0, 0, 0, 1, 1, 0, 2, 1, 1])
-  np.testing.assert_allclose(table['mean_conf'], [0, 0, 0, 0, 0.4, 0.5, 0, 0.725, 0.8, 1.0],
-                             atol=1e-12)
+  np.testing.assert_allclose(
+    table['mean_conf'], [0, 0, 0, 0, 0.4, 0.5, 0, 0.725, 0.8, 1.0], atol=1e-12
+  )
   np.testing.assert_allclose(table['accuracy'], [0, 0, 0, 0, 1, 0, 0, 0.5, 1, 1])
   np.testing.assert_allclose(table['bin_lo'], np.arange(10) / 10)
   np.testing.assert_allclose(table['bin_hi'], np.arange(1, 11) / 10)
@@ -124,7 +128,8 @@ def test_other_metrics_by_hand():
   assert metrics.error_rate(HAND_PROBS, HAND_LABELS) == pytest.approx(2 / 6)
   p_true = [1.0, 0.2, 0.8, 0.75, 0.2, 0.4]
   assert metrics.nll(HAND_PROBS, HAND_LABELS) == pytest.approx(
-      -sum(math.log(p) for p in p_true) / 6, abs=1e-12)
+    -sum(math.log(p) for p in p_true) / 6, abs=1e-12
+  )
   # per example: 0, 0.49+0.64+0.01, 0.01+0.01+0.04, 0.0625*2, 0.25+0.09+0.64, 0.36+0.1225+0.0625
   assert metrics.brier(HAND_PROBS, HAND_LABELS) == pytest.approx(2.85 / 6, abs=1e-12)
   # equal mass, 3 bins of 2: {0.4 ok, 0.5 x} 0.1, {0.7 x, 0.75 ok} 0.45, {0.8, 1.0 ok} 0.2
@@ -151,15 +156,15 @@ def test_bin_edges_are_exact_in_float32_and_float64():
       expected = np.minimum(np.arange(num_bins + 1), num_bins - 1)
       np.testing.assert_array_equal(metrics.bin_index(values, num_bins), expected)
       np.testing.assert_array_equal(
-          np.asarray(metrics.bin_index(jnp.asarray(values.astype(np.float32)), num_bins)),
-          expected)
+        np.asarray(metrics.bin_index(jnp.asarray(values.astype(np.float32)), num_bins)), expected
+      )
   # literals: 0.1 -> [0.1, 0.2), 0.3 -> bin 3, 0.7 -> bin 7 (0.7 / 0.1 < 7 in float64)
-  np.testing.assert_array_equal(metrics.bin_index(np.array([0.1, 0.3, 0.7, 1.0]), 10),
-                                [1, 3, 7, 9])
+  np.testing.assert_array_equal(metrics.bin_index(np.array([0.1, 0.3, 0.7, 1.0]), 10), [1, 3, 7, 9])
 
 
 # ----------------------------------------------------------------------------
 # Against loop implementations on random inputs.
+
 
 @pytest.mark.parametrize('seed', [0, 1])
 def test_metrics_match_loops(seed):
@@ -170,9 +175,11 @@ def test_metrics_match_loops(seed):
     assert metrics.mce(probs, labels, num_bins) == pytest.approx(ref_mce, abs=1e-12)
   for num_bins in (15, 7):
     assert metrics.adaptive_ece(probs, labels, num_bins) == pytest.approx(
-        loop_adaptive_ece(probs, labels, num_bins), abs=1e-12)
+      loop_adaptive_ece(probs, labels, num_bins), abs=1e-12
+    )
     assert metrics.classwise_ece(probs, labels, num_bins) == pytest.approx(
-        loop_classwise_ece(probs, labels, num_bins), abs=1e-12)
+      loop_classwise_ece(probs, labels, num_bins), abs=1e-12
+    )
   ref_nll, ref_brier = loop_nll_brier(probs, labels)
   assert metrics.nll(probs, labels) == pytest.approx(ref_nll, rel=1e-12)
   assert metrics.brier(probs, labels) == pytest.approx(ref_brier, rel=1e-12)
@@ -182,7 +189,8 @@ def test_metrics_match_loops(seed):
 def test_adaptive_ece_fewer_examples_than_bins():
   probs, labels = HAND_PROBS[:4], HAND_LABELS[:4]
   assert metrics.adaptive_ece(probs, labels, 15) == pytest.approx(
-      loop_adaptive_ece(probs, labels, 15), abs=1e-12)
+    loop_adaptive_ece(probs, labels, 15), abs=1e-12
+  )
 
 
 def test_nll_of_zero_probability_is_finite():
@@ -194,6 +202,7 @@ def test_nll_of_zero_probability_is_finite():
 # ----------------------------------------------------------------------------
 # Streaming and the jax per-batch sums.
 
+
 def _padded_batches(probs, labels, sizes, pad_to):
   """Batches of the given sizes, each padded with garbage rows (NaN probs, label -1, mask 0)."""
   start = 0
@@ -201,7 +210,7 @@ def _padded_batches(probs, labels, sizes, pad_to):
     p = np.full((pad_to, probs.shape[1]), np.nan)
     y = np.full(pad_to, -1)
     m = np.zeros(pad_to)
-    p[:size], y[:size], m[:size] = probs[start:start + size], labels[start:start + size], 1
+    p[:size], y[:size], m[:size] = probs[start : start + size], labels[start : start + size], 1
     start += size
     yield p, y, m
 
@@ -216,8 +225,10 @@ def test_streaming_with_padding_equals_one_shot():
   assert sorted(streamed) == sorted(one_shot)
   for k, v in one_shot.items():
     assert streamed[k] == pytest.approx(v, abs=1e-12), k
-  np.testing.assert_allclose(metrics.reliability_table_from_sums(sums, 15)['count'],
-                             metrics.reliability_table(probs, labels, 15)['count'])
+  np.testing.assert_allclose(
+    metrics.reliability_table_from_sums(sums, 15)['count'],
+    metrics.reliability_table(probs, labels, 15)['count'],
+  )
 
 
 def test_merge_sums_is_union():
@@ -256,8 +267,7 @@ def test_jax_batch_sums_equal_numpy_sums():
 def test_jax_and_numpy_bin_float32_edges_identically():
   probs = np.array([[0.7, 0.3], [0.3, 0.7], [0.9, 0.1], [0.6, 0.4], [1.0, 0.0]], np.float32)
   labels = np.array([0, 0, 0, 1, 0])
-  dev = metrics.host_sums(metrics.batch_calibration_sums(jnp.asarray(probs),
-                                                         jnp.asarray(labels)))
+  dev = metrics.host_sums(metrics.batch_calibration_sums(jnp.asarray(probs), jnp.asarray(labels)))
   host = metrics.update_sums(metrics.init_sums(2), probs, labels)
   np.testing.assert_array_equal(dev['bins10_count'], host['bins10_count'])
   np.testing.assert_array_equal(host['bins10_count'], [0, 0, 0, 0, 0, 0, 1, 2, 0, 2])
@@ -272,6 +282,7 @@ def test_keep_examples_false_drops_adaptive_only():
 
 # ----------------------------------------------------------------------------
 # Temperature scaling.
+
 
 @pytest.mark.parametrize('true_t', [0.5, 2.0])
 def test_fit_temperature_recovers_known_temperature(true_t):
@@ -298,12 +309,14 @@ def test_unit_temperature_leaves_metrics_unchanged():
   before, after = metrics.summary(probs, labels), metrics.summary(again, labels)
   for k, v in before.items():
     assert after[k] == pytest.approx(v, abs=1e-12), k
-  np.testing.assert_allclose(np.asarray(metrics.apply_temperature(jnp.asarray(logits), 2.0)),
-                             logits / 2.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(metrics.apply_temperature(jnp.asarray(logits), 2.0)), logits / 2.0, rtol=1e-6
+  )
 
 
 # ----------------------------------------------------------------------------
 # Bad input.
+
 
 def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match='softmax'):

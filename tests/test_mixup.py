@@ -24,6 +24,7 @@ def _unit(x):
 
 # ---------------------------------------------------------------- pairing kernel
 
+
 def test_pair_dissimilar_k1_picks_the_most_dissimilar():
   e1, e2 = np.eye(3)[0], np.eye(3)[1]
   anchors = jnp.asarray([e1, -e1, 2 * e1 + e2], jnp.float32)
@@ -39,9 +40,11 @@ def test_pair_dissimilar_stays_in_top_k_and_is_uniform():
   k, draws = 3, 1200
   sim = _unit(anchors) @ _unit(pool).T  # [4, 10]
   top_k = np.argsort(sim, axis=1)[:, :k]  # most dissimilar
-  picks = np.asarray(jax.jit(jax.vmap(
-      lambda key: mixup.pair_dissimilar(key, jnp.asarray(anchors), jnp.asarray(pool), k)))(
-          _keys(draws, seed=1)))  # [draws, 4]
+  picks = np.asarray(
+    jax.jit(
+      jax.vmap(lambda key: mixup.pair_dissimilar(key, jnp.asarray(anchors), jnp.asarray(pool), k))
+    )(_keys(draws, seed=1))
+  )  # [draws, 4]
   for a in range(4):
     assert set(picks[:, a]) == set(top_k[a])  # never outside, every candidate reached
     freq = np.array([np.mean(picks[:, a] == j) for j in top_k[a]])
@@ -50,7 +53,7 @@ def test_pair_dissimilar_stays_in_top_k_and_is_uniform():
 
 def test_pair_dissimilar_clips_k_and_survives_zero_vectors():
   anchors = jnp.zeros((2, 4), jnp.float32).at[1, 0].set(1.0)  # anchor 0 is all zeros
-  pool = jnp.asarray([[0., 0., 0., 0.], [1., 0., 0., 0.], [0., 1., 0., 0.]])
+  pool = jnp.asarray([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
   picks = np.asarray(jax.vmap(lambda k: mixup.pair_dissimilar(k, anchors, pool, 10))(_keys(300)))
   assert picks.min() >= 0 and picks.max() <= 2
   assert set(picks[:, 0]) == {0, 1, 2}  # k clipped to the pool size 3
@@ -71,11 +74,12 @@ def test_pair_dissimilar_rejects_bad_input():
 
 # ---------------------------------------------------------------- split, mix, loss
 
+
 def test_median_split_is_stable_with_ties():
-  hard, easy = mixup.median_split(jnp.asarray([1., 0., 1., 0., 1.]))
+  hard, easy = mixup.median_split(jnp.asarray([1.0, 0.0, 1.0, 0.0, 1.0]))
   np.testing.assert_array_equal(hard, [1, 3])
   np.testing.assert_array_equal(easy, [0, 2, 4])
-  hard, easy = mixup.median_split(jnp.asarray([2., 2., 2., 2.]))
+  hard, easy = mixup.median_split(jnp.asarray([2.0, 2.0, 2.0, 2.0]))
   np.testing.assert_array_equal(hard, [0, 1])
   np.testing.assert_array_equal(easy, [2, 3])
 
@@ -90,7 +94,7 @@ def test_mix_with_lambda_one_and_zero():
   np.testing.assert_array_equal(x, x_lb[anchor])
   np.testing.assert_array_equal(a, np.eye(4)[[1, 2]])
   np.testing.assert_array_equal(b, np.eye(4)[[1, 2]])
-  x, _, _ = mixup.mix_pairs(x_lb, y_lb, anchor, x_ulb, pseudo, partner, jnp.asarray([0., 0.25]), 4)
+  x, _, _ = mixup.mix_pairs(x_lb, y_lb, anchor, x_ulb, pseudo, partner, jnp.asarray([0.0, 0.25]), 4)
   np.testing.assert_allclose(x[0], x_ulb[1])
   np.testing.assert_allclose(x[1], 0.25 * x_lb[0] + 0.75 * x_ulb[3], rtol=1e-6)
 
@@ -98,11 +102,15 @@ def test_mix_with_lambda_one_and_zero():
 def test_mixup_bce_hand_value():
   # logits (0, 2), a = (1, 0), b = (0, 1), lam = 0.25.
   sp = lambda v: math.log1p(math.exp(v))  # softplus; BCE(z, 1) = sp(-z), BCE(z, 0) = sp(z)
-  bce_a = (sp(0.) + sp(2.)) / 2
-  bce_b = (sp(0.) + sp(-2.)) / 2
+  bce_a = (sp(0.0) + sp(2.0)) / 2
+  bce_b = (sp(0.0) + sp(-2.0)) / 2
   expected = 0.25 * bce_a + 0.75 * bce_b  # = 0.660038
-  out = mixup.mixup_bce(jnp.asarray([[0., 2.]], jnp.bfloat16), jnp.asarray([[1., 0.]]),
-                        jnp.asarray([[0., 1.]]), 0.25)
+  out = mixup.mixup_bce(
+    jnp.asarray([[0.0, 2.0]], jnp.bfloat16),
+    jnp.asarray([[1.0, 0.0]]),
+    jnp.asarray([[0.0, 1.0]]),
+    0.25,
+  )
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, expected, rtol=1e-6)
   np.testing.assert_allclose(expected, 0.660038, atol=1e-6)
@@ -116,12 +124,13 @@ B, U, K = 8, 12, 5
 def _inputs(seed=0):
   rng = np.random.default_rng(seed)
   return dict(
-      x_lb=jnp.asarray(rng.normal(size=(B, 4, 4, 3)), jnp.float32),
-      y_lb=jnp.asarray(rng.integers(0, K, B), jnp.int32),
-      lb_difficulty=jnp.asarray(rng.permutation(B), jnp.float32),
-      x_ulb=jnp.asarray(rng.normal(size=(U, 4, 4, 3)), jnp.float32),
-      pseudo_labels=jnp.asarray(rng.integers(0, K, U), jnp.int32),
-      ulb_difficulty=jnp.asarray(rng.permutation(U), jnp.float32))
+    x_lb=jnp.asarray(rng.normal(size=(B, 4, 4, 3)), jnp.float32),
+    y_lb=jnp.asarray(rng.integers(0, K, B), jnp.int32),
+    lb_difficulty=jnp.asarray(rng.permutation(B), jnp.float32),
+    x_ulb=jnp.asarray(rng.normal(size=(U, 4, 4, 3)), jnp.float32),
+    pseudo_labels=jnp.asarray(rng.integers(0, K, U), jnp.int32),
+    ulb_difficulty=jnp.asarray(rng.permutation(U), jnp.float32),
+  )
 
 
 def test_targeted_mixup_jits_and_pairs_easy_with_hard():
@@ -133,9 +142,9 @@ def test_targeted_mixup_jits_and_pairs_easy_with_hard():
   n1 = mixed.num_first
   anchor, partner = np.asarray(mixed.anchor_idx), np.asarray(mixed.partner_idx)
   lb_d, ulb_d = np.asarray(inp['lb_difficulty']), np.asarray(inp['ulb_difficulty'])
-  easy_lb, hard_lb = set(np.argsort(lb_d)[B // 2:]), set(np.argsort(lb_d)[:B // 2])
-  hard_ulb = np.argsort(ulb_d)[:U // 2]
-  easy_ulb = np.argsort(ulb_d)[U // 2:]
+  easy_lb, hard_lb = set(np.argsort(lb_d)[B // 2 :]), set(np.argsort(lb_d)[: B // 2])
+  hard_ulb = np.argsort(ulb_d)[: U // 2]
+  easy_ulb = np.argsort(ulb_d)[U // 2 :]
   assert set(anchor[:n1]) == easy_lb and set(anchor[n1:]) == hard_lb
   assert set(partner[:n1]) <= set(hard_ulb) and set(partner[n1:]) <= set(easy_ulb)
   # Each set-1 partner is among the k = round(0.5 * 6) = 3 least similar unlabeled-hard.
@@ -145,12 +154,15 @@ def test_targeted_mixup_jits_and_pairs_easy_with_hard():
   # Mixed images and targets follow the pairs with each set's lambda.
   lam = np.where(np.arange(B) < n1, mixed.lam1, mixed.lam2)
   np.testing.assert_allclose(mixed.lam_per_sample, lam)
-  expected = (lam[:, None, None, None] * np.asarray(inp['x_lb'])[anchor]
-              + (1 - lam[:, None, None, None]) * np.asarray(inp['x_ulb'])[partner])
+  expected = (
+    lam[:, None, None, None] * np.asarray(inp['x_lb'])[anchor]
+    + (1 - lam[:, None, None, None]) * np.asarray(inp['x_ulb'])[partner]
+  )
   np.testing.assert_allclose(mixed.x, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(mixed.onehot_a, np.eye(K)[np.asarray(inp['y_lb'])[anchor]])
-  np.testing.assert_array_equal(mixed.onehot_b,
-                                np.eye(K)[np.asarray(inp['pseudo_labels'])[partner]])
+  np.testing.assert_array_equal(
+    mixed.onehot_b, np.eye(K)[np.asarray(inp['pseudo_labels'])[partner]]
+  )
   assert 0.0 <= float(mixed.lam1) <= 1.0 and float(mixed.lam1) != float(mixed.lam2)
 
 
@@ -162,37 +174,41 @@ def test_targeted_mixup_pairs_on_features_when_given():
   hard_target, easy_target = order[0], order[-1]
   f_ulb = np.tile(np.eye(3)[0], (U, 1))
   f_ulb[[hard_target, easy_target]] = -np.eye(3)[0]
-  mixed = mixup.targeted_mixup(jax.random.key(0), **inp, num_classes=K, pair_k_frac=0.01,
-                               pair_lb=jnp.tile(jnp.eye(3)[0], (B, 1)),
-                               pair_ulb=jnp.asarray(f_ulb, jnp.float32))
-  np.testing.assert_array_equal(mixed.partner_idx[:B // 2], hard_target)
-  np.testing.assert_array_equal(mixed.partner_idx[B // 2:], easy_target)
+  mixed = mixup.targeted_mixup(
+    jax.random.key(0),
+    **inp,
+    num_classes=K,
+    pair_k_frac=0.01,
+    pair_lb=jnp.tile(jnp.eye(3)[0], (B, 1)),
+    pair_ulb=jnp.asarray(f_ulb, jnp.float32),
+  )
+  np.testing.assert_array_equal(mixed.partner_idx[: B // 2], hard_target)
+  np.testing.assert_array_equal(mixed.partner_idx[B // 2 :], easy_target)
 
 
 def test_targeted_mixup_vmaps():
   inp = _inputs(2)
   stacked = jax.tree.map(lambda x: jnp.stack([x, x[::-1]]), inp)
-  out = jax.vmap(lambda key, kw: mixup.targeted_mixup(key, **kw, num_classes=K))(
-      _keys(2), stacked)
+  out = jax.vmap(lambda key, kw: mixup.targeted_mixup(key, **kw, num_classes=K))(_keys(2), stacked)
   assert out.x.shape == (2, B, 4, 4, 3) and out.lam1.shape == (2,)
-  single = mixup.targeted_mixup(_keys(2)[1], **jax.tree.map(lambda x: x[1], stacked),
-                                num_classes=K)
+  single = mixup.targeted_mixup(_keys(2)[1], **jax.tree.map(lambda x: x[1], stacked), num_classes=K)
   np.testing.assert_allclose(out.x[1], single.x, rtol=1e-6, atol=1e-6)
 
 
 def test_random_pairing_covers_every_labeled_sample():
   inp = _inputs(3)
   mixed = jax.jit(functools.partial(mixup.targeted_mixup, num_classes=K, random_pairing=True))(
-      jax.random.key(1), **inp)
+    jax.random.key(1), **inp
+  )
   np.testing.assert_array_equal(np.sort(mixed.anchor_idx), np.arange(B))  # each once
   assert mixed.num_first == B - B // 2  # same set sizes as the targeted version
   assert np.all((np.asarray(mixed.partner_idx) >= 0) & (np.asarray(mixed.partner_idx) < U))
   logits = jnp.asarray(np.random.default_rng(0).normal(size=(B, K)), jnp.float32)
   loss, metrics = mixup.mixup_loss(logits, mixed)
   n1 = mixed.num_first
-  expected = (mixup.mixup_bce(logits[:n1], mixed.onehot_a[:n1], mixed.onehot_b[:n1], mixed.lam1)
-              + mixup.mixup_bce(logits[n1:], mixed.onehot_a[n1:], mixed.onehot_b[n1:],
-                                mixed.lam2))
+  expected = mixup.mixup_bce(
+    logits[:n1], mixed.onehot_a[:n1], mixed.onehot_b[:n1], mixed.lam1
+  ) + mixup.mixup_bce(logits[n1:], mixed.onehot_a[n1:], mixed.onehot_b[n1:], mixed.lam2)
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   assert float(metrics['mixup_loss_2']) > 0.0
 
@@ -219,8 +235,7 @@ def test_num_candidates_matches_reference_k():
 def test_targeted_mixup_rejects_bad_input():
   inp = _inputs()
   with pytest.raises(ValueError, match='lb_difficulty'):
-    mixup.targeted_mixup(jax.random.key(0), **dict(inp, lb_difficulty=jnp.zeros(3)),
-                         num_classes=K)
+    mixup.targeted_mixup(jax.random.key(0), **dict(inp, lb_difficulty=jnp.zeros(3)), num_classes=K)
   with pytest.raises(ValueError, match='pair_k_frac'):
     mixup.targeted_mixup(jax.random.key(0), **inp, num_classes=K, pair_k_frac=0.0)
   with pytest.raises(ValueError, match='pair_ulb'):
@@ -229,20 +244,24 @@ def test_targeted_mixup_rejects_bad_input():
 
 # ---------------------------------------------------------------- diagnostics
 
+
 def test_hard_pseudo_label_error_ignores_unknown_labels():
   pseudo = jnp.asarray([0, 1, 2, 3])
   hidden = jnp.asarray([0, 2, -1, 1])
-  np.testing.assert_allclose(mixup.hard_pseudo_label_error(pseudo, hidden, jnp.asarray([1, 2, 3])),
-                             1.0)
-  np.testing.assert_allclose(mixup.hard_pseudo_label_error(pseudo, hidden, jnp.asarray([0, 2])),
-                             0.0)
-  np.testing.assert_allclose(mixup.hard_pseudo_label_error(pseudo, hidden, jnp.asarray([0, 1])),
-                             0.5)
+  np.testing.assert_allclose(
+    mixup.hard_pseudo_label_error(pseudo, hidden, jnp.asarray([1, 2, 3])), 1.0
+  )
+  np.testing.assert_allclose(
+    mixup.hard_pseudo_label_error(pseudo, hidden, jnp.asarray([0, 2])), 0.0
+  )
+  np.testing.assert_allclose(
+    mixup.hard_pseudo_label_error(pseudo, hidden, jnp.asarray([0, 1])), 0.5
+  )
   np.testing.assert_allclose(mixup.hard_pseudo_label_error(pseudo, hidden, jnp.asarray([2])), 0.0)
 
 
 def test_difficulty_half_means():
-  hard, easy = mixup.difficulty_half_means(jnp.asarray([4., 1., 3., 2., 5.]))
+  hard, easy = mixup.difficulty_half_means(jnp.asarray([4.0, 1.0, 3.0, 2.0, 5.0]))
   np.testing.assert_allclose([hard, easy], [1.5, 4.0])
 
 
@@ -250,12 +269,13 @@ def test_pair_k_frac_one_is_a_uniform_partner_from_the_opposite_half():
   # The "split kept, random partner" ablation: k = the whole half, so every partner of the
   # half is equally likely, whatever the similarity.
   inp = _inputs()
-  run = jax.jit(jax.vmap(lambda key: mixup.targeted_mixup(
-      key, num_classes=K, pair_k_frac=1.0, **inp)))
+  run = jax.jit(
+    jax.vmap(lambda key: mixup.targeted_mixup(key, num_classes=K, pair_k_frac=1.0, **inp))
+  )
   mixed = run(_keys(1200, seed=4))
   n1 = B - B // 2
   ulb_d = np.asarray(inp['ulb_difficulty'])
-  hard_ulb, easy_ulb = np.argsort(ulb_d)[:U // 2], np.argsort(ulb_d)[U // 2:]
+  hard_ulb, easy_ulb = np.argsort(ulb_d)[: U // 2], np.argsort(ulb_d)[U // 2 :]
   partners = np.asarray(mixed.partner_idx)  # [draws, B]
   for col, half in [(0, hard_ulb), (n1, easy_ulb)]:
     freq = np.array([np.mean(partners[:, col] == j) for j in half])
@@ -272,12 +292,13 @@ def _global_inputs(b, u, seed=0, feature_dim=None):
   """Global-batch inputs; difficulties with ties so the stable sort order matters."""
   rng = np.random.default_rng(seed)
   inp = dict(
-      x_lb=rng.normal(size=(b, 4, 4, 3)).astype(np.float32),
-      y_lb=rng.integers(0, K, b).astype(np.int32),
-      lb_difficulty=rng.integers(0, 3, b).astype(np.float32),
-      x_ulb=rng.normal(size=(u, 4, 4, 3)).astype(np.float32),
-      pseudo_labels=rng.integers(0, K, u).astype(np.int32),
-      ulb_difficulty=rng.integers(0, 4, u).astype(np.float32))
+    x_lb=rng.normal(size=(b, 4, 4, 3)).astype(np.float32),
+    y_lb=rng.integers(0, K, b).astype(np.int32),
+    lb_difficulty=rng.integers(0, 3, b).astype(np.float32),
+    x_ulb=rng.normal(size=(u, 4, 4, 3)).astype(np.float32),
+    pseudo_labels=rng.integers(0, K, u).astype(np.int32),
+    ulb_difficulty=rng.integers(0, 4, u).astype(np.float32),
+  )
   if feature_dim:
     inp['pair_lb'] = rng.normal(size=(b, feature_dim)).astype(np.float32)
     inp['pair_ulb'] = rng.normal(size=(u, feature_dim)).astype(np.float32)
@@ -290,11 +311,17 @@ def _per_device(tree):
 
 def _global_shares(key, inp, logits, **kwargs):
   """pmap over 8 devices: each device's share of the global sets, its loss and fused targets."""
+
   def per_device(local, local_logits):
     mixed = mixup.global_targeted_mixup(key, **local, num_classes=K, axis_name='i', **kwargs)
     loss, metrics = mixup.mixup_loss(local_logits, mixed)
-    return (mixed, jax.lax.pmean(loss, 'i'), jax.lax.pmean(metrics, 'i'),
-            mixup.partner_onehot(mixed, local['pseudo_labels'], K))
+    return (
+      mixed,
+      jax.lax.pmean(loss, 'i'),
+      jax.lax.pmean(metrics, 'i'),
+      mixup.partner_onehot(mixed, local['pseudo_labels'], K),
+    )
+
   return jax.pmap(per_device, axis_name='i')(_per_device(inp), _per_device(logits))
 
 
@@ -302,8 +329,11 @@ def _global_shares(key, inp, logits, **kwargs):
 def test_global_scope_equals_one_device_on_the_whole_batch(case):
   b, u = (8, 16) if case == 'one_per_device' else (16, 48)
   inp = _global_inputs(b, u, seed=len(case), feature_dim=6 if case == 'features' else None)
-  kwargs = dict(pair_k_frac=0.3, random_pairing=case == 'random',
-                pair_downsample=2 if case == 'downsample' else 1)
+  kwargs = dict(
+    pair_k_frac=0.3,
+    random_pairing=case == 'random',
+    pair_downsample=2 if case == 'downsample' else 1,
+  )
   logits = np.random.default_rng(7).normal(size=(b, K)).astype(np.float32)
   key = jax.random.key(11)
   ref = mixup.targeted_mixup(key, **inp, num_classes=K, **kwargs)
@@ -325,8 +355,9 @@ def test_global_scope_equals_one_device_on_the_whole_batch(case):
     np.testing.assert_allclose(metrics[name][0], ref_metrics[name], rtol=1e-6)
   if case == 'pixels':  # the whole-set loss, by the per-set formula
     n1 = ref.num_first
-    expected = (mixup.mixup_bce(logits[:n1], ref.onehot_a[:n1], ref.onehot_b[:n1], ref.lam1)
-                + mixup.mixup_bce(logits[n1:], ref.onehot_a[n1:], ref.onehot_b[n1:], ref.lam2))
+    expected = mixup.mixup_bce(
+      logits[:n1], ref.onehot_a[:n1], ref.onehot_b[:n1], ref.lam1
+    ) + mixup.mixup_bce(logits[n1:], ref.onehot_a[n1:], ref.onehot_b[n1:], ref.lam2)
     np.testing.assert_allclose(loss[0], expected, rtol=1e-6)
 
 
@@ -335,7 +366,8 @@ def test_device_scope_splits_each_share_on_its_own():
   inp = _global_inputs(16, 48, seed=3)
   keys = _keys(D, seed=5)
   local = jax.vmap(lambda k, kw: mixup.targeted_mixup(k, **kw, num_classes=K, pair_k_frac=0.3))(
-      keys, _per_device(jax.tree.map(jnp.asarray, inp)))
+    keys, _per_device(jax.tree.map(jnp.asarray, inp))
+  )
   assert np.asarray(local.anchor_idx).max() < 2  # rows of the device's own 2 samples
   whole = mixup.targeted_mixup(keys[0], **inp, num_classes=K, pair_k_frac=0.3)
   assert np.asarray(whole.anchor_idx).max() >= 2
@@ -359,8 +391,11 @@ def test_downsample_averages_blocks():
 def test_bench_counts_the_global_scope_traffic_by_hand():
   """experiments/bench_pairing.py reads the collectives off the traced per-device program."""
   spec = importlib.util.spec_from_file_location(
-      'bench_pairing', os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    'experiments', 'bench_pairing.py'))
+    'bench_pairing',
+    os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'bench_pairing.py'
+    ),
+  )
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   pixels = 32 * 32 * 3 * 4  # f32 bytes of one image
@@ -369,8 +404,7 @@ def test_bench_counts_the_global_scope_traffic_by_hand():
   assert full == {'all_gather': (64 + 448) * pixels + scalars, 'reduce_scatter': 0}
   small = bench.global_pairing_bytes(64, 7, (32, 32, 3), 8, pair_downsample=4)
   # 8x8 pooled pairing inputs; each device reduce-scatters a [64, 32, 32, 3] mixed batch.
-  assert small == {'all_gather': (64 + 448) * pixels // 16 + scalars,
-                   'reduce_scatter': 64 * pixels}
+  assert small == {'all_gather': (64 + 448) * pixels // 16 + scalars, 'reduce_scatter': 64 * pixels}
 
 
 def test_split_metrics_in_global_scope_are_the_whole_batch_values():
@@ -379,7 +413,8 @@ def test_split_metrics_in_global_scope_are_the_whole_batch_values():
   args = (inp['lb_difficulty'], inp['ulb_difficulty'], inp['pseudo_labels'], hidden)
   whole = mixup.split_metrics(*args)
   shared = jax.pmap(lambda *a: mixup.split_metrics(*a, axis_name='i'), axis_name='i')(
-      *_per_device(args))
+    *_per_device(args)
+  )
   for name, value in whole.items():
     np.testing.assert_allclose(shared[name], np.full(D, value), rtol=1e-6, err_msg=name)
   hard_lb = np.argsort(inp['lb_difficulty'], kind='stable')[:8]

@@ -19,8 +19,13 @@ def _arrays(seed=0):
   """3 classes x 4 train (sorted by class), 2 test per class, 3 unlabeled; 5x7 RGB."""
   rng = np.random.default_rng(seed)
   draw = lambda n: rng.integers(0, 256, (n, 5, 7, 3), dtype=np.uint8)
-  return {'x_train': draw(12), 'y_train': np.repeat(np.arange(3), 4),
-          'x_test': draw(6), 'y_test': np.repeat(np.arange(3), 2), 'x_unlabeled': draw(3)}
+  return {
+    'x_train': draw(12),
+    'y_train': np.repeat(np.arange(3), 4),
+    'x_test': draw(6),
+    'y_test': np.repeat(np.arange(3), 2),
+    'x_unlabeled': draw(3),
+  }
 
 
 def _write_folder(root, arrays):
@@ -44,8 +49,7 @@ def test_npz_and_folder_round_trip_into_identical_batches(tmp_path):
   _write_folder(tmp_path / 'my_set_folder', arrays)
   data_dir = str(tmp_path / 'tfds')
   from_npz = sources.load_ssl_data(f'npz:{tmp_path / "My Set.npz"}', data_dir, 6, seed=1)
-  from_folder = sources.load_ssl_data(f'folder:{tmp_path / "my_set_folder"}', data_dir, 6,
-                                       seed=1)
+  from_folder = sources.load_ssl_data(f'folder:{tmp_path / "my_set_folder"}', data_dir, 6, seed=1)
   for data in (from_npz, from_folder):
     assert data.num_classes == 3 and data.spec.image_shape == (5, 7, 3)
     assert data.num_unlabeled == 15
@@ -63,7 +67,10 @@ def test_npz_and_folder_round_trip_into_identical_batches(tmp_path):
   assert len(names) == 2 and all(n.startswith(('own_my_set_', 'own_my_set_folder_')) for n in names)
   stats = own_data.read_stats(data_dir, from_folder.spec.tfds_name)
   assert stats['class_names'] == list(CLASSES) and stats['counts'] == {
-      'train': 12, 'test': 6, 'unlabeled': 3}
+    'train': 12,
+    'test': 6,
+    'unlabeled': 3,
+  }
 
 
 def test_same_source_is_stored_once_and_a_changed_source_gets_a_new_store(tmp_path):
@@ -98,13 +105,13 @@ def _npz_case(tmp_path, **changes):
 
 
 NPZ_CASES = [
-    (dict(y_train=np.repeat(np.arange(3), 4)[:11]), '12 train images but 11 labels'),
-    (dict(y_test=np.array([0, 1, 2, 3, 0, 1])), r'test labels 0..3 fall outside 0..2'),
-    (dict(y_train=np.repeat([0, 2, 3], 4)), 'class 1 has no train examples'),
-    (dict(x_test=np.zeros((6, 5, 6, 3), np.uint8)), 'mixed image sizes'),
-    (dict(x_train=np.zeros((12, 5, 7, 3), np.float32)), 'must be uint8'),
-    (dict(x_train=np.zeros((12, 5, 7, 4), np.uint8)), 'C = 1 .grayscale. or 3'),
-    (dict(y_test=None), r"missing arrays \['y_test'\]"),
+  (dict(y_train=np.repeat(np.arange(3), 4)[:11]), '12 train images but 11 labels'),
+  (dict(y_test=np.array([0, 1, 2, 3, 0, 1])), r'test labels 0..3 fall outside 0..2'),
+  (dict(y_train=np.repeat([0, 2, 3], 4)), 'class 1 has no train examples'),
+  (dict(x_test=np.zeros((6, 5, 6, 3), np.uint8)), 'mixed image sizes'),
+  (dict(x_train=np.zeros((12, 5, 7, 3), np.float32)), 'must be uint8'),
+  (dict(x_train=np.zeros((12, 5, 7, 4), np.uint8)), 'C = 1 .grayscale. or 3'),
+  (dict(y_test=None), r"missing arrays \['y_test'\]"),
 ]
 
 
@@ -163,13 +170,17 @@ def test_too_few_examples_per_class_for_num_labels(tmp_path):
 def test_grayscale_npz_gets_a_channel_axis(tmp_path):
   rng = np.random.default_rng(5)
   x = rng.integers(0, 256, (6, 3, 3), dtype=np.uint8)
-  np.savez(tmp_path / 'g.npz', x_train=x, y_train=np.arange(6) % 2, x_test=x[:2],
-           y_test=np.array([0, 1]))
+  np.savez(
+    tmp_path / 'g.npz', x_train=x, y_train=np.arange(6) % 2, x_test=x[:2], y_test=np.array([0, 1])
+  )
   data = sources.load_ssl_data(f'npz:{tmp_path / "g.npz"}', str(tmp_path / 'tfds'), 2, seed=0)
   assert data.spec.image_shape == (3, 3, 1)
   np.testing.assert_array_equal(data.train_images.get(np.arange(6))[..., 0], x)
-  with open(os.path.join(datasets.stored_dir(str(tmp_path / 'tfds'), data.spec.tfds_name),
-                         own_data.STATS_FILE)) as f:
+  with open(
+    os.path.join(
+      datasets.stored_dir(str(tmp_path / 'tfds'), data.spec.tfds_name), own_data.STATS_FILE
+    )
+  ) as f:
     stats = json.load(f)
   np.testing.assert_allclose(stats['std'], [x.std() / 255], rtol=1e-9)
 
@@ -177,6 +188,7 @@ def test_grayscale_npz_gets_a_channel_axis(tmp_path):
 def _load_example():
   """experiments/own_data_example.py, imported by path (experiments/ is not a package)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   script = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'own_data_example.py')
   spec = importlib.util.spec_from_file_location('own_data_example_under_test', script)
   module = importlib.util.module_from_spec(spec)
@@ -192,8 +204,9 @@ def test_worked_example_writes_the_same_digits_as_npz_and_folder(tmp_path):
   assert np.bincount(arrays['y_test']).tolist() == [30] * 10
   assert np.all(np.diff(arrays['y_train']) >= 0)  # class-sorted, the order a folder reads in
   from_npz, names_npz = own_data.read_npz(example.write_npz(arrays, str(tmp_path / 'd.npz')))
-  from_folder, names_folder = own_data.read_folder(example.write_folder(arrays,
-                                                                        str(tmp_path / 'd')))
+  from_folder, names_folder = own_data.read_folder(
+    example.write_folder(arrays, str(tmp_path / 'd'))
+  )
   assert names_npz == names_folder == tuple(f'digit_{c}' for c in range(10))
   for split in ('train', 'test'):
     np.testing.assert_array_equal(from_npz[split][0], from_folder[split][0])

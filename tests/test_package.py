@@ -43,7 +43,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state[node] = 'open'
     for dep in sorted(graph.get(node, ())):
       if state.get(dep) == 'open':
-        return path[path.index(dep):] + [dep]
+        return path[path.index(dep) :] + [dep]
       if dep not in state:
         found = visit(dep, path + [dep])
         if found:
@@ -78,8 +78,9 @@ def test_no_import_cycles_in_the_package():
   assert _cycle(import_graph()) is None
 
 
-@pytest.mark.parametrize('user', ['cmix_jax/evaluate.py', 'experiments/bench.py',
-                                  'experiments/bench_pairing.py'])
+@pytest.mark.parametrize(
+  'user', ['cmix_jax/evaluate.py', 'experiments/bench.py', 'experiments/bench_pairing.py']
+)
 def test_evaluation_and_benchmarks_import_no_training_loop(user):
   graph = import_graph()
   direct = _imports(ROOT / user, set(graph))

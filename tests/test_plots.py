@@ -40,8 +40,11 @@ def test_reliability_diagram_writes_png_and_numbers(tmp_path):
   np.testing.assert_allclose(saved['accuracy'], table['accuracy'])
   assert saved['ece'] == pytest.approx(metrics.ece(probs, labels), abs=1e-12)
   # lists (as loop.py writes reliability.json) work too, and an explicit ece is kept
-  png2, data2 = plots.reliability_diagram({k: np.asarray(v).tolist() for k, v in table.items()},
-                                          str(tmp_path / 'sub' / 'rel2.png'), ece=0.123)
+  png2, data2 = plots.reliability_diagram(
+    {k: np.asarray(v).tolist() for k, v in table.items()},
+    str(tmp_path / 'sub' / 'rel2.png'),
+    ece=0.123,
+  )
   _check_png(png2)
   with open(data2) as f:
     assert json.load(f)['ece'] == 0.123
@@ -51,10 +54,20 @@ def test_table_ece_and_pooling():
   probs, labels = _problem(1)
   table = metrics.reliability_table(probs, labels, 15)
   assert plots.table_ece(table) == pytest.approx(metrics.ece(probs, labels, 15), abs=1e-12)
-  a = {'bin_lo': [0, 0.5], 'bin_hi': [0.5, 1], 'count': [2, 1], 'mean_conf': [0.3, 0.9],
-       'accuracy': [0.5, 1.0]}
-  b = {'bin_lo': [0, 0.5], 'bin_hi': [0.5, 1], 'count': [0, 3], 'mean_conf': [0, 0.7],
-       'accuracy': [0, 1 / 3]}
+  a = {
+    'bin_lo': [0, 0.5],
+    'bin_hi': [0.5, 1],
+    'count': [2, 1],
+    'mean_conf': [0.3, 0.9],
+    'accuracy': [0.5, 1.0],
+  }
+  b = {
+    'bin_lo': [0, 0.5],
+    'bin_hi': [0.5, 1],
+    'count': [0, 3],
+    'mean_conf': [0, 0.7],
+    'accuracy': [0, 1 / 3],
+  }
   pooled = plots.pool_tables([a, b])
   np.testing.assert_allclose(pooled['count'], [2, 4])
   np.testing.assert_allclose(pooled['mean_conf'], [0.3, (0.9 + 2.1) / 4])
@@ -82,9 +95,18 @@ def test_data_map_subsamples_deterministically_and_drops_nonfinite(tmp_path):
   variability, confidence = rng.random(n) * 0.5, rng.random(n)
   variability[:10] = np.nan  # never-seen samples
   color = (rng.random(n) < 0.5).astype(np.float32)
-  paths = [plots.data_map(variability, confidence, str(tmp_path / f'map{i}.png'), color=color,
-                          color_label='pseudo-label correct', title='u', max_points=500)
-           for i in range(2)]
+  paths = [
+    plots.data_map(
+      variability,
+      confidence,
+      str(tmp_path / f'map{i}.png'),
+      color=color,
+      color_label='pseudo-label correct',
+      title='u',
+      max_points=500,
+    )
+    for i in range(2)
+  ]
   rows = []
   for png, data in paths:
     _check_png(png)
@@ -96,8 +118,9 @@ def test_data_map_subsamples_deterministically_and_drops_nonfinite(tmp_path):
   np.testing.assert_allclose([float(r['confidence']) for r in rows[0]], confidence[idx])
   np.testing.assert_allclose([float(r['color']) for r in rows[0]], color[idx])
   # continuous colour and no colour
-  _check_png(plots.data_map(variability, confidence, str(tmp_path / 'c.png'),
-                            color=rng.random(n))[0])
+  _check_png(
+    plots.data_map(variability, confidence, str(tmp_path / 'c.png'), color=rng.random(n))[0]
+  )
   png, data = plots.data_map(variability[:50], confidence[:50], str(tmp_path / 'n.png'))
   _check_png(png)
   with open(data) as f:
@@ -105,8 +128,10 @@ def test_data_map_subsamples_deterministically_and_drops_nonfinite(tmp_path):
 
 
 def test_training_curves(tmp_path):
-  history = [{'step': s, 'accuracy': 0.5 + s / 1000, 'ece': 0.1 - s / 10000, 'nll': None}
-             for s in (300, 100, 200)]
+  history = [
+    {'step': s, 'accuracy': 0.5 + s / 1000, 'ece': 0.1 - s / 10000, 'nll': None}
+    for s in (300, 100, 200)
+  ]
   png, data = plots.training_curves(history, str(tmp_path / 'curves.png'))
   _check_png(png)
   with open(data) as f:
@@ -119,8 +144,9 @@ def test_training_curves(tmp_path):
 def test_multi_reliability(tmp_path):
   tables = {f'run{i}': metrics.reliability_table(*_problem(i), 10) for i in range(3)}
   for overlay in (False, True):
-    png, data = plots.multi_reliability(tables, str(tmp_path / f'multi{overlay}.png'),
-                                        title='x', overlay=overlay)
+    png, data = plots.multi_reliability(
+      tables, str(tmp_path / f'multi{overlay}.png'), title='x', overlay=overlay
+    )
     _check_png(png)
     with open(data) as f:
       saved = json.load(f)['tables']

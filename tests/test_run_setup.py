@@ -10,11 +10,14 @@ from tests import test_train
 from tests import tiny
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('ssl.p_cutoff', 1.5, 'p_cutoff'),
     ('ssl.label_smoothing', 1.0, 'label_smoothing'),
     ('ssl.ulb_loss_ratio', -1.0, 'ulb_loss_ratio'),
-])
+  ],
+)
 def test_bad_ssl_value_fails_before_anything_is_written(field, value, message, tmp_path):
   workdir = tmp_path / 'run'
   config = tiny.config()
@@ -34,7 +37,9 @@ def test_resume_refuses_a_different_config_and_names_the_field(tmp_path):
   changed.optim.lr = 0.1
   with pytest.raises(config_validation.ConfigError, match='optim.lr'):
     run_setup.build_run(changed, str(tmp_path))
-  run_setup.build_run(changed, str(tmp_path), allow_config_change=True)  # the explicit flag allows it
+  run_setup.build_run(
+    changed, str(tmp_path), allow_config_change=True
+  )  # the explicit flag allows it
   changed.log_every = 1  # logging cadence may change freely
   run_setup.build_run(changed, str(tmp_path))
 

@@ -47,8 +47,7 @@ def _config(selection: str, val_size: int):
 
 
 @pytest.mark.parametrize('selection,split', [('best_val', 'val'), ('best_test', 'test')])
-def test_selection_keeps_the_checkpoint_the_sequence_says(selection, split, monkeypatch,
-                                                          tmp_path):
+def test_selection_keeps_the_checkpoint_the_sequence_says(selection, split, monkeypatch, tmp_path):
   test_results = _scripted_evaluate(monkeypatch, split)
   workdir = str(tmp_path / selection)
   report = train.train_and_evaluate(_config(selection, val_size=8), workdir)
@@ -81,8 +80,9 @@ def test_final_selection_reports_the_last_step_and_keeps_no_best(monkeypatch, tm
 
 
 def test_validation_slice_is_disjoint_seeded_and_never_trained_on():
-  raw = sources.open_dataset('fake', '', dict(num_train=256, num_test=40, image_shape=(12, 12, 1),
-                                                num_classes=4, seed=0))
+  raw = sources.open_dataset(
+    'fake', '', dict(num_train=256, num_test=40, image_shape=(12, 12, 1), num_classes=4, seed=0)
+  )
   data = datasets.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)
   again = datasets.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)
   other = datasets.make_ssl_data(raw, num_labels=32, seed=4, val_size=20)

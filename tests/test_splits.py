@@ -43,16 +43,21 @@ def test_validation_is_disjoint_deterministic_and_labeled_unchanged_without_it()
   np.testing.assert_array_equal(lb, splits.labeled_split(labels, 40, 4, seed=1, exclude=val))
   empty = splits.validation_split(labels, 0, 4, seed=1)
   assert empty.dtype == np.int64 and len(empty) == 0
-  np.testing.assert_array_equal(splits.labeled_split(labels, 40, 4, seed=1, exclude=empty),
-                                splits.labeled_split(labels, 40, 4, seed=1))
+  np.testing.assert_array_equal(
+    splits.labeled_split(labels, 40, 4, seed=1, exclude=empty),
+    splits.labeled_split(labels, 40, 4, seed=1),
+  )
 
 
-@pytest.mark.parametrize('num_labels,exclude,message', [
+@pytest.mark.parametrize(
+  'num_labels,exclude,message',
+  [
     (10, None, 'not divisible|multiple of the 4 classes'),
     (0, None, 'positive multiple'),
     (104, None, 'exceeds the 100 training examples'),
     (96, np.arange(20), 'exceeds the 80'),
-])
+  ],
+)
 def test_labeled_split_errors_name_the_fix(num_labels, exclude, message):
   with pytest.raises(ValueError, match=message) as info:
     splits.labeled_split(_labels(), num_labels, 4, seed=0, exclude=exclude)
@@ -91,18 +96,33 @@ def test_unlabeled_subset_keeps_given_positions_and_balances_classes_by_hand():
   assert {0, 1, 4} <= set(subset.tolist())
   np.testing.assert_array_equal(np.bincount(labels[subset], minlength=3), [2, 2, 2])
   assert set(subset[labels[subset] == 0].tolist()) == {0, 1}  # class 0 is full with its kept two
-  np.testing.assert_array_equal(subset, splits.unlabeled_subset(labels, 6, 3, 5, np.array([0, 1, 4])))
+  np.testing.assert_array_equal(
+    subset, splits.unlabeled_subset(labels, 6, 3, 5, np.array([0, 1, 4]))
+  )
   with pytest.raises(ValueError, match='fewer than the 3 labeled'):
     splits.unlabeled_subset(labels, 6, 3, seed=5, keep=np.array([0, 1, 2]))
 
 
 def test_split_file_records_the_unlabeled_subset(tmp_path):
   from cmix_jax.data import sources  # pylint: disable=g-import-not-at-top
-  data = sources.load_ssl_data('fake', '', 8, seed=2, fake_kwargs=dict(
-      num_train=40, num_test=4, image_shape=(4, 4, 1), num_classes=4, seed=0),
-                                unlabeled_size=16)
-  splits.save_split(str(tmp_path), data.labeled_idx, data.val_idx, data.train_labels, 2, 'fake',
-                    unlabeled=data.unlabeled_record())
+
+  data = sources.load_ssl_data(
+    'fake',
+    '',
+    8,
+    seed=2,
+    fake_kwargs=dict(num_train=40, num_test=4, image_shape=(4, 4, 1), num_classes=4, seed=0),
+    unlabeled_size=16,
+  )
+  splits.save_split(
+    str(tmp_path),
+    data.labeled_idx,
+    data.val_idx,
+    data.train_labels,
+    2,
+    'fake',
+    unlabeled=data.unlabeled_record(),
+  )
   record = splits.load_split(str(tmp_path))
   assert record['unlabeled']['size'] == 16
   assert record['unlabeled']['per_class'] == [4, 4, 4, 4]

@@ -21,7 +21,9 @@ def test_learning_rate_schedule_is_usb_cosine():
   schedule = steps.learning_rate_schedule(optim, 1000)
   assert float(schedule(0)) == pytest.approx(0.03)
   assert float(schedule(500)) == pytest.approx(0.03 * np.cos(7 * np.pi * 0.5 / 16), rel=1e-6)
-  assert float(schedule(1000)) == pytest.approx(0.005853, abs=1e-6)  # the final lr of docs/method.md §2
+  assert float(schedule(1000)) == pytest.approx(
+    0.005853, abs=1e-6
+  )  # the final lr of docs/method.md §2
 
 
 def test_optimizer_is_nesterov_sgd_with_coupled_decay_on_kernels_only():
@@ -48,8 +50,9 @@ def _steps(config, num_devices, num_steps, backend='pmap', tmp_path=None):
   config = config.copy_and_resolve_references()
   config.num_devices = num_devices
   config.parallel_backend = backend
-  run = run_setup.build_run(config,
-                            str(tmp_path / f'{backend}{num_devices}{config.dynamics_sharded}'))
+  run = run_setup.build_run(
+    config, str(tmp_path / f'{backend}{num_devices}{config.dynamics_sharded}')
+  )
   state, _ = run_setup.initial_state(run)
   state = parallel.stack_state(state, run.topo, run.sharded_field)
   traces = []
@@ -58,10 +61,15 @@ def _steps(config, num_devices, num_steps, backend='pmap', tmp_path=None):
     traces.append(1)
     return steps.train_step(*args, **kwargs)
 
-  step = functools.partial(counted, model=run.model, tx=run.tx, algorithm=run.algorithm,
-                           config=run.config, info=run.info)
-  fns = {kind: parallel.parallelize(functools.partial(step, mix=kind == 'mix'), run.topo,
-                                    backend=backend) for kind in ('base', 'mix')}
+  step = functools.partial(
+    counted, model=run.model, tx=run.tx, algorithm=run.algorithm, config=run.config, info=run.info
+  )
+  fns = {
+    kind: parallel.parallelize(
+      functools.partial(step, mix=kind == 'mix'), run.topo, backend=backend
+    )
+    for kind in ('base', 'mix')
+  }
   batches = run_setup.train_iterator(run, 0)
   state, metrics = train.run_steps(fns, state, batches, config, 0, num_steps)
   batches.close()
@@ -70,8 +78,9 @@ def _steps(config, num_devices, num_steps, backend='pmap', tmp_path=None):
 
 def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                               rtol=rtol, atol=atol)
+    np.testing.assert_allclose(
+      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+    )
 
 
 @pytest.mark.parametrize('backend', ['pmap', 'shard_map'])
@@ -94,10 +103,18 @@ def test_cross_replica_bn_eight_devices_equal_one_device(tmp_path):
   config.model.cross_replica_bn = True
   one, _, _ = _steps(config, 1, 2, tmp_path=tmp_path)
   eight, _, _ = _steps(config, 8, 2, tmp_path=tmp_path)
-  _assert_trees_close(parallel.first_replica_to_host(eight).params,
-                      parallel.first_replica_to_host(one).params, rtol=1e-4, atol=1e-5)
-  _assert_trees_close(parallel.first_replica_to_host(eight).batch_stats,
-                      parallel.first_replica_to_host(one).batch_stats, rtol=1e-4, atol=1e-5)
+  _assert_trees_close(
+    parallel.first_replica_to_host(eight).params,
+    parallel.first_replica_to_host(one).params,
+    rtol=1e-4,
+    atol=1e-5,
+  )
+  _assert_trees_close(
+    parallel.first_replica_to_host(eight).batch_stats,
+    parallel.first_replica_to_host(one).batch_stats,
+    rtol=1e-4,
+    atol=1e-5,
+  )
 
 
 def test_ema_follows_its_formula(tmp_path):
@@ -107,8 +124,9 @@ def test_ema_follows_its_formula(tmp_path):
   state0, _ = run_setup.initial_state(run)
   state1, _, _ = _steps(config, 1, 1, tmp_path=tmp_path)
   state1 = parallel.first_replica_to_host(state1)
-  expected = jax.tree.map(lambda e, p: 0.9 * np.asarray(e) + 0.1 * p,
-                          jax.device_get(state0.ema_params), state1.params)
+  expected = jax.tree.map(
+    lambda e, p: 0.9 * np.asarray(e) + 0.1 * p, jax.device_get(state0.ema_params), state1.params
+  )
   _assert_trees_close(state1.ema_params, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -135,8 +153,12 @@ def test_calibratemix_step_runs_and_keeps_tables_identical(passes, tmp_path):
   state, metrics, traces = _steps(config, 8, 3, tmp_path=tmp_path)
   host = jax.device_get(state)
   for replica in range(1, 8):
-    _assert_trees_close(jax.tree.map(lambda x: x[replica], host.dynamics),
-                        jax.tree.map(lambda x: x[0], host.dynamics), rtol=0, atol=0)
+    _assert_trees_close(
+      jax.tree.map(lambda x: x[replica], host.dynamics),
+      jax.tree.map(lambda x: x[0], host.dynamics),
+      rtol=0,
+      atol=0,
+    )
   last = parallel.first_replica_to_host(metrics[-1])
   assert np.isfinite(last['loss']) and 'mixup_loss' in last
   assert 0.0 <= last['mix_lam1'] <= 1.0

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _load(name):
   spec = importlib.util.spec_from_file_location(
-      f'{name}_under_test', os.path.join(ROOT, 'experiments', f'{name}.py'))
+    f'{name}_under_test', os.path.join(ROOT, 'experiments', f'{name}.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -26,6 +27,7 @@ T_975_DF2 = 4.302652729911275  # Student-t 97.5 % quantile, 2 degrees of freedom
 
 # ---------------------------------------------------------------- grid and listing
 
+
 def test_grid_lists_every_cell_seed_by_seed_with_its_overrides():
   runs = study.grid([0, 1, 2])
   assert len(runs) == 3 * (1 + 2 * 6) and len({r['name'] for r in runs}) == len(runs)
@@ -33,11 +35,17 @@ def test_grid_lists_every_cell_seed_by_seed_with_its_overrides():
   by_name = {r['name']: r['overrides'] for r in runs}
   assert by_name['supervised-base-s0'] == {'algorithm': 'supervised', 'seed': 0}
   assert by_name['softmatch-split_random-s2'] == {
-      'algorithm': 'softmatch', 'seed': 2, 'calibratemix.enabled': True,
-      'calibratemix.pair_k_frac': 1.0}
+    'algorithm': 'softmatch',
+    'seed': 2,
+    'calibratemix.enabled': True,
+    'calibratemix.pair_k_frac': 1.0,
+  }
   assert by_name['fixmatch-randmix-s1']['calibratemix.random_pairing'] is True
-  assert by_name['fixmatch-ls-s1'] == {'algorithm': 'fixmatch', 'seed': 1,
-                                       'ssl.label_smoothing': 0.1}
+  assert by_name['fixmatch-ls-s1'] == {
+    'algorithm': 'fixmatch',
+    'seed': 1,
+    'ssl.label_smoothing': 0.1,
+  }
   assert by_name['fixmatch-cmix_fused-s0']['calibratemix.passes'] == 1
   assert len(study.grid([5], variants=('base', 'cmix'))) == 5
   with pytest.raises(ValueError, match='unknown variants'):
@@ -50,8 +58,9 @@ def test_dry_run_lists_runs_states_and_passes_config_overrides(tmp_path, capsys)
   (root / 'fixmatch-base-s0').mkdir(parents=True)
   (root / 'fixmatch-base-s0' / 'eval.json').write_text('{}')
   (root / 'fixmatch-cmix-s0' / 'checkpoints').mkdir(parents=True)
-  study.main(['--dry_run', '--seeds=0', f'--out={out}', f'--root={root}',
-              '--config.data.name=npz:/x.npz'])
+  study.main(
+    ['--dry_run', '--seeds=0', f'--out={out}', f'--root={root}', '--config.data.name=npz:/x.npz']
+  )
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 13
   states = {line.split()[1]: line.split()[0] for line in lines}
@@ -84,8 +93,16 @@ def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypa
   monkeypatch.setattr(study, 'train', fake_train)
   monkeypatch.setattr(study, 'analyse', fake_analyse)
   monkeypatch.setattr(study, 'write_table', lambda out: '')
-  study.main(['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}',
-              f'--root={root}', '--config.num_train_steps=7'])
+  study.main(
+    [
+      '--seeds=0',
+      '--only=fixmatch-',
+      '--variants=base,cmix',
+      f'--out={out}',
+      f'--root={root}',
+      '--config.num_train_steps=7',
+    ]
+  )
   assert trained == [('fixmatch-cmix-s0', {'num_train_steps': '7'})]  # base only analysed
   assert analysed == ['fixmatch-base-s0', 'fixmatch-cmix-s0']
   record = json.loads((out / 'runs' / 'fixmatch-cmix-s0.json').read_text())
@@ -94,8 +111,16 @@ def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypa
   assert json.loads((out / 'runs' / 'fixmatch-base-s0.json').read_text())['train_seconds'] is None
   trained.clear()
   analysed.clear()
-  study.main(['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}',
-              f'--root={root}', '--config.num_train_steps=7'])
+  study.main(
+    [
+      '--seeds=0',
+      '--only=fixmatch-',
+      '--variants=base,cmix',
+      f'--out={out}',
+      f'--root={root}',
+      '--config.num_train_steps=7',
+    ]
+  )
   assert not trained and not analysed  # everything finished: nothing reruns
 
 
@@ -103,22 +128,36 @@ def test_train_command_puts_user_overrides_last():
   run = study.grid([3], variants=('cmix',))[1]
   argv = study.train_command(run, 'w', 'c.py', {'data.name': 'fake'}, 'py')
   assert argv[:5] == ['py', '-m', 'cmix_jax.main', '--config=c.py', '--workdir=w']
-  assert argv[5:] == ['--config.algorithm=fixmatch', '--config.seed=3',
-                      '--config.calibratemix.enabled=True', '--config.data.name=fake',
-                      '--config.progress_bar=False']
+  assert argv[5:] == [
+    '--config.algorithm=fixmatch',
+    '--config.seed=3',
+    '--config.calibratemix.enabled=True',
+    '--config.data.name=fake',
+    '--config.progress_bar=False',
+  ]
 
 
 # ---------------------------------------------------------------- aggregation
 
+
 def _record(algorithm, variant, seed, acc, ece, auroc_apm=None, auroc_conf=None, user=None):
-  rec = {'name': study.run_name(algorithm, variant, seed), 'algorithm': algorithm,
-         'variant': variant, 'seed': seed, 'user_overrides': user or {},
-         'metrics': {'accuracy': acc, 'ece': ece, 'nll': 1.0, 'brier': 0.5},
-         'ts': {'temperature': 1.2, 'metrics': {'ece': ece / 2}},
-         'apm_count': {'mean': 38.5, 'p5': 30.0}, 'mechanism': None}
+  rec = {
+    'name': study.run_name(algorithm, variant, seed),
+    'algorithm': algorithm,
+    'variant': variant,
+    'seed': seed,
+    'user_overrides': user or {},
+    'metrics': {'accuracy': acc, 'ece': ece, 'nll': 1.0, 'brier': 0.5},
+    'ts': {'temperature': 1.2, 'metrics': {'ece': ece / 2}},
+    'apm_count': {'mean': 38.5, 'p5': 30.0},
+    'mechanism': None,
+  }
   if auroc_apm is not None:
-    rec['mechanism'] = {'auroc_apm': auroc_apm, 'auroc_confidence': auroc_conf,
-                        'pseudo_label_error': 0.2}
+    rec['mechanism'] = {
+      'auroc_apm': auroc_apm,
+      'auroc_confidence': auroc_conf,
+      'pseudo_label_error': 0.2,
+    }
   return rec
 
 
@@ -132,8 +171,11 @@ def test_paired_interval_hand_values():
   iv = compare.paired_interval([-0.02, -0.01, -0.03])
   half = T_975_DF2 * 0.01 / math.sqrt(3)  # sd of the three differences is 0.01
   assert iv['n'] == 3
-  np.testing.assert_allclose([iv['mean'], iv['std'], iv['low'], iv['high']],
-                             [-0.02, 0.01, -0.02 - half, -0.02 + half], rtol=1e-9)
+  np.testing.assert_allclose(
+    [iv['mean'], iv['std'], iv['low'], iv['high']],
+    [-0.02, 0.01, -0.02 - half, -0.02 + half],
+    rtol=1e-9,
+  )
   one = compare.paired_interval([0.5, math.nan])
   assert one['n'] == 1 and one['mean'] == 0.5 and math.isnan(one['low'])
   assert compare.paired_interval([])['n'] == 0
@@ -146,11 +188,27 @@ def test_table_from_result_files_alone_pairs_by_seed_and_gives_verdicts(tmp_path
     records.append(_record('supervised', 'base', seed, acc_b - 0.1, 0.2))
     records.append(_record('fixmatch', 'base', seed, acc_b, ece_b))
     # CalibrateMix: ECE lower by 0.03, 0.02, 0.04 on the same seeds; accuracy +0.01 each.
-    records.append(_record('fixmatch', 'cmix', seed, acc_b + 0.01, ece_b - [0.03, 0.02, 0.04][seed],
-                           auroc_apm=0.80 + 0.01 * seed, auroc_conf=0.80))
+    records.append(
+      _record(
+        'fixmatch',
+        'cmix',
+        seed,
+        acc_b + 0.01,
+        ece_b - [0.03, 0.02, 0.04][seed],
+        auroc_apm=0.80 + 0.01 * seed,
+        auroc_conf=0.80,
+      )
+    )
     # Split with a random partner: ECE 0.01 below CalibrateMix's, +-: not separable.
-    records.append(_record('fixmatch', 'split_random', seed, acc_b,
-                           ece_b - [0.03, 0.02, 0.04][seed] + [0.01, -0.01, 0.005][seed]))
+    records.append(
+      _record(
+        'fixmatch',
+        'split_random',
+        seed,
+        acc_b,
+        ece_b - [0.03, 0.02, 0.04][seed] + [0.01, -0.01, 0.005][seed],
+      )
+    )
   records.append(_record('fixmatch', 'randmix', 0, 0.7, 0.5))  # one seed only
   _write(out, records)
   markdown = study.write_table(str(out))
@@ -158,17 +216,21 @@ def test_table_from_result_files_alone_pairs_by_seed_and_gives_verdicts(tmp_path
   verdicts = {v['claim']: v for v in summary['verdicts']}
   ece = verdicts['fixmatch: CalibrateMix lowers ECE']
   half = T_975_DF2 * 0.01 / math.sqrt(3)
-  np.testing.assert_allclose([ece['mean'], ece['low'], ece['high']],
-                             [-0.03, -0.03 - half, -0.03 + half], rtol=1e-6)
+  np.testing.assert_allclose(
+    [ece['mean'], ece['low'], ece['high']], [-0.03, -0.03 - half, -0.03 + half], rtol=1e-6
+  )
   assert ece['verdict'] == 'yes'  # [-0.0548, -0.0052]: wholly below 0
-  split = [p for p in summary['paired']
-           if p['comparison'] == 'fixmatch: CalibrateMix − split_random'
-           and p['metric'] == 'metrics.ece'][0]
+  split = [
+    p
+    for p in summary['paired']
+    if p['comparison'] == 'fixmatch: CalibrateMix − split_random' and p['metric'] == 'metrics.ece'
+  ][0]
   assert split['n'] == 3 and split['low'] < 0 < split['high']  # differences -.01, .01, -.005
   assert verdicts['fixmatch beats supervised on accuracy (setting sanity)']['verdict'] == 'yes'
   assert verdicts['fixmatch: … without costing accuracy']['verdict'].startswith('yes')
   assert verdicts['fixmatch: targeted pairing beats the ablations (ECE)']['verdict'] == (
-      'not run yet')  # random mixup has one seed
+    'not run yet'
+  )  # random mixup has one seed
   mech = verdicts['fixmatch: stored APM flags wrong pseudo-labels better than confidence']
   np.testing.assert_allclose(mech['mean'], 0.01, rtol=1e-6)  # differences 0, .01, .02
   assert mech['verdict'] == 'no: APM carries no more information than confidence here'
@@ -188,13 +250,19 @@ def test_verdict_rules():
 
 
 def test_one_results_folder_holds_one_setting(tmp_path):
-  _write(tmp_path, [_record('fixmatch', 'base', 0, 0.5, 0.1),
-                    _record('fixmatch', 'base', 1, 0.5, 0.1, user={'data.name': 'fake'})])
+  _write(
+    tmp_path,
+    [
+      _record('fixmatch', 'base', 0, 0.5, 0.1),
+      _record('fixmatch', 'base', 1, 0.5, 0.1, user={'data.name': 'fake'}),
+    ],
+  )
   with pytest.raises(ValueError, match='own --out'):
     study.load_results(str(tmp_path))
 
 
 # ---------------------------------------------------------------- analysis kernels
+
 
 def test_auroc_hand_values_ties_and_sklearn():
   # Positives at scores 0.35 and 0.8, negatives at 0.1 and 0.4: 3 of 4 pairs ordered -> 0.75.
@@ -203,17 +271,23 @@ def test_auroc_hand_values_ties_and_sklearn():
   assert analysis.auroc([3, 2, 1], [1, 1, 0]) == 1.0
   assert math.isnan(analysis.auroc([1, 2], [1, 1]))
   from sklearn import metrics  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   scores, labels = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.3
-  np.testing.assert_allclose(analysis.auroc(scores, labels),
-                             metrics.roc_auc_score(labels, scores), rtol=1e-12)
+  np.testing.assert_allclose(
+    analysis.auroc(scores, labels), metrics.roc_auc_score(labels, scores), rtol=1e-12
+  )
 
 
 def test_mechanism_scores_wrong_pseudo_labels_by_hand():
-  logits = np.array([[3., 0., 0.], [0., 2., 0.], [0., 0., 1.], [1., 0., 0.], [0., 5., 0.]])
+  logits = np.array(
+    [[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 5.0, 0.0]]
+  )
   hidden = np.array([0, 0, 2, 1, -1])  # sample 4's label is unknown: left out
   pseudo_wrong = np.array([False, True, False, True])  # pseudo-labels 0, 1, 2, 0
-  apm = np.array([[2., -2., -3.], [-1., -0.5, -2.], [-1., -1., 1.5], [-1., 0., 0.], [0., 9., 0.]])
+  apm = np.array(
+    [[2.0, -2.0, -3.0], [-1.0, -0.5, -2.0], [-1.0, -1.0, 1.5], [-1.0, 0.0, 0.0], [0.0, 9.0, 0.0]]
+  )
   counts = np.array([30, 31, 29, 30, 30])
   running = np.array([0.9, 0.4, 0.8, 0.6, 0.99])
   out = analysis.mechanism(apm, counts, running, logits, hidden)
@@ -244,8 +318,9 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, ca
   monkeypatch.setattr(study, 'train', lambda *a: 1.0)
   monkeypatch.setattr(study, 'analyse', fake_analyse)
   monkeypatch.setattr(study, 'write_table', lambda out: '')
-  study.main(['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}',
-              f'--root={root}'])
+  study.main(
+    ['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}', f'--root={root}']
+  )
   assert 'FAILED: fixmatch-cmix-s0' in capsys.readouterr().out
   assert sorted(os.listdir(out / 'runs')) == ['fixmatch-base-s0.json']
 
@@ -253,17 +328,26 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, ca
 def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
   config = tmp_path / 'tiny_study.py'
   config.write_text(
-      'from tests import tiny\n\n\n'
-      'def get_config():\n'
-      '  c = tiny.config(steps=6)  # FixMatch base: one step program to compile\n'
-      '  c.calibratemix.warmup_steps = 2\n'
-      '  c.data.val_size = 8\n'
-      '  c.data.unlabeled_size = 64\n'
-      '  c.eval.plots = True\n'
-      '  return c\n')
+    'from tests import tiny\n\n\n'
+    'def get_config():\n'
+    '  c = tiny.config(steps=6)  # FixMatch base: one step program to compile\n'
+    '  c.calibratemix.warmup_steps = 2\n'
+    '  c.data.val_size = 8\n'
+    '  c.data.unlabeled_size = 64\n'
+    '  c.eval.plots = True\n'
+    '  return c\n'
+  )
   out, root = tmp_path / 'out', tmp_path / 'runs'
-  study.main(['--seeds=0', '--only=fixmatch-base-', f'--config={config}', f'--out={out}',
-              f'--root={root}', '--config.num_devices=1'])
+  study.main(
+    [
+      '--seeds=0',
+      '--only=fixmatch-base-',
+      f'--config={config}',
+      f'--out={out}',
+      f'--root={root}',
+      '--config.num_devices=1',
+    ]
+  )
   record = json.loads((out / 'runs' / 'fixmatch-base-s0.json').read_text())
   assert record['step'] == 6 and 0 <= record['metrics']['ece'] <= 1
   assert record['ts']['temperature'] > 0 and 'ece' in record['ts']['metrics']

@@ -22,10 +22,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _driver(*args, check=True, timeout=240):
   env = dict(os.environ, PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m', 'tests.run_driver', *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'tests.run_driver', *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if check and proc.returncode:
-    raise AssertionError(f'driver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}')
+    raise AssertionError(
+      f'driver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}'
+    )
   return proc
 
 
@@ -58,8 +66,13 @@ def _assert_same_state(a, b):
 def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
   straight, killed = str(tmp_path / 'straight'), str(tmp_path / 'killed')
   _driver(f'--workdir={straight}', '--devices=2', '--set=calibratemix.enabled=True')
-  proc = _driver(f'--workdir={killed}', '--devices=2', '--set=calibratemix.enabled=True',
-                 '--kill_after_checkpoint=2', check=False)
+  proc = _driver(
+    f'--workdir={killed}',
+    '--devices=2',
+    '--set=calibratemix.enabled=True',
+    '--kill_after_checkpoint=2',
+    check=False,
+  )
   assert proc.returncode == -9, proc.stderr[-2000:]  # really killed, no clean exit
   assert _latest_state(killed)[0] == 2
   _driver(f'--workdir={killed}', '--devices=2', '--set=calibratemix.enabled=True')
@@ -125,11 +138,26 @@ def test_two_processes_over_loopback_equal_one_process(tmp_path):
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'tests.run_driver', f'--workdir={multi}', '--devices=4',
-       f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'tests.run_driver',
+        f'--workdir={multi}',
+        '--devices=4',
+        f'--coordinator=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, f'{out}\n{err[-4000:]}'
@@ -138,8 +166,13 @@ def test_two_processes_over_loopback_equal_one_process(tmp_path):
   flat_s = jax.tree_util.tree_flatten_with_path(state_single)[0]
   flat_m = dict(jax.tree_util.tree_flatten_with_path(state_multi)[0])
   for path, x in flat_s:
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(flat_m[path], np.float64),
-                               rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_allclose(
+      np.asarray(x, np.float64),
+      np.asarray(flat_m[path], np.float64),
+      rtol=1e-5,
+      atol=1e-6,
+      err_msg=jax.tree_util.keystr(path),
+    )
   with open(os.path.join(single, 'eval.json')) as f:
     single_eval = json.load(f)
   with open(os.path.join(multi, 'eval.json')) as f:

@@ -40,9 +40,22 @@ from cmix_jax.algorithms.softmatch import SoftMatch
 from cmix_jax.algorithms.softmatch import SoftMatchState
 from cmix_jax.algorithms.supervised import Supervised
 
-__all__ = ['Algorithm', 'PseudoLabels', 'supervised_loss', 'unsup_loss', 'FixMatch', 'FlexMatch',
-           'FlexMatchState', 'SoftMatch', 'SoftMatchState', 'Supervised', 'ALGORITHMS',
-           'ALGORITHM_NAMES', 'ssl_errors', 'get_algorithm']
+__all__ = [
+  'Algorithm',
+  'PseudoLabels',
+  'supervised_loss',
+  'unsup_loss',
+  'FixMatch',
+  'FlexMatch',
+  'FlexMatchState',
+  'SoftMatch',
+  'SoftMatchState',
+  'Supervised',
+  'ALGORITHMS',
+  'ALGORITHM_NAMES',
+  'ssl_errors',
+  'get_algorithm',
+]
 
 ALGORITHMS = (Supervised, FixMatch, FlexMatch, SoftMatch)
 ALGORITHM_NAMES = tuple(a.name for a in ALGORITHMS)
@@ -51,8 +64,9 @@ ALGORITHM_NAMES = tuple(a.name for a in ALGORITHMS)
 def ssl_errors(ssl: ml_collections.ConfigDict) -> list[str]:
   """Every problem with `config.ssl`, whichever algorithm runs (a bad value is never right)."""
   errors = base.label_smoothing_errors(ssl.label_smoothing)
-  errors += checks.out_of_range('ssl.ulb_loss_ratio', ssl.ulb_loss_ratio, '[0, inf)',
-                                'lambda_u; USB: 1.0')
+  errors += checks.out_of_range(
+    'ssl.ulb_loss_ratio', ssl.ulb_loss_ratio, '[0, inf)', 'lambda_u; USB: 1.0'
+  )
   for algorithm in ALGORITHMS:
     errors += [e for e in algorithm.ssl_errors(ssl) if e not in errors]  # p_cutoff is shared
   return errors
@@ -62,8 +76,9 @@ def get_algorithm(config: ml_collections.ConfigDict) -> Algorithm:
   """The algorithm named by `config.algorithm`, with its hyperparameters from `config.ssl`."""
   name = config.algorithm
   if name not in ALGORITHM_NAMES:
-    raise ValueError(f'unknown algorithm {name!r}: use one of {", ".join(ALGORITHM_NAMES)} '
-                     '(--config.algorithm).')
+    raise ValueError(
+      f'unknown algorithm {name!r}: use one of {", ".join(ALGORITHM_NAMES)} (--config.algorithm).'
+    )
   errors = ssl_errors(config.ssl)
   if errors:
     raise ValueError(' '.join(errors))
@@ -74,5 +89,6 @@ def get_algorithm(config: ml_collections.ConfigDict) -> Algorithm:
     return FixMatch(p_cutoff=float(ssl.p_cutoff))
   if name == 'flexmatch':
     return FlexMatch(p_cutoff=float(ssl.p_cutoff), thresh_warmup=bool(ssl.thresh_warmup))
-  return SoftMatch(ema_p=float(ssl.ema_p), n_sigma=float(ssl.n_sigma),
-                   dist_align=bool(ssl.dist_align))
+  return SoftMatch(
+    ema_p=float(ssl.ema_p), n_sigma=float(ssl.n_sigma), dist_align=bool(ssl.dist_align)
+  )

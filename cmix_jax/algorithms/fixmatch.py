@@ -11,6 +11,7 @@ from cmix_jax.algorithms import base
 @dataclasses.dataclass(frozen=True)
 class FixMatch(base.Algorithm):
   """label = argmax of the weak logits; weight = 1 where max softmax prob >= p_cutoff."""
+
   name: ClassVar[str] = 'fixmatch'
   p_cutoff: float = 0.95
 

@@ -28,6 +28,7 @@ from cmix_jax.algorithms import base
 @flax.struct.dataclass
 class FlexMatchState:
   """Per-unlabeled-sample selection memory and the class-wise learning effect."""
+
   selected_label: jax.Array  # int32 [N_ulb], -1 = never selected
   classwise_acc: jax.Array  # float32 [C] sigma, used by the NEXT step's mask
 
@@ -45,8 +46,9 @@ def last_selected(idx: jax.Array, selected: jax.Array, num_rows: int) -> jax.Arr
   return jnp.zeros(key.shape, bool).at[order].set(last_in_run) & valid
 
 
-def write_last_selected(table: jax.Array, idx: jax.Array, values: jax.Array,
-                        selected: jax.Array) -> jax.Array:
+def write_last_selected(
+  table: jax.Array, idx: jax.Array, values: jax.Array, selected: jax.Array
+) -> jax.Array:
   """table[idx[i]] = values[i] where selected[i]; repeated indices keep the last selected one.
 
   Indices outside [0, N) (e.g. -1 padding) are ignored.
@@ -56,8 +58,9 @@ def write_last_selected(table: jax.Array, idx: jax.Array, values: jax.Array,
   return table.at[jnp.where(keep, idx, n_table)].set(values.astype(table.dtype), mode='drop')
 
 
-def learning_effect(selected_label: jax.Array, previous: jax.Array,
-                    thresh_warmup: bool) -> jax.Array:
+def learning_effect(
+  selected_label: jax.Array, previous: jax.Array, thresh_warmup: bool
+) -> jax.Array:
   """USB's `update()`: class-wise learning effect sigma [C] from the selection table."""
   num_classes = previous.shape[0]
   counts = jnp.bincount(selected_label + 1, length=num_classes + 1)  # [C + 1], bin 0 = unused
@@ -71,6 +74,7 @@ def learning_effect(selected_label: jax.Array, previous: jax.Array,
 @dataclasses.dataclass(frozen=True)
 class FlexMatch(base.Algorithm):
   """FixMatch with per-class thresholds p_cutoff * M(sigma_c), M(x) = x / (2 - x) (convex)."""
+
   name: ClassVar[str] = 'flexmatch'
   p_cutoff: float = 0.95
   thresh_warmup: bool = True
@@ -81,8 +85,10 @@ class FlexMatch(base.Algorithm):
 
   def init_state(self, num_unlabeled: int, num_classes: int) -> FlexMatchState:
     base.check_sizes(self.name, num_unlabeled, num_classes)
-    return FlexMatchState(selected_label=jnp.full((num_unlabeled,), -1, jnp.int32),
-                          classwise_acc=jnp.zeros((num_classes,), jnp.float32))
+    return FlexMatchState(
+      selected_label=jnp.full((num_unlabeled,), -1, jnp.int32),
+      classwise_acc=jnp.zeros((num_classes,), jnp.float32),
+    )
 
   def pseudo_label(self, state: FlexMatchState, logits_w, idx_ulb, *, axis_name=None):
     """Mask with last step's sigma, then record confident predictions and refresh sigma."""
@@ -95,13 +101,16 @@ class FlexMatch(base.Algorithm):
 
     selected = max_prob >= self.p_cutoff  # [U]
     g_idx, g_label, g_selected = base.all_gather(
-        axis_name, idx_ulb.astype(jnp.int32), label, selected)  # [n_global]
+      axis_name, idx_ulb.astype(jnp.int32), label, selected
+    )  # [n_global]
     selected_label = write_last_selected(state.selected_label, g_idx, g_label, g_selected)
     classwise_acc = learning_effect(selected_label, sigma, self.thresh_warmup)
     new_state = FlexMatchState(selected_label=selected_label, classwise_acc=classwise_acc)
 
-    metrics = {'mask_ratio': jnp.mean(weight),
-               'mean_threshold': jnp.mean(class_threshold),  # over classes, as used this step
-               'selected_frac': jnp.mean((selected_label >= 0).astype(jnp.float32))}
+    metrics = {
+      'mask_ratio': jnp.mean(weight),
+      'mean_threshold': jnp.mean(class_threshold),  # over classes, as used this step
+      'selected_frac': jnp.mean((selected_label >= 0).astype(jnp.float32)),
+    }
     pseudo = base.PseudoLabels(label=label, weight=weight, max_prob=max_prob)
     return pseudo, new_state, metrics

@@ -35,6 +35,7 @@ _ALIGN_EPS = 1e-6  # USB's DistAlignEMAHook
 @flax.struct.dataclass
 class SoftMatchState:
   """EMAs of the unlabeled class distribution and of the aligned max-prob mean / variance."""
+
   p_model: jax.Array  # float32 [C]; replaced by the first batch's mean
   num_updates: jax.Array  # int32 [], steps seen (0 = p_model not yet initialised)
   mu: jax.Array  # float32 [] EMA of the batch mean of the aligned max prob
@@ -48,16 +49,18 @@ def align_to_uniform(probs: jax.Array, p_model: jax.Array) -> jax.Array:
   return aligned / jnp.sum(aligned, axis=-1, keepdims=True)
 
 
-def truncated_gaussian_weight(max_prob: jax.Array, mu: jax.Array, var: jax.Array,
-                              n_sigma: float) -> jax.Array:
+def truncated_gaussian_weight(
+  max_prob: jax.Array, mu: jax.Array, var: jax.Array, n_sigma: float
+) -> jax.Array:
   """1 above the mean, Gaussian fall-off below it with std sqrt(var) / n_sigma."""
   below = jnp.minimum(max_prob - mu, 0.0)  # [U]
-  return jnp.exp(-jnp.square(below) / (2.0 * var / n_sigma ** 2))
+  return jnp.exp(-jnp.square(below) / (2.0 * var / n_sigma**2))
 
 
 @dataclasses.dataclass(frozen=True)
 class SoftMatch(base.Algorithm):
   """Soft weights from an EMA Gaussian of the (aligned) confidence; no hard threshold."""
+
   name: ClassVar[str] = 'softmatch'
   ema_p: float = 0.999
   n_sigma: float = 2.0
@@ -65,17 +68,20 @@ class SoftMatch(base.Algorithm):
 
   @classmethod
   def field_errors(cls, fields):
-    return (checks.out_of_range('ssl.ema_p', fields['ema_p'], '[0, 1)',
-                                'softmatch EMA momentum; USB: 0.999') +
-            checks.out_of_range('ssl.n_sigma', fields['n_sigma'], '(0, inf)',
-                                'softmatch Gaussian width divisor; USB: 2'))
+    return checks.out_of_range(
+      'ssl.ema_p', fields['ema_p'], '[0, 1)', 'softmatch EMA momentum; USB: 0.999'
+    ) + checks.out_of_range(
+      'ssl.n_sigma', fields['n_sigma'], '(0, inf)', 'softmatch Gaussian width divisor; USB: 2'
+    )
 
   def init_state(self, num_unlabeled: int, num_classes: int) -> SoftMatchState:
     base.check_sizes(self.name, num_unlabeled, num_classes)
-    return SoftMatchState(p_model=jnp.full((num_classes,), 1.0 / num_classes, jnp.float32),
-                          num_updates=jnp.zeros((), jnp.int32),
-                          mu=jnp.full((), 1.0 / num_classes, jnp.float32),
-                          var=jnp.ones((), jnp.float32))
+    return SoftMatchState(
+      p_model=jnp.full((num_classes,), 1.0 / num_classes, jnp.float32),
+      num_updates=jnp.zeros((), jnp.int32),
+      mu=jnp.full((), 1.0 / num_classes, jnp.float32),
+      var=jnp.ones((), jnp.float32),
+    )
 
   def pseudo_label(self, state: SoftMatchState, logits_w, idx_ulb, *, axis_name=None):
     """Update p_model, align, update mu/var on the global batch, then weight (USB order)."""
@@ -83,20 +89,24 @@ class SoftMatch(base.Algorithm):
     base.check_weak_batch('softmatch', logits_w, idx_ulb, num_classes)
     n_global = base.global_batch_size(logits_w.shape[0], axis_name)
     if n_global < 2:
-      raise ValueError(f'softmatch: the global unlabeled batch has {n_global} sample; the '
-                       'unbiased variance needs >= 2 (raise data.batch_size or data.uratio).')
+      raise ValueError(
+        f'softmatch: the global unlabeled batch has {n_global} sample; the '
+        'unbiased variance needs >= 2 (raise data.batch_size or data.uratio).'
+      )
     m = self.ema_p
     probs, label = base.weak_probs(logits_w)  # [U, C] raw, [U] from raw logits
 
     batch_mean_probs = base.global_sum(jnp.sum(probs, axis=0), axis_name) / n_global  # [C]
-    p_model = jnp.where(state.num_updates > 0,
-                        m * state.p_model + (1.0 - m) * batch_mean_probs, batch_mean_probs)
+    p_model = jnp.where(
+      state.num_updates > 0, m * state.p_model + (1.0 - m) * batch_mean_probs, batch_mean_probs
+    )
     used = align_to_uniform(probs, p_model) if self.dist_align else probs  # [U, C]
 
     max_prob = jnp.max(used, axis=-1)  # [U]
     batch_mu = base.global_sum(jnp.sum(max_prob), axis_name) / n_global
-    batch_var = base.global_sum(jnp.sum(jnp.square(max_prob - batch_mu)),
-                                axis_name) / (n_global - 1)
+    batch_var = base.global_sum(jnp.sum(jnp.square(max_prob - batch_mu)), axis_name) / (
+      n_global - 1
+    )
     mu = m * state.mu + (1.0 - m) * batch_mu
     var = m * state.var + (1.0 - m) * batch_var
     weight = truncated_gaussian_weight(max_prob, mu, var, self.n_sigma)  # [U]

@@ -43,8 +43,10 @@ _LUMA_16 = (19595, 38470, 7471)  # PIL's RGB->L weights in 16.16 fixed point.
 def _check_image(img, where: str):
   """Raises ValueError unless img is one [H, W, C] image with C in (1, 3)."""
   if img.ndim != 3 or img.shape[-1] not in (1, 3):
-    raise ValueError(f'{where}: expected one image [H, W, C] with C = 1 or 3, got shape '
-                     f'{tuple(img.shape)}; vmap over the batch or use augment_batch.')
+    raise ValueError(
+      f'{where}: expected one image [H, W, C] with C = 1 or 3, got shape '
+      f'{tuple(img.shape)}; vmap over the batch or use augment_batch.'
+    )
 
 
 def _as_float(img):
@@ -56,8 +58,10 @@ def _fill_vector(fill, channels: int):
   """Fill colour as a [C] float32 vector (a scalar is broadcast)."""
   fill = jnp.asarray(fill, jnp.float32).reshape(-1)
   if fill.shape[0] not in (1, channels):
-    raise ValueError(f'fill has {fill.shape[0]} values for a {channels}-channel image; '
-                     'give one value or one per channel.')
+    raise ValueError(
+      f'fill has {fill.shape[0]} values for a {channels}-channel image; '
+      'give one value or one per channel.'
+    )
   return jnp.broadcast_to(fill, (channels,))
 
 
@@ -206,14 +210,15 @@ def sharpness(img, v):
   h, w, _ = img.shape
   if h < 3 or w < 3:
     return img  # PIL's 3x3 filter leaves images this small unchanged.
-  window = sum(img[dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3))
+  window = sum(img[dy : h - 2 + dy, dx : w - 2 + dx] for dy in range(3) for dx in range(3))
   total = window + 4.0 * img[1:-1, 1:-1]  # [H-2, W-2, C]: kernel 1 1 1 / 1 5 1 / 1 1 1
   # round(total / 13): (total + 6.5)/13 is >= 1/26 away from an integer, so the
   # product with a rounded 1/13 floors exactly (XLA's division need not be exact).
   rounded = jnp.floor((total + 6.5) * (1.0 / 13.0))
   smooth = jnp.pad(rounded, ((1, 1), (1, 1), (0, 0)))
-  border = jnp.pad(jnp.zeros((h - 2, w - 2, 1), bool), ((1, 1), (1, 1), (0, 0)),
-                   constant_values=True)  # [H, W, 1]
+  border = jnp.pad(
+    jnp.zeros((h - 2, w - 2, 1), bool), ((1, 1), (1, 1), (0, 0)), constant_values=True
+  )  # [H, W, 1]
   smooth = jnp.where(border, img, smooth)
   return _blend(smooth, img, v)
 
@@ -377,8 +382,10 @@ def random_crop(key, img, pad: int):
   _check_image(img, 'random_crop')
   h, w, c = img.shape
   if not 0 <= pad < min(h, w):
-    raise ValueError(f'random_crop: pad={pad} must be in [0, {min(h, w)}) for a {h}x{w} image '
-                     '(reflect padding needs pad < side); lower pad_frac.')
+    raise ValueError(
+      f'random_crop: pad={pad} must be in [0, {min(h, w)}) for a {h}x{w} image '
+      '(reflect padding needs pad < side); lower pad_frac.'
+    )
   if pad == 0:
     return img
   padded = jnp.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode='reflect')  # [H+2p, W+2p, C]
@@ -405,23 +412,28 @@ def weak_augment(key, img, *, pad_frac: float = 0.125, flip: bool = True):
 
 # (name, op, low, high): USB's augment_list, in its order; magnitude = low + (high-low)*U[0,1).
 RANDAUGMENT_OPS: tuple[tuple[str, Callable, float, float], ...] = (
-    ('AutoContrast', auto_contrast, 0.0, 1.0),
-    ('Brightness', brightness, 0.05, 0.95),
-    ('Color', color, 0.05, 0.95),
-    ('Contrast', contrast, 0.05, 0.95),
-    ('Equalize', equalize, 0.0, 1.0),
-    ('Identity', identity, 0.0, 1.0),
-    ('Posterize', posterize, 4.0, 8.0),
-    ('Rotate', rotate, -30.0, 30.0),
-    ('Sharpness', sharpness, 0.05, 0.95),
-    ('ShearX', shear_x, -0.3, 0.3),
-    ('ShearY', shear_y, -0.3, 0.3),
-    ('Solarize', solarize, 0.0, 256.0),
-    ('TranslateX', translate_x, -0.3, 0.3),
-    ('TranslateY', translate_y, -0.3, 0.3),
+  ('AutoContrast', auto_contrast, 0.0, 1.0),
+  ('Brightness', brightness, 0.05, 0.95),
+  ('Color', color, 0.05, 0.95),
+  ('Contrast', contrast, 0.05, 0.95),
+  ('Equalize', equalize, 0.0, 1.0),
+  ('Identity', identity, 0.0, 1.0),
+  ('Posterize', posterize, 4.0, 8.0),
+  ('Rotate', rotate, -30.0, 30.0),
+  ('Sharpness', sharpness, 0.05, 0.95),
+  ('ShearX', shear_x, -0.3, 0.3),
+  ('ShearY', shear_y, -0.3, 0.3),
+  ('Solarize', solarize, 0.0, 256.0),
+  ('TranslateX', translate_x, -0.3, 0.3),
+  ('TranslateY', translate_y, -0.3, 0.3),
 )
-_GEOMETRIC_COEFFS = {rotate: _rotate_coeffs, shear_x: _shear_x_coeffs, shear_y: _shear_y_coeffs,
-                     translate_x: _translate_x_coeffs, translate_y: _translate_y_coeffs}
+_GEOMETRIC_COEFFS = {
+  rotate: _rotate_coeffs,
+  shear_x: _shear_x_coeffs,
+  shear_y: _shear_y_coeffs,
+  translate_x: _translate_x_coeffs,
+  translate_y: _translate_y_coeffs,
+}
 
 
 def randaugment_op(img, op_index, unit, *, fill=AFFINE_FILL):
@@ -442,14 +454,25 @@ def randaugment_op(img, op_index, unit, *, fill=AFFINE_FILL):
       geometric.append(lambda u: _identity_coeffs(u, h, w))
     else:
       photometric.append(lambda x, u: x)
-      geometric.append(lambda u, coeffs=coeffs, scaled=scaled: tuple(
-          jnp.asarray(v, jnp.float32) for v in coeffs(scaled(u), h, w)))
+      geometric.append(
+        lambda u, coeffs=coeffs, scaled=scaled: tuple(
+          jnp.asarray(v, jnp.float32) for v in coeffs(scaled(u), h, w)
+        )
+      )
   img = jax.lax.switch(op_index, photometric, img, unit)
   return affine_transform(img, jax.lax.switch(op_index, geometric, unit), fill=fill)
 
 
-def strong_augment(key, img, *, pad_frac: float = 0.125, flip: bool = True, num_ops: int = 3,
-                   cutout: bool = True, affine_fill=AFFINE_FILL):  # pylint: disable=redefined-outer-name
+def strong_augment(
+  key,
+  img,
+  *,
+  pad_frac: float = 0.125,
+  flip: bool = True,
+  num_ops: int = 3,
+  cutout: bool = True,
+  affine_fill=AFFINE_FILL,
+):  # pylint: disable=redefined-outer-name
   """USB strong view of one image: weak view, num_ops RandAugment ops drawn with
   replacement (uniform magnitude each), then Cutout (side U[0, 0.5)*width)."""
   img = _as_float(img)
@@ -478,17 +501,28 @@ def strong_augment(key, img, *, pad_frac: float = 0.125, flip: bool = True, num_
   return _paint_cutout(img, (center_y, center_x), size, fill)
 
 
-def augment_batch(key, images_uint8, *, strong: bool, pad_frac: float = 0.125,
-                  flip: bool = True, num_ops: int = 3, cutout: bool = True):  # pylint: disable=redefined-outer-name
+def augment_batch(
+  key,
+  images_uint8,
+  *,
+  strong: bool,
+  pad_frac: float = 0.125,
+  flip: bool = True,
+  num_ops: int = 3,
+  cutout: bool = True,
+):  # pylint: disable=redefined-outer-name
   """Weak or strong views of a batch [N, H, W, C] (uint8 or 0..255) -> float32 [N, H, W, C]."""
   images = jnp.asarray(images_uint8)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f'augment_batch: expected images [N, H, W, C] with C = 1 or 3, got '
-                     f'shape {tuple(images.shape)}; add a channel axis for grayscale.')
+    raise ValueError(
+      f'augment_batch: expected images [N, H, W, C] with C = 1 or 3, got '
+      f'shape {tuple(images.shape)}; add a channel axis for grayscale.'
+    )
   crop_pad(pad_frac, images.shape[2])  # validates pad_frac before tracing the vmap
   if strong:
-    view = functools.partial(strong_augment, pad_frac=pad_frac, flip=flip, num_ops=num_ops,
-                             cutout=cutout)
+    view = functools.partial(
+      strong_augment, pad_frac=pad_frac, flip=flip, num_ops=num_ops, cutout=cutout
+    )
   else:
     view = functools.partial(weak_augment, pad_frac=pad_frac, flip=flip)
   keys = jax.random.split(key, images.shape[0])
@@ -501,8 +535,10 @@ def normalize(images_0_255, mean: Sequence[float], std: Sequence[float]):
   mean = np.asarray(mean, np.float32).reshape(-1)
   std = np.asarray(std, np.float32).reshape(-1)
   if mean.shape != std.shape or mean.shape[0] not in (1, images.shape[-1]):
-    raise ValueError(f'normalize: mean {mean.shape} / std {std.shape} must have one value or '
-                     f'one per channel ({images.shape[-1]}); use the dataset info values.')
+    raise ValueError(
+      f'normalize: mean {mean.shape} / std {std.shape} must have one value or '
+      f'one per channel ({images.shape[-1]}); use the dataset info values.'
+    )
   if np.any(std <= 0):
     raise ValueError('normalize: std must be positive.')
   return (images / 255.0 - mean) / std

@@ -46,6 +46,7 @@ class DataNotFoundError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """What the trainer needs to know about a data set (normalisation in 0..1 pixel units)."""
+
   name: str
   tfds_name: str
   num_classes: int
@@ -63,46 +64,89 @@ class DatasetSpec:
 
 
 def _tfds_build_hint(tfds_name: str, extra: str = '') -> str:
-  return (f'on a machine with internet run `tfds build {tfds_name} --data_dir=<data_dir>'
-          f'{extra}`, then copy <data_dir>/{tfds_name} into your data_dir (or point '
-          '--config.data.data_dir at it).')
+  return (
+    f'on a machine with internet run `tfds build {tfds_name} --data_dir=<data_dir>'
+    f'{extra}`, then copy <data_dir>/{tfds_name} into your data_dir (or point '
+    '--config.data.data_dir at it).'
+  )
 
 
 SPECS: dict[str, DatasetSpec] = {
-    # Mean/std: computed once from the 60,000 train images of the Debian IDX files as
-    # mean and population std of pixel/255 over all pixels (float64): 0.286041, 0.353024.
-    'fashion_mnist_debian': DatasetSpec(
-        name='fashion_mnist_debian', tfds_name='fashion_mnist_debian', num_classes=10,
-        image_shape=(28, 28, 1), mean=(0.286041,), std=(0.353024,),
-        how_to_get='install the Debian package: `apt-get install dataset-fashion-mnist` (it '
-        f'puts the IDX files in {FASHION_MNIST_DIR}); the first run stores them under '
-        'data_dir.'),
-    'cifar10': DatasetSpec(
-        name='cifar10', tfds_name='cifar10', num_classes=10, image_shape=(32, 32, 3),
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, how_to_get=_tfds_build_hint('cifar10')),
-    'cifar100': DatasetSpec(
-        name='cifar100', tfds_name='cifar100', num_classes=100, image_shape=(32, 32, 3),
-        mean=(129.3 / 255, 124.1 / 255, 112.4 / 255), std=(68.2 / 255, 65.4 / 255, 70.4 / 255),
-        how_to_get=_tfds_build_hint('cifar100')),
-    'svhn_cropped': DatasetSpec(
-        name='svhn_cropped', tfds_name='svhn_cropped', num_classes=10, image_shape=(32, 32, 3),
-        mean=(0.4380, 0.4440, 0.4730), std=(0.1751, 0.1771, 0.1744),
-        extra_unlabeled_split='extra', labeled_from_extra=True,
-        how_to_get=_tfds_build_hint('svhn_cropped')),
-    'stl10': DatasetSpec(
-        name='stl10', tfds_name='stl10', num_classes=10, image_shape=(96, 96, 3),
-        mean=(112.4 / 255, 109.1 / 255, 98.6 / 255), std=(68.4 / 255, 66.6 / 255, 68.5 / 255),
-        extra_unlabeled_split='unlabelled', how_to_get=_tfds_build_hint('stl10')),
-    'imagenet2012': DatasetSpec(
-        name='imagenet2012', tfds_name='imagenet2012', num_classes=1000,
-        image_shape=(224, 224, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        test_split='validation', in_memory=False, resize=True,
-        how_to_get='put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and '
-        + _tfds_build_hint('imagenet2012', ' --file_format=array_record')),
-    # Template only: sources.load_ssl_data('fake', fake_kwargs=...) replaces shape/classes.
-    'fake': DatasetSpec(
-        name='fake', tfds_name='', num_classes=10, image_shape=(32, 32, 3),
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), how_to_get='generated in memory.'),
+  # Mean/std: computed once from the 60,000 train images of the Debian IDX files as
+  # mean and population std of pixel/255 over all pixels (float64): 0.286041, 0.353024.
+  'fashion_mnist_debian': DatasetSpec(
+    name='fashion_mnist_debian',
+    tfds_name='fashion_mnist_debian',
+    num_classes=10,
+    image_shape=(28, 28, 1),
+    mean=(0.286041,),
+    std=(0.353024,),
+    how_to_get='install the Debian package: `apt-get install dataset-fashion-mnist` (it '
+    f'puts the IDX files in {FASHION_MNIST_DIR}); the first run stores them under '
+    'data_dir.',
+  ),
+  'cifar10': DatasetSpec(
+    name='cifar10',
+    tfds_name='cifar10',
+    num_classes=10,
+    image_shape=(32, 32, 3),
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    how_to_get=_tfds_build_hint('cifar10'),
+  ),
+  'cifar100': DatasetSpec(
+    name='cifar100',
+    tfds_name='cifar100',
+    num_classes=100,
+    image_shape=(32, 32, 3),
+    mean=(129.3 / 255, 124.1 / 255, 112.4 / 255),
+    std=(68.2 / 255, 65.4 / 255, 70.4 / 255),
+    how_to_get=_tfds_build_hint('cifar100'),
+  ),
+  'svhn_cropped': DatasetSpec(
+    name='svhn_cropped',
+    tfds_name='svhn_cropped',
+    num_classes=10,
+    image_shape=(32, 32, 3),
+    mean=(0.4380, 0.4440, 0.4730),
+    std=(0.1751, 0.1771, 0.1744),
+    extra_unlabeled_split='extra',
+    labeled_from_extra=True,
+    how_to_get=_tfds_build_hint('svhn_cropped'),
+  ),
+  'stl10': DatasetSpec(
+    name='stl10',
+    tfds_name='stl10',
+    num_classes=10,
+    image_shape=(96, 96, 3),
+    mean=(112.4 / 255, 109.1 / 255, 98.6 / 255),
+    std=(68.4 / 255, 66.6 / 255, 68.5 / 255),
+    extra_unlabeled_split='unlabelled',
+    how_to_get=_tfds_build_hint('stl10'),
+  ),
+  'imagenet2012': DatasetSpec(
+    name='imagenet2012',
+    tfds_name='imagenet2012',
+    num_classes=1000,
+    image_shape=(224, 224, 3),
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    test_split='validation',
+    in_memory=False,
+    resize=True,
+    how_to_get='put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and '
+    + _tfds_build_hint('imagenet2012', ' --file_format=array_record'),
+  ),
+  # Template only: sources.load_ssl_data('fake', fake_kwargs=...) replaces shape/classes.
+  'fake': DatasetSpec(
+    name='fake',
+    tfds_name='',
+    num_classes=10,
+    image_shape=(32, 32, 3),
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    how_to_get='generated in memory.',
+  ),
 }
 
 
@@ -111,10 +155,10 @@ SPECS: dict[str, DatasetSpec] = {
 
 class ImageSource(Protocol):
   """Random access to uint8 images: in memory (numpy) or decoded on demand (ImageNet)."""
+
   image_shape: tuple[int, int, int]
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
   def get(self, indices: np.ndarray) -> np.ndarray:
     """uint8 [n, H, W, C] images at `indices` (int array, any order, repeats allowed)."""
@@ -127,8 +171,9 @@ class ArrayImageSource:
   def __init__(self, images: np.ndarray):
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
-      raise ValueError(f'ArrayImageSource needs uint8 [N, H, W, C] images, got '
-                       f'{images.dtype} {images.shape}.')
+      raise ValueError(
+        f'ArrayImageSource needs uint8 [N, H, W, C] images, got {images.dtype} {images.shape}.'
+      )
     self.images = images
     self.image_shape = tuple(images.shape[1:])
 
@@ -182,6 +227,7 @@ class ConcatImageSource:
 def resize_shorter_center_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Resizes so the shorter side fits `size`, then center-crops to exactly `size` (H, W)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   height, width = image.shape[:2]
   out_h, out_w = size
   scale = max(out_h / height, out_w / width)
@@ -198,6 +244,7 @@ def resize_shorter_center_crop(image: np.ndarray, size: tuple[int, int]) -> np.n
 def decode_image(data: bytes, channels: int) -> np.ndarray:
   """PNG/JPEG bytes -> uint8 [H, W, channels] (grayscale or RGB)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   mode = 'L' if channels == 1 else 'RGB'
   with Image.open(io.BytesIO(data)) as pil:
     image = np.asarray(pil if pil.mode == mode else pil.convert(mode), np.uint8)
@@ -207,8 +254,9 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
 class TfdsImageSource:
   """Random access to an ArrayRecord TFDS split, decoding (and resizing) per request."""
 
-  def __init__(self, data_source, image_shape: tuple[int, int, int], resize: bool,
-               num_threads: int = 8):
+  def __init__(
+    self, data_source, image_shape: tuple[int, int, int], resize: bool, num_threads: int = 8
+  ):
     self.data_source = data_source  # TFDS data source opened with SkipDecoding for images
     self.image_shape = tuple(image_shape)
     self.resize = resize
@@ -223,8 +271,10 @@ class TfdsImageSource:
     if self.resize:
       image = resize_shorter_center_crop(image, self.image_shape[:2])
     if image.shape != self.image_shape:
-      raise ValueError(f'stored image of shape {image.shape} where {self.image_shape} was '
-                       'expected: the data set holds images of mixed sizes.')
+      raise ValueError(
+        f'stored image of shape {image.shape} where {self.image_shape} was '
+        'expected: the data set holds images of mixed sizes.'
+      )
     return image
 
   def get(self, indices: np.ndarray) -> np.ndarray:
@@ -241,8 +291,14 @@ class TfdsImageSource:
 # ----------------------------------------------------------------------------- IDX files
 
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
-               0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+_IDX_DTYPES = {
+  0x08: np.uint8,
+  0x09: np.int8,
+  0x0B: np.dtype('>i2'),
+  0x0C: np.dtype('>i4'),
+  0x0D: np.dtype('>f4'),
+  0x0E: np.dtype('>f8'),
+}
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -253,33 +309,41 @@ def read_idx(path: str) -> np.ndarray:
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise ValueError(f'{path} is not an IDX file (bad magic number {raw[:4].hex()}).')
   dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
-  dims = struct.unpack(f'>{ndim}I', raw[4:4 + 4 * ndim])
+  dims = struct.unpack(f'>{ndim}I', raw[4 : 4 + 4 * ndim])
   expected = 4 + 4 * ndim + int(np.prod(dims)) * dtype.itemsize
   if len(raw) != expected:
-    raise ValueError(f'{path}: header says dims {dims} ({expected} bytes) but the file has '
-                     f'{len(raw)} bytes; the file is truncated or corrupt, reinstall it.')
+    raise ValueError(
+      f'{path}: header says dims {dims} ({expected} bytes) but the file has '
+      f'{len(raw)} bytes; the file is truncated or corrupt, reinstall it.'
+    )
   data = np.frombuffer(raw, dtype, offset=4 + 4 * ndim).reshape(dims)
   return data.astype(dtype.newbyteorder('='))  # native byte order, writable copy
 
 
-def read_fashion_mnist(source_dir: str = FASHION_MNIST_DIR,
-                       expected_counts: dict[str, int] | None = None) -> dict:
+def read_fashion_mnist(
+  source_dir: str = FASHION_MNIST_DIR, expected_counts: dict[str, int] | None = None
+) -> dict:
   """{'train'|'test': (uint8 [N, 28, 28, 1], int64 [N])} from the IDX files, sizes checked."""
   expected_counts = FASHION_MNIST_COUNTS if expected_counts is None else expected_counts
   out = {}
   for split, prefix in (('train', 'train'), ('test', 't10k')):
-    paths = [storage.as_path(source_dir) / f'{prefix}-{kind}-ubyte.gz'
-             for kind in ('images-idx3', 'labels-idx1')]
+    paths = [
+      storage.as_path(source_dir) / f'{prefix}-{kind}-ubyte.gz'
+      for kind in ('images-idx3', 'labels-idx1')
+    ]
     missing = [p for p in paths if not p.exists()]
     if missing:
-      raise DataNotFoundError(f'Fashion-MNIST file {missing[0]} is missing: '
-                              + SPECS['fashion_mnist_debian'].how_to_get)
+      raise DataNotFoundError(
+        f'Fashion-MNIST file {missing[0]} is missing: ' + SPECS['fashion_mnist_debian'].how_to_get
+      )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     n = expected_counts[split]
     if images.shape != (n, 28, 28) or images.dtype != np.uint8 or labels.shape != (n,):
-      raise ValueError(f'Fashion-MNIST {split}: expected {n} uint8 28x28 images and {n} '
-                       f'labels, got images {images.dtype} {images.shape} and labels '
-                       f'{labels.shape}; reinstall dataset-fashion-mnist.')
+      raise ValueError(
+        f'Fashion-MNIST {split}: expected {n} uint8 28x28 images and {n} '
+        f'labels, got images {images.dtype} {images.shape} and labels '
+        f'{labels.shape}; reinstall dataset-fashion-mnist.'
+      )
     if labels.min() < 0 or labels.max() > 9:
       raise ValueError(f'Fashion-MNIST {split}: labels outside 0..9; reinstall the package.')
     out[split] = (images[..., None], labels.astype(np.int64))
@@ -307,17 +371,21 @@ def _remove_stale_incomplete(data_dir: str, tfds_name: str) -> None:
     if not entry.startswith(prefix):
       continue
     try:
-      os.kill(int(entry[len(prefix):].split('.')[0]), 0)
+      os.kill(int(entry[len(prefix) :].split('.')[0]), 0)
     except ProcessLookupError:
       shutil.rmtree(os.path.join(data_dir, entry), ignore_errors=True)
     except (PermissionError, ValueError):
       pass  # alive under another user, or not our naming
 
 
-def store_arrays(tfds_name: str, data_dir: str,
-                 split_arrays: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int,
-                 class_names: Sequence[str] | None = None,
-                 extra_json: dict[str, Any] | None = None) -> str:
+def store_arrays(
+  tfds_name: str,
+  data_dir: str,
+  split_arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+  num_classes: int,
+  class_names: Sequence[str] | None = None,
+  extra_json: dict[str, Any] | None = None,
+) -> str:
   """Stores uint8 [N, H, W, C] images + int labels per split as an ArrayRecord TFDS data set.
 
   Written into a temp data dir and renamed into place (or, for a bucket, uploaded with
@@ -326,36 +394,48 @@ def store_arrays(tfds_name: str, data_dir: str,
   folder. A complete existing store is kept as is.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   extra_json = extra_json or {}
   final = stored_dir(data_dir, tfds_name)
   if is_stored(data_dir, tfds_name, list(extra_json)):
     return final
   if storage.is_remote(data_dir):
     with tempfile.TemporaryDirectory(prefix=f'{_INCOMPLETE_PREFIX}{tfds_name}.') as local:
-      _upload_store(store_arrays(tfds_name, local, split_arrays, num_classes, class_names,
-                                 extra_json), final)
+      _upload_store(
+        store_arrays(tfds_name, local, split_arrays, num_classes, class_names, extra_json), final
+      )
     logging.info('Uploaded %s to %s', tfds_name, final)
     return final
   data_dir = os.fspath(storage.as_path(data_dir))
   os.makedirs(data_dir, exist_ok=True)
   _remove_stale_incomplete(data_dir, tfds_name)
   shape = tuple(next(iter(split_arrays.values()))[0].shape[1:])
-  label = (tfds.features.ClassLabel(names=list(class_names)) if class_names
-           else tfds.features.ClassLabel(num_classes=num_classes))
-  features = tfds.features.FeaturesDict({'image': tfds.features.Image(shape=shape),
-                                         'label': label})
+  label = (
+    tfds.features.ClassLabel(names=list(class_names))
+    if class_names
+    else tfds.features.ClassLabel(num_classes=num_classes)
+  )
+  features = tfds.features.FeaturesDict({'image': tfds.features.Image(shape=shape), 'label': label})
   split_datasets = {
-      split: [(i, {'image': images[i], 'label': int(labels[i])}) for i in range(len(images))]
-      for split, (images, labels) in split_arrays.items()}
-  tmp_root = os.path.join(data_dir, f'{_INCOMPLETE_PREFIX}{tfds_name}.{socket.gethostname()}.'
-                          f'{os.getpid()}.{uuid.uuid4().hex[:8]}')
+    split: [(i, {'image': images[i], 'label': int(labels[i])}) for i in range(len(images))]
+    for split, (images, labels) in split_arrays.items()
+  }
+  tmp_root = os.path.join(
+    data_dir,
+    f'{_INCOMPLETE_PREFIX}{tfds_name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}',
+  )
   try:
     tfds.display_progress_bar(False)  # the run's console shows its own plan and bar
     with contextlib.redirect_stdout(io.StringIO()) as printed:  # TFDS prints a banner
       tfds.dataset_builders.store_as_tfds_dataset(
-          name=tfds_name, version=STORE_VERSION, features=features,
-          split_datasets=split_datasets, data_dir=tmp_root, file_format='array_record',
-          disable_shuffling=True)
+        name=tfds_name,
+        version=STORE_VERSION,
+        features=features,
+        split_datasets=split_datasets,
+        data_dir=tmp_root,
+        file_format='array_record',
+        disable_shuffling=True,
+      )
     logging.info('TFDS: %s', printed.getvalue().strip())
     tmp_version = os.path.join(tmp_root, tfds_name, STORE_VERSION)
     for filename, content in extra_json.items():
@@ -371,8 +451,12 @@ def store_arrays(tfds_name: str, data_dir: str,
         raise
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
-  logging.info('Stored %s (%s) in %s', tfds_name,
-               ', '.join(f'{k}: {len(v[1])}' for k, v in split_arrays.items()), final)
+  logging.info(
+    'Stored %s (%s) in %s',
+    tfds_name,
+    ', '.join(f'{k}: {len(v[1])}' for k, v in split_arrays.items()),
+    final,
+  )
   return final
 
 
@@ -383,27 +467,32 @@ def _upload_store(local_dir: str, remote_dir: str) -> None:
     storage.copy_file(os.path.join(local_dir, name), storage.as_path(remote_dir) / name)
 
 
-def store_fashion_mnist(data_dir: str, source_dir: str = FASHION_MNIST_DIR,
-                        expected_counts: dict[str, int] | None = None) -> str:
+def store_fashion_mnist(
+  data_dir: str, source_dir: str = FASHION_MNIST_DIR, expected_counts: dict[str, int] | None = None
+) -> str:
   """Stores the Debian Fashion-MNIST IDX files once as `fashion_mnist_debian` under data_dir."""
   name = SPECS['fashion_mnist_debian'].tfds_name
   if is_stored(data_dir, name):
     return stored_dir(data_dir, name)
-  return store_arrays(name, data_dir, read_fashion_mnist(source_dir, expected_counts),
-                      num_classes=10)
+  return store_arrays(
+    name, data_dir, read_fashion_mnist(source_dir, expected_counts), num_classes=10
+  )
 
 
 def open_builder(spec: DatasetSpec, data_dir: str):
   """The prepared TFDS builder of `spec`, or DataNotFoundError saying how to get it."""
   not_found = DataNotFoundError(
-      f'data set {spec.name!r} ({spec.tfds_name}) is not stored under data_dir={data_dir!r}: '
-      + spec.how_to_get)
+    f'data set {spec.name!r} ({spec.tfds_name}) is not stored under data_dir={data_dir!r}: '
+    + spec.how_to_get
+  )
   if not (storage.as_path(data_dir) / spec.tfds_name).is_dir():
     raise not_found
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
-    builder = tfds.builder(spec.tfds_name, data_dir=os.fspath(storage.as_path(data_dir)),
-                           try_gcs=False)
+    builder = tfds.builder(
+      spec.tfds_name, data_dir=os.fspath(storage.as_path(data_dir)), try_gcs=False
+    )
     prepared = builder.is_prepared()
   except Exception:  # pylint: disable=broad-except
     prepared = False
@@ -418,18 +507,22 @@ def _file_format(builder) -> str:
 
 def _split_size(builder, split: str) -> int:
   if split not in builder.info.splits:
-    raise DataNotFoundError(f'{builder.name} under {builder.data_dir} has no split {split!r} '
-                            f'(it has {sorted(builder.info.splits)}); rebuild it.')
+    raise DataNotFoundError(
+      f'{builder.name} under {builder.data_dir} has no split {split!r} '
+      f'(it has {sorted(builder.info.splits)}); rebuild it.'
+    )
   return builder.info.splits[split].num_examples
 
 
 def _skip_decoding_source(builder, split: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
 
 
-def read_split(builder, split: str, image_shape: tuple[int, int, int],
-               num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_split(
+  builder, split: str, image_shape: tuple[int, int, int], num_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """A whole split in memory: (uint8 [N, H, W, C], int32 [N]); labels -1 where unknown."""
   num_threads = num_threads or min(8, os.cpu_count() or 1)
   n = _split_size(builder, split)
@@ -442,18 +535,20 @@ def read_split(builder, split: str, image_shape: tuple[int, int, int],
       records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
       for i, record in enumerate(records):
         images[start + i] = decode_image(record['image'], image_shape[2])
-      labels[start:start + len(records)] = [r['label'] for r in records]
+      labels[start : start + len(records)] = [r['label'] for r in records]
 
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
       list(pool.map(read_chunk, range(0, n, _READ_CHUNK)))
   else:  # tfrecord (what `tfds build` writes by default): tf.data decodes in C++
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     start = 0
-    for batch in tfds.as_numpy(builder.as_dataset(split, batch_size=_READ_CHUNK,
-                                                  shuffle_files=False)):
+    for batch in tfds.as_numpy(
+      builder.as_dataset(split, batch_size=_READ_CHUNK, shuffle_files=False)
+    ):
       count = len(batch['label'])
-      images[start:start + count] = batch['image']
-      labels[start:start + count] = batch['label']
+      images[start : start + count] = batch['image']
+      labels[start : start + count] = batch['label']
       start += count
     if start != n:
       raise ValueError(f'{builder.name}/{split}: read {start} examples, info says {n}.')
@@ -470,7 +565,7 @@ def read_labels(builder, split: str) -> np.ndarray:
   labels = np.empty((n,), np.int32)
   for start in range(0, n, _READ_CHUNK):
     records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
-    labels[start:start + len(records)] = [r['label'] for r in records]
+    labels[start : start + len(records)] = [r['label'] for r in records]
   try:
     buffer = io.BytesIO()
     np.save(buffer, labels)
@@ -487,9 +582,10 @@ def open_split(builder, spec: DatasetSpec, split: str) -> tuple[ImageSource, np.
     return ArrayImageSource(images), labels
   if _file_format(builder) != 'array_record':
     raise DataNotFoundError(
-        f'{spec.tfds_name} under {builder.data_dir} is stored as {_file_format(builder)}, '
-        'which has no random access: rebuild it with `tfds build '
-        f'{spec.tfds_name} --file_format=array_record --data_dir=<data_dir>`.')
+      f'{spec.tfds_name} under {builder.data_dir} is stored as {_file_format(builder)}, '
+      'which has no random access: rebuild it with `tfds build '
+      f'{spec.tfds_name} --file_format=array_record --data_dir=<data_dir>`.'
+    )
   _split_size(builder, split)
   source = TfdsImageSource(_skip_decoding_source(builder, split), spec.image_shape, spec.resize)
   return source, read_labels(builder, split)
@@ -498,8 +594,14 @@ def open_split(builder, spec: DatasetSpec, split: str) -> tuple[ImageSource, np.
 # ----------------------------------------------------------------------------- fake data
 
 
-def make_fake(num_train: int = 256, num_test: int = 64, image_shape=(32, 32, 3),
-              num_classes: int = 10, num_unlabeled: int = 0, seed: int = 0) -> dict:
+def make_fake(
+  num_train: int = 256,
+  num_test: int = 64,
+  image_shape=(32, 32, 3),
+  num_classes: int = 10,
+  num_unlabeled: int = 0,
+  seed: int = 0,
+) -> dict:
   """Deterministic small data: class prototype + noise, labels exactly balanced (i % C)."""
   rng = np.random.default_rng(seed)
   shape = tuple(int(s) for s in image_shape)
@@ -522,7 +624,7 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple, tuple]:
   channels = images.shape[-1]
   total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
   for start in range(0, len(images), chunk):
-    x = images[start:start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+    x = images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
     total += x.sum(0)
     total_sq += (x * x).sum(0)
     count += len(x)
@@ -541,6 +643,7 @@ class SSLData:
   Labeled example i is train example `labeled_idx[i]`; unlabeled example j is position j of
   `unlabeled_images` (train minus validation, then the extra unlabeled split).
   """
+
   spec: DatasetSpec
   train_images: ImageSource
   train_labels: np.ndarray  # int32 [N_train]
@@ -559,10 +662,12 @@ class SSLData:
     """What split.json records of an unlabeled subset (None when the whole set is used)."""
     if self.unlabeled_subset is None:
       return None
-    return {'size': self.num_unlabeled,
-            'per_class': np.bincount(self.unlabeled_labels, minlength=self.num_classes).tolist(),
-            'train_idx': self.unlabeled_train_idx,  # train positions of the train part
-            'pool_idx': self.unlabeled_subset}
+    return {
+      'size': self.num_unlabeled,
+      'per_class': np.bincount(self.unlabeled_labels, minlength=self.num_classes).tolist(),
+      'train_idx': self.unlabeled_train_idx,  # train positions of the train part
+      'pool_idx': self.unlabeled_subset,
+    }
 
   @property
   def num_labeled(self) -> int:
@@ -588,6 +693,7 @@ class SSLData:
 @dataclasses.dataclass
 class RawData:
   """A data set's splits before any labeled/validation draw (labels int32, -1 = unknown)."""
+
   spec: DatasetSpec
   train_images: ImageSource
   train_labels: np.ndarray  # int32 [N_train]
@@ -600,13 +706,22 @@ class RawData:
 def merge_extra_into_train(raw: RawData) -> RawData:
   """Train followed by the extra split as one labeled pool (SVHN: 73,257 + 531,131 images)."""
   return dataclasses.replace(
-      raw, train_images=ConcatImageSource([raw.train_images, raw.extra_images]),
-      train_labels=np.concatenate([raw.train_labels, raw.extra_labels]).astype(np.int32),
-      extra_images=None, extra_labels=None)
+    raw,
+    train_images=ConcatImageSource([raw.train_images, raw.extra_images]),
+    train_labels=np.concatenate([raw.train_labels, raw.extra_labels]).astype(np.int32),
+    extra_images=None,
+    extra_labels=None,
+  )
 
 
-def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
-                  include_lb_to_ulb: bool = True, unlabeled_size: int = 0) -> SSLData:
+def make_ssl_data(
+  raw: RawData,
+  num_labels: int,
+  seed: int,
+  val_size: int = 0,
+  include_lb_to_ulb: bool = True,
+  unlabeled_size: int = 0,
+) -> SSLData:
   """Draws the class-balanced validation, then labeled split from `seed`; builds the views.
 
   The unlabeled set is the train split minus validation (minus labeled unless
@@ -619,33 +734,48 @@ def make_ssl_data(raw: RawData, num_labels: int, seed: int, val_size: int = 0,
     raw = merge_extra_into_train(raw)
   num_classes, train_labels = raw.spec.num_classes, raw.train_labels
   val_idx = splits.validation_split(train_labels, val_size, num_classes, seed)
-  labeled_idx = splits.labeled_split(train_labels, num_labels, num_classes, seed,
-                                     exclude=val_idx)
+  labeled_idx = splits.labeled_split(train_labels, num_labels, num_classes, seed, exclude=val_idx)
   drop = val_idx if include_lb_to_ulb else np.concatenate([val_idx, labeled_idx])
   keep = np.setdiff1d(np.arange(len(train_labels)), drop)  # int64, sorted
-  unlabeled = (raw.train_images if len(keep) == len(train_labels)
-               else SubsetImageSource(raw.train_images, keep))
+  unlabeled = (
+    raw.train_images
+    if len(keep) == len(train_labels)
+    else SubsetImageSource(raw.train_images, keep)
+  )
   unlabeled_labels = train_labels[keep]
   if raw.extra_images is not None:
     unlabeled = ConcatImageSource([unlabeled, raw.extra_images])
     unlabeled_labels = np.concatenate([unlabeled_labels, raw.extra_labels])
   subset = None
   if int(unlabeled_size) != unlabeled_size or unlabeled_size < -1:
-    raise ValueError(f'data.unlabeled_size={unlabeled_size!r} must be a whole number of '
-                     'unlabeled samples, or 0 / -1 for all: fix --config.data.unlabeled_size.')
+    raise ValueError(
+      f'data.unlabeled_size={unlabeled_size!r} must be a whole number of '
+      'unlabeled samples, or 0 / -1 for all: fix --config.data.unlabeled_size.'
+    )
   if unlabeled_size > 0:
     if np.any(unlabeled_labels < 0):
-      raise ValueError(f'data.unlabeled_size={unlabeled_size} draws a class-balanced subset, '
-                       f'but {raw.spec.name}\'s unlabeled set has samples without a label: '
-                       'set --config.data.unlabeled_size=0 (all) for this data set.')
+      raise ValueError(
+        f'data.unlabeled_size={unlabeled_size} draws a class-balanced subset, '
+        f'but {raw.spec.name}\'s unlabeled set has samples without a label: '
+        'set --config.data.unlabeled_size=0 (all) for this data set.'
+      )
     in_pool = np.searchsorted(keep, labeled_idx) if include_lb_to_ulb else None  # [N_lb]
-    subset = splits.unlabeled_subset(unlabeled_labels, unlabeled_size, num_classes, seed,
-                                     keep=in_pool)  # int64 [unlabeled_size], sorted
+    subset = splits.unlabeled_subset(
+      unlabeled_labels, unlabeled_size, num_classes, seed, keep=in_pool
+    )  # int64 [unlabeled_size], sorted
     unlabeled = SubsetImageSource(unlabeled, subset)
     unlabeled_labels = unlabeled_labels[subset]
     keep = keep[subset[subset < len(keep)]]
   return SSLData(
-      spec=raw.spec, train_images=raw.train_images, train_labels=train_labels,
-      labeled_idx=labeled_idx, val_idx=val_idx, unlabeled_images=unlabeled,
-      unlabeled_labels=unlabeled_labels.astype(np.int32), unlabeled_train_idx=keep,
-      test_images=raw.test_images, test_labels=raw.test_labels, unlabeled_subset=subset)
+    spec=raw.spec,
+    train_images=raw.train_images,
+    train_labels=train_labels,
+    labeled_idx=labeled_idx,
+    val_idx=val_idx,
+    unlabeled_images=unlabeled,
+    unlabeled_labels=unlabeled_labels.astype(np.int32),
+    unlabeled_train_idx=keep,
+    test_images=raw.test_images,
+    test_labels=raw.test_labels,
+    unlabeled_subset=subset,
+  )

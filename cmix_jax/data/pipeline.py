@@ -22,8 +22,14 @@ def epoch_permutation(num_items: int, seed: int, stream_id: int, epoch: int) -> 
   return np.random.default_rng([seed, stream_id, epoch]).permutation(num_items)
 
 
-def batch_indices(num_items: int, global_batch: int, step: int, seed: int, stream_id: int,
-                  permutation: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+def batch_indices(
+  num_items: int,
+  global_batch: int,
+  step: int,
+  seed: int,
+  stream_id: int,
+  permutation: Callable[[int], np.ndarray] | None = None,
+) -> np.ndarray:
   """int64 [global_batch]: rows step*B .. (step+1)*B-1 of the concatenated epoch permutations.
 
   Each index appears once per epoch; a batch may straddle epochs (and, when
@@ -31,8 +37,10 @@ def batch_indices(num_items: int, global_batch: int, step: int, seed: int, strea
   cached permutations; it must equal epoch_permutation(num_items, seed, stream_id, epoch).
   """
   if num_items <= 0 or global_batch <= 0 or step < 0:
-    raise ValueError(f'batch_indices needs num_items > 0, global_batch > 0 and step >= 0, got '
-                     f'{num_items}, {global_batch}, {step}.')
+    raise ValueError(
+      f'batch_indices needs num_items > 0, global_batch > 0 and step >= 0, got '
+      f'{num_items}, {global_batch}, {step}.'
+    )
   if permutation is None:
     permutation = lambda e: epoch_permutation(num_items, seed, stream_id, e)
   positions = step * global_batch + np.arange(global_batch, dtype=np.int64)  # [B]
@@ -59,16 +67,21 @@ class _PermutationCache:
     return self.cache[epoch]
 
 
-def _check_layout(global_batch: int, local_devices: int, process_index: int,
-                  process_count: int, what: str) -> int:
+def _check_layout(
+  global_batch: int, local_devices: int, process_index: int, process_count: int, what: str
+) -> int:
   """Per-process share of a global batch; errors name the fix."""
   if local_devices < 1 or process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f'bad layout: local_devices={local_devices}, process_index='
-                     f'{process_index}, process_count={process_count}.')
+    raise ValueError(
+      f'bad layout: local_devices={local_devices}, process_index='
+      f'{process_index}, process_count={process_count}.'
+    )
   devices = local_devices * process_count
   if global_batch <= 0 or global_batch % devices:
-    raise ValueError(f'{what}={global_batch} is not divisible by {process_count} processes x '
-                     f'{local_devices} local devices = {devices}: use a multiple of {devices}.')
+    raise ValueError(
+      f'{what}={global_batch} is not divisible by {process_count} processes x '
+      f'{local_devices} local devices = {devices}: use a multiple of {devices}.'
+    )
   return global_batch // process_count
 
 
@@ -84,9 +97,18 @@ class TrainIterator:
   (y_ulb = hidden labels, -1 where unknown). `.step` is the next step produced.
   """
 
-  def __init__(self, data: datasets.SSLData, *, global_batch: int, uratio: int, seed: int,
-               start_step: int = 0, local_devices: int, process_index: int = 0,
-               process_count: int = 1):
+  def __init__(
+    self,
+    data: datasets.SSLData,
+    *,
+    global_batch: int,
+    uratio: int,
+    seed: int,
+    start_step: int = 0,
+    local_devices: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     _check_layout(global_batch, local_devices, process_index, process_count, 'global_batch')
     if uratio < 0 or int(uratio) != uratio:
       raise ValueError(f'uratio={uratio} must be a non-negative integer.')
@@ -108,24 +130,40 @@ class TrainIterator:
   def _share(self, indices: np.ndarray) -> np.ndarray:
     """This process's contiguous rows of a global index batch."""
     per_process = len(indices) // self.process_count
-    return indices[self.process_index * per_process:(self.process_index + 1) * per_process]
+    return indices[self.process_index * per_process : (self.process_index + 1) * per_process]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's batch at `step` (pure in step: no iterator state is read or changed)."""
     data, num_local = self.data, self.local_devices
-    idx_lb = self._share(batch_indices(data.num_labeled, self.global_batch, step, self.seed,
-                                       LABELED_STREAM, self._perm_lb))  # [B/P]
+    idx_lb = self._share(
+      batch_indices(
+        data.num_labeled, self.global_batch, step, self.seed, LABELED_STREAM, self._perm_lb
+      )
+    )  # [B/P]
     train_pos = data.labeled_idx[idx_lb]
-    out = {'x_lb': data.train_images.get(train_pos),
-           'y_lb': data.train_labels[train_pos].astype(np.int32),
-           'idx_lb': idx_lb.astype(np.int32)}
+    out = {
+      'x_lb': data.train_images.get(train_pos),
+      'y_lb': data.train_labels[train_pos].astype(np.int32),
+      'idx_lb': idx_lb.astype(np.int32),
+    }
     if self.uratio:
-      idx_ulb = self._share(batch_indices(data.num_unlabeled, self.global_batch * self.uratio,
-                                          step, self.seed, UNLABELED_STREAM,
-                                          self._perm_ulb))  # [uB/P]
-      out.update({'x_ulb': data.unlabeled_images.get(idx_ulb),
-                  'idx_ulb': idx_ulb.astype(np.int32),
-                  'y_ulb': data.unlabeled_labels[idx_ulb].astype(np.int32)})
+      idx_ulb = self._share(
+        batch_indices(
+          data.num_unlabeled,
+          self.global_batch * self.uratio,
+          step,
+          self.seed,
+          UNLABELED_STREAM,
+          self._perm_ulb,
+        )
+      )  # [uB/P]
+      out.update(
+        {
+          'x_ulb': data.unlabeled_images.get(idx_ulb),
+          'idx_ulb': idx_ulb.astype(np.int32),
+          'y_ulb': data.unlabeled_labels[idx_ulb].astype(np.int32),
+        }
+      )
     return {k: _per_device(v, num_local) for k, v in out.items()}
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -140,15 +178,23 @@ def eval_batch_layout(batch_size: int, local_devices: int, process_count: int) -
   Any batch size works on any device count; the padding rows carry mask 0.
   """
   if batch_size <= 0 or local_devices < 1 or process_count < 1:
-    raise ValueError(f'eval batch_size={batch_size} must be positive (--config.data.'
-                     f'eval_batch_size); local_devices={local_devices}, process_count='
-                     f'{process_count} must be >= 1.')
+    raise ValueError(
+      f'eval batch_size={batch_size} must be positive (--config.data.'
+      f'eval_batch_size); local_devices={local_devices}, process_count='
+      f'{process_count} must be >= 1.'
+    )
   return -(-batch_size // (local_devices * process_count))
 
 
-def eval_batches(images: datasets.ImageSource, labels: np.ndarray, batch_size: int, *,
-                 local_devices: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  images: datasets.ImageSource,
+  labels: np.ndarray,
+  batch_size: int,
+  *,
+  local_devices: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's padded eval batches: x uint8 [L,b,H,W,C], y int32 [L,b], mask f32 [L,b].
 
   b = ceil(batch_size / (L * P)) (see eval_batch_layout). Process p takes the contiguous
@@ -157,8 +203,7 @@ def eval_batches(images: datasets.ImageSource, labels: np.ndarray, batch_size: i
   mask 0, so each example counts exactly once.
   """
   if not 0 <= process_index < process_count:
-    raise ValueError(f'bad layout: process_index={process_index}, '
-                     f'process_count={process_count}.')
+    raise ValueError(f'bad layout: process_index={process_index}, process_count={process_count}.')
   per_process = eval_batch_layout(batch_size, local_devices, process_count) * local_devices
   labels = np.asarray(labels)
   num = len(labels)
@@ -186,8 +231,9 @@ class Prefetcher:
 
   _END = object()
 
-  def __init__(self, iterator: Iterator[Any], size: int,
-               place_fn: Callable[[Any], Any] | None = None):
+  def __init__(
+    self, iterator: Iterator[Any], size: int, place_fn: Callable[[Any], Any] | None = None
+  ):
     if size < 0:
       raise ValueError(f'prefetch size={size} must be >= 0 (--config.data.prefetch).')
     self.iterator = iterator
@@ -254,7 +300,8 @@ class Prefetcher:
     self.close()
 
 
-def prefetch(iterator: Iterator[Any], size: int,
-             place_fn: Callable[[Any], Any] | None = None) -> Prefetcher:
+def prefetch(
+  iterator: Iterator[Any], size: int, place_fn: Callable[[Any], Any] | None = None
+) -> Prefetcher:
   """Background prefetch of `size` placed batches (see Prefetcher)."""
   return Prefetcher(iterator, size, place_fn)

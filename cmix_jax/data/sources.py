@@ -18,9 +18,13 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
     arrays = datasets.make_fake(**kwargs)
     mean, std = datasets.channel_stats(arrays['train'][0])
     spec = dataclasses.replace(
-        datasets.SPECS['fake'], num_classes=int(kwargs.get('num_classes', 10)),
-        image_shape=tuple(arrays['train'][0].shape[1:]), mean=mean, std=std,
-        extra_unlabeled_split='unlabeled' if 'unlabeled' in arrays else None)
+      datasets.SPECS['fake'],
+      num_classes=int(kwargs.get('num_classes', 10)),
+      image_shape=tuple(arrays['train'][0].shape[1:]),
+      mean=mean,
+      std=std,
+      extra_unlabeled_split='unlabeled' if 'unlabeled' in arrays else None,
+    )
     parts = {k: (datasets.ArrayImageSource(x), y) for k, (x, y) in arrays.items()}
   else:
     if name.startswith(('npz:', 'folder:')):
@@ -28,29 +32,53 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
     elif name in datasets.SPECS:
       spec = datasets.SPECS[name]
     else:
-      raise ValueError(f'unknown data set {name!r}: use one of '
-                       f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH.')
+      raise ValueError(
+        f'unknown data set {name!r}: use one of '
+        f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH.'
+      )
     if spec.name == 'fashion_mnist_debian' and not datasets.is_stored(data_dir, spec.tfds_name):
       datasets.store_fashion_mnist(data_dir, datasets.FASHION_MNIST_DIR)
     builder = datasets.open_builder(spec, data_dir)
-    parts = {'train': datasets.open_split(builder, spec, spec.train_split),
-             'test': datasets.open_split(builder, spec, spec.test_split)}
+    parts = {
+      'train': datasets.open_split(builder, spec, spec.train_split),
+      'test': datasets.open_split(builder, spec, spec.test_split),
+    }
     if spec.extra_unlabeled_split:
       parts['unlabeled'] = datasets.open_split(builder, spec, spec.extra_unlabeled_split)
   if tuple(parts['train'][0].image_shape) != tuple(spec.image_shape):
-    raise ValueError(f'{name}: stored images are {parts["train"][0].image_shape}, spec says '
-                     f'{spec.image_shape}; rebuild the stored data set.')
+    raise ValueError(
+      f'{name}: stored images are {parts["train"][0].image_shape}, spec says '
+      f'{spec.image_shape}; rebuild the stored data set.'
+    )
   extra_images, extra_labels = parts.get('unlabeled', (None, None))
   as_int32 = lambda y: None if y is None else np.asarray(y).astype(np.int32)
-  return datasets.RawData(spec=spec, train_images=parts['train'][0],
-                          train_labels=as_int32(parts['train'][1]),
-                          test_images=parts['test'][0], test_labels=as_int32(parts['test'][1]),
-                          extra_images=extra_images, extra_labels=as_int32(extra_labels))
+  return datasets.RawData(
+    spec=spec,
+    train_images=parts['train'][0],
+    train_labels=as_int32(parts['train'][1]),
+    test_images=parts['test'][0],
+    test_labels=as_int32(parts['test'][1]),
+    extra_images=extra_images,
+    extra_labels=as_int32(extra_labels),
+  )
 
 
-def load_ssl_data(name: str, data_dir: str, num_labels: int, seed: int, val_size: int = 0,
-                  include_lb_to_ulb: bool = True, fake_kwargs: dict | None = None,
-                  unlabeled_size: int = 0) -> datasets.SSLData:
+def load_ssl_data(
+  name: str,
+  data_dir: str,
+  num_labels: int,
+  seed: int,
+  val_size: int = 0,
+  include_lb_to_ulb: bool = True,
+  fake_kwargs: dict | None = None,
+  unlabeled_size: int = 0,
+) -> datasets.SSLData:
   """open_dataset + make_ssl_data: the data set with its seed-drawn labeled/validation split."""
-  return datasets.make_ssl_data(open_dataset(name, data_dir, fake_kwargs), num_labels, seed,
-                                val_size, include_lb_to_ulb, unlabeled_size)
+  return datasets.make_ssl_data(
+    open_dataset(name, data_dir, fake_kwargs),
+    num_labels,
+    seed,
+    val_size,
+    include_lb_to_ulb,
+    unlabeled_size,
+  )

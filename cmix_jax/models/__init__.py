@@ -17,16 +17,23 @@ from cmix_jax.models.cnn import CNNSmall
 from cmix_jax.models.resnet import ResNet, resnet50
 from cmix_jax.models.wrn import WideResNet, wrn_28_2, wrn_28_8, wrn_37_2
 
-__all__ = ['CNNSmall', 'MODEL_NAMES', 'ResNet', 'WideResNet', 'create_model', 'init_model',
-           'param_count']
+__all__ = [
+  'CNNSmall',
+  'MODEL_NAMES',
+  'ResNet',
+  'WideResNet',
+  'create_model',
+  'init_model',
+  'param_count',
+]
 
 _BUILDERS = {
-    'cnn_small': CNNSmall,
-    'cnn_small_nobn': functools.partial(CNNSmall, norm='none'),
-    'wrn_28_2': wrn_28_2,
-    'wrn_28_8': wrn_28_8,
-    'wrn_37_2': wrn_37_2,
-    'resnet50': resnet50,
+  'cnn_small': CNNSmall,
+  'cnn_small_nobn': functools.partial(CNNSmall, norm='none'),
+  'wrn_28_2': wrn_28_2,
+  'wrn_28_8': wrn_28_8,
+  'wrn_37_2': wrn_37_2,
+  'resnet50': resnet50,
 }
 MODEL_NAMES = tuple(_BUILDERS)
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -43,17 +50,22 @@ def _compute_dtype(dtype) -> Any:
   return jnp.dtype(name).type
 
 
-def create_model(name: str, num_classes: int, *, dtype='float32', bn_axis_name: str | None = None,
-                 **kwargs) -> nn.Module:
+def create_model(
+  name: str, num_classes: int, *, dtype='float32', bn_axis_name: str | None = None, **kwargs
+) -> nn.Module:
   """Builds a registered network; kwargs go to the module (e.g. widths for cnn_small)."""
   if name not in _BUILDERS:
     raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
-  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
-      or num_classes < 1:
+  if (
+    isinstance(num_classes, bool)
+    or not isinstance(num_classes, (int, np.integer))
+    or num_classes < 1
+  ):
     raise ValueError(f'num_classes must be a positive int, got {num_classes!r}.')
   try:
-    return _BUILDERS[name](int(num_classes), dtype=_compute_dtype(dtype),
-                           bn_axis_name=bn_axis_name, **kwargs)
+    return _BUILDERS[name](
+      int(num_classes), dtype=_compute_dtype(dtype), bn_axis_name=bn_axis_name, **kwargs
+    )
   except TypeError as e:
     raise ValueError(f'Bad keyword arguments {sorted(kwargs)} for model {name!r}: {e}') from e
 
@@ -66,8 +78,9 @@ def param_count(params) -> int:
 def init_model(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) -> dict:
   """Variables ({'params', ['batch_stats']}) from a jitted init on 2 zero images, train=False."""
   image_shape = tuple(image_shape)
-  if len(image_shape) != 3 or not all(isinstance(d, (int, np.integer)) and d > 0
-                                      for d in image_shape):
+  if len(image_shape) != 3 or not all(
+    isinstance(d, (int, np.integer)) and d > 0 for d in image_shape
+  ):
     raise ValueError(f'image_shape must be (H, W, C) with positive ints, got {image_shape!r}.')
   images = jnp.zeros((2,) + image_shape, jnp.float32)  # [2, H, W, C]
   return jax.jit(functools.partial(model.init, train=False))(key, images)

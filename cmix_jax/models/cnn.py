@@ -25,6 +25,7 @@ class CNNSmall(nn.Module):
   FLOPs of stride-1 convs made a 32-64-128 max-pool net ~15x slower per training step here.
   norm='none' drops every BN (convs get a bias instead): a stateless model for equivalence tests.
   """
+
   num_classes: int
   widths: Sequence[int] = (16, 32, 64)
   norm: str = 'batch'
@@ -39,19 +40,37 @@ class CNNSmall(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'CNNSmall expects NHWC images [B, H, W, C], got shape {x.shape}.')
     use_bn = self.norm == 'batch'
-    conv = functools.partial(nn.Conv, kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
-                             use_bias=not use_bn, kernel_init=conv_kernel_init,
-                             dtype=self.dtype, param_dtype=jnp.float32)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum, epsilon=BN_EPS, dtype=self.dtype,
-                             param_dtype=jnp.float32, axis_name=self.bn_axis_name)
+    conv = functools.partial(
+      nn.Conv,
+      kernel_size=(3, 3),
+      strides=(2, 2),
+      padding=((1, 1), (1, 1)),
+      use_bias=not use_bn,
+      kernel_init=conv_kernel_init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=BN_EPS,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      axis_name=self.bn_axis_name,
+    )
     for i, width in enumerate(self.widths):
       x = conv(width, name=f'conv{i}')(x)  # [B, ceil(H/2), ceil(W/2), width]
       if use_bn:
         x = norm(name=f'bn{i}')(x)
       x = nn.leaky_relu(x, negative_slope=LEAKY_SLOPE)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, widths[-1]]
-    logits = nn.Dense(self.num_classes, kernel_init=dense_kernel_init,
-                      bias_init=nn.initializers.zeros, dtype=self.dtype,
-                      param_dtype=jnp.float32, name='classifier')(features)  # [B, num_classes]
+    logits = nn.Dense(
+      self.num_classes,
+      kernel_init=dense_kernel_init,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name='classifier',
+    )(features)  # [B, num_classes]
     return logits.astype(jnp.float32), features

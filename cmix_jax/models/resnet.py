@@ -27,6 +27,7 @@ dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'unifo
 
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (stride) -> 1x1 (4x width) with BN, ReLU; projection shortcut on shape change."""
+
   width: int
   stride: int = 1
   dtype: Any = jnp.float32
@@ -56,6 +57,7 @@ class ResNet(nn.Module):
 
   Returns (logits [B, num_classes] float32, pooled features [B, 2048] float32).
   """
+
   num_classes: int
   stage_sizes: Sequence[int] = (3, 4, 6, 3)
   dtype: Any = jnp.float32
@@ -67,24 +69,48 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool):
     if x.ndim != 4:
       raise ValueError(f'ResNet expects NHWC images [B, H, W, C], got shape {x.shape}.')
-    x = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
-                kernel_init=conv_kernel_init, dtype=self.dtype, param_dtype=jnp.float32,
-                name='conv_stem')(x)  # [B, H/2, W/2, 64]
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=BN_EPS,
-                     dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name,
-                     name='bn_stem')(x)
+    x = nn.Conv(
+      64,
+      (7, 7),
+      strides=2,
+      padding=((3, 3), (3, 3)),
+      use_bias=False,
+      kernel_init=conv_kernel_init,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name='conv_stem',
+    )(x)  # [B, H/2, W/2, 64]
+    x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=BN_EPS,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      axis_name=self.bn_axis_name,
+      name='bn_stem',
+    )(x)
     x = nn.relu(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
     for stage, num_blocks in enumerate(self.stage_sizes):
       for i in range(num_blocks):
-        x = Bottleneck(64 * 2 ** stage, stride=2 if stage > 0 and i == 0 else 1,
-                       dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                       zero_init_residual=self.zero_init_residual, bn_momentum=self.bn_momentum,
-                       name=f'stage{stage + 1}_block{i}')(x, train)
+        x = Bottleneck(
+          64 * 2**stage,
+          stride=2 if stage > 0 and i == 0 else 1,
+          dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name,
+          zero_init_residual=self.zero_init_residual,
+          bn_momentum=self.bn_momentum,
+          name=f'stage{stage + 1}_block{i}',
+        )(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, 2048]
-    logits = nn.Dense(self.num_classes, kernel_init=dense_kernel_init,
-                      bias_init=torch_default_bias_init(features.shape[-1]), dtype=self.dtype,
-                      param_dtype=jnp.float32, name='classifier')(features)  # [B, num_classes]
+    logits = nn.Dense(
+      self.num_classes,
+      kernel_init=dense_kernel_init,
+      bias_init=torch_default_bias_init(features.shape[-1]),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name='classifier',
+    )(features)  # [B, num_classes]
     return logits.astype(jnp.float32), features
 
 

@@ -27,24 +27,32 @@ dense_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'normal')
 
 def torch_default_bias_init(fan_in: int):
   """PyTorch's default conv/linear bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (USB keeps it)."""
-  bound = 1.0 / fan_in ** 0.5
+  bound = 1.0 / fan_in**0.5
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
 def conv_no_bias(dtype):
   """nn.Conv without bias, kaiming fan-out init, float32 params computing in `dtype`."""
-  return functools.partial(nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype,
-                           param_dtype=jnp.float32)
+  return functools.partial(
+    nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, param_dtype=jnp.float32
+  )
 
 
 def batch_norm(train: bool, momentum: float, eps: float, dtype, axis_name: str | None):
   """nn.BatchNorm with batch statistics when training (averaged over `axis_name`)."""
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
-                           epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
-                           axis_name=axis_name)
+  return functools.partial(
+    nn.BatchNorm,
+    use_running_average=not train,
+    momentum=momentum,
+    epsilon=eps,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    axis_name=axis_name,
+  )
 
 
 class WideBasicBlock(nn.Module):
@@ -55,6 +63,7 @@ class WideBasicBlock(nn.Module):
   group), raw otherwise. In the raw case bn1 still runs, so its running statistics update as
   in PyTorch, but its output is unused and its scale/shift get no gradient (USB's quirk).
   """
+
   out_channels: int
   stride: int
   activate_before_residual: bool
@@ -70,17 +79,21 @@ class WideBasicBlock(nn.Module):
     act = functools.partial(nn.leaky_relu, negative_slope=LEAKY_SLOPE)
     equal_in_out = x.shape[-1] == self.out_channels
     if equal_in_out and self.stride != 1:
-      raise ValueError('WideBasicBlock: a stride-2 block must change the channel count '
-                       '(as in USB, the identity shortcut cannot downsample).')
+      raise ValueError(
+        'WideBasicBlock: a stride-2 block must change the channel count '
+        '(as in USB, the identity shortcut cannot downsample).'
+      )
     pre = act(norm(name='bn1')(x))  # [B, H, W, C_in]
     if equal_in_out:
       branch_in, shortcut = pre, x
     else:
       branch_in = pre if self.activate_before_residual else x
-      shortcut = conv(self.out_channels, (1, 1), strides=self.stride, padding='VALID',
-                      name='shortcut')(branch_in)  # [B, H/s, W/s, C_out]
-    y = conv(self.out_channels, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
-             name='conv1')(branch_in)  # [B, H/s, W/s, C_out]
+      shortcut = conv(
+        self.out_channels, (1, 1), strides=self.stride, padding='VALID', name='shortcut'
+      )(branch_in)  # [B, H/s, W/s, C_out]
+    y = conv(
+      self.out_channels, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), name='conv1'
+    )(branch_in)  # [B, H/s, W/s, C_out]
     y = act(norm(name='bn2')(y))
     y = conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
     return shortcut + y
@@ -91,6 +104,7 @@ class WideResNet(nn.Module):
 
   Returns (logits [B, num_classes] float32, pooled features [B, 16 * 2**(G-1) * widen] float32).
   """
+
   num_classes: int
   depth: int = 28
   widen_factor: int = 2
@@ -108,26 +122,50 @@ class WideResNet(nn.Module):
     if x.ndim != 4:
       raise ValueError(f'WideResNet expects NHWC images [B, H, W, C], got shape {x.shape}.')
     blocks_per_group = (self.depth - 4) // 6
-    x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
-                kernel_init=conv_kernel_init,
-                bias_init=torch_default_bias_init(9 * x.shape[-1]),
-                dtype=self.dtype, param_dtype=jnp.float32, name='conv_stem')(x)  # [B, H, W, 16]
+    x = nn.Conv(
+      16,
+      (3, 3),
+      padding=((1, 1), (1, 1)),
+      use_bias=True,
+      kernel_init=conv_kernel_init,
+      bias_init=torch_default_bias_init(9 * x.shape[-1]),
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name='conv_stem',
+    )(x)  # [B, H, W, 16]
     for group in range(self.num_groups):
-      channels = 16 * 2 ** group * self.widen_factor
+      channels = 16 * 2**group * self.widen_factor
       for i in range(blocks_per_group):
         stride = (self.first_stride if group == 0 else 2) if i == 0 else 1
-        x = WideBasicBlock(channels, stride, activate_before_residual=group == 0,
-                           dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                           bn_eps=self.block_bn_eps, bn_momentum=self.bn_momentum,
-                           name=f'group{group + 1}_block{i}')(x, train)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=FINAL_BN_EPS,
-                     dtype=self.dtype, param_dtype=jnp.float32, axis_name=self.bn_axis_name,
-                     name='bn_final')(x)
+        x = WideBasicBlock(
+          channels,
+          stride,
+          activate_before_residual=group == 0,
+          dtype=self.dtype,
+          bn_axis_name=self.bn_axis_name,
+          bn_eps=self.block_bn_eps,
+          bn_momentum=self.bn_momentum,
+          name=f'group{group + 1}_block{i}',
+        )(x, train)
+    x = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=self.bn_momentum,
+      epsilon=FINAL_BN_EPS,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      axis_name=self.bn_axis_name,
+      name='bn_final',
+    )(x)
     x = nn.leaky_relu(x, negative_slope=LEAKY_SLOPE)  # [B, h, w, D]
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, D]
-    logits = nn.Dense(self.num_classes, kernel_init=dense_kernel_init,
-                      bias_init=nn.initializers.zeros, dtype=self.dtype,
-                      param_dtype=jnp.float32, name='classifier')(features)  # [B, num_classes]
+    logits = nn.Dense(
+      self.num_classes,
+      kernel_init=dense_kernel_init,
+      bias_init=nn.initializers.zeros,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name='classifier',
+    )(features)  # [B, num_classes]
     return logits.astype(jnp.float32), features
 
 
