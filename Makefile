@@ -14,7 +14,10 @@ run: install
 	$(PYTHON) -m cmix_jax.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: install
-	$(PYTHON) -m pytest tests
+	# test_train.py in its own process: after the rest of the suite in one process, its in-process
+	# runs have crashed XLA:CPU here (segfault in a pmap step); alone they pass.
+	$(PYTHON) -m pytest tests --ignore=tests/test_train.py
+	$(PYTHON) -m pytest tests/test_train.py
 
 lint:  # formatter and linter (Google style, see pyproject.toml)
 	$(PYTHON) -m pip install -q ruff
