@@ -35,7 +35,7 @@ from cmix_jax import config_validation  # pylint: disable=g-import-not-at-top,wr
 from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 TARGETS = ('tpu', 'gpu', 'slurm')
-TARBALL = '/tmp/cmix_jax.tar.gz'  # `git archive` of HEAD, copied to every TPU worker
+TARBALL = 'cmix_jax.tar.gz'  # `git archive` of HEAD (in the repo root, git-ignored), copied to every TPU worker
 REMOTE_DIR = 'cmix_jax'  # the checkout on each TPU worker, under the home directory
 REMOTE_LOG = '~/cmix_train.log'  # the detached training's output on each TPU worker
 # TFDS builders `tfds build` can make from the internet (ImageNet needs its tars in manual_dir).

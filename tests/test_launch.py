@@ -66,7 +66,7 @@ def test_tpu_single_host_lines(capsys):
     '--version=tpu-ubuntu2204-base',
     '--zone=us-central2-b',
   ]
-  assert pack == ['git', 'archive', '--format=tar.gz', '--output=/tmp/cmix_jax.tar.gz', 'HEAD']
+  assert pack == ['git', 'archive', '--format=tar.gz', '--output=cmix_jax.tar.gz', 'HEAD']
   assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp'] and '--worker=all' in scp
   assert install[4:7] == ['ssh', 'cmix-v4', '--worker=all']
   assert _remote(install)[-6:] == ['python3', '-m', 'pip', 'install', '-e', '.[tpu]']
