@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cmix_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cmix_jax import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -52,17 +53,7 @@ VARIANTS = ('base', 'cmix', 'randmix')
 VARIANT_LABELS = {'base': '', 'cmix': ' +CalibrateMix', 'randmix': ' +random mixup'}
 VARIANT_SUFFIXES = {'base': '', 'cmix': '+calibratemix', 'randmix': '+randmix'}
 ALGORITHM_ORDER = ('supervised', 'fullysupervised', 'fixmatch', 'flexmatch', 'softmatch')
-METRICS = (
-  'accuracy',
-  'error_rate',
-  'ece',
-  'ece_15',
-  'mce',
-  'adaptive_ece',
-  'classwise_ece',
-  'nll',
-  'brier',
-)
+METRICS = metrics_lib.SUMMARY_KEYS  # the columns every table reports
 
 
 @dataclasses.dataclass(frozen=True)
