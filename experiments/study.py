@@ -401,6 +401,33 @@ def table(results) -> tuple[str, dict]:
   return '\n'.join(lines) + '\n', summary
 
 
+PICTURES = ('data_map_labeled.png', 'data_map_unlabeled.png')  # copied per run of the picture seed
+
+
+def write_pictures(runs: list[dict], root: str, out: str, seed: int) -> list[str]:
+  """`out/pictures/`: every cell's final reliability diagram (one figure) and data maps, of
+  the runs of `seed` whose workdirs are here; returns the files written."""
+  from cmix_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+
+  folder = storage.as_path(out) / 'pictures'
+  tables, written = {}, []
+  for run in (r for r in runs if r['seed'] == seed):
+    workdir = storage.as_path(root) / run['name']
+    if not (workdir / 'final_reliability.json').exists():
+      continue
+    label = run['algorithm'] + VARIANT_LABELS.get(run['variant'], ' ' + run['variant'])
+    tables[label] = storage.read_json(workdir / 'final_reliability.json')
+    for picture in PICTURES:
+      if (workdir / picture).exists():
+        target = folder / f'{run["name"]}_{picture}'
+        written.append(str(storage.write_bytes(target, (workdir / picture).read_bytes())))
+  if tables:
+    path = str(folder / f'reliability_s{seed}.png')
+    title = f'final EMA model, test split, seed {seed}'
+    written += list(plots.multi_reliability(tables, path, title=title, ncols=4))
+  return written
+
+
 def write_table(out: str) -> str:
   results = load_results(out)
   if not results:
@@ -450,6 +477,12 @@ def main(argv=None) -> int:
   parser.add_argument('--only', default='', help='only runs whose name contains this')
   parser.add_argument('--dry_run', action='store_true', help='list the runs and their state')
   parser.add_argument('--table_only', action='store_true', help='only re-aggregate')
+  parser.add_argument(
+    '--picture_seed',
+    type=int,
+    default=None,
+    help='seed whose runs give out/pictures/ (default: the first of --seeds)',
+  )
   args, extra = parser.parse_known_args(argv)
   user = parse_overrides(extra)
   seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
@@ -482,6 +515,9 @@ def main(argv=None) -> int:
         flush=True,
       )
   print(write_table(args.out))
+  picture_seed = seeds[0] if args.picture_seed is None else args.picture_seed
+  written = write_pictures(runs, args.root, args.out, picture_seed)
+  print(f'{len(written)} picture files of seed {picture_seed} in {args.out}/pictures')
   return 0
 
 

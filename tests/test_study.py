@@ -359,3 +359,10 @@ def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
   split = json.loads((root / 'fixmatch-base-s0' / 'split.json').read_text())
   assert split['unlabeled']['size'] == 64 and split['unlabeled']['per_class'] == [16] * 4
   assert '| fixmatch | 0 |' in (out / 'table.md').read_text()
+  # Pictures of the first seed: its data maps, and one reliability figure whose panel is the
+  # same final EMA evaluation as the result file.
+  pictures = out / 'pictures'
+  assert (pictures / 'fixmatch-base-s0_data_map_unlabeled.png').stat().st_size > 0
+  panels = json.loads((pictures / 'reliability_s0.data.json').read_text())['tables']
+  assert list(panels) == ['fixmatch']
+  assert panels['fixmatch']['ece'] == pytest.approx(record['metrics']['ece'], abs=1e-4)
