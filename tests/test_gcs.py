@@ -240,3 +240,30 @@ def test_run_assembly_refuses_a_missing_bucket_before_writing(gcs, tmp_path):
   with pytest.raises(storage.StorageError, match='cannot read gs://no-such-data/tfds'):
     run_setup.build_run(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
+
+
+def test_bad_checkpoints_in_a_bucket_are_moved_aside_never_deleted(gcs):
+  """An unreadable newest step and an interrupted save in gs:// are renamed like on a disk."""
+  workdir = f'{ROOT}/aside'
+  state = {'w': np.arange(6.0)}
+  manager = checkpointing.create_manager(workdir, 3)
+  for step in (1, 2):
+    checkpointing.save(manager, step, {'w': state['w'] + step}, {'step': step})
+  checkpointing.wait_until_saved(manager)
+  before = _objects('aside/checkpoints/2/')
+  for name in (n for n in before if '/state/' in n):  # garble step 2's state files
+    storage.write_bytes(f'gs://{gcs_lib.BUCKET}/{name}', b'garbage')
+  storage.write_text(f'{workdir}/checkpoints/3.orbax-checkpoint-tmp-17/state/part', 'cut off')
+  manager = checkpointing.create_manager(workdir, 3)
+  step, restored, meta = checkpointing.restore_latest(
+    manager, checkpointing.abstract_like(jax.tree.map(np.asarray, state))
+  )
+  assert (step, meta) == (1, {'step': 1})
+  np.testing.assert_array_equal(restored['w'], state['w'] + 1)
+  assert manager.all_steps() == [1]
+  # Every object of step 2 and of the cut-off save is still there, under its new name.
+  assert _objects('aside/checkpoints/2.unreadable/') == [
+    n.replace('/2/', '/2.unreadable/') for n in before
+  ]
+  assert _objects('aside/checkpoints/3.partial/') == ['aside/checkpoints/3.partial/state/part']
+  assert not _objects('aside/checkpoints/2/') and not _objects('aside/checkpoints/3.orbax')
