@@ -3,6 +3,8 @@
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 WORKDIR ?= runs/default
+# pytest-xdist worker processes for `make test` (a test file is the unit of distribution)
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint
 install:
@@ -16,7 +18,7 @@ run: install
 test: install
 	# test_train.py in its own process: after the rest of the suite in one process, its in-process
 	# runs have crashed XLA:CPU here (segfault in a pmap step); alone they pass.
-	$(PYTHON) -m pytest tests --ignore=tests/test_train.py
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile tests --ignore=tests/test_train.py
 	$(PYTHON) -m pytest tests/test_train.py
 
 lint:  # formatter and linter (Google style, see pyproject.toml)

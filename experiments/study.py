@@ -461,7 +461,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument('--seeds', default='0,1,2', help='comma-separated seeds (labeled draws)')
+  parser.add_argument('--seeds', default='0,1,2,3,4', help='comma-separated seeds (labeled draws)')
   parser.add_argument(
     '--out',
     default=os.path.join(HERE, 'results', 'fmnist_dynamics'),
