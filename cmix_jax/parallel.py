@@ -180,6 +180,11 @@ def sum_over_processes(value: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(value)).sum(0)
 
 
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any (a decision all processes must share)."""
+  return bool(sum_over_processes(np.array([int(flag)]))[0])
+
+
 def concat_over_processes(values: np.ndarray) -> np.ndarray:
   """Concatenation of every process's 1-D array of any length, in process order."""
   if jax.process_count() == 1:

@@ -123,9 +123,23 @@ def save_checkpoint(run: run_setup.Run, state, step: int, meta: dict, wait: bool
   )
 
 
+def heartbeat(run: run_setup.Run) -> None:
+  """Refreshes the workdir lease (held by process 0); if it was lost, every process stops
+  here with LeaseLostError, so no process waits for a peer that has left."""
+  lost = None
+  try:
+    run.lease.refresh()
+  except checkpointing.LeaseLostError as e:
+    lost = e
+  if parallel.any_process(lost is not None):
+    raise lost or checkpointing.LeaseLostError(
+      f'process 0 lost the workdir lease of {run.workdir}; see its error.'
+    )
+
+
 def log_train(run: run_setup.Run, step: int, summary: dict) -> None:
   """Train metrics to the writer and metrics.jsonl; the workdir lease's heartbeat."""
-  run.lease.refresh()  # LeaseLostError if another run took the workdir over
+  heartbeat(run)  # LeaseLostError on every process if another run took the workdir over
   run.writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
   if run.is_lead:
     reports.append_jsonl(run.workdir, {'kind': 'train', 'step': step, **summary})

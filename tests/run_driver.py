@@ -1,11 +1,12 @@
 """Runs a tiny training job in its own process, for kill/preemption/multi-host tests.
 
 python -m tests.run_driver --workdir=W --devices=4 [--kill_after_checkpoint=2]
-    [--sigterm_after_step=1] [--coordinator=127.0.0.1:PORT --num_processes=2 --process_id=0]
+    [--sigterm_after_step=1] [--take_lease_at_step=2] [--coordinator=127.0.0.1:PORT --num_processes=2 --process_id=0]
     [--set key=value ...]
 """
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -26,6 +27,12 @@ def parse_args(argv):
     type=int,
     default=-1,
     help='send this process SIGTERM once this many steps have run',
+  )
+  parser.add_argument(
+    '--take_lease_at_step',
+    type=int,
+    default=-1,
+    help='process 0 lets "another run" take the workdir lease at this log step',
   )
   parser.add_argument('--coordinator', default='')
   parser.add_argument('--num_processes', type=int, default=1)
@@ -75,6 +82,17 @@ def install_hooks(args, train):
       return run_steps(step_fns, state, batches, config, start, end, flag)
 
     train.run_steps = steps_then_signal
+  if args.take_lease_at_step >= 0:
+    log_train = train.log_train
+
+    def taken_then_log(run, step, summary):
+      if step == args.take_lease_at_step and run.is_lead:
+        foreign = {'host': 'other-host', 'pid': 1, 'token': 'theirs', 'heartbeat': 0.0}
+        with open(os.path.join(run.workdir, 'lease.json'), 'w') as f:
+          json.dump(foreign, f)
+      log_train(run, step, summary)
+
+    train.log_train = taken_then_log
 
 
 def main(argv=None):

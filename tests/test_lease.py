@@ -186,3 +186,18 @@ def test_run_assembly_refuses_a_busy_workdir_before_writing(tmp_path):
   with pytest.raises(checkpointing.LeaseHeldError, match=f'pid {os.getppid()}'):
     run_setup.build_run(tiny.config(), workdir)
   assert os.listdir(workdir) == [checkpointing.LEASE_FILE]  # no config.json, no split.json
+
+
+def test_a_lease_lost_on_process_zero_stops_both_processes_of_a_two_host_run(tmp_path):
+  """Two processes over loopback: another run takes the lease at the step-4 heartbeat; both
+  processes stop there (none waits for a peer that left), the step-2 checkpoint is kept."""
+  from tests import test_train  # pylint: disable=g-import-not-at-top  (its multi-host launcher)
+
+  workdir = str(tmp_path / 'run')
+  results = test_train._two_processes(workdir, '--take_lease_at_step=4', timeout=240)  # pylint: disable=protected-access
+  for (p, out, err), expected in zip(
+    results, ('taken over by host other-host', 'process 0 lost the workdir lease')
+  ):
+    assert p.returncode != 0 and 'LeaseLostError' in err and expected in err, out + err[-3000:]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
+  assert _read(workdir)['token'] == 'theirs'  # the other run's lease is not ours to remove

@@ -131,10 +131,8 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_over_loopback_equal_one_process(tmp_path):
-  single = str(tmp_path / 'single')
-  multi = str(tmp_path / 'multi')
-  _driver(f'--workdir={single}', '--devices=8')
+def _two_processes(workdir, *args, timeout=300):
+  """Runs the driver as two processes (4 fake devices each) over loopback; (process, out, err) each."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
@@ -144,11 +142,12 @@ def test_two_processes_over_loopback_equal_one_process(tmp_path):
         sys.executable,
         '-m',
         'tests.run_driver',
-        f'--workdir={multi}',
+        f'--workdir={workdir}',
         '--devices=4',
         f'--coordinator=127.0.0.1:{port}',
         '--num_processes=2',
         f'--process_id={i}',
+        *args,
       ],
       cwd=REPO,
       env=env,
@@ -158,8 +157,18 @@ def test_two_processes_over_loopback_equal_one_process(tmp_path):
     )
     for i in range(2)
   ]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  try:
+    return [(p, *p.communicate(timeout=timeout)) for p in procs]
+  finally:  # a hung pair (the failure some tests look for) is not left running
+    for p in procs:
+      p.kill()
+
+
+def test_two_processes_over_loopback_equal_one_process(tmp_path):
+  single = str(tmp_path / 'single')
+  multi = str(tmp_path / 'multi')
+  _driver(f'--workdir={single}', '--devices=8')
+  for p, out, err in _two_processes(multi):
     assert p.returncode == 0, f'{out}\n{err[-4000:]}'
   _, state_single, _ = _latest_state(single)
   _, state_multi, _ = _latest_state(multi)
