@@ -157,7 +157,7 @@ def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
     'config': config,
     'overrides': run['overrides'],
     'user_overrides': user,
-    'workdir': workdir,
+    'workdir': run['name'],  # under --root (no machine path in a committed result file)
     'train_seconds': seconds,
     'resumed': state == 'resume',
     **analyse(workdir),

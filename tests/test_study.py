@@ -356,6 +356,7 @@ def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
   assert record['apm_count']['mean'] == pytest.approx(3 * 32 / 64)
   assert record['mechanism']['n'] <= 64 and 0 <= record['mechanism']['auroc_apm'] <= 1
   assert record['user_overrides'] == {'num_devices': '1'}
+  assert record['workdir'] == 'fixmatch-base-s0'  # relative to --root: no machine path
   split = json.loads((root / 'fixmatch-base-s0' / 'split.json').read_text())
   assert split['unlabeled']['size'] == 64 and split['unlabeled']['per_class'] == [16] * 4
   assert '| fixmatch | 0 |' in (out / 'table.md').read_text()
