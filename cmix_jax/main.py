@@ -26,10 +26,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  tf.config.set_visible_devices([], 'GPU')  # TF only reads data; keep it off accelerators.
-  from cmix_jax import train  # pylint: disable=g-import-not-at-top
+  from cmix_jax import train  # pylint: disable=g-import-not-at-top  (after flag parsing)
 
   logging.info('workdir: %s', FLAGS.workdir)
   train.train_and_evaluate(

@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers
 
 from cmix_jax import algorithms
 from cmix_jax import base_step
@@ -126,6 +125,16 @@ def start_backend(config) -> None:
       raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
 
 
+def keep_tensorflow_off_accelerators() -> None:
+  """TF only reads data and writes TensorBoard events: hide the GPUs from it before it starts.
+
+  Imported here, after the checks, so bad input is refused without TF's seconds of import.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.config.set_visible_devices([], 'GPU')
+
+
 def open_data(config):
   """The raw data set (spec, splits), before any labeled/unlabeled split is drawn."""
   fake = config.data.get('fake', None)
@@ -208,6 +217,7 @@ def build_run(config, workdir: str, allow_config_change: bool = False, write: bo
   if write:
     storage.check_writable(workdir)
     checkpointing.check_lease(workdir, config.get('lease_timeout_s', 600.0))  # early refusal
+  keep_tensorflow_off_accelerators()
   raw = open_data(config)
   config_validation.validate(config, topo.num_devices, raw.spec.num_classes, len(raw.train_labels))
   data = split_data(config, raw)
@@ -266,12 +276,19 @@ def _assemble(
     ),
     manager=checkpointing.create_manager(workdir, config.max_to_keep),
     best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
-    writer=metric_writers.create_default_writer(
-      workdir if tensorboard else None, just_logging=not tensorboard
-    ),
+    writer=_metric_writer(workdir, tensorboard),
     is_lead=is_lead,
     sharded_field='dynamics' if base_step.tables_sharded(config) else None,
     lease=lease,
+  )
+
+
+def _metric_writer(workdir: str, tensorboard: bool):
+  """clu's writer: TensorBoard events in the workdir, or logging only."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TF)
+
+  return metric_writers.create_default_writer(
+    workdir if tensorboard else None, just_logging=not tensorboard
   )
 
 

@@ -1,6 +1,9 @@
 """run_setup.py: every check before any write, resume checks, the newest readable checkpoint."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -28,6 +31,27 @@ def test_bad_ssl_value_fails_before_anything_is_written(field, value, message, t
   assert not workdir.exists()  # no config.json left behind to block the corrected rerun
   run = run_setup.build_run(tiny.config(), str(workdir))  # the corrected rerun starts
   assert (workdir / 'config.json').exists() and run.info.num_classes == 4
+
+
+def test_bad_input_is_refused_before_tensorflow_is_imported(tmp_path):
+  # TF (data reading, TensorBoard) takes seconds to import; a typo should not wait for it.
+  code = textwrap.dedent(f"""
+    import sys
+    from cmix_jax import config_validation, train
+    from configs import default
+    config = default.get_config()
+    config.optim.lr = -1.0
+    try:
+      train.train_and_evaluate(config, {str(tmp_path / 'run')!r})
+    except config_validation.ConfigError:
+      print('refused; tensorflow imported:', 'tensorflow' in sys.modules)
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [sys.executable, '-c', code], cwd=root, capture_output=True, text=True, timeout=120
+  )
+  assert 'refused; tensorflow imported: False' in proc.stdout, proc.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()
 
 
 def test_resume_refuses_a_different_config_and_names_the_field(tmp_path):
