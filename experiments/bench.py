@@ -381,7 +381,7 @@ def main(argv=None):
       config.xla_flags = args.xla_flags
       secs, flops, eval_ips, devices = time_train_step(config, args.warmup, args.steps)
       n = images_per_step(config)
-      frac = f'{100 * flops / secs / peak:.1f}' if flops else 'n/a'
+      frac = f'{100 * flops / secs / peak:.2g}' if flops else 'n/a'
       gflop = f'{flops / 1e9:.4g}' if flops else 'n/a'
       base_time.setdefault((b, VARIANTS[variant][0]), secs)
       over = secs / base_time[(b, VARIANTS[variant][0])] - 1

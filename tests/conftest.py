@@ -2,23 +2,31 @@
 
 import os
 
-# Set before any backend starts: 8 fake devices, plus the default config's backend flags so
-# in-process tests compile like `main` does (flags already in XLA_FLAGS win).
-from cmix_jax import parallel as _parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import default as _default  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-_parallel.set_xla_flags(
-  '--xla_force_host_platform_device_count=8 ' + _default.get_config().xla_flags
-)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# Compiled steps are reused across the test processes of one run (the subprocess
-# drivers compile the same tiny programs): a persistent cache cuts minutes of compile.
+# A persistent compile cache shared by every process of a run (pytest-xdist workers and the
+# subprocess drivers): tests build fresh jitted closures of the same programs, which miss
+# jax's in-memory cache but hit this one. It must be set before jax is first imported, since
+# jax reads these variables then; every program is cached, however quick its compile.
 os.environ.setdefault(
   "JAX_COMPILATION_CACHE_DIR",
   os.path.join(os.environ.get("TMPDIR", "/tmp"), "cmix_jax_test_jit_cache"),
 )
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# Set before any backend starts: 8 fake devices, the default config's backend flags so
+# in-process tests compile the programs `main` does, and LLVM's cheap settings: the tests'
+# programs run a few steps each, so compiling them dominates, and these cut that by about a
+# third. Processes a test starts without XLA_FLAGS (the command-line tests) compile as a
+# user's run does. Flags already in XLA_FLAGS win.
+from cmix_jax import parallel as _parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from configs import default as _default  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_parallel.set_xla_flags(
+  '--xla_force_host_platform_device_count=8 '
+  '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true '
+  + _default.get_config().xla_flags
+)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The `gcs` fixture (a local GCS emulator with gs://test-bucket) for every test module.
 from tests.gcs import gcs  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
