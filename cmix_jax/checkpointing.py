@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from etils import epath
@@ -184,13 +185,25 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state: Any
   )['state']
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
+def saved_shapes(manager: ocp.CheckpointManager, step: int, field: str) -> dict[str, tuple]:
+  """{array name: shape} of one state field as saved at `step` (read from metadata only)."""
+  path = epath.Path(manager.directory) / str(step) / 'state'
+  tree = ocp.StandardCheckpointHandler().metadata(path).tree
+  return {name: tuple(leaf.shape) for name, leaf in tree[field].items()}
+
+
+def restore_latest(
+  manager: ocp.CheckpointManager,
+  abstract_state: Any,
+  adapt: Callable[[int, Any], Any] | None = None,
+):
   """(step, state, meta) of the newest readable checkpoint, or None if there is none.
 
   Interrupted saves and checkpoints newer than the newest readable one are moved aside
   (renamed, never deleted) and logged once with the reason, so the run trains on and saves
   those steps afresh. If none can be read, nothing is moved and CheckpointError names the
-  directory.
+  directory. `adapt(step, abstract_state)`, if given, returns the skeleton that step was
+  saved in (e.g. dynamics shards of another device count).
   """
   directory = epath.Path(manager.directory)
   if _is_lead():
@@ -202,10 +215,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any):
   errors = []
   for step in steps:
     try:
+      abstract = adapt(step, abstract_state) if adapt is not None else abstract_state
       restored = manager.restore(
         step,
         args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
         ),
       )
     except Exception as e:  # pylint: disable=broad-except

@@ -61,8 +61,9 @@ def restore(run, which: str, step: int | None):
   """(step, stacked state) of the requested checkpoint."""
   manager = run.best_manager if which == 'best' else run.manager
   abstract = checkpointing.abstract_like(run_setup.fresh_state(run))
+  adapt = run_setup.saved_layout(run, manager)
   if step is None:
-    restored = checkpointing.restore_latest(manager, abstract)
+    restored = checkpointing.restore_latest(manager, abstract, adapt)
     if restored is None:
       raise EvaluateError(
         f'no checkpoint in {checkpointing.checkpoint_dir(run.workdir)}'
@@ -75,7 +76,8 @@ def restore(run, which: str, step: int | None):
         f'no checkpoint at step {step} in {manager.directory}; '
         f'available: {sorted(manager.all_steps())}.'
       )
-    state = checkpointing.restore_state(manager, step, abstract)
+    state = checkpointing.restore_state(manager, step, adapt(step, abstract) if adapt else abstract)
+  state = run_setup.reshard_dynamics(run, state)
   return step, parallel.stack_state(state, run.topo, run.sharded_field)
 
 

@@ -85,6 +85,16 @@ def replicate(tree: Any, topo: Topology) -> Any:
   return jax.tree.map(lambda x: _stack_local(jax.device_get(x), topo), tree)
 
 
+def put_stacked(tree: Any, topo: Topology) -> Any:
+  """Host [D, ...] arrays that every process holds whole -> global arrays, row i on device i."""
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, topo.stacked, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
 def shard_batch(batch: dict, topo: Topology) -> dict:
   """This process's [L, b, ...] numpy batch -> global [D, b, ...] arrays."""
 

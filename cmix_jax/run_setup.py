@@ -22,6 +22,7 @@ from cmix_jax import algorithms
 from cmix_jax import base_step
 from cmix_jax import checkpointing
 from cmix_jax import config_validation
+from cmix_jax import dynamics
 from cmix_jax import evaluation
 from cmix_jax import parallel
 from cmix_jax import steps
@@ -311,12 +312,63 @@ def initial_state(run: Run):
   fresh = fresh_state(run)
   if run.is_lead:  # a cut-off save of the selection checkpoint is kept, not overwritten
     checkpointing.move_aside_partial_saves(run.best_manager.directory)
-  restored = checkpointing.restore_latest(run.manager, checkpointing.abstract_like(fresh))
+  restored = checkpointing.restore_latest(
+    run.manager, checkpointing.abstract_like(fresh), saved_layout(run, run.manager)
+  )
   if restored is None:
     return fresh, {'step': 0, 'history': [], 'best': {}}
   step, state, meta = restored
   logging.info('Resuming from step %d in %s', step, run.workdir)
-  return state, meta
+  return reshard_dynamics(run, state), meta
+
+
+def saved_layout(run: Run, manager):
+  """`restore_latest`'s adapt: sharded dynamics tables as saved, whatever the device count.
+
+  A checkpoint of a sharded run holds [D_saved, ceil(N/D_saved), ...] tables; they are read
+  whole (replicated) when D_saved differs from this run's D, and `reshard_dynamics` cuts
+  them anew. Everything else is replicated in the checkpoint and restores on any count.
+  """
+  if run.sharded_field is None:
+    return None
+
+  def adapt(step: int, abstract):
+    shapes = checkpointing.saved_shapes(manager, step, run.sharded_field)
+    field = getattr(abstract, run.sharded_field)
+    if all(shapes[n] == x.shape for n, x in _fields(field).items()):
+      return abstract
+    saved = field.replace(
+      **{
+        n: jax.ShapeDtypeStruct(shapes[n], x.dtype, sharding=run.topo.replicated)
+        for n, x in _fields(field).items()
+      }
+    )
+    return abstract.replace(**{run.sharded_field: saved})
+
+  return adapt
+
+
+def reshard_dynamics(run: Run, state):
+  """A restored state with its dynamics shards cut for this run's device count (see above)."""
+  if run.sharded_field is None:
+    return state
+  tables = getattr(state, run.sharded_field)
+  saved_devices = tables.apm.shape[0]
+  if saved_devices == run.topo.num_devices:
+    return state
+  host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tables)
+  full = dynamics.unshard_state(host, run.info.num_labeled, run.info.num_unlabeled)
+  resharded = dynamics.shard_state(full, run.topo.num_devices)
+  logging.info(
+    'Dynamics tables saved in %d shards, cut into %d for this run.',
+    saved_devices,
+    run.topo.num_devices,
+  )
+  return state.replace(**{run.sharded_field: parallel.put_stacked(resharded, run.topo)})
+
+
+def _fields(node) -> dict:
+  return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
 
 
 def step_kind(config, step: int) -> str:
