@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 import weakref
@@ -497,8 +498,9 @@ def stale_reason(record: dict, timeout_s: float, now: float | None = None) -> st
 
 
 class Lease:
-  """The workdir lease held by this process: refresh() at each log interval, release() at
-  exit. A context manager releases on leaving the block, whatever the exit."""
+  """The workdir lease held by this process: refresh() at each log interval and from a
+  keep-alive thread in between, release() at exit. A context manager releases on leaving
+  the block, whatever the exit."""
 
   def __init__(self, path: epath.Path, store, record: dict, version: Any):
     self.path = path
@@ -506,34 +508,71 @@ class Lease:
     self.record = record
     self.version = version
     self.held = True
+    self.lost: LeaseLostError | None = None  # set once another run has taken the lease
+    self._lock = threading.Lock()  # refresh/release from the loop and the keep-alive thread
+    self._stop = threading.Event()
     _HELD[record['token']] = self
 
   def _lost(self, current: dict | None) -> LeaseLostError:
     self.held = False
     who = 'removed' if current is None else f'taken over by {_describe(current, time.time())}'
-    return LeaseLostError(
+    self.lost = LeaseLostError(
       f'the workdir lease {self.path} was {who}: another run now writes '
       'this workdir, so this one must stop. Check that only one run uses '
       'the workdir (a longer config.lease_timeout_s keeps a slow run from '
       'being judged stale).'
     )
+    return self.lost
 
   def refresh(self) -> None:
     """Writes a new heartbeat; LeaseLostError if another run took the lease over."""
-    if not self.held:
-      raise LeaseLostError(f'the workdir lease {self.path} was released; acquire a new one.')
-    current, version = self._store.read()
-    if current is None or current.get('token') != self.record['token']:
-      raise self._lost(current)
-    now = time.time()
-    record = dict(current, heartbeat=now, heartbeat_utc=_utc(now))
-    new_version = self._store.replace(record, version)
-    if new_version is None:
-      raise self._lost(self._store.read()[0])
-    self.record, self.version = record, new_version
+    with self._lock:
+      if self.lost is not None:
+        raise self.lost
+      if not self.held:
+        raise LeaseLostError(f'the workdir lease {self.path} was released; acquire a new one.')
+      current, version = self._store.read()
+      if current is None or current.get('token') != self.record['token']:
+        raise self._lost(current)
+      now = time.time()
+      record = dict(current, heartbeat=now, heartbeat_utc=_utc(now))
+      new_version = self._store.replace(record, version)
+      if new_version is None:
+        raise self._lost(self._store.read()[0])
+      self.record, self.version = record, new_version
+
+  def keep_alive(self, interval_s: float) -> threading.Thread:
+    """Refreshes the heartbeat every `interval_s` s in a daemon thread until release(), so a
+    long compile, evaluation or save never makes a live run look stale. A takeover it meets
+    is kept in `lost` (refresh() raises it); a failed write is retried at the next beat."""
+
+    lease, stop = weakref.ref(self), self._stop  # a dropped Lease is collected, and stops
+    weakref.finalize(self, stop.set)
+
+    def beat():
+      while not stop.wait(interval_s):
+        held = lease()
+        if held is None:
+          return
+        try:
+          held.refresh()
+        except LeaseLostError:
+          return
+        except Exception as e:  # pylint: disable=broad-except
+          logging.warning('Workdir lease heartbeat failed (%s); retrying in %g s.', e, interval_s)
+        del held
+
+    thread = threading.Thread(target=beat, name='cmix_jax_lease_heartbeat', daemon=True)
+    thread.start()
+    return thread
 
   def release(self) -> None:
     """Removes the lease if this run still holds it (best effort: failures only warn)."""
+    self._stop.set()
+    with self._lock:
+      self._release()
+
+  def _release(self) -> None:
     if not self.held:
       return
     self.held = False
@@ -559,8 +598,12 @@ class NoLease:
   """What processes other than 0 hold: the same methods, doing nothing."""
 
   held = False
+  lost = None
 
   def refresh(self) -> None:
+    pass
+
+  def keep_alive(self, interval_s: float) -> None:
     pass
 
   def release(self) -> None:

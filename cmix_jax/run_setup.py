@@ -250,6 +250,7 @@ def take_lease(config, workdir: str):
     raise error or checkpointing.LeaseHeldError(
       f'process 0 could not take the workdir lease of {workdir}; see its error.'
     )
+  lease.keep_alive(config.get('lease_timeout_s', 600.0) / 4)  # four beats per timeout
   return lease
 
 

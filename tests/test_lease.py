@@ -130,6 +130,47 @@ def test_refresh_moves_the_heartbeat_and_notices_a_takeover(workdir):
   assert _read(workdir)['token'] == 'theirs'  # not ours to remove
 
 
+def _wait_for(condition, timeout_s=10.0):
+  deadline = time.time() + timeout_s
+  while not condition():
+    assert time.time() < deadline, 'timed out'
+    time.sleep(0.05)
+
+
+def test_keep_alive_beats_between_log_intervals_and_stops_at_release(workdir):
+  # A long compile or evaluation between two log intervals must not make the run look stale.
+  lease = checkpointing.acquire_lease(workdir, 600, process_index=0)
+  first = _read(workdir)['heartbeat']
+  thread = lease.keep_alive(0.1)
+  _wait_for(lambda: _read(workdir)['heartbeat'] > first)
+  assert _read(workdir)['token'] == lease.record['token']
+  lease.release()
+  thread.join(5)
+  assert not thread.is_alive() and _read(workdir) is None
+
+
+def test_keep_alive_notices_a_takeover_and_refresh_raises_it(workdir):
+  lease = checkpointing.acquire_lease(workdir, 600, process_index=0)
+  thread = lease.keep_alive(0.1)
+  _plant(workdir)  # another run judged us stale and took over
+  _wait_for(lambda: lease.lost is not None)
+  thread.join(5)
+  assert not thread.is_alive()
+  with pytest.raises(checkpointing.LeaseLostError, match='taken over by host other-host'):
+    lease.refresh()  # what the training loop calls at its next log interval
+  lease.release()
+  assert _read(workdir)['token'] == 'theirs'
+
+
+def test_a_dropped_lease_with_keep_alive_is_still_taken_over(tmp_path):
+  workdir = str(tmp_path / 'run')
+  thread = checkpointing.acquire_lease(workdir, 600, process_index=0).keep_alive(60)
+  with checkpointing.acquire_lease(workdir, 600, process_index=0) as lease:  # no LeaseHeldError
+    assert _read(workdir)['token'] == lease.record['token']
+  thread.join(5)
+  assert not thread.is_alive()  # the dropped lease's thread ended with it
+
+
 def test_racing_runs_get_exactly_one_lease(workdir, monkeypatch):
   _plant(workdir, heartbeat=time.time() - 1000)  # a stale lease all of them want to take over
   # pylint: disable-next=protected-access
