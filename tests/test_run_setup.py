@@ -120,6 +120,4 @@ def test_sharded_dynamics_resume_and_evaluate_on_another_device_count(tmp_path):
   assert shapes['apm'][0] == 4  # saved in this run's shards from then on
   step, stacked = evaluate.restore(two, 'last', 4)  # an 8-shard checkpoint on 2 devices
   assert step == 4 and stacked.dynamics.apm.shape[0] == 2
-  host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), stacked.dynamics)
-  full = dynamics.unshard_state(host, two.info.num_labeled, two.info.num_unlabeled)
-  jax.tree.map(np.testing.assert_array_equal, full, reference)
+  jax.tree.map(np.testing.assert_array_equal, _full_tables(two, stacked), reference)
