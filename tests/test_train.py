@@ -1,4 +1,5 @@
-"""train.py: exact resume after SIGKILL, preemption, host syncs, NaN guard, two hosts."""
+"""train.py: exact resume after SIGKILL, preemption, host syncs, NaN guard, two hosts, a sharded
+run resumed as two hosts on fewer devices."""
 
 import json
 import os
@@ -131,8 +132,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, *args, timeout=300):
-  """Runs the driver as two processes (4 fake devices each) over loopback; (process, out, err) each."""
+def _two_processes(workdir, *args, timeout=300, devices=4):
+  """Runs the driver as two processes (`devices` fake devices each) over loopback; (process,
+  out, err) each."""
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)
@@ -143,7 +145,7 @@ def _two_processes(workdir, *args, timeout=300):
         '-m',
         'tests.run_driver',
         f'--workdir={workdir}',
-        '--devices=4',
+        f'--devices={devices}',
         f'--coordinator=127.0.0.1:{port}',
         '--num_processes=2',
         f'--process_id={i}',
@@ -187,3 +189,36 @@ def test_two_processes_over_loopback_equal_one_process(tmp_path):
   with open(os.path.join(multi, 'eval.json')) as f:
     multi_eval = json.load(f)
   assert single_eval['final']['accuracy'] == pytest.approx(multi_eval['final']['accuracy'])
+
+
+def test_sharded_run_of_one_host_resumes_as_two_hosts_on_fewer_devices(tmp_path):
+  # A pod run preempted and moved to a smaller slice: 8 dynamics shards saved by one process
+  # are cut into 4 (two processes, 2 devices each) and training goes on as if uninterrupted.
+  sharded = ['--set=calibratemix.enabled=True', '--set=dynamics_sharded=True']
+  sharded.append('--set=num_train_steps=6')
+  straight, moved = str(tmp_path / 'straight'), str(tmp_path / 'moved')
+  _driver(f'--workdir={straight}', '--devices=8', *sharded)
+  proc = _driver(
+    f'--workdir={moved}', '--devices=8', *sharded, '--kill_after_checkpoint=4', check=False
+  )
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  for p, out, err in _two_processes(moved, *sharded, devices=2):
+    assert p.returncode == 0, f'{out}\n{err[-4000:]}'
+    assert 'RESULT False 6' in out
+  step_a, state_a, _ = _latest_state(straight)
+  step_b, state_b, _ = _latest_state(moved)
+  assert step_a == step_b == 6
+  tables_a, tables_b = state_a['dynamics'], state_b['dynamics']
+  assert tables_a['apm'].shape[0] == 8 and tables_b['apm'].shape[0] == 4
+  for name, saved in tables_a.items():
+    full_a = saved.reshape((-1,) + saved.shape[2:])  # padding rows sit at each shard's end
+    full_b = tables_b[name].reshape((-1,) + saved.shape[2:])
+    rows = min(len(full_a), len(full_b))
+    full_a, full_b = full_a[:rows], full_b[:rows]
+    if 'count' in name or name == 'apm_label':
+      np.testing.assert_array_equal(full_b, full_a, err_msg=name)  # what was seen, exactly
+    else:
+      np.testing.assert_allclose(full_b, full_a, rtol=1e-5, atol=1e-6, err_msg=name)
+  assert tables_a['apm_count'].sum() > 0
+  for x, y in zip(jax.tree.leaves(state_a['params']), jax.tree.leaves(state_b['params'])):
+    np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
