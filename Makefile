@@ -16,9 +16,9 @@ run: install
 	$(PYTHON) -m cmix_jax.main --config=configs/default.py --workdir=$(WORKDIR)
 
 test: install
-	# test_train.py runs in a process of its own, beside the rest: after the whole suite in one
-	# process, its in-process runs have crashed XLA:CPU here (segfault in a pmap step); alone
-	# they pass. Its report is printed after the rest's; either failing fails `make test`.
+	# test_train.py, the longest file (subprocess runs, ~4 min), runs in a process of its own
+	# beside the workers, so the suite does not wait for it at the end. Its report is printed
+	# after the rest's; either failing fails `make test`.
 	@log=$$(mktemp); \
 	$(PYTHON) -m pytest -p no:cacheprovider tests/test_train.py >$$log 2>&1 & own=$$!; \
 	$(PYTHON) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests \
