@@ -598,7 +598,6 @@ class NoLease:
   """What processes other than 0 hold: the same methods, doing nothing."""
 
   held = False
-  lost = None
 
   def refresh(self) -> None:
     pass

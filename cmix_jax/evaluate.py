@@ -76,7 +76,7 @@ def restore(run, which: str, step: int | None):
         f'no checkpoint at step {step} in {manager.directory}; '
         f'available: {sorted(manager.all_steps())}.'
       )
-    state = checkpointing.restore_state(manager, step, adapt(step, abstract) if adapt else abstract)
+    state = checkpointing.restore_state(manager, step, adapt(step, abstract))
   state = run_setup.reshard_dynamics(run, state)
   return step, parallel.stack_state(state, run.topo, run.sharded_field)
 

@@ -324,14 +324,15 @@ def initial_state(run: Run):
 
 
 def saved_layout(run: Run, manager):
-  """`restore_latest`'s adapt: sharded dynamics tables as saved, whatever the device count.
+  """`restore_latest`'s adapt: sharded dynamics tables as saved, whatever the device count
+  (the identity for a run without sharded tables).
 
   A checkpoint of a sharded run holds [D_saved, ceil(N/D_saved), ...] tables; they are read
   whole (replicated) when D_saved differs from this run's D, and `reshard_dynamics` cuts
   them anew. Everything else is replicated in the checkpoint and restores on any count.
   """
   if run.sharded_field is None:
-    return None
+    return lambda step, abstract: abstract
 
   def adapt(step: int, abstract):
     shapes = checkpointing.saved_shapes(manager, step, run.sharded_field)

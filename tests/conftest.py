@@ -1,6 +1,9 @@
 """Test setup: eight fake CPU devices, so pmap/shard_map equivalence runs here."""
 
+import gc
 import os
+
+import pytest
 
 # A persistent compile cache shared by every process of a run (pytest-xdist workers and the
 # subprocess drivers): tests build fresh jitted closures of the same programs, which miss
@@ -31,11 +34,7 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The `gcs` fixture (a local GCS emulator with gs://test-bucket) for every test module.
 from tests.gcs import gcs  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
 
-
-import gc  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
-
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 MAX_MEMORY_MAPS = 20_000  # well under Linux's default vm.max_map_count of 65,530
