@@ -135,8 +135,11 @@ def _block(tree):
   jax.tree.map(lambda x: x.block_until_ready(), tree)
 
 
-def time_train_step(config, warmup: int, steps: int):
-  """(median seconds per step, one device's FLOPs per step or None, eval img/s, devices)."""
+def time_train_step(config, warmup: int, steps: int, with_eval: bool = True):
+  """(median seconds per step, one device's FLOPs per step or None, eval img/s, devices).
+
+  with_eval=False skips the evaluation timing (eval img/s is then None).
+  """
   with tempfile.TemporaryDirectory() as workdir:
     run = run_setup.build_run(config, workdir)
     state, _ = run_setup.initial_state(run)
@@ -155,8 +158,24 @@ def time_train_step(config, warmup: int, steps: int):
         times.append(time.perf_counter() - t0)
       batch = next(batches)
     batches.close()
-    eval_ips = time_eval(run, state)
+    eval_ips = time_eval(run, state) if with_eval else None
   return float(np.median(times)), flops, eval_ips, run.topo.num_devices
+
+
+def time_ours(
+  variant: str,
+  batch_size: int,
+  uratio: int,
+  warmup: int,
+  steps: int,
+  model: str = 'wrn_28_2',
+  image_shape=(32, 32, 3),
+  dtype: str = 'float32',
+) -> float:
+  """Median seconds per step of one variant on one device (experiments/bench_torch.py --compare)."""
+  config = bench_config(variant, batch_size, uratio, model, image_shape, dtype, num_devices=1)
+  seconds, _, _, _ = time_train_step(config, warmup, steps, with_eval=False)
+  return seconds
 
 
 def step_flops(compiled) -> float | None:

@@ -478,22 +478,13 @@ def import_our_bench():
       f'import failed with {type(e).__name__}: {e}. Run without --compare to time the torch '
       f'side alone, or fix the import first.'
     ) from e
-  for name in ('bench_config', 'time_train_step', 'images_per_step', 'augment_seconds'):
+  for name in ('time_ours', 'augment_seconds'):
     if not hasattr(bench, name):
       raise SystemExit(
-        f'--compare: experiments/bench.py has no {name}(); it is expected to '
-        'provide bench_config, time_train_step, images_per_step and '
-        'augment_seconds.'
+        f'--compare: experiments/bench.py has no {name}(); it is expected to provide '
+        'time_ours and augment_seconds.'
       )
   return bench
-
-
-def time_ours(bench, variant: str, batch_size: int, uratio: int, warmup: int, steps: int):
-  """Median seconds per step of our jitted step on one device (experiments/bench.py)."""
-  config = bench.bench_config(variant, batch_size, uratio, 'wrn_28_2')
-  config.num_devices = 1
-  seconds, _, _ = bench.time_train_step(config, warmup, steps)
-  return seconds
 
 
 def main(argv=None):
@@ -568,8 +559,8 @@ def main(argv=None):
       results[(variant, b)] = statistics.median(totals)
       spreads[(variant, b)] = f'{min(totals):.2f}-{max(totals):.2f}'
       for our_variant in OURS_FOR[variant] if bench is not None else ():
-        ours[(our_variant, b)] = time_ours(
-          bench, our_variant, b, args.uratio, args.warmup, args.steps
+        ours[(our_variant, b)] = bench.time_ours(
+          our_variant, b, args.uratio, args.warmup, args.steps
         )
     if bench is not None:
       aug[b] = bench.augment_seconds(b, args.uratio, args.warmup, args.steps)

@@ -99,3 +99,44 @@ def test_unknown_accelerator_and_cpu_use_a_measured_matmul(monkeypatch):
   )
   cpu = types.SimpleNamespace(platform='cpu', device_kind='cpu')
   assert bench.device_peak(cpu, 'bfloat16') == (7.0, 'measured bfloat16 matmul')
+
+
+def test_time_ours_times_one_device_without_eval(monkeypatch):
+  # bench_torch.py --compare reads our step time through time_ours (the tuple it unpacks from
+  # time_train_step once gained a field and broke --compare).
+  calls = []
+  real = bench.time_train_step
+
+  def spy(config, warmup, steps, with_eval=True):
+    result = real(config, warmup, steps, with_eval=with_eval)
+    calls.append((config, with_eval, result))
+    return result
+
+  monkeypatch.setattr(bench, 'time_train_step', spy)
+  seconds = bench.time_ours('fixmatch', 16, 2, 0, 1, model='cnn_small', image_shape=(12, 12, 1))
+  [(config, with_eval, result)] = calls
+  assert (config.num_devices, config.model.name, config.data.batch_size) == (1, 'cnn_small', 16)
+  assert not with_eval and result[2] is None and result[3] == 1
+  assert seconds == result[0] and seconds > 0
+
+
+def test_torch_compare_prints_ours_over_torch(monkeypatch, capsys):
+  pytest.importorskip('torch')
+  spec = importlib.util.spec_from_file_location(
+    'bench_torch_under_test', os.path.join(ROOT, 'experiments', 'bench_torch.py')
+  )
+  bench_torch = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench_torch)
+  ours = types.SimpleNamespace(  # our side on the small model: the table's plumbing is tested
+    time_ours=lambda *args: bench.time_ours(*args, model='cnn_small', image_shape=(12, 12, 1)),
+    augment_seconds=lambda b, uratio, warmup, steps: 0.25,
+  )
+  monkeypatch.setattr(bench_torch, 'import_our_bench', lambda: ours)
+  bench_torch.main(['--compare', '--batch_sizes=2', '--uratio=1', '--variants=fixmatch'])
+  out = capsys.readouterr().out
+  [row] = [line for line in out.splitlines() if line.startswith('| fixmatch | 2 |')]
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[2] == '6' and cells[6] == 'fixmatch'  # B + 2 * uratio * B images
+  torch_s, ours_s, ratio = float(cells[3]), float(cells[7]), float(cells[9])
+  assert ratio == pytest.approx(torch_s / ours_s, rel=0.05, abs=0.01)
+  assert 'augmentation alone at B=2' in out and '0.250 s/step' in out
