@@ -189,6 +189,9 @@ def _model_errors(config) -> list[str]:
   model = config.model
   errors = checks.not_one_of('model.name', model.name, models.MODEL_NAMES)
   errors += checks.not_one_of('model.dtype', model.dtype, ('float32', 'bfloat16'))
+  errors += checks.not_one_of('model.conv_grad', model.get('conv_grad', 'xla'), models.CONV_GRADS)
+  precisions = ('auto', *models.PRECISIONS)
+  errors += checks.not_one_of('model.precision', model.get('precision', 'auto'), precisions)
   if model.get('bn_momentum') is not None:
     errors += checks.out_of_range(
       'model.bn_momentum',

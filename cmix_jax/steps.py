@@ -94,13 +94,22 @@ def create_model(
   """
   bn_momentum = config.model.get('bn_momentum')
   sync_bn = parallel.use_cross_replica_bn(config.model.get('cross_replica_bn'), num_devices)
+  precision = model_precision(config)
   return models.create_model(
     config.model.name,
     num_classes,
     dtype=dtype or config.model.dtype,
     bn_axis_name=AXIS if sync_bn else None,
+    conv_grad=config.model.get('conv_grad', 'xla'),
+    conv_precision=models.lax_precision(precision['conv']),
+    dense_precision=models.lax_precision(precision['matmul']),
     **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}),
   )
+
+
+def model_precision(config: ml_collections.ConfigDict) -> dict:
+  """model.precision resolved on this backend: {'setting', 'resolved', 'conv', 'matmul'}."""
+  return models.resolve_precision(config.model.get('precision', 'auto'), jax.default_backend())
 
 
 def create_eval_model(

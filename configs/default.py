@@ -69,6 +69,12 @@ def get_config():
   # the WRNs and cnn_small, 0.9 for ResNet-50). The stats need ~3 / (1 - decay) steps to settle,
   # so runs of a few thousand steps want 0.99.
   config.model.bn_momentum = ml_collections.config_dict.placeholder(float)
+  # Input gradient of strided convs: xla (XLA's transposed conv) | subpixel (one stride-1 conv
+  # over the stride's phases; same values to float rounding, faster on XLA:CPU).
+  config.model.conv_grad = 'xla'
+  # Conv / matmul precision: auto (usb on GPU, else default) | default (XLA's: TF32 on Ampere+
+  # GPUs) | usb (TF32 convs, float32 matmuls, as PyTorch) | float32. CPU: all but float32 = today.
+  config.model.precision = 'auto'
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 0.03  # initial learning rate (USB: 0.03)

@@ -78,6 +78,8 @@ BAD = [
   ('model.name', 'vit', "model.name='vit': use one of"),
   ('model.dtype', 'float16', 'model.dtype'),
   ('model.bn_momentum', 1.0, 'bn_momentum=1.0'),
+  ('model.conv_grad', 'fft', "model.conv_grad='fft': use one of"),
+  ('model.precision', 'tf32', "model.precision='tf32': use one of"),
   ('optim.lr', -1.0, 'optim.lr=-1.0 must be in (0, inf)'),
   ('optim.lr', 0.0, 'optim.lr=0.0'),
   ('optim.lr', float('nan'), 'optim.lr=nan'),

@@ -87,6 +87,10 @@ def test_every_variant_trains_and_evaluates(variant, tmp_path):
   assert report['step'] == STEPS and report['selection'] == 'final'
   assert 0.0 <= report['accuracy'] <= 1.0 and 0.0 <= report['ece'] <= 1.0
   assert math.isfinite(report['nll']) and report['nll'] > 0
+  # The precision the run computed in: on the CPU test devices, 'auto' is XLA's default.
+  assert report['precision'] == dict(
+    setting='auto', resolved='default', conv='default', matmul='default'
+  )
   logs = _train_logs(workdir)
   assert [r['step'] for r in logs] == list(range(1, STEPS + 1))
   assert all(math.isfinite(r['loss']) for r in logs)

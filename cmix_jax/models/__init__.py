@@ -14,17 +14,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmix_jax.models.cnn import CNNSmall
+from cmix_jax.models.conv import CONV_GRADS, PRECISIONS, lax_precision, resolve_precision
 from cmix_jax.models.resnet import ResNet, resnet50
 from cmix_jax.models.wrn import WideResNet, wrn_28_2, wrn_28_8, wrn_37_2
 
 __all__ = [
+  'CONV_GRADS',
+  'PRECISIONS',
   'CNNSmall',
   'MODEL_NAMES',
   'ResNet',
   'WideResNet',
   'create_model',
   'init_model',
+  'lax_precision',
   'param_count',
+  'resolve_precision',
 ]
 
 _BUILDERS = {

@@ -7,6 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cmix_jax.models import conv as conv_lib
+
 LEAKY_SLOPE = 0.1
 BN_MOMENTUM = 0.999  # Flax convention: PyTorch momentum 0.001, as the WRNs
 BN_EPS = 1e-3
@@ -32,6 +34,9 @@ class CNNSmall(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
   bn_momentum: float = BN_MOMENTUM
+  conv_grad: str = 'xla'  # config.model.conv_grad
+  conv_precision: str | None = None  # lax precision name of the convs; None = XLA's default
+  dense_precision: str | None = None  # lax precision name of the classifier's matmul
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -49,6 +54,8 @@ class CNNSmall(nn.Module):
       kernel_init=conv_kernel_init,
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      precision=self.conv_precision,
+      conv_general_dilated=conv_lib.conv_fn(self.conv_grad),
     )
     norm = functools.partial(
       nn.BatchNorm,
@@ -71,6 +78,7 @@ class CNNSmall(nn.Module):
       bias_init=nn.initializers.zeros,
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      precision=self.dense_precision,
       name='classifier',
     )(features)  # [B, num_classes]
     return logits.astype(jnp.float32), features

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from cmix_jax.models import conv as conv_lib
 from cmix_jax.models.wrn import batch_norm
 from cmix_jax.models.wrn import conv_no_bias
 from cmix_jax.models.wrn import torch_default_bias_init
@@ -34,10 +35,12 @@ class Bottleneck(nn.Module):
   bn_axis_name: str | None = None
   zero_init_residual: bool = False
   bn_momentum: float = BN_MOMENTUM
+  conv_grad: str = 'xla'  # config.model.conv_grad
+  conv_precision: str | None = None  # lax precision name of the convs; None = XLA's default
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = conv_no_bias(self.dtype)
+    conv = conv_no_bias(self.dtype, self.conv_grad, self.conv_precision)
     norm = batch_norm(train, self.bn_momentum, BN_EPS, self.dtype, self.bn_axis_name)
     out_channels = 4 * self.width
     y = nn.relu(norm(name='bn1')(conv(self.width, (1, 1), name='conv1')(x)))
@@ -64,6 +67,9 @@ class ResNet(nn.Module):
   bn_axis_name: str | None = None
   zero_init_residual: bool = False
   bn_momentum: float = BN_MOMENTUM
+  conv_grad: str = 'xla'  # config.model.conv_grad
+  conv_precision: str | None = None  # lax precision name of the convs; None = XLA's default
+  dense_precision: str | None = None  # lax precision name of the classifier's matmul
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -78,6 +84,8 @@ class ResNet(nn.Module):
       kernel_init=conv_kernel_init,
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      precision=self.conv_precision,
+      conv_general_dilated=conv_lib.conv_fn(self.conv_grad),
       name='conv_stem',
     )(x)  # [B, H/2, W/2, 64]
     x = nn.BatchNorm(
@@ -100,6 +108,8 @@ class ResNet(nn.Module):
           bn_axis_name=self.bn_axis_name,
           zero_init_residual=self.zero_init_residual,
           bn_momentum=self.bn_momentum,
+          conv_grad=self.conv_grad,
+          conv_precision=self.conv_precision,
           name=f'stage{stage + 1}_block{i}',
         )(x, train)
     features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [B, 2048]
@@ -109,6 +119,7 @@ class ResNet(nn.Module):
       bias_init=torch_default_bias_init(features.shape[-1]),
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      precision=self.dense_precision,
       name='classifier',
     )(features)  # [B, num_classes]
     return logits.astype(jnp.float32), features

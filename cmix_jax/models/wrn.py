@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cmix_jax.models import conv as conv_lib
+
 LEAKY_SLOPE = 0.1
 BN_MOMENTUM = 0.999  # Flax convention (decay of the running average) = PyTorch momentum 0.001
 BLOCK_BN_EPS = 1e-5  # USB's blocks leave nn.BatchNorm2d's eps at its default
@@ -35,10 +37,16 @@ def torch_default_bias_init(fan_in: int):
   return init
 
 
-def conv_no_bias(dtype):
+def conv_no_bias(dtype, conv_grad: str = 'xla', precision=None):
   """nn.Conv without bias, kaiming fan-out init, float32 params computing in `dtype`."""
   return functools.partial(
-    nn.Conv, use_bias=False, kernel_init=conv_kernel_init, dtype=dtype, param_dtype=jnp.float32
+    nn.Conv,
+    use_bias=False,
+    kernel_init=conv_kernel_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    precision=precision,
+    conv_general_dilated=conv_lib.conv_fn(conv_grad),
   )
 
 
@@ -71,10 +79,12 @@ class WideBasicBlock(nn.Module):
   bn_axis_name: str | None = None
   bn_eps: float = BLOCK_BN_EPS
   bn_momentum: float = BN_MOMENTUM
+  conv_grad: str = 'xla'  # config.model.conv_grad
+  conv_precision: str | None = None  # lax precision name of the convs; None = XLA's default
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = conv_no_bias(self.dtype)
+    conv = conv_no_bias(self.dtype, self.conv_grad, self.conv_precision)
     norm = batch_norm(train, self.bn_momentum, self.bn_eps, self.dtype, self.bn_axis_name)
     act = functools.partial(nn.leaky_relu, negative_slope=LEAKY_SLOPE)
     equal_in_out = x.shape[-1] == self.out_channels
@@ -114,6 +124,9 @@ class WideResNet(nn.Module):
   bn_axis_name: str | None = None
   block_bn_eps: float = BLOCK_BN_EPS
   bn_momentum: float = BN_MOMENTUM  # Flax decay: the running stats need ~3/(1-m) steps
+  conv_grad: str = 'xla'  # config.model.conv_grad
+  conv_precision: str | None = None  # lax precision name of the convs; None = XLA's default
+  dense_precision: str | None = None  # lax precision name of the classifier's matmul
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -131,6 +144,8 @@ class WideResNet(nn.Module):
       bias_init=torch_default_bias_init(9 * x.shape[-1]),
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      precision=self.conv_precision,
+      conv_general_dilated=conv_lib.conv_fn(self.conv_grad),
       name='conv_stem',
     )(x)  # [B, H, W, 16]
     for group in range(self.num_groups):
@@ -145,6 +160,8 @@ class WideResNet(nn.Module):
           bn_axis_name=self.bn_axis_name,
           bn_eps=self.block_bn_eps,
           bn_momentum=self.bn_momentum,
+          conv_grad=self.conv_grad,
+          conv_precision=self.conv_precision,
           name=f'group{group + 1}_block{i}',
         )(x, train)
     x = nn.BatchNorm(
@@ -164,6 +181,7 @@ class WideResNet(nn.Module):
       bias_init=nn.initializers.zeros,
       dtype=self.dtype,
       param_dtype=jnp.float32,
+      precision=self.dense_precision,
       name='classifier',
     )(features)  # [B, num_classes]
     return logits.astype(jnp.float32), features
