@@ -171,9 +171,11 @@ def time_ours(
   model: str = 'wrn_28_2',
   image_shape=(32, 32, 3),
   dtype: str = 'float32',
+  conv_grad: str = 'xla',
 ) -> float:
   """Median seconds per step of one variant on one device (experiments/bench_torch.py --compare)."""
   config = bench_config(variant, batch_size, uratio, model, image_shape, dtype, num_devices=1)
+  config.model.conv_grad = conv_grad
   seconds, _, _, _ = time_train_step(config, warmup, steps, with_eval=False)
   return seconds
 

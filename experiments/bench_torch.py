@@ -4,6 +4,7 @@
   python experiments/bench_torch.py               # B=16, 3 timed steps, torch side only
   python experiments/bench_torch.py --batch_sizes=16,64 --variants=fixmatch,softmatch+cmix2
   python experiments/bench_torch.py --compare     # also time OUR steps (experiments/bench.py)
+  python experiments/bench_torch.py --compare --batch_sizes=16,64 --conv_grad=xla,subpixel
 
 The torch steps follow the reference code (USB `semilearn` + the CalibrateMix reference's
 `softmatch_calibratemix.py`) op for op: one concatenated forward (use_cat), USB losses and
@@ -507,6 +508,11 @@ def main(argv=None):
     help='also time our steps via experiments/bench.py and print ours/torch',
   )
   parser.add_argument(
+    '--conv_grad',
+    default='xla',
+    help="with --compare: our model.conv_grad, comma-separated to time each (e.g. 'xla,subpixel')",
+  )
+  parser.add_argument(
     '--op_table',
     action='store_true',
     help='print torch.profiler top ops of one step per variant (first B)',
@@ -515,7 +521,10 @@ def main(argv=None):
 
   batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
   variants = args.variants.split(',')
+  conv_grads = args.conv_grad.split(',')
   problems = []
+  if any(g not in ('xla', 'subpixel') for g in conv_grads):
+    problems.append(f'--conv_grad={args.conv_grad}: choose from xla,subpixel')
   if any(v not in TORCH_VARIANTS for v in variants):
     problems.append(f'--variants={args.variants}: choose from {",".join(TORCH_VARIANTS)}')
   if min(batch_sizes) < 2:
@@ -559,9 +568,10 @@ def main(argv=None):
       results[(variant, b)] = statistics.median(totals)
       spreads[(variant, b)] = f'{min(totals):.2f}-{max(totals):.2f}'
       for our_variant in OURS_FOR[variant] if bench is not None else ():
-        ours[(our_variant, b)] = bench.time_ours(
-          our_variant, b, args.uratio, args.warmup, args.steps
-        )
+        for conv_grad in conv_grads:
+          ours[(our_variant, conv_grad, b)] = bench.time_ours(
+            our_variant, b, args.uratio, args.warmup, args.steps, conv_grad=conv_grad
+          )
     if bench is not None:
       aug[b] = bench.augment_seconds(b, args.uratio, args.warmup, args.steps)
 
@@ -582,10 +592,10 @@ def main(argv=None):
         print(row)
         continue
       for our_variant in OURS_FOR[variant]:
-        ours_s = ours[(our_variant, b)]
-        print(
-          f'{row} {our_variant} | {ours_s:.3f} | {images / ours_s:.1f} | {torch_s / ours_s:.2f} |'
-        )
+        for conv_grad in conv_grads:
+          ours_s = ours[(our_variant, conv_grad, b)]
+          label = our_variant + (f' conv_grad={conv_grad}' if conv_grad != 'xla' else '')
+          print(f'{row} {label} | {ours_s:.3f} | {images / ours_s:.1f} | {torch_s / ours_s:.2f} |')
   if bench is not None:
     print(
       'ours/torch > 1 means our step is faster. Our step time INCLUDES on-device weak + '

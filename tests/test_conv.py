@@ -22,6 +22,7 @@ STRIDED = [
   (7, 2, (3, 3), (15, 17)),  # ResNet-50 stem (odd sides)
   (3, 2, (0, 1), (8, 8)),  # asymmetric padding
   (3, 3, (1, 1), (10, 11)),  # stride 3
+  (2, 3, (1, 0), (10, 11)),  # kernel < stride: an untapped phase between tapped ones
 ]
 
 
@@ -46,11 +47,14 @@ def test_subpixel_gradient_equals_xla_grad(size, stride, pad, hw):
 
 def test_phase_taps_by_hand():
   # 3x3, stride 2, pad 1: dx[2m] = dy[m] w[1]; dx[2m+1] = dy[m] w[2] + dy[m+1] w[0] (3 = none).
-  taps, d_max = conv._phase_taps(3, 2, 1)
-  assert d_max == 0 and taps.tolist() == [[1, 3], [2, 0]]
-  # 1x1, stride 2: odd rows of dx get no tap.
-  taps, d_max = conv._phase_taps(1, 2, 0)
-  assert d_max == 0 and taps.tolist() == [[0], [1]]
+  taps, d_max, first = conv._phase_taps(3, 2, 1)
+  assert (d_max, first) == (0, 0) and taps.tolist() == [[1, 3], [2, 0]]
+  # 1x1, stride 2: only phase 0 meets a tap; odd rows of dx are zero, not convolved.
+  taps, d_max, first = conv._phase_taps(1, 2, 0)
+  assert (d_max, first) == (0, 0) and taps.tolist() == [[0]]
+  # 2-tap kernel, stride 3, pad 1: phase 0 meets k=1, phase 2 k=0 of the next output, 1 none.
+  taps, d_max, first = conv._phase_taps(2, 3, 1)
+  assert (d_max, first) == (0, 0) and taps.tolist() == [[1, 2], [2, 2], [2, 0]]
 
 
 def test_unstrided_or_dilated_convs_keep_xla_gradient():

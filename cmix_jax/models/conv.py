@@ -26,37 +26,44 @@ PRECISIONS = {
 }
 
 
-def _phase_taps(size: int, stride: int, pad_lo: int) -> tuple[np.ndarray, int]:
-  """(tap index [stride, J], or `size` for none; d_max) of one spatial axis.
+def _phase_taps(size: int, stride: int, pad_lo: int) -> tuple[np.ndarray, int, int]:
+  """(tap index [phases, J], or `size` for none; d_max; first phase) of one spatial axis.
 
-  dx[s*m + p] = sum_j dy[m + j - d_max] * w[taps[p, j]]: in the forward y[o] reads
+  dx[s*m + p] = sum_j dy[m + j - d_max] * w[taps[p - first, j]]: in the forward y[o] reads
   x[s*o + k - pad_lo], so x[s*m + p] meets tap k = s*d + p + pad_lo of output o = m - d.
+  Phases before `first` or after the last row meet no tap (dx is zero there: kernel < stride).
   """
   pairs = [(p, (k - p - pad_lo) // stride, k) for p in range(stride) for k in range(size)]
   pairs = [(p, d, k) for p, d, k in pairs if (k - p - pad_lo) % stride == 0]
   d_min, d_max = min(d for _, d, _ in pairs), max(d for _, d, _ in pairs)
-  taps = np.full((stride, d_max - d_min + 1), size)  # `size` indexes the zero tap
+  first, last = min(p for p, _, _ in pairs), max(p for p, _, _ in pairs)
+  taps = np.full((last - first + 1, d_max - d_min + 1), size)  # `size` indexes the zero tap
   for p, d, k in pairs:
-    taps[p, d_max - d] = k
-  return taps, d_max
+    taps[p - first, d_max - d] = k
+  return taps, d_max, first
 
 
 def subpixel_input_grad(dy, kernel, in_hw, strides, padding):
   """dx [N, H, W, C_in] of a NHWC/HWIO conv from its cotangent dy [N, Ho, Wo, C_out]."""
   (kh, kw, c_in, c_out), (sh, sw) = kernel.shape, strides
-  taps_h, top = _phase_taps(kh, sh, padding[0][0])
-  taps_w, left = _phase_taps(kw, sw, padding[1][0])
+  taps_h, top, first_h = _phase_taps(kh, sh, padding[0][0])
+  taps_w, left, first_w = _phase_taps(kw, sw, padding[1][0])
+  (ph, jh), (pw, jw) = taps_h.shape, taps_w.shape  # phases with taps, window
   mh, mw = -(-in_hw[0] // sh), -(-in_hw[1] // sw)  # phase rows / columns, ceil(H / s)
-  jh, jw = taps_h.shape[1], taps_w.shape[1]
   zero_tapped = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # [kh+1, kw+1, C_in, C_out]
   phase_kernel = zero_tapped[taps_h[:, :, None, None], taps_w[None, None, :, :]]
-  # [sh, jh, sw, jw, C_in, C_out] -> [jh, jw, C_out, sh * sw * C_in]
-  phase_kernel = phase_kernel.transpose(1, 3, 5, 0, 2, 4).reshape(jh, jw, c_out, sh * sw * c_in)
+  # [ph, jh, pw, jw, C_in, C_out] -> [jh, jw, C_out, ph * pw * C_in]
+  phase_kernel = phase_kernel.transpose(1, 3, 5, 0, 2, 4).reshape(jh, jw, c_out, ph * pw * c_in)
   pads = [(top, mh + jh - 1 - dy.shape[1] - top, 0), (left, mw + jw - 1 - dy.shape[2] - left, 0)]
   dy = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *pads, (0, 0, 0)])
   phases = lax.conv_general_dilated(dy, phase_kernel, (1, 1), 'VALID', dimension_numbers=NHWC)
-  n = dy.shape[0]  # phases: [N, mh, mw, sh * sw * C_in]
-  dx = phases.reshape(n, mh, mw, sh, sw, c_in).transpose(0, 1, 3, 2, 4, 5)
+  n = dy.shape[0]  # phases: [N, mh, mw, ph * pw * C_in]
+  dx = phases.reshape(n, mh, mw, ph, pw, c_in).transpose(0, 1, 3, 2, 4, 5)  # [N, mh, ph, mw, pw, C]
+  no_pad = (0, 0, 0)
+  untapped = [(first_h, sh - ph - first_h, 0), (first_w, sw - pw - first_w, 0)]  # zero phases
+  dx = lax.pad(
+    dx, jnp.zeros((), dx.dtype), [no_pad, no_pad, untapped[0], no_pad, untapped[1], no_pad]
+  )
   return dx.reshape(n, mh * sh, mw * sw, c_in)[:, : in_hw[0], : in_hw[1]]  # [N, H, W, C_in]
 
 
