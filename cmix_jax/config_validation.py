@@ -227,6 +227,11 @@ def _calibratemix_errors(config, num_devices: int) -> list[str]:
       'calibratemix.pair_space=features needs passes=2 (features come from '
       'the first pass): set --config.calibratemix.passes=2.'
     )
+  if cm.second_pass_only and cm.passes != 2:
+    errors.append(
+      'calibratemix.second_pass_only is the control arm of the two-pass step: set '
+      '--config.calibratemix.passes=2 (or second_pass_only=False).'
+    )
   errors += checks.out_of_range(
     'calibratemix.pair_k_frac', cm.pair_k_frac, '(0, 1]', 'reference: 15/224'
   )

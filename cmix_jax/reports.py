@@ -9,6 +9,7 @@ import numpy as np
 
 from cmix_jax import dynamics
 from cmix_jax import parallel
+from cmix_jax import provenance
 from cmix_jax import storage
 
 
@@ -56,6 +57,7 @@ def selected_report(config, result: dict, meta: dict, step: int) -> tuple[dict, 
     'final': dict(result['metrics'], step=step),
     'best': meta['best'],
     'num_train_steps': config.num_train_steps,
+    'provenance': provenance.describe(),
   }
   return report, reliability
 

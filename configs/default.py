@@ -97,6 +97,9 @@ def get_config():
   config.calibratemix.pair_space = 'pixels'  # pixels | features
   config.calibratemix.apm_delta = 0.997  # APM step size delta / (1 + updates so far)
   config.calibratemix.random_pairing = False  # True = random-mixup ablation (no split)
+  # True = control arm of passes=2: the second pass (SSL loss, BN and algorithm-state updates)
+  # without mixed rows or mixup loss, so that "CalibrateMix - control" measures the mixup alone.
+  config.calibratemix.second_pass_only = False
   # global: split and pair the global batch as one device would (same on any device count);
   # device: each device splits and pairs its own share (what DDP does).
   config.calibratemix.pair_scope = 'global'

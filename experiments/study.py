@@ -41,47 +41,63 @@ BASES = ('fixmatch', 'softmatch')
 # variant -> config overrides on top of a base algorithm
 VARIANTS = {
   'base': {},
+  'control': {'calibratemix.enabled': True, 'calibratemix.second_pass_only': True},
   'cmix': {'calibratemix.enabled': True},
+  'cmix_fused': {'calibratemix.enabled': True, 'calibratemix.passes': 1},
   'split_random': {'calibratemix.enabled': True, 'calibratemix.pair_k_frac': 1.0},
   'randmix': {'calibratemix.enabled': True, 'calibratemix.random_pairing': True},
   'ls': {'ssl.label_smoothing': 0.1},
-  'cmix_fused': {'calibratemix.enabled': True, 'calibratemix.passes': 1},
 }
 VARIANT_LABELS = {
   'base': '',
-  'cmix': ' + CalibrateMix',
+  'control': ' + second pass, no mixup (control)',
+  'cmix': ' + CalibrateMix (2 passes)',
+  'cmix_fused': ' + CalibrateMix fused (1 pass)',
   'split_random': ' + split, random partner',
   'randmix': ' + random mixup (no split)',
   'ls': ' + label smoothing 0.1',
-  'cmix_fused': ' + CalibrateMix fused (passes=1)',
 }
+DEFAULT_VARIANTS = ('base', 'control', 'cmix', 'cmix_fused', 'split_random', 'ls')
 ACC_MARGIN = 0.005  # "without costing accuracy": the 95 % interval stays above -0.5 points
 
 
-def cells(variants=tuple(VARIANTS)) -> list[tuple[str, str]]:
-  """(algorithm, variant) of every cell: supervised, then each base with its variants."""
+def cells(variants=DEFAULT_VARIANTS, labels=(None,)) -> list[tuple]:
+  """(algorithm, variant, labels) of every cell: per label count, supervised, then each base."""
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
     raise ValueError(f'unknown variants {unknown}; use some of {", ".join(VARIANTS)}.')
-  return [('supervised', 'base')] + [(b, v) for b in BASES for v in VARIANTS if v in variants]
+  return [
+    cell
+    for n in labels
+    for cell in [('supervised', 'base', n)] + [(b, v, n) for b in BASES for v in variants]
+  ]
 
 
-def run_name(algorithm: str, variant: str, seed: int) -> str:
-  return f'{algorithm}-{variant}-s{seed}'
+def run_name(algorithm: str, variant: str, seed: int, labels=None) -> str:
+  return f'{algorithm}-{variant}' + ('' if labels is None else f'-n{labels}') + f'-s{seed}'
 
 
-def grid(seeds, variants=tuple(VARIANTS)) -> list[dict]:
-  """Every run, seed by seed: name, algorithm, variant, seed and its config overrides."""
+def grid(seeds, variants=DEFAULT_VARIANTS, labels=(None,)) -> list[dict]:
+  """Every run, seed by seed: name, algorithm, variant, labels, seed and config overrides.
+
+  labels=None keeps the config's data.num_labels (and the run name has no -n part).
+  """
   return [
     {
-      'name': run_name(a, v, s),
+      'name': run_name(a, v, s, n),
       'algorithm': a,
       'variant': v,
+      'labels': n,
       'seed': s,
-      'overrides': {'algorithm': a, 'seed': s, **VARIANTS[v]},
+      'overrides': {
+        'algorithm': a,
+        'seed': s,
+        **({} if n is None else {'data.num_labels': n}),
+        **VARIANTS[v],
+      },
     }
     for s in seeds
-    for a, v in cells(variants)
+    for a, v, n in cells(variants, labels)
   ]
 
 
@@ -153,6 +169,7 @@ def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
     'name': run['name'],
     'algorithm': run['algorithm'],
     'variant': run['variant'],
+    'labels': run['labels'],
     'seed': run['seed'],
     'config': config,
     'overrides': run['overrides'],
@@ -471,8 +488,13 @@ def main(argv=None) -> int:
   parser.add_argument('--config', default=CONFIG, help='the study config file')
   parser.add_argument(
     '--variants',
-    default=','.join(VARIANTS),
-    help='variants of each base to run (supervised always runs)',
+    default=','.join(DEFAULT_VARIANTS),
+    help=f'variants of each base to run (supervised always runs); of {",".join(VARIANTS)}',
+  )
+  parser.add_argument(
+    '--labels',
+    default='',
+    help='comma-separated label counts (data.num_labels per run); empty = the config\'s',
   )
   parser.add_argument('--only', default='', help='only runs whose name contains this')
   parser.add_argument('--dry_run', action='store_true', help='list the runs and their state')
@@ -487,7 +509,8 @@ def main(argv=None) -> int:
   user = parse_overrides(extra)
   seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
   variants = tuple(v.strip() for v in args.variants.split(',') if v.strip())
-  runs = [r for r in grid(seeds, variants) if args.only in r['name']]
+  labels = tuple(int(n) for n in args.labels.split(',') if n.strip()) or (None,)
+  runs = [r for r in grid(seeds, variants, labels) if args.only in r['name']]
   if args.dry_run:
     for run in runs:
       workdir = os.path.join(args.root, run['name'])

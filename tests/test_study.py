@@ -40,7 +40,14 @@ def test_grid_lists_every_cell_seed_by_seed_with_its_overrides():
     'calibratemix.enabled': True,
     'calibratemix.pair_k_frac': 1.0,
   }
-  assert by_name['fixmatch-randmix-s1']['calibratemix.random_pairing'] is True
+  assert by_name['fixmatch-control-s1'] == {
+    'algorithm': 'fixmatch',
+    'seed': 1,
+    'calibratemix.enabled': True,
+    'calibratemix.second_pass_only': True,
+  }
+  assert 'fixmatch-randmix-s1' not in by_name  # kept as a variant, not in the default grid
+  assert study.grid([1], variants=('randmix',))[1]['overrides']['calibratemix.random_pairing']
   assert by_name['fixmatch-ls-s1'] == {
     'algorithm': 'fixmatch',
     'seed': 1,
@@ -48,6 +55,16 @@ def test_grid_lists_every_cell_seed_by_seed_with_its_overrides():
   }
   assert by_name['fixmatch-cmix_fused-s0']['calibratemix.passes'] == 1
   assert len(study.grid([5], variants=('base', 'cmix'))) == 5
+  by_labels = study.grid([0, 1], variants=('base',), labels=(40, 250))
+  assert [r['name'] for r in by_labels[:6]] == [
+    'supervised-base-n40-s0',
+    'fixmatch-base-n40-s0',
+    'softmatch-base-n40-s0',
+    'supervised-base-n250-s0',
+    'fixmatch-base-n250-s0',
+    'softmatch-base-n250-s0',
+  ]  # seed by seed, each label count's cells together
+  assert by_labels[4]['overrides'] == {'algorithm': 'fixmatch', 'seed': 0, 'data.num_labels': 250}
   with pytest.raises(ValueError, match='unknown variants'):
     study.grid([0], variants=('cmx',))
 
@@ -234,7 +251,7 @@ def test_table_from_result_files_alone_pairs_by_seed_and_gives_verdicts(tmp_path
   mech = verdicts['fixmatch: stored APM flags wrong pseudo-labels better than confidence']
   np.testing.assert_allclose(mech['mean'], 0.01, rtol=1e-6)  # differences 0, .01, .02
   assert mech['verdict'] == 'no: APM carries no more information than confidence here'
-  assert '| fixmatch + CalibrateMix | 0 1 2 |' in markdown
+  assert '| fixmatch + CalibrateMix (2 passes) | 0 1 2 |' in markdown
   assert 'fixmatch: CalibrateMix − base | metrics.ece (points) | 3 | -3.00 [' in markdown
 
 
