@@ -72,8 +72,9 @@ def git_commit(repo: str = REPO) -> dict:
   return {'commit': commit, 'dirty': None if status is None else bool(status)}
 
 
-def describe() -> dict:
-  """The whole record: machine, devices, versions, commit and XLA flags."""
+def describe(devices_used: int | None = None) -> dict:
+  """The whole record: machine, devices (those visible, and those the run used), versions,
+  commit and XLA flags."""
   devices = jax.devices()
   return {
     'machine_id': machine_id(),
@@ -81,6 +82,7 @@ def describe() -> dict:
     'platform': devices[0].platform,
     'device_kind': devices[0].device_kind,
     'device_count': jax.device_count(),
+    'devices_used': devices_used,
     'process_count': jax.process_count(),
     'versions': versions(),
     **git_commit(),

@@ -57,7 +57,6 @@ def selected_report(config, result: dict, meta: dict, step: int) -> tuple[dict, 
     'final': dict(result['metrics'], step=step),
     'best': meta['best'],
     'num_train_steps': config.num_train_steps,
-    'provenance': provenance.describe(),
   }
   return report, reliability
 
@@ -65,6 +64,7 @@ def selected_report(config, result: dict, meta: dict, step: int) -> tuple[dict, 
 def write_final_report(run, state, result: dict, meta: dict, step: int) -> dict:
   """Writes eval.json (the selected checkpoint's metrics), pictures and the dynamics tables."""
   report, reliability = selected_report(run.config, result, meta, step)
+  report['provenance'] = provenance.describe(devices_used=run.topo.num_devices)
   plots = run.config.eval.plots
   dyn = host_dynamics(run, state) if plots else None  # a collective: every process joins
   if not run.is_lead:
