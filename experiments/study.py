@@ -1,22 +1,26 @@
-"""The dynamics study: can CalibrateMix's training-dynamics split be seen on a 2-core CPU?
+"""The controlled study: CalibrateMix against its base, its second pass and its ablations.
 
   python experiments/study.py                       # runs what is missing, then the table
   python experiments/study.py --dry_run             # lists the runs and their state
   python experiments/study.py --table_only          # re-aggregates the result files
-  python experiments/study.py --seeds=0,1,2,3 --out=DIR --config.data.name=npz:PATH
+  python experiments/study.py --config=configs/fmnist_maturity.py --seeds=0,1,2 \
+      --variants=base,control,cmix,cmix_fused --family=maturity --labels=40 \
+      --root=runs/fmnist_maturity --out=experiments/results/fmnist_controlled/maturity
 
-Grid (configs/fmnist_dynamics.py, every cell on every seed): supervised; FixMatch and
-SoftMatch, each as the base, + CalibrateMix (passes=2, the reference), + the split with a
-random partner from the opposite half (pair_k_frac=1), + random mixup without a split
-(random_pairing), + label smoothing 0.1 and + CalibrateMix fused (passes=1). Seeds draw
-different labeled sets. Runs go seed by seed, so a partial study has complete pairs.
+Grid (configs/fmnist_dynamics.py, every cell on every seed and label count): supervised;
+FixMatch and SoftMatch, each as the base, + the control (the reference's second pass without
+mixing), + CalibrateMix (passes=2, the reference), + CalibrateMix fused (passes=1), + the
+split with a random partner from the opposite half (pair_k_frac=1) and + label smoothing 0.1
+(random mixup, `randmix`, on request). Runs go seed by seed, so a partial study has complete
+pairs. The table tests the pre-registered family (`--family`) with paired t-tests and Holm's
+correction and prints every other comparison as exploratory.
 
-Each run trains in `--root/<name>` (--root and --out: local or gs://; a killed run resumes from its checkpoint when the
-study is started again), is analysed (experiments/study_analysis.py) and leaves
-`--out/runs/<name>.json`; a run with that file is finished and skipped. The table
-(`--out/table.md`, `--out/summary.json`) is made from those files alone. `--config.*`
-arguments go to every run unchanged (and are recorded; one results folder holds one
-setting).
+Each run trains in `--root/<name>` (--root and --out: local or gs://; a killed run resumes
+from its checkpoint when the study is started again), is analysed
+(experiments/study_analysis.py) and leaves `--out/runs/<name>.json`; a run with that file is
+finished and skipped. The table (`--out/table.md`, `--out/summary.json`) is made from those
+files alone. `--config.*` arguments go to every run unchanged (and are recorded; one results
+folder holds one setting).
 """
 
 import argparse
@@ -663,10 +667,10 @@ def main(argv=None) -> int:
   parser.add_argument('--seeds', default='0,1,2,3,4', help='comma-separated seeds (labeled draws)')
   parser.add_argument(
     '--out',
-    default=os.path.join(HERE, 'results', 'fmnist_dynamics'),
+    default=os.path.join(HERE, 'results', 'fmnist_controlled'),
     help='results folder: runs/*.json, table.md, summary.json',
   )
-  parser.add_argument('--root', default='runs/fmnist_dynamics', help='run workdirs')
+  parser.add_argument('--root', default='runs/fmnist_controlled', help='run workdirs')
   parser.add_argument('--config', default=CONFIG, help='the study config file')
   parser.add_argument(
     '--variants',
@@ -675,7 +679,7 @@ def main(argv=None) -> int:
   )
   parser.add_argument(
     '--labels',
-    default='',
+    default='40,250',
     help='comma-separated label counts (data.num_labels per run); empty = the config\'s',
   )
   parser.add_argument('--only', default='', help='only runs whose name contains this')

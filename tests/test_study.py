@@ -76,7 +76,14 @@ def test_dry_run_lists_runs_states_and_passes_config_overrides(tmp_path, capsys)
   (root / 'fixmatch-base-s0' / 'eval.json').write_text('{}')
   (root / 'fixmatch-cmix-s0' / 'checkpoints').mkdir(parents=True)
   study.main(
-    ['--dry_run', '--seeds=0', f'--out={out}', f'--root={root}', '--config.data.name=npz:/x.npz']
+    [
+      '--dry_run',
+      '--seeds=0',
+      '--labels=',
+      f'--out={out}',
+      f'--root={root}',
+      '--config.data.name=npz:/x.npz',
+    ]
   )
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 13
@@ -114,6 +121,7 @@ def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypa
   study.main(
     [
       '--seeds=0',
+      '--labels=',
       '--only=fixmatch-',
       '--variants=base,cmix',
       f'--out={out}',
@@ -132,6 +140,7 @@ def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypa
   study.main(
     [
       '--seeds=0',
+      '--labels=',
       '--only=fixmatch-',
       '--variants=base,cmix',
       f'--out={out}',
@@ -363,7 +372,14 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, ca
   monkeypatch.setattr(study, 'write_table', lambda out, family: ('', {'primary': []}))
   monkeypatch.setattr(study, 'write_pictures', lambda *a: [])
   study.main(
-    ['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}', f'--root={root}']
+    [
+      '--seeds=0',
+      '--labels=',
+      '--only=fixmatch-',
+      '--variants=base,cmix',
+      f'--out={out}',
+      f'--root={root}',
+    ]
   )
   assert 'FAILED: fixmatch-cmix-s0' in capsys.readouterr().out
   assert sorted(os.listdir(out / 'runs')) == ['fixmatch-base-s0.json']
@@ -385,6 +401,7 @@ def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
   study.main(
     [
       '--seeds=0',
+      '--labels=',
       '--only=fixmatch-base-',
       f'--config={config}',
       f'--out={out}',
@@ -409,7 +426,12 @@ def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
   )
   assert record['ece_bootstrap']['ece'] == pytest.approx(record['metrics']['ece'], abs=1e-6)
   prov = record['provenance']['train']
-  assert prov['devices_used'] == 1 and prov['device_count'] >= 1 and prov['versions']['jax'] and prov['cpu']['cores'] >= 1
+  assert (
+    prov['devices_used'] == 1
+    and prov['device_count'] >= 1
+    and prov['versions']['jax']
+    and prov['cpu']['cores'] >= 1
+  )
   # Pictures: the first seed's data maps, and one reliability figure pooled over seeds whose
   # panel is the same final EMA evaluation as the result file.
   pictures = out / 'pictures'
