@@ -7,7 +7,6 @@ import pytest
 
 from cmix_jax import algorithms
 from cmix_jax import base_step
-from cmix_jax import calibratemix
 from cmix_jax import steps
 from cmix_jax.parallel import AXIS
 from tests import tiny
