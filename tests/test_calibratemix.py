@@ -52,8 +52,12 @@ def _losses(state, batch, config, model, algorithm, info):
     key = jax.random.key(3)
     views = steps.make_views(key, batch, config, info, True)
     loss, _ = steps.train_loss(state.params, state, batch, views, key, info=info, mix=True, **kw)
-    first = base_step.base_pass(state.params, state.batch_stats, state.algo_state, batch, views, **kw)
-    plain = base_step.base_pass(state.params, first.batch_stats, first.algo_state, batch, views, **kw)
+    first = base_step.base_pass(
+      state.params, state.batch_stats, state.algo_state, batch, views, **kw
+    )
+    plain = base_step.base_pass(
+      state.params, first.batch_stats, first.algo_state, batch, views, **kw
+    )
     return loss, first.loss, plain.loss, plain.algo_state
 
   return _on_one_device(per_device, state, batch)
@@ -86,16 +90,16 @@ def test_control_arm_updates_softmatch_state_twice_like_the_two_pass_step():
     _, (_, algo_state, _, metrics) = steps.train_loss(
       state.params, state, batch, views, key, info=info, mix=True, **kw
     )
-    once = base_step.base_pass(state.params, state.batch_stats, state.algo_state, batch, views, **kw)
+    once = base_step.base_pass(
+      state.params, state.batch_stats, state.algo_state, batch, views, **kw
+    )
     return algo_state, once.algo_state, metrics
 
   after, once, metrics = _on_one_device(per_device, state, batch)
   _, _, _, twice = _losses(state, batch, config, model, algo, info)
   for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(twice)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
-  assert any(
-    not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(once))
-  )
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(once)))
   assert any(k.startswith('pass2_') for k in metrics)  # the second pass's own metrics
   assert not any(k.startswith('mix_') for k in metrics)  # nothing was mixed
 
