@@ -24,6 +24,7 @@ from cmix_jax import checkpointing
 from cmix_jax import config_validation
 from cmix_jax import dynamics
 from cmix_jax import evaluation
+from cmix_jax import lease
 from cmix_jax import parallel
 from cmix_jax import steps
 from cmix_jax import storage
@@ -78,7 +79,7 @@ class Run:
   sharded_field: str | None  # state field kept sharded per device ('dynamics') or None
   # The workdir lease (process 0 of a writing run; a no-op elsewhere): refresh() at each log
   # interval, release() when the run ends.
-  lease: Any = dataclasses.field(default_factory=checkpointing.NoLease)
+  lease: Any = dataclasses.field(default_factory=lease.NoLease)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -215,9 +216,10 @@ def build_run(config, workdir: str, allow_config_change: bool = False, write: bo
   config_validation.validate(config, topo.num_devices, *_static_data_facts(config))
   algorithm = _algorithm(config)
   storage.check_readable(config.data.data_dir)
+  timeout_s = config.lease_timeout_s if write else None
   if write:
     storage.check_writable(workdir)
-    checkpointing.check_lease(workdir, config.get('lease_timeout_s', 600.0))  # early refusal
+    lease.check(workdir, timeout_s)  # early refusal
   keep_tensorflow_off_accelerators()
   raw = open_data(config)
   config_validation.validate(config, topo.num_devices, raw.spec.num_classes, len(raw.train_labels))
@@ -228,35 +230,17 @@ def build_run(config, workdir: str, allow_config_change: bool = False, write: bo
   model = steps.create_model(config, info.num_classes, topo.num_devices)
   tx = steps.create_optimizer(config.optim, config.num_train_steps)
   is_lead = jax.process_index() == 0
-  lease = take_lease(config, workdir) if write else checkpointing.NoLease()
+  held = lease.take(workdir, timeout_s) if write else lease.NoLease()
   try:
     if is_lead and write:
       _write_run_files(config, workdir, data)
-    return _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write, lease)
+    return _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write, held)
   except BaseException:
-    lease.release()
+    held.release()
     raise
 
 
-def take_lease(config, workdir: str):
-  """The workdir lease on process 0 (a no-op elsewhere); every process fails if it is held."""
-  error = None
-  lease = checkpointing.NoLease()
-  try:
-    lease = checkpointing.acquire_lease(workdir, config.get('lease_timeout_s', 600.0))
-  except checkpointing.LeaseHeldError as e:
-    error = e
-  if parallel.sum_over_processes(np.array([error is not None], np.int32))[0]:
-    raise error or checkpointing.LeaseHeldError(
-      f'process 0 could not take the workdir lease of {workdir}; see its error.'
-    )
-  lease.keep_alive(config.get('lease_timeout_s', 600.0) / 4)  # four beats per timeout
-  return lease
-
-
-def _assemble(
-  config, workdir, topo, data, info, model, tx, algorithm, is_lead, write, lease
-) -> Run:
+def _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write, held) -> Run:
   """The Run of checked parts: evaluator, checkpoint managers, metric writer."""
   tensorboard = write and is_lead and config.get('tensorboard', True)
   return Run(
@@ -281,7 +265,7 @@ def _assemble(
     writer=_metric_writer(workdir, tensorboard),
     is_lead=is_lead,
     sharded_field='dynamics' if base_step.tables_sharded(config) else None,
-    lease=lease,
+    lease=held,
   )
 
 

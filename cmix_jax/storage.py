@@ -17,8 +17,10 @@ writes it back with the new line (one small object per run; each write replaces 
 a reader never sees half a line). Local writes go to a temp file renamed into place.
 """
 
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -274,3 +276,42 @@ def check_readable(data_dir: Any, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> epa
   except Exception as e:  # pylint: disable=broad-except
     raise _bucket_error(path, 'read', e) from None
   return path
+
+
+# ----------------------------------------------------------------------------
+# Failure causes: the operating system's words behind a failed write, for error messages.
+
+
+def os_error_of(error: BaseException) -> int | None:
+  """The errno behind `error` or anything in its cause/context chain, if one is known.
+
+  Orbax/tensorstore wrap OS errors in ValueErrors whose text ends in os_error_code='N';
+  TensorFlow's file writers only keep the operating system's words in their message.
+  """
+  seen, visited = error, set()
+  while seen is not None and id(seen) not in visited:
+    visited.add(id(seen))
+    if isinstance(seen, OSError) and seen.errno:
+      return seen.errno
+    text = str(seen)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+      return int(code.group(1))
+    for number in _WORDED_ERRNOS:
+      if os.strerror(number) in text:
+        return number
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+_WORDED_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
+
+
+def failure_cause(error: BaseException) -> str:
+  """The operating system's words for a failed write (e.g. 'No space left on device'), else
+  the first line of the error."""
+  number = os_error_of(error)
+  if number is not None:
+    return os.strerror(number)
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return first_line[:300]

@@ -16,9 +16,11 @@ import tqdm
 
 from cmix_jax import checkpointing
 from cmix_jax import console
+from cmix_jax import lease
 from cmix_jax import parallel
 from cmix_jax import reports
 from cmix_jax import run_setup
+from cmix_jax import storage
 
 
 class NonFiniteError(FloatingPointError):
@@ -123,23 +125,9 @@ def save_checkpoint(run: run_setup.Run, state, step: int, meta: dict, wait: bool
   )
 
 
-def heartbeat(run: run_setup.Run) -> None:
-  """Refreshes the workdir lease (held by process 0); if it was lost, every process stops
-  here with LeaseLostError, so no process waits for a peer that has left."""
-  lost = None
-  try:
-    run.lease.refresh()
-  except checkpointing.LeaseLostError as e:
-    lost = e
-  if parallel.any_process(lost is not None):
-    raise lost or checkpointing.LeaseLostError(
-      f'process 0 lost the workdir lease of {run.workdir}; see its error.'
-    )
-
-
 def log_train(run: run_setup.Run, step: int, summary: dict) -> None:
   """Train metrics to the writer and metrics.jsonl; the workdir lease's heartbeat."""
-  heartbeat(run)  # LeaseLostError on every process if another run took the workdir over
+  lease.heartbeat(run.lease, run.workdir)  # LeaseLostError on every process if taken over
   run.writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
   if run.is_lead:
     reports.append_jsonl(run.workdir, {'kind': 'train', 'step': step, **summary})
@@ -253,9 +241,7 @@ def finish_writes(run: run_setup.Run, failed: bool) -> None:
     except Exception as e:  # pylint: disable=broad-except
       if not failed:
         raise
-      logging.warning(
-        'After the failure, a pending write failed too: %s', checkpointing.failure_cause(e)
-      )
+      logging.warning('After the failure, a pending write failed too: %s', storage.failure_cause(e))
 
 
 def train_and_evaluate(

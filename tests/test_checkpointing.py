@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cmix_jax import checkpointing
+from cmix_jax import storage
 from cmix_jax import train
 from tests import test_train
 
@@ -87,15 +88,15 @@ def test_failure_cause_reads_the_os_error_through_orbax_wrappers():
     'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to '
     "write 39556 bytes to file 8: No space left on device [os_error_code='28']"
   )
-  assert checkpointing.failure_cause(wrapped) == os.strerror(errno.ENOSPC)
+  assert storage.failure_cause(wrapped) == os.strerror(errno.ENOSPC)
   try:
     try:
       raise PermissionError(errno.EACCES, 'denied', '/x')
     except OSError as e:
       raise RuntimeError('commit failed') from e
   except RuntimeError as e:
-    assert checkpointing.failure_cause(e) == os.strerror(errno.EACCES)
-  assert checkpointing.failure_cause(ValueError('PERMISSION_DENIED: bucket b\nmore')) == (
+    assert storage.failure_cause(e) == os.strerror(errno.EACCES)
+  assert storage.failure_cause(ValueError('PERMISSION_DENIED: bucket b\nmore')) == (
     'PERMISSION_DENIED: bucket b'
   )
 
