@@ -13,6 +13,7 @@ import pytest
 from cmix_jax import lease as lease_lib
 from cmix_jax import storage
 from tests import gcs as gcs_lib
+from tests import helpers
 
 
 @pytest.fixture(params=['local', 'gs'])
@@ -87,7 +88,7 @@ def test_released_lease_is_gone_and_can_be_taken_again(workdir):
 
 
 def test_stale_leases_are_taken_over_with_a_warning(workdir, caplog):
-  host, boot = socket.gethostname(), lease_lib._boot_id()  # pylint: disable=protected-access
+  host, boot = socket.gethostname(), lease_lib._boot_id()
   stale = [
     dict(host=host, pid=_dead_pid(), boot_id=boot),
     dict(host=host, pid=os.getppid(), boot_id='an-earlier-boot'),
@@ -173,7 +174,6 @@ def test_a_dropped_lease_with_keep_alive_is_still_taken_over(tmp_path):
 
 def test_racing_runs_get_exactly_one_lease(workdir, monkeypatch):
   _plant(workdir, heartbeat=time.time() - 1000)  # a stale lease all of them want to take over
-  # pylint: disable-next=protected-access
   for store in (lease_lib._LocalLeaseFile, lease_lib._GcsLeaseObject):
     read = store.read
 
@@ -218,11 +218,11 @@ def test_nonpositive_timeout_is_refused(tmp_path):
 
 
 def test_run_assembly_refuses_a_busy_workdir_before_writing(tmp_path):
-  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
-  from tests import tiny  # pylint: disable=g-import-not-at-top
+  from cmix_jax import run_setup
+  from tests import tiny
 
   workdir = str(tmp_path / 'run')
-  boot = lease_lib._boot_id()  # pylint: disable=protected-access
+  boot = lease_lib._boot_id()
   _plant(workdir, host=socket.gethostname(), pid=os.getppid(), boot_id=boot)  # a live process
   with pytest.raises(lease_lib.LeaseHeldError, match=f'pid {os.getppid()}'):
     run_setup.build_run(tiny.config(), workdir)
@@ -232,10 +232,8 @@ def test_run_assembly_refuses_a_busy_workdir_before_writing(tmp_path):
 def test_a_lease_lost_on_process_zero_stops_both_processes_of_a_two_host_run(tmp_path):
   """Two processes over loopback: another run takes the lease at the step-4 heartbeat; both
   processes stop there (none waits for a peer that left), the step-2 checkpoint is kept."""
-  from tests import test_train  # pylint: disable=g-import-not-at-top  (its multi-host launcher)
-
   workdir = str(tmp_path / 'run')
-  results = test_train._two_processes(workdir, '--take_lease_at_step=4', timeout=240)  # pylint: disable=protected-access
+  results = helpers.two_processes(workdir, '--take_lease_at_step=4', timeout=240)
   for (p, out, err), expected in zip(
     results, ('taken over by host other-host', 'process 0 lost the workdir lease')
   ):
