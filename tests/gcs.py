@@ -12,9 +12,9 @@ Credentials: none; every client above goes anonymous when pointed at an emulator
 """
 
 import atexit
-import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,20 +38,12 @@ def binary() -> str:
   return str(_server._get_binary_path())
 
 
-def _dies_with_parent():
-  """preexec_fn: the kernel sends the child SIGTERM when the thread that started it (a test
-  process's main thread) ends, however it ends: os._exit and SIGKILL skip atexit and pytest."""
-  if not sys.platform.startswith('linux'):
-    return None
-  prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
-  parent = os.getpid()
-
-  def arm():
-    prctl(1, signal.SIGTERM)  # PR_SET_DEATHSIG
-    if os.getppid() != parent:  # the parent died before the signal was armed
-      os._exit(1)
-
-  return arm
+def _dies_with_parent() -> list[str]:
+  """Command prefix under which the kernel sends the server SIGTERM once the thread that
+  started it (a test process's main thread) ends, however it ends: os._exit and SIGKILL skip
+  atexit and pytest. util-linux's setpriv (Linux); without it, only stop() ends the server."""
+  setpriv = shutil.which('setpriv')
+  return [setpriv, '--pdeathsig', 'TERM', '--'] if setpriv else []
 
 
 def free_port() -> int:
@@ -86,7 +78,8 @@ class Emulator:
     # stalls the server once its request log fills the pipe.
     with open(self.log_path, 'wb') as log:
       self.process = subprocess.Popen(
-        [
+        _dies_with_parent()
+        + [
           binary(),
           '-scheme',
           'http',
@@ -103,7 +96,6 @@ class Emulator:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=_dies_with_parent(),
       )
     deadline = time.monotonic() + 20
     while True:
