@@ -102,7 +102,7 @@ def guarded(
     fail(str(e), BAD_INPUT_STATUS)
   except stopped as e:
     fail(str(e), STOPPED_STATUS)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     storage_errno = _storage_errno(e)
     if storage_errno is None:
       raise

@@ -32,8 +32,8 @@ os.environ.setdefault('EPATH_USE_TF', 'false')  # gcsfs for gs:// (see the modul
 # without that permission, asks again on every call; the plain class serves regular buckets.
 os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
-from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
-import fsspec  # pylint: disable=g-import-not-at-top,wrong-import-position
+from etils import epath
+import fsspec
 
 # gcsfs would otherwise keep every folder listing forever, so a long-lived process would not
 # see objects another process (a resumed run, another host) wrote after its first listing.
@@ -154,7 +154,7 @@ def copy_file(local_file: str, path: Any) -> epath.Path:
 
 def save_npz(path: Any, **arrays) -> epath.Path:
   """np.savez to a local temp file (zip wants to seek), then renamed or uploaded into place."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
 
   path = as_path(path)
   local_dir = None
@@ -179,21 +179,21 @@ def save_npz(path: Any, **arrays) -> epath.Path:
 
 
 def _gcs_client():
-  from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+  from google.cloud import storage as gcs
 
   return gcs.Client()
 
 
 def _retry(timeout_s: float):
-  from google.cloud.storage import retry as gcs_retry  # pylint: disable=g-import-not-at-top
+  from google.cloud.storage import retry as gcs_retry
 
   return gcs_retry.DEFAULT_RETRY.with_timeout(timeout_s)
 
 
 def _bucket_error(path: Any, what: str, error: Exception) -> StorageError:
   """One message per failure kind, naming the bucket and the fix."""
-  from google.api_core import exceptions as api  # pylint: disable=g-import-not-at-top
-  from google.auth import exceptions as auth  # pylint: disable=g-import-not-at-top
+  from google.api_core import exceptions as api
+  from google.auth import exceptions as auth
 
   bucket = bucket_of(path)
   if isinstance(error, auth.DefaultCredentialsError):
@@ -251,7 +251,7 @@ def check_writable(workdir: Any, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> epat
     )
     blob.upload_from_string(b'probe', retry=_retry(timeout_s), timeout=timeout_s)
     blob.delete(retry=_retry(timeout_s), timeout=timeout_s)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _bucket_error(path, 'write to', e) from None
   return path
 
@@ -273,7 +273,7 @@ def check_readable(data_dir: Any, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> epa
       timeout=timeout_s,
     )
     list(blobs)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _bucket_error(path, 'read', e) from None
   return path
 
