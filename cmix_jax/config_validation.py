@@ -77,12 +77,13 @@ def _run_errors(config) -> list[str]:
   errors += _integers(
     config, 1, 'num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'max_to_keep'
   )
-  errors += checks.out_of_range(
-    'lease_timeout_s',
-    config.get('lease_timeout_s', 600.0),
-    '(0, inf)',
-    'seconds without heartbeat before a workdir lease is taken over; default 600',
-  )
+  if 'lease_timeout_s' in config:  # absent from the config.json of workdirs older than the lease
+    errors += checks.out_of_range(
+      'lease_timeout_s',
+      config.lease_timeout_s,
+      '(0, inf)',
+      'seconds without heartbeat before a workdir lease is taken over',
+    )
   return errors
 
 

@@ -26,7 +26,7 @@ def get_config():
   config.parallel_backend = 'pmap'  # pmap | shard_map (same per-device step code)
   config.max_nonfinite_steps = 0  # skip up to this many NaN/Inf steps, then stop
   config.lease_timeout_s = 600.0  # a workdir lease without heartbeat this long is taken over
-  config.tensorboard = True  # TensorBoard event files in the workdir (gs:// via TF's client)
+  config.tensorboard = True  # TensorBoard event files in the workdir (gs://: uploaded whole)
   config.dynamics_sharded = False  # True: each device owns 1/D of the dynamics tables
 
   # XLA flags added to XLA_FLAGS before the backend starts (ones XLA_FLAGS already names win).

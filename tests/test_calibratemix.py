@@ -1,5 +1,9 @@
-"""CalibrateMix's two-pass step and its control arm (second_pass_only), on a tiny model."""
+"""CalibrateMix's two-pass step and its control arm (second_pass_only), on a tiny model; both
+CalibrateMix losses on a linear model against hand-computed numbers."""
 
+import types
+
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +11,8 @@ import pytest
 
 from cmix_jax import algorithms
 from cmix_jax import base_step
+from cmix_jax import calibratemix
+from cmix_jax import dynamics
 from cmix_jax import steps
 from cmix_jax.parallel import AXIS
 from tests import tiny
@@ -112,3 +118,133 @@ def test_control_arm_needs_two_passes():
   config.calibratemix.passes = 1
   errors = config_validation.config_errors(config, 1, 4, 256)
   assert len(errors) == 1 and 'passes=2' in errors[0]
+
+
+# ----------------------------------------------------------------------------
+# Both CalibrateMix losses on a linear model with known weights, against numbers by hand.
+#
+# Two classes, 1x1x2 "images" (two pixels), a linear model z = x @ W with W = diag(2, 1).
+#   labeled   x_lb0 = (1, 0), y = 0      x_lb1 = (0, 1), y = 1
+#   unlabeled weak u0 = (0, 2): z = (0, 2), pseudo-label 1, p = sigmoid(2) < 0.95: masked
+#                  u1 = (2, 0): z = (4, 0), pseudo-label 0, p = sigmoid(4) > 0.95: kept
+#             strong s0 = (1, 1): z = (2, 1)          s1 = (0, 0): z = (0, 0)
+# Tables: labeled AUM (-1, +1) -> lb0 hard, lb1 easy; unlabeled APM at the pseudo-label
+# (5, -5) -> u1 hard, u0 easy. Set 1 = labeled-easy x unlabeled-hard = (lb1, u1), set 2 =
+# (lb0, u0): each half has one sample, so the pairing has one choice.
+
+_W = np.array([[2.0, 0.0], [0.0, 1.0]], np.float32)
+_LB = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)  # [B=2, pixels]
+_ULB_W = np.array([[0.0, 2.0], [2.0, 0.0]], np.float32)  # [U=2, pixels]
+_ULB_S = np.array([[1.0, 1.0], [0.0, 0.0]], np.float32)
+
+
+class _Linear(flax.linen.Module):
+  """logits = flat(x) @ kernel + bias; the features are the flat pixels."""
+
+  @flax.linen.compact
+  def __call__(self, x, train: bool = False):
+    flat = x.reshape(x.shape[0], -1)  # [N, 2]
+    return flax.linen.Dense(2)(flat), flat
+
+
+def _softplus(z):
+  return np.log1p(np.exp(z))
+
+
+def _ce(z, label):
+  """Softmax cross-entropy of one row of logits."""
+  return np.log(np.exp(z).sum()) - z[label]
+
+
+def _row_bce(z, onehot):
+  """Sigmoid BCE of one row, a mean over its classes: softplus(z) - t * z."""
+  return np.mean(_softplus(z) - onehot * z)
+
+
+def _hand_parts():
+  config = tiny.config(calibratemix=True)
+  config.ssl.p_cutoff = 0.95
+  model = _Linear()
+  params = {'Dense_0': {'kernel': jnp.asarray(_W), 'bias': jnp.zeros(2)}}
+  algorithm = algorithms.get_algorithm(config)  # FixMatch, no state
+  image = lambda rows: jnp.asarray(rows).reshape(-1, 1, 1, 2)  # [n, H=1, W=1, C=2]
+  views = {'lb': image(_LB), 'ulb_w': image(_ULB_W), 'ulb_s': image(_ULB_S)}
+  batch = {
+    'y_lb': np.array([0, 1], np.int32),
+    'idx_lb': np.array([0, 1], np.int32),
+    'idx_ulb': np.array([0, 1], np.int32),
+  }
+  dyn = dynamics.DynamicsState.init(2, 2, 2).replace(
+    aum_sum=jnp.array([-1.0, 1.0]), aum_count=jnp.array([1, 1], jnp.int32)
+  )
+  return config, model, params, algorithm, views, batch, dyn
+
+
+def _hand_losses(lam1, lam2):
+  """(supervised + unsupervised loss, mixup loss of set 1, of set 2), by hand."""
+  sup = np.mean([_ce(_LB[0] @ _W, 0), _ce(_LB[1] @ _W, 1)])
+  unsup = np.mean([0.0 * _ce(_ULB_S[0] @ _W, 1), 1.0 * _ce(_ULB_S[1] @ _W, 0)])
+  # Set 1: lb1 (y = 1) mixed with u1 (pseudo 0); set 2: lb0 (y = 0) with u0 (pseudo 1).
+  z1 = (lam1 * _LB[1] + (1 - lam1) * _ULB_W[1]) @ _W  # = (4 (1 - lam1), lam1)
+  z2 = (lam2 * _LB[0] + (1 - lam2) * _ULB_W[0]) @ _W  # = (2 lam2, 2 (1 - lam2))
+  one_hot = np.eye(2)
+  mix1 = lam1 * _row_bce(z1, one_hot[1]) + (1 - lam1) * _row_bce(z1, one_hot[0])
+  mix2 = lam2 * _row_bce(z2, one_hot[0]) + (1 - lam2) * _row_bce(z2, one_hot[1])
+  return sup + unsup, mix1, mix2
+
+
+def test_two_pass_loss_on_a_linear_model_equals_the_hand_computed_loss():
+  config, model, params, algorithm, views, batch, dyn = _hand_parts()
+  # After this step's update: APM at this step's pseudo-labels (1, 0) is (5, -5).
+  dyn = dyn.replace(apm=jnp.array([[-9.0, 5.0], [-5.0, -9.0]]))
+  kw = dict(model=model, algorithm=algorithm, config=config)
+
+  def per_device(params, views, batch, dyn):
+    first = base_step.base_pass(params, {}, {}, batch, views, **kw)
+    loss, second, metrics = calibratemix.two_pass_loss(
+      params, first, dyn, batch, views, jax.random.key(5), num_classes=2, **kw
+    )
+    return first.pseudo.label, first.loss, loss, second.loss, metrics
+
+  pseudo, first_loss, loss, second_loss, metrics = _on_one_device(
+    per_device, params, views, batch, dyn
+  )
+  np.testing.assert_array_equal(pseudo, [1, 0])
+  ssl, mix1, mix2 = _hand_losses(float(metrics['mix_lam1']), float(metrics['mix_lam2']))
+  np.testing.assert_allclose(first_loss, ssl, rtol=1e-6)
+  np.testing.assert_allclose(second_loss, ssl, rtol=1e-6)  # same weights, same views
+  np.testing.assert_allclose(metrics['mixup_loss_1'], mix1, rtol=1e-6)
+  np.testing.assert_allclose(metrics['mixup_loss_2'], mix2, rtol=1e-6)
+  np.testing.assert_allclose(loss, ssl + mix1 + mix2, rtol=1e-6)  # second pass + mixup
+
+
+def test_fused_loss_on_a_linear_model_equals_the_hand_computed_loss():
+  config, model, params, algorithm, views, batch, dyn = _hand_parts()
+  config.calibratemix.passes = 1
+  # Before this step's update: APM at each sample's stored label (0, 1) is (5, -5); at this
+  # step's pseudo-labels (1, 0) it would be a tie, which splits the other way round.
+  dyn = dyn.replace(
+    apm=jnp.array([[5.0, -9.0], [-9.0, -5.0]]),
+    apm_label=jnp.array([0, 1], jnp.int32),
+    apm_count=jnp.array([1, 1], jnp.int32),
+  )
+  state = types.SimpleNamespace(dynamics=dyn, batch_stats={}, algo_state={})
+  kw = dict(model=model, algorithm=algorithm, config=config)
+
+  def per_device(params, views, batch, state):
+    state = types.SimpleNamespace(**state)
+    loss, out, metrics = calibratemix.fused_loss(
+      params, state, batch, views, jax.random.key(5), num_classes=2, **kw
+    )
+    return out.pseudo.label, out.loss, loss, metrics
+
+  pseudo, base_loss, mix_loss, metrics = _on_one_device(
+    per_device, params, views, batch, vars(state)
+  )
+  np.testing.assert_array_equal(pseudo, [1, 0])
+  ssl, mix1, mix2 = _hand_losses(float(metrics['mix_lam1']), float(metrics['mix_lam2']))
+  np.testing.assert_allclose(base_loss, ssl, rtol=1e-6)  # the one pass's SSL loss
+  # Targets: this step's pseudo-labels (1, 0), not the stored ones (0, 1).
+  np.testing.assert_allclose(metrics['mixup_loss_1'], mix1, rtol=1e-6)
+  np.testing.assert_allclose(metrics['mixup_loss_2'], mix2, rtol=1e-6)
+  np.testing.assert_allclose(mix_loss, mix1 + mix2, rtol=1e-6)
