@@ -39,8 +39,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+import compare
+from cmix_jax import storage
 
 CONFIG = 'configs/fmnist_dynamics.py'
 BASES = ('fixmatch', 'softmatch')
@@ -153,7 +153,7 @@ def train(run: dict, workdir: str, config: str, user: dict) -> float:
 
 
 def analyse(workdir: str) -> dict:
-  import study_analysis  # pylint: disable=g-import-not-at-top
+  import study_analysis
 
   return study_analysis.analyze(workdir)
 
@@ -248,7 +248,7 @@ def _difference(ra: dict, rb: dict, metric: str) -> float:
 def paired(cell_map: dict, a: tuple, b: tuple, metric: str) -> dict:
   """Paired (a - b) over the seeds both cells have: 95 % t-interval, two-sided t-test p, and
   how many pairs trained on two different (or unrecorded) machines."""
-  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from scipy import stats
 
   ra, rb = cell_map.get(a, {}), cell_map.get(b, {})
   seeds = sorted(set(ra) & set(rb))
@@ -400,7 +400,7 @@ def exploratory(cell_map: dict) -> list[dict]:
 
 
 def _pm(values, scale=1.0, digits=2) -> str:
-  mean, std = compare._mean_std(values)  # pylint: disable=protected-access
+  mean, std = compare._mean_std(values)
   if not math.isfinite(mean):
     return ''
   text = f'{scale * mean:.{digits}f}'
@@ -505,7 +505,7 @@ def table(results, family: str = 'main') -> tuple[str, dict]:
     )
     summary['cells']['/'.join(map(str, cell))] = {
       'seeds': [r['seed'] for r in runs],
-      **{m: compare._mean_std(values[h]) for h, m, *_ in CELL_COLUMNS},  # pylint: disable=protected-access
+      **{m: compare._mean_std(values[h]) for h, m, *_ in CELL_COLUMNS},
     }
     summary['runs'] += [run_summary(r) for r in runs]
   lines += [
@@ -565,7 +565,7 @@ PICTURES = ('data_map_labeled.png', 'data_map_unlabeled.png')  # copied per run 
 
 def _pooled_reliability(runs: list[dict], root: str) -> dict:
   """cell label -> final reliability table pooled over the seeds whose workdirs are here."""
-  from cmix_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+  from cmix_jax import plots  # matplotlib is slow to import
 
   tables = {}
   for run in runs:
@@ -602,7 +602,7 @@ def write_pictures(runs: list[dict], root: str, out: str, seed: int, summary: di
   """`out/pictures/`: the forest plot of the pre-registered comparisons, one reliability
   diagram per arm (pooled over seeds, a figure per label count) and the data maps of the
   runs of `seed`, from the workdirs under `root` that are here; returns the files written."""
-  from cmix_jax import plots  # pylint: disable=g-import-not-at-top
+  from cmix_jax import plots
 
   folder = storage.as_path(out) / 'pictures'
   written = []
@@ -718,7 +718,7 @@ def main(argv=None) -> int:
       print(f'[{i + 1}/{len(runs)}] {run["name"]}', flush=True)
       try:
         record = complete(run, args.out, args.root, args.config, user)
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         # A failed run is reported with its traceback; the others go on (rerun to retry).
         print(f'FAILED: {run["name"]}\n{traceback.format_exc()}', flush=True)
         continue

@@ -128,10 +128,10 @@ def mechanism(
 
 def analyze(workdir: str) -> dict:
   """Final-EMA test metrics, temperature-scaled metrics, APM counts and the mechanism check."""
-  from cmix_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from cmix_jax import provenance  # pylint: disable=g-import-not-at-top
-  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
-  from cmix_jax import storage  # pylint: disable=g-import-not-at-top
+  from cmix_jax import evaluate
+  from cmix_jax import provenance
+  from cmix_jax import run_setup
+  from cmix_jax import storage
 
   run = run_setup.build_run(evaluate.load_config(workdir), workdir, write=False)
   step, state = evaluate.restore(run, 'latest', None)

@@ -322,7 +322,7 @@ def test_auroc_hand_values_ties_and_sklearn():
   assert analysis.auroc([1.0, 1.0], [1, 0]) == 0.5  # a tie counts half
   assert analysis.auroc([3, 2, 1], [1, 1, 0]) == 1.0
   assert math.isnan(analysis.auroc([1, 2], [1, 1]))
-  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  from sklearn import metrics
 
   rng = np.random.default_rng(0)
   scores, labels = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.3
@@ -347,7 +347,7 @@ def test_mechanism_scores_wrong_pseudo_labels_by_hand():
   # -APM at the pseudo-label: [-2, 0.5, -1.5, 1]: both wrong samples rank above both right.
   assert out['auroc_apm'] == 1.0
   assert out['auroc_running_confidence'] == 1.0  # -[0.9, 0.4, 0.8, 0.6]
-  conf = analysis._softmax(logits[:4]).max(1)  # pylint: disable=protected-access
+  conf = analysis._softmax(logits[:4]).max(1)
   expected = analysis.auroc(-conf, pseudo_wrong)
   assert out['auroc_confidence'] == expected
   assert analysis.mechanism(apm, np.zeros(5), running, logits, hidden)['n'] == 0
