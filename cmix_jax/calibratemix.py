@@ -13,6 +13,9 @@ Two variants (`config.calibratemix.passes`), both per-device code on axis `paral
   its previous visit (it misses this step's APM term and a pseudo-label that changed since).
   APM starts one unlabeled epoch before mixing (`base_step.apm_start_after`), so no sample
   is split on an empty row.
+`config.calibratemix.second_pass_only` = True is the control arm of passes=2: the same second
+pass (its SSL loss, BN and algorithm-state updates, rows [x_lb, x_ulb_w, x_ulb_s]) without
+the mixed rows and without the mixup loss, so "CalibrateMix - control" isolates the mixup.
 `config.calibratemix.pair_scope` = 'global' splits and pairs the global batch (each device
 mixes its share of the global sets; the same on any device count), 'device' each device's own.
 """
@@ -106,8 +109,13 @@ def two_pass_loss(
   """passes=2: mix from the tables `first` updated, then a second pass -> (loss, pass, metrics).
 
   `dyn` holds the tables after this step's update; the returned loss is the second pass's
-  SSL loss plus the mixup loss (the caller adds the first pass's loss).
+  SSL loss plus the mixup loss (the caller adds the first pass's loss). With
+  `second_pass_only` (the control arm) nothing is mixed: the second pass's SSL loss alone.
   """
+  kw = dict(model=model, algorithm=algorithm, config=config)
+  if config.calibratemix.get('second_pass_only', False):
+    second = base_step.base_pass(params, first.batch_stats, first.algo_state, batch, views, **kw)
+    return second.loss, second, {f'pass2_{k}': v for k, v in second.metrics.items()}
   pseudo_label = first.pseudo.label
   difficulty = difficulties(dyn, batch, pseudo_label, config)
   pair_feats = None
@@ -115,15 +123,7 @@ def two_pass_loss(
     pair_feats = jax.lax.stop_gradient((first.feats_lb, first.feats_w))
   mixed = mixed_sets(key, views, batch, pseudo_label, difficulty, config, num_classes, pair_feats)
   second = base_step.base_pass(
-    params,
-    first.batch_stats,
-    first.algo_state,
-    batch,
-    views,
-    model=model,
-    algorithm=algorithm,
-    config=config,
-    extra=mixed.x,
+    params, first.batch_stats, first.algo_state, batch, views, extra=mixed.x, **kw
   )
   mix_loss, loss_metrics = mixup.mixup_loss(second.logits_extra, mixed)
   metrics = {

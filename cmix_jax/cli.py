@@ -38,26 +38,27 @@ def fail(message: str, status: int) -> NoReturn:
 
 def _bad_input_errors() -> tuple[type, ...]:
   # Imported late: importing cmix_jax pulls in JAX, which must come after the flags are read.
-  from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from cmix_jax import config_validation  # pylint: disable=g-import-not-at-top
-  from cmix_jax import storage  # pylint: disable=g-import-not-at-top
-  from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from cmix_jax import config_validation
+  from cmix_jax import lease
+  from cmix_jax import storage
+  from cmix_jax.data import datasets
 
   return (
     config_validation.ConfigError,
     datasets.DataNotFoundError,
     storage.StorageError,
-    checkpointing.LeaseHeldError,
+    lease.LeaseHeldError,
   )
 
 
 def _stopped_errors() -> tuple[type, ...]:
-  from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cmix_jax import checkpointing
+  from cmix_jax import lease
 
   return (
     checkpointing.CheckpointSaveError,
     checkpointing.CheckpointError,
-    checkpointing.LeaseLostError,
+    lease.LeaseLostError,
   )
 
 
@@ -101,7 +102,7 @@ def guarded(
     fail(str(e), BAD_INPUT_STATUS)
   except stopped as e:
     fail(str(e), STOPPED_STATUS)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     storage_errno = _storage_errno(e)
     if storage_errno is None:
       raise
@@ -115,9 +116,9 @@ def guarded(
 
 
 def _storage_errno(error: BaseException) -> int | None:
-  from cmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cmix_jax import storage
 
-  number = checkpointing.os_error_of(error)
+  number = storage.os_error_of(error)
   return number if number in _STORAGE_ERRNOS else None
 
 

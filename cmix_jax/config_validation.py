@@ -77,12 +77,13 @@ def _run_errors(config) -> list[str]:
   errors += _integers(
     config, 1, 'num_train_steps', 'log_every', 'eval_every', 'checkpoint_every', 'max_to_keep'
   )
-  errors += checks.out_of_range(
-    'lease_timeout_s',
-    config.get('lease_timeout_s', 600.0),
-    '(0, inf)',
-    'seconds without heartbeat before a workdir lease is taken over; default 600',
-  )
+  if 'lease_timeout_s' in config:  # absent from the config.json of workdirs older than the lease
+    errors += checks.out_of_range(
+      'lease_timeout_s',
+      config.lease_timeout_s,
+      '(0, inf)',
+      'seconds without heartbeat before a workdir lease is taken over',
+    )
   return errors
 
 
@@ -229,6 +230,11 @@ def _calibratemix_errors(config, num_devices: int) -> list[str]:
     errors.append(
       'calibratemix.pair_space=features needs passes=2 (features come from '
       'the first pass): set --config.calibratemix.passes=2.'
+    )
+  if cm.second_pass_only and cm.passes != 2:
+    errors.append(
+      'calibratemix.second_pass_only is the control arm of the two-pass step: set '
+      '--config.calibratemix.passes=2 (or second_pass_only=False).'
     )
   errors += checks.out_of_range(
     'calibratemix.pair_k_frac', cm.pair_k_frac, '(0, 1]', 'reference: 15/224'

@@ -15,7 +15,7 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import flags
 import ml_collections
 
 from cmix_jax import checkpointing
@@ -23,6 +23,7 @@ from cmix_jax import cli
 from cmix_jax import metrics
 from cmix_jax import parallel
 from cmix_jax import reports
+from cmix_jax import resume
 from cmix_jax import run_setup
 from cmix_jax import storage
 
@@ -60,24 +61,18 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def restore(run, which: str, step: int | None):
   """(step, stacked state) of the requested checkpoint."""
   manager = run.best_manager if which == 'best' else run.manager
-  abstract = checkpointing.abstract_like(run_setup.fresh_state(run))
-  adapt = run_setup.saved_layout(run, manager)
-  if step is None:
-    restored = checkpointing.restore_latest(manager, abstract, adapt)
-    if restored is None:
-      raise EvaluateError(
-        f'no checkpoint in {checkpointing.checkpoint_dir(run.workdir)}'
-        f'{"/../best" if which == "best" else ""}: train first.'
-      )
-    step, state, _ = restored
-  else:
-    if step not in manager.all_steps():
-      raise EvaluateError(
-        f'no checkpoint at step {step} in {manager.directory}; '
-        f'available: {sorted(manager.all_steps())}.'
-      )
-    state = checkpointing.restore_state(manager, step, adapt(step, abstract))
-  state = run_setup.reshard_dynamics(run, state)
+  if step is not None and step not in manager.all_steps():
+    raise EvaluateError(
+      f'no checkpoint at step {step} in {manager.directory}; '
+      f'available: {sorted(manager.all_steps())}.'
+    )
+  restored = resume.restore(run, manager, step)
+  if restored is None:
+    raise EvaluateError(
+      f'no checkpoint in {checkpointing.checkpoint_dir(run.workdir)}'
+      f'{"/../best" if which == "best" else ""}: train first.'
+    )
+  step, state, _ = restored
   return step, parallel.stack_state(state, run.topo, run.sharded_field)
 
 

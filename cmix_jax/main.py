@@ -9,7 +9,7 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-from absl import flags  # pylint: disable=g-import-not-at-top
+from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
@@ -26,7 +26,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   del argv  # cli.run refuses positional arguments
-  from cmix_jax import train  # pylint: disable=g-import-not-at-top  (after flag parsing)
+  from cmix_jax import train  # after flag parsing
 
   logging.info('workdir: %s', FLAGS.workdir)
   train.train_and_evaluate(
@@ -38,7 +38,7 @@ def main(argv):
 
 
 def _stopped_errors() -> tuple[type, ...]:
-  from cmix_jax import train  # pylint: disable=g-import-not-at-top
+  from cmix_jax import train
 
   return (train.NonFiniteError,)
 

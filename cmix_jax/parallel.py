@@ -190,9 +190,14 @@ def sum_over_processes(value: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(value)).sum(0)
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process if `flag` is true on any (a decision all processes must share)."""
-  return bool(sum_over_processes(np.array([int(flag)]))[0])
+def raise_on_every_process(error: BaseException | None, elsewhere: Callable[[], BaseException]):
+  """Raises on every process if any process met an error: its own `error`, else `elsewhere()`.
+
+  For decisions one process takes (process 0 and the workdir lease) that all must share, so no
+  process goes on to wait for a peer that has stopped. Returns when no process has an error.
+  """
+  if sum_over_processes(np.array([int(error is not None)], np.int32))[0]:
+    raise error or elsewhere()
 
 
 def concat_over_processes(values: np.ndarray) -> np.ndarray:

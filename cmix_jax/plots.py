@@ -434,3 +434,38 @@ def multi_reliability(
     name: {'ece': eces[name], **{k: v.tolist() for k, v in t.items()}} for name, t in ts.items()
   }
   return png, _write_json(data_path(path), {'title': title, 'tables': payload})
+
+
+def forest_plot(
+  rows: Sequence[Mapping], path: str, xlabel: str = 'paired difference', title: str | None = None
+) -> tuple:
+  """Mean and interval of each comparison, one line each, with 0 marked.
+
+  rows: dicts with 'label', 'mean', 'low', 'high' and optionally 'shown' (filled marker)
+  and 'group' (rows of one group share a colour). Non-finite rows are drawn without a bar.
+  """
+  if not rows:
+    raise ValueError('forest_plot needs at least one row.')
+  groups = list(dict.fromkeys(r.get('group', '') for r in rows))
+  colors = {g: f'C{i % 10}' for i, g in enumerate(groups)}
+  fig = _new_figure(7.5, 0.32 * len(rows) + 1.2)
+  ax = fig.subplots()
+  for y, row in enumerate(reversed(rows)):
+    color = colors[row.get('group', '')]
+    if math.isfinite(row['low']) and math.isfinite(row['high']):
+      ax.plot([row['low'], row['high']], [y, y], color=color, linewidth=1.5)
+    if math.isfinite(row['mean']):
+      face = color if row.get('shown') else 'white'
+      ax.plot([row['mean']], [y], 'o', color=color, markerfacecolor=face, markersize=5)
+  ax.axvline(0.0, color='gray', linestyle='--', linewidth=1)
+  ax.set_yticks(range(len(rows)))
+  ax.set_yticklabels([r['label'] for r in reversed(rows)], fontsize=7)
+  ax.set_xlabel(xlabel)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  png = _save(fig, path)
+  finite = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
+  keys = ('label', 'group', 'mean', 'low', 'high', 'shown')
+  payload = [{k: finite(r.get(k)) for k in keys} for r in rows]
+  return png, _write_json(data_path(path), {'title': title, 'rows': payload})

@@ -4,13 +4,56 @@ Every file goes through `storage`, so a workdir may be local or gs://.
 """
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
 from cmix_jax import dynamics
 from cmix_jax import parallel
+from cmix_jax import provenance
 from cmix_jax import steps
 from cmix_jax import storage
+
+
+class UploadedEvents:
+  """A metric writer for a bucket workdir: `writer` (clu) writes TensorBoard events into a
+  local folder, whose files are uploaded whole into the workdir through `storage` each time
+  scalars are written (every log and eval interval), as metrics.jsonl is rewritten whole."""
+
+  def __init__(self, writer, local_dir: str, workdir: str):
+    self._writer, self._local_dir, self._workdir = writer, local_dir, workdir
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    self._writer.write_scalars(step, scalars)
+    self.flush()
+
+  def flush(self) -> None:
+    """Flushes the events and uploads every local file (each run writes its own file)."""
+    self._writer.flush()
+    for folder, _, files in os.walk(self._local_dir):
+      for name in files:
+        local = os.path.join(folder, name)
+        relative = os.path.relpath(local, self._local_dir)
+        storage.copy_file(local, os.path.join(self._workdir, relative))
+
+  def close(self) -> None:
+    self.flush()
+    self._writer.close()
+    shutil.rmtree(self._local_dir, ignore_errors=True)
+
+
+def metric_writer(workdir: str, tensorboard: bool):
+  """clu's writer: TensorBoard events in the workdir (through a local folder when it is a
+  bucket, see UploadedEvents), or logging only."""
+  from clu import metric_writers  # imports TF
+
+  if not tensorboard:
+    return metric_writers.create_default_writer(None, just_logging=True)
+  if not storage.is_remote(workdir):
+    return metric_writers.create_default_writer(workdir)
+  local_dir = tempfile.mkdtemp(prefix='cmix_jax_events_')
+  return UploadedEvents(metric_writers.create_default_writer(local_dir), local_dir, workdir)
 
 
 def append_jsonl(workdir: str, record: dict) -> None:
@@ -25,7 +68,7 @@ def write_json(path: str, obj, **kwargs) -> None:
 
 def write_eval_report(result: dict, out_dir: str, prefix: str = 'eval', title: str = '') -> dict:
   """Writes `<prefix>.json`, `<prefix>_reliability.json`, the diagram and the histogram."""
-  from cmix_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+  from cmix_jax import plots  # matplotlib is slow to import
 
   write_json(os.path.join(out_dir, f'{prefix}.json'), result['metrics'], indent=2, sort_keys=True)
   write_json(os.path.join(out_dir, f'{prefix}_reliability.json'), result['reliability'])
@@ -65,6 +108,7 @@ def selected_report(config, result: dict, meta: dict, step: int) -> tuple[dict, 
 def write_final_report(run, state, result: dict, meta: dict, step: int) -> dict:
   """Writes eval.json (the selected checkpoint's metrics), pictures and the dynamics tables."""
   report, reliability = selected_report(run.config, result, meta, step)
+  report['provenance'] = provenance.describe(devices_used=run.topo.num_devices)
   plots = run.config.eval.plots
   dyn = host_dynamics(run, state) if plots else None  # a collective: every process joins
   if not run.is_lead:
@@ -91,7 +135,7 @@ def host_dynamics(run, state) -> dynamics.DynamicsState:
 
 def write_dynamics(run, dyn: dynamics.DynamicsState) -> None:
   """Exports the dynamics tables (.npz) and draws the labeled/unlabeled data maps."""
-  from cmix_jax import plots  # pylint: disable=g-import-not-at-top
+  from cmix_jax import plots
 
   dynamics.save_npz(dyn, os.path.join(run.workdir, 'dynamics.npz'))
   plots.data_map(
@@ -115,7 +159,7 @@ def write_dynamics(run, dyn: dynamics.DynamicsState) -> None:
 
 
 def _training_curves(workdir: str, meta: dict) -> None:
-  from cmix_jax import plots  # pylint: disable=g-import-not-at-top
+  from cmix_jax import plots
 
   if meta['history']:
     history = [

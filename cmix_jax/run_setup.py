@@ -3,12 +3,12 @@
 Nothing is written before every check has passed: `build_run` validates the whole config
 (with the data set's facts), checks that the data dir can be read and the workdir written
 (local or gs://), builds the algorithm, model and optimizer, takes the workdir lease (one
-writing run per workdir), and only then writes `config.json` and `split.json`. It also
-restores the newest readable checkpoint.
+writing run per workdir), and only then writes `config.json` and `split.json`. A resumed
+workdir must hold the same config (`check_workdir_config`, but for RESUMABLE_FIELDS).
+Where the run starts (fresh or from a checkpoint) is `resume`'s; the loop is `train`'s.
 """
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -16,19 +16,18 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from cmix_jax import algorithms
 from cmix_jax import base_step
 from cmix_jax import checkpointing
 from cmix_jax import config_validation
-from cmix_jax import dynamics
 from cmix_jax import evaluation
+from cmix_jax import lease
 from cmix_jax import parallel
+from cmix_jax import reports
 from cmix_jax import steps
 from cmix_jax import storage
 from cmix_jax.data import datasets
-from cmix_jax.data import pipeline
 from cmix_jax.data import sources
 from cmix_jax.data import splits
 
@@ -78,7 +77,7 @@ class Run:
   sharded_field: str | None  # state field kept sharded per device ('dynamics') or None
   # The workdir lease (process 0 of a writing run; a no-op elsewhere): refresh() at each log
   # interval, release() when the run ends.
-  lease: Any = dataclasses.field(default_factory=checkpointing.NoLease)
+  lease: Any = dataclasses.field(default_factory=lease.NoLease)
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:
@@ -131,7 +130,7 @@ def keep_tensorflow_off_accelerators() -> None:
 
   Imported here, after the checks, so bad input is refused without TF's seconds of import.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
 
   tf.config.set_visible_devices([], 'GPU')
 
@@ -207,17 +206,13 @@ def build_run(config, workdir: str, allow_config_change: bool = False, write: bo
 
   `write=False` (evaluation of an existing workdir) skips the config check and the writes.
   """
-  start_backend(config)
-  try:
-    topo = parallel.make_topology(config.num_devices)
-  except ValueError as e:  # more devices asked for than exist
-    raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
-  config_validation.validate(config, topo.num_devices, *_static_data_facts(config))
+  topo = _checked_topology(config)
   algorithm = _algorithm(config)
   storage.check_readable(config.data.data_dir)
+  timeout_s = config.lease_timeout_s if write else None
   if write:
     storage.check_writable(workdir)
-    checkpointing.check_lease(workdir, config.get('lease_timeout_s', 600.0))  # early refusal
+    lease.check(workdir, timeout_s)  # early refusal
   keep_tensorflow_off_accelerators()
   raw = open_data(config)
   config_validation.validate(config, topo.num_devices, raw.spec.num_classes, len(raw.train_labels))
@@ -228,190 +223,50 @@ def build_run(config, workdir: str, allow_config_change: bool = False, write: bo
   model = steps.create_model(config, info.num_classes, topo.num_devices)
   tx = steps.create_optimizer(config.optim, config.num_train_steps)
   is_lead = jax.process_index() == 0
-  lease = take_lease(config, workdir) if write else checkpointing.NoLease()
+  held = lease.take(workdir, timeout_s) if write else lease.NoLease()
   try:
     if is_lead and write:
       _write_run_files(config, workdir, data)
-    return _assemble(config, workdir, topo, data, info, model, tx, algorithm, is_lead, write, lease)
+    return Run(
+      config=config,
+      workdir=workdir,
+      topo=topo,
+      data=data,
+      info=info,
+      model=model,
+      tx=tx,
+      algorithm=algorithm,
+      evaluator=make_evaluator(config, info, topo),
+      manager=checkpointing.create_manager(workdir, config.max_to_keep),
+      best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
+      writer=reports.metric_writer(workdir, write and is_lead and config.get('tensorboard', True)),
+      is_lead=is_lead,
+      sharded_field='dynamics' if base_step.tables_sharded(config) else None,
+      lease=held,
+    )
   except BaseException:
-    lease.release()
+    held.release()
     raise
 
 
-def take_lease(config, workdir: str):
-  """The workdir lease on process 0 (a no-op elsewhere); every process fails if it is held."""
-  error = None
-  lease = checkpointing.NoLease()
+def _checked_topology(config) -> parallel.Topology:
+  """Starts the backend and checks the config against the devices (before any data is read)."""
+  start_backend(config)
   try:
-    lease = checkpointing.acquire_lease(workdir, config.get('lease_timeout_s', 600.0))
-  except checkpointing.LeaseHeldError as e:
-    error = e
-  if parallel.sum_over_processes(np.array([error is not None], np.int32))[0]:
-    raise error or checkpointing.LeaseHeldError(
-      f'process 0 could not take the workdir lease of {workdir}; see its error.'
-    )
-  lease.keep_alive(config.get('lease_timeout_s', 600.0) / 4)  # four beats per timeout
-  return lease
+    topo = parallel.make_topology(config.num_devices)
+  except ValueError as e:  # more devices asked for than exist
+    raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
+  config_validation.validate(config, topo.num_devices, *_static_data_facts(config))
+  return topo
 
 
-def _assemble(
-  config, workdir, topo, data, info, model, tx, algorithm, is_lead, write, lease
-) -> Run:
-  """The Run of checked parts: evaluator, checkpoint managers, metric writer."""
-  tensorboard = write and is_lead and config.get('tensorboard', True)
-  return Run(
-    config=config,
-    workdir=workdir,
-    topo=topo,
-    data=data,
-    info=info,
-    model=model,
-    tx=tx,
-    algorithm=algorithm,
-    evaluator=evaluation.Evaluator(
-      steps.create_eval_model(config, info.num_classes, topo.num_devices),
-      info,
-      topo,
-      config.get('parallel_backend', 'pmap'),
-      config.data.eval_batch_size,
-      config.eval.num_bins,
-    ),
-    manager=checkpointing.create_manager(workdir, config.max_to_keep),
-    best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
-    writer=_metric_writer(workdir, tensorboard),
-    is_lead=is_lead,
-    sharded_field='dynamics' if base_step.tables_sharded(config) else None,
-    lease=lease,
-  )
-
-
-def _metric_writer(workdir: str, tensorboard: bool):
-  """clu's writer: TensorBoard events in the workdir, or logging only."""
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top  (imports TF)
-
-  return metric_writers.create_default_writer(
-    workdir if tensorboard else None, just_logging=not tensorboard
-  )
-
-
-def fresh_state(run: Run):
-  """A new state in the checkpoint layout (zero dynamics shards when sharded)."""
-  state = steps.create_train_state(
-    run.config,
-    run.model,
-    run.tx,
-    run.algorithm,
-    run.info,
-    jax.random.key(run.config.seed),
-    dynamics_shards=run.topo.num_devices if run.sharded_field else 1,
-  )
-  return parallel.host_state_to_checkpoint_layout(state, run.topo, run.sharded_field)
-
-
-def initial_state(run: Run):
-  """(state in checkpoint layout, meta) from the newest readable checkpoint, or fresh."""
-  fresh = fresh_state(run)
-  if run.is_lead:  # a cut-off save of the selection checkpoint is kept, not overwritten
-    checkpointing.move_aside_partial_saves(run.best_manager.directory)
-  restored = checkpointing.restore_latest(
-    run.manager, checkpointing.abstract_like(fresh), saved_layout(run, run.manager)
-  )
-  if restored is None:
-    return fresh, {'step': 0, 'history': [], 'best': {}}
-  step, state, meta = restored
-  logging.info('Resuming from step %d in %s', step, run.workdir)
-  return reshard_dynamics(run, state), meta
-
-
-def saved_layout(run: Run, manager):
-  """`restore_latest`'s adapt: sharded dynamics tables as saved, whatever the device count
-  (the identity for a run without sharded tables).
-
-  A checkpoint of a sharded run holds [D_saved, ceil(N/D_saved), ...] tables; they are read
-  whole (replicated) when D_saved differs from this run's D, and `reshard_dynamics` cuts
-  them anew. Everything else is replicated in the checkpoint and restores on any count.
-  """
-  if run.sharded_field is None:
-    return lambda step, abstract: abstract
-
-  def adapt(step: int, abstract):
-    shapes = checkpointing.saved_shapes(manager, step, run.sharded_field)
-    field = getattr(abstract, run.sharded_field)
-    if all(shapes[n] == x.shape for n, x in _fields(field).items()):
-      return abstract
-    saved = field.replace(
-      **{
-        n: jax.ShapeDtypeStruct(shapes[n], x.dtype, sharding=run.topo.replicated)
-        for n, x in _fields(field).items()
-      }
-    )
-    return abstract.replace(**{run.sharded_field: saved})
-
-  return adapt
-
-
-def reshard_dynamics(run: Run, state):
-  """A restored state with its dynamics shards cut for this run's device count (see above)."""
-  if run.sharded_field is None:
-    return state
-  tables = getattr(state, run.sharded_field)
-  saved_devices = tables.apm.shape[0]
-  if saved_devices == run.topo.num_devices:
-    return state
-  host = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tables)
-  full = dynamics.unshard_state(host, run.info.num_labeled, run.info.num_unlabeled)
-  resharded = dynamics.shard_state(full, run.topo.num_devices)
-  logging.info(
-    'Dynamics tables saved in %d shards, cut into %d for this run.',
-    saved_devices,
-    run.topo.num_devices,
-  )
-  return state.replace(**{run.sharded_field: parallel.put_stacked(resharded, run.topo)})
-
-
-def _fields(node) -> dict:
-  return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}
-
-
-def step_kind(config, step: int) -> str:
-  """'mix' for CalibrateMix steps (after warm-up), else 'base'."""
-  cm = config.calibratemix
-  return 'mix' if cm.enabled and step > cm.warmup_steps else 'base'  # steps 0..warmup: base
-
-
-def make_step_fns(run: Run) -> dict:
-  """The parallel train steps: 'base' (and 'mix' when CalibrateMix is enabled)."""
-  backend = run.config.get('parallel_backend', 'pmap')
-  step = functools.partial(
-    steps.train_step,
-    model=run.model,
-    tx=run.tx,
-    algorithm=run.algorithm,
-    config=run.config,
-    info=run.info,
-  )
-  kinds = ('base', 'mix') if run.config.calibratemix.enabled else ('base',)
-  return {
-    kind: parallel.parallelize(
-      functools.partial(step, mix=kind == 'mix'), run.topo, backend=backend
-    )
-    for kind in kinds
-  }
-
-
-def train_iterator(run: Run, start_step: int):
-  """Prefetched, device-placed batches from `start_step` on (deterministic in the step)."""
-  data = run.config.data
-  it = pipeline.TrainIterator(
-    run.data,
-    global_batch=data.batch_size,
-    uratio=data.uratio if run.algorithm.uses_unlabeled else 0,
-    seed=run.config.seed,
-    start_step=start_step,
-    local_devices=run.topo.num_local_devices,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  return pipeline.prefetch(
-    it, data.prefetch, functools.partial(parallel.shard_batch, topo=run.topo)
+def make_evaluator(config, info: steps.DataInfo, topo: parallel.Topology) -> evaluation.Evaluator:
+  """The one evaluation path (float32 model) of the loop, `evaluate` and temperature scaling."""
+  return evaluation.Evaluator(
+    steps.create_eval_model(config, info.num_classes, topo.num_devices),
+    info,
+    topo,
+    config.get('parallel_backend', 'pmap'),
+    config.data.eval_batch_size,
+    config.eval.num_bins,
   )

@@ -1,8 +1,8 @@
 """The pure per-device pieces of training: train state, model, optimizer, train and eval steps.
 
 `train_step` and `eval_step` are per-device code whose collectives name the axis
-`parallel.AXIS`; `cmix_jax.parallel` maps them over devices (pmap or shard_map) and
-`cmix_jax.train` runs them. The base pass lives in `base_step`, CalibrateMix's in `calibratemix`.
+`parallel.AXIS`; `make_step_fns` maps the train step over the devices (pmap or shard_map)
+for the loop (`cmix_jax.train`), the benchmarks and the tests. The base pass lives in `base_step`, CalibrateMix's in `calibratemix`.
 """
 
 import functools
@@ -298,3 +298,17 @@ def eval_step(state: TrainState, batch: dict, *, model, info: DataInfo, use_ema:
   x = augment.normalize(batch['x'].astype(jnp.float32), info.mean, info.std)
   logits, _, _ = base_step.apply_model(model, params, batch_stats, x, train=False)
   return {'logits': logits, 'labels': batch['y'], 'mask': batch['mask']}
+
+
+def make_step_fns(model, tx, algorithm, config, info, topo) -> dict:
+  """The parallel train steps of these parts: 'base' (and 'mix' when CalibrateMix is on)."""
+  step = functools.partial(
+    train_step, model=model, tx=tx, algorithm=algorithm, config=config, info=info
+  )
+  kinds = ('base', 'mix') if config.calibratemix.enabled else ('base',)
+  return {
+    kind: parallel.parallelize(
+      functools.partial(step, mix=kind == 'mix'), topo, backend=config.parallel_backend
+    )
+    for kind in kinds
+  }

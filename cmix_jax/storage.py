@@ -17,8 +17,10 @@ writes it back with the new line (one small object per run; each write replaces 
 a reader never sees half a line). Local writes go to a temp file renamed into place.
 """
 
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -30,8 +32,8 @@ os.environ.setdefault('EPATH_USE_TF', 'false')  # gcsfs for gs:// (see the modul
 # without that permission, asks again on every call; the plain class serves regular buckets.
 os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
-from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
-import fsspec  # pylint: disable=g-import-not-at-top,wrong-import-position
+from etils import epath
+import fsspec
 
 # gcsfs would otherwise keep every folder listing forever, so a long-lived process would not
 # see objects another process (a resumed run, another host) wrote after its first listing.
@@ -152,7 +154,7 @@ def copy_file(local_file: str, path: Any) -> epath.Path:
 
 def save_npz(path: Any, **arrays) -> epath.Path:
   """np.savez to a local temp file (zip wants to seek), then renamed or uploaded into place."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
 
   path = as_path(path)
   local_dir = None
@@ -177,21 +179,21 @@ def save_npz(path: Any, **arrays) -> epath.Path:
 
 
 def _gcs_client():
-  from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+  from google.cloud import storage as gcs
 
   return gcs.Client()
 
 
 def _retry(timeout_s: float):
-  from google.cloud.storage import retry as gcs_retry  # pylint: disable=g-import-not-at-top
+  from google.cloud.storage import retry as gcs_retry
 
   return gcs_retry.DEFAULT_RETRY.with_timeout(timeout_s)
 
 
 def _bucket_error(path: Any, what: str, error: Exception) -> StorageError:
   """One message per failure kind, naming the bucket and the fix."""
-  from google.api_core import exceptions as api  # pylint: disable=g-import-not-at-top
-  from google.auth import exceptions as auth  # pylint: disable=g-import-not-at-top
+  from google.api_core import exceptions as api
+  from google.auth import exceptions as auth
 
   bucket = bucket_of(path)
   if isinstance(error, auth.DefaultCredentialsError):
@@ -249,7 +251,7 @@ def check_writable(workdir: Any, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> epat
     )
     blob.upload_from_string(b'probe', retry=_retry(timeout_s), timeout=timeout_s)
     blob.delete(retry=_retry(timeout_s), timeout=timeout_s)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _bucket_error(path, 'write to', e) from None
   return path
 
@@ -271,6 +273,45 @@ def check_readable(data_dir: Any, timeout_s: float = PREFLIGHT_TIMEOUT_S) -> epa
       timeout=timeout_s,
     )
     list(blobs)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     raise _bucket_error(path, 'read', e) from None
   return path
+
+
+# ----------------------------------------------------------------------------
+# Failure causes: the operating system's words behind a failed write, for error messages.
+
+
+def os_error_of(error: BaseException) -> int | None:
+  """The errno behind `error` or anything in its cause/context chain, if one is known.
+
+  Orbax/tensorstore wrap OS errors in ValueErrors whose text ends in os_error_code='N';
+  TensorFlow's file writers only keep the operating system's words in their message.
+  """
+  seen, visited = error, set()
+  while seen is not None and id(seen) not in visited:
+    visited.add(id(seen))
+    if isinstance(seen, OSError) and seen.errno:
+      return seen.errno
+    text = str(seen)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+      return int(code.group(1))
+    for number in _WORDED_ERRNOS:
+      if os.strerror(number) in text:
+        return number
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+_WORDED_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
+
+
+def failure_cause(error: BaseException) -> str:
+  """The operating system's words for a failed write (e.g. 'No space left on device'), else
+  the first line of the error."""
+  number = os_error_of(error)
+  if number is not None:
+    return os.strerror(number)
+  first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return first_line[:300]

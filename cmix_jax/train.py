@@ -2,13 +2,18 @@
 
 The loop runs the parallel train steps between boundaries (log, eval, checkpoint, end),
 where it syncs with the host once; `periodic` says which actions a boundary takes.
-Run assembly lives in `run_setup`, the pure steps in `steps`, evaluation in `evaluation`.
+Which step runs when is `step_kind`; the parallel steps of a run's parts come from
+`steps.make_step_fns`, its batches from `pipeline.train_batches` (both shared with the
+benchmarks and the tests). Run assembly lives in `run_setup`, the first state in `resume`,
+evaluation in `evaluation`.
 """
 
 import dataclasses
 import logging
 import signal
 import time
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -16,9 +21,14 @@ import tqdm
 
 from cmix_jax import checkpointing
 from cmix_jax import console
+from cmix_jax import lease
 from cmix_jax import parallel
 from cmix_jax import reports
+from cmix_jax import resume
 from cmix_jax import run_setup
+from cmix_jax import steps
+from cmix_jax import storage
+from cmix_jax.data import pipeline
 
 
 class NonFiniteError(FloatingPointError):
@@ -30,6 +40,20 @@ class StopFlag:
   """Set by the SIGTERM handler; read at step boundaries."""
 
   requested: bool = False
+
+
+def _nothing(run, step: int) -> None:
+  del run, step
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+  """Callbacks at the loop's points, each called as hook(run, step); none by default. Tests
+  inject faults through them: a kill after a checkpoint, a SIGTERM, a lease taken over."""
+
+  before_steps: Callable[[Any, int], None] = _nothing  # before the steps from `step` on run
+  before_log: Callable[[Any, int], None] = _nothing  # at a log boundary, before the heartbeat
+  after_checkpoint: Callable[[Any, int], None] = _nothing  # the periodic save of `step` queued
 
 
 @dataclasses.dataclass
@@ -47,13 +71,19 @@ def periodic(step: int, every: int, total: int) -> bool:
   return step % every == 0 or step == total
 
 
+def step_kind(config, step: int) -> str:
+  """'mix' for CalibrateMix steps (after warm-up), else 'base'."""
+  cm = config.calibratemix
+  return 'mix' if cm.enabled and step > cm.warmup_steps else 'base'  # steps 0..warmup: base
+
+
 def run_steps(step_fns, state, batches, config, start: int, end: int, flag: StopFlag | None = None):
   """Steps [start, end) with no host sync (metrics stay on device); stops early on SIGTERM."""
   step_metrics = []
   for step in range(start, end):
     if flag is not None and flag.requested:
       break
-    state, metrics = step_fns[run_setup.step_kind(config, step)](state, next(batches))
+    state, metrics = step_fns[step_kind(config, step)](state, next(batches))
     step_metrics.append(metrics)
   return state, step_metrics
 
@@ -123,33 +153,22 @@ def save_checkpoint(run: run_setup.Run, state, step: int, meta: dict, wait: bool
   )
 
 
-def heartbeat(run: run_setup.Run) -> None:
-  """Refreshes the workdir lease (held by process 0); if it was lost, every process stops
-  here with LeaseLostError, so no process waits for a peer that has left."""
-  lost = None
-  try:
-    run.lease.refresh()
-  except checkpointing.LeaseLostError as e:
-    lost = e
-  if parallel.any_process(lost is not None):
-    raise lost or checkpointing.LeaseLostError(
-      f'process 0 lost the workdir lease of {run.workdir}; see its error.'
-    )
-
-
 def log_train(run: run_setup.Run, step: int, summary: dict) -> None:
   """Train metrics to the writer and metrics.jsonl; the workdir lease's heartbeat."""
-  heartbeat(run)  # LeaseLostError on every process if another run took the workdir over
+  lease.heartbeat(run.lease, run.workdir)  # LeaseLostError on every process if taken over
   run.writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
   if run.is_lead:
     reports.append_jsonl(run.workdir, {'kind': 'train', 'step': step, **summary})
 
 
-def at_boundary(run: run_setup.Run, progress: Progress, summary: dict, bar) -> None:
+def at_boundary(
+  run: run_setup.Run, progress: Progress, summary: dict, bar, hooks: Hooks = Hooks()
+) -> None:
   """The periodic actions of one boundary: log, evaluate, checkpoint."""
   config, step = run.config, progress.step
   total = config.num_train_steps
   if periodic(step, config.log_every, total):
+    hooks.before_log(run, step)
     log_train(run, step, summary)
   if periodic(step, config.eval_every, total):
     progress.result = periodic_eval(run, progress.state, step, progress.meta)
@@ -159,6 +178,7 @@ def at_boundary(run: run_setup.Run, progress: Progress, summary: dict, bar) -> N
     )
   if periodic(step, config.checkpoint_every, total):
     save_checkpoint(run, progress.state, step, progress.meta)
+    hooks.after_checkpoint(run, step)
 
 
 def boundaries(config, start: int) -> list[int]:
@@ -171,7 +191,7 @@ def boundaries(config, start: int) -> list[int]:
 
 
 def _install_sigterm(flag: StopFlag):
-  def handler(signum, frame):  # pylint: disable=unused-argument
+  def handler(signum, frame):
     flag.requested = True
 
   try:
@@ -197,14 +217,14 @@ def _preempt(run: run_setup.Run, progress: Progress) -> dict:
   return {'preempted': True, 'step': step}
 
 
-def train(run: run_setup.Run, state, meta: dict, flag: StopFlag) -> dict:
+def train(run: run_setup.Run, state, meta: dict, flag: StopFlag, hooks: Hooks = Hooks()) -> dict:
   """Trains from `state` (checkpoint layout) to the end; returns the final report or preemption."""
   config = run.config
   progress = Progress(
     parallel.stack_state(state, run.topo, run.sharded_field), meta, int(meta['step'])
   )
-  step_fns = run_setup.make_step_fns(run)
-  batches = run_setup.train_iterator(run, progress.step)
+  step_fns = steps.make_step_fns(run.model, run.tx, run.algorithm, config, run.info, run.topo)
+  batches = pipeline.train_batches(config, run.data, run.algorithm, run.topo, progress.step)
   bar = tqdm.tqdm(
     total=config.num_train_steps,
     initial=progress.step,
@@ -215,6 +235,7 @@ def train(run: run_setup.Run, state, meta: dict, flag: StopFlag) -> dict:
   t0 = time.time()
   try:
     for end in boundaries(config, progress.step):
+      hooks.before_steps(run, progress.step)
       progress.state, step_metrics = run_steps(
         step_fns, progress.state, batches, config, progress.step, end, flag
       )
@@ -225,7 +246,7 @@ def train(run: run_setup.Run, state, meta: dict, flag: StopFlag) -> dict:
       progress.step, t0 = progress.step + len(step_metrics), time.time()
       bar.update(len(step_metrics))
       check_finite(progress.state, config)
-      at_boundary(run, progress, summary, bar)
+      at_boundary(run, progress, summary, bar, hooks)
       if flag.requested:
         break
   finally:
@@ -250,12 +271,10 @@ def finish_writes(run: run_setup.Run, failed: bool) -> None:
   for finish in (lambda: checkpointing.wait_until_saved(run.manager), run.writer.flush):
     try:
       finish()
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       if not failed:
         raise
-      logging.warning(
-        'After the failure, a pending write failed too: %s', checkpointing.failure_cause(e)
-      )
+      logging.warning('After the failure, a pending write failed too: %s', storage.failure_cause(e))
 
 
 def train_and_evaluate(
@@ -264,22 +283,24 @@ def train_and_evaluate(
   allow_config_change: bool = False,
   stop_flag: StopFlag | None = None,
   log_to_terminal: bool = True,
+  hooks: Hooks | None = None,
 ) -> dict:
   """Trains (resuming from `workdir` if possible), evaluates, writes the final report.
 
-  `log_to_terminal=False` sends library INFO lines (orbax, TFDS) to the run's log file only.
+  `log_to_terminal=False` sends library INFO lines (orbax, TFDS) to the run's log file only;
+  `hooks` are called at the loop's points (see Hooks).
   """
   with console.routed_logs(workdir, log_to_terminal) as log:
     run = run_setup.build_run(config, workdir, allow_config_change)
     with run.lease:  # released however the run ends; a killed run's lease is taken over
       if run.is_lead:
         log.attach()  # the config passed every check: the workdir may be written now
-      state, meta = run_setup.initial_state(run)
+      state, meta = resume.initial_state(run)
       console.print_plan(run, int(meta['step']), log.path)
       flag = stop_flag or StopFlag()
       previous = _install_sigterm(flag)
       try:
-        report = train(run, state, meta, flag)
+        report = train(run, state, meta, flag, hooks or Hooks())
       except BaseException:
         finish_writes(run, failed=True)
         raise

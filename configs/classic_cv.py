@@ -55,27 +55,27 @@ def get_config(arg: str = 'fixmatch,cifar10,40,0'):
   algorithm, dataset, num_labels, seed, variant = parse(arg)
   data_name, network, weight_decay, _, uratio = SETTINGS[dataset]
   config = default.get_config()
-  config.seed = seed
-  config.algorithm = algorithm
-  config.num_train_steps = 2**20
-  config.log_every = 256
-  config.eval_every = 5120
-  config.checkpoint_every = 5120
-  config.max_to_keep = 2
-  config.data.name = data_name
-  config.data.data_dir = '~/tensorflow_datasets'
-  config.data.num_labels = num_labels
-  config.data.batch_size = 64
-  config.data.uratio = uratio
+  config.seed = seed  # the split, the init and every random key
+  config.algorithm = algorithm  # from the argument
+  config.num_train_steps = 2**20  # USB's classic CV budget
+  config.log_every = 256  # fewer host syncs on a long run
+  config.eval_every = 5120  # ~200 evaluations over the run
+  config.checkpoint_every = 5120  # with each evaluation
+  config.max_to_keep = 2  # the newest two; best/ keeps the selected one
+  config.data.name = data_name  # our TFDS name of the data set (SETTINGS)
+  config.data.data_dir = '~/tensorflow_datasets'  # TFDS's own default folder
+  config.data.num_labels = num_labels  # from the argument
+  config.data.batch_size = 64  # USB: B = 64
+  config.data.uratio = uratio  # USB: mu = 7 (ImageNet: 1)
   config.data.val_size = 0  # USB: the whole train split is unlabeled, none held out
-  config.data.eval_batch_size = 256
-  config.model.name = network
+  config.data.eval_batch_size = 256  # USB's eval_batch_size
+  config.model.name = network  # USB's network for the data set (SETTINGS)
   config.model.dtype = 'bfloat16'  # the reference runs with AMP on
-  config.optim.weight_decay = weight_decay
-  config.calibratemix.warmup_steps = 150_000
-  config.calibratemix.passes = 2
-  config.calibratemix.enabled = variant in ('cmix', 'randmix')
-  config.calibratemix.random_pairing = variant == 'randmix'
+  config.optim.weight_decay = weight_decay  # USB: 5e-4, 1e-3 for CIFAR-100, 3e-4 ImageNet
+  config.calibratemix.warmup_steps = 150_000  # the reference's warm-up
+  config.calibratemix.passes = 2  # the reference's second forward pass
+  config.calibratemix.enabled = variant in ('cmix', 'randmix')  # base: the algorithm alone
+  config.calibratemix.random_pairing = variant == 'randmix'  # the random-mixup ablation
   config.eval.selection = 'best_test'  # USB/reference practice; reports say so
   return config
 

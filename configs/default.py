@@ -26,7 +26,7 @@ def get_config():
   config.parallel_backend = 'pmap'  # pmap | shard_map (same per-device step code)
   config.max_nonfinite_steps = 0  # skip up to this many NaN/Inf steps, then stop
   config.lease_timeout_s = 600.0  # a workdir lease without heartbeat this long is taken over
-  config.tensorboard = True  # TensorBoard event files in the workdir (gs:// via TF's client)
+  config.tensorboard = True  # TensorBoard event files in the workdir (gs://: uploaded whole)
   config.dynamics_sharded = False  # True: each device owns 1/D of the dynamics tables
 
   # XLA flags added to XLA_FLAGS before the backend starts (ones XLA_FLAGS already names win).
@@ -103,6 +103,9 @@ def get_config():
   config.calibratemix.pair_space = 'pixels'  # pixels | features
   config.calibratemix.apm_delta = 0.997  # APM step size delta / (1 + updates so far)
   config.calibratemix.random_pairing = False  # True = random-mixup ablation (no split)
+  # True = control arm of passes=2: the second pass (SSL loss, BN and algorithm-state updates)
+  # without mixed rows or mixup loss, so that "CalibrateMix - control" measures the mixup alone.
+  config.calibratemix.second_pass_only = False
   # global: split and pair the global batch as one device would (same on any device count);
   # device: each device splits and pairs its own share (what DDP does).
   config.calibratemix.pair_scope = 'global'

@@ -23,6 +23,7 @@ def get_config():
   config.data.uratio = 7
   config.optim.ema_decay = 0.99  # short runs: 0.999 would still weigh the init at 55 %
   config.model.bn_momentum = 0.99  # likewise BN's running stats: 0.999 leaves them 55 % at init
+  config.ssl.ema_p = 0.99  # softmatch's EMAs likewise (its committed results used 0.999)
   config.calibratemix.warmup_steps = 150
   config.calibratemix.passes = 2
   config.data.val_size = 0  # all labels train; selection is the final checkpoint

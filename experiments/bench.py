@@ -33,7 +33,10 @@ import ml_collections  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from cmix_jax import parallel  # pylint: disable=wrong-import-position
+from cmix_jax import resume  # pylint: disable=wrong-import-position
 from cmix_jax import run_setup  # pylint: disable=wrong-import-position
+from cmix_jax import steps as step_lib  # pylint: disable=wrong-import-position
+from cmix_jax.data import pipeline  # pylint: disable=wrong-import-position
 from configs import default  # pylint: disable=wrong-import-position
 
 VARIANTS = {  # name -> (algorithm, CalibrateMix on, passes)
@@ -142,12 +145,13 @@ def time_train_step(config, warmup: int, steps: int, with_eval: bool = True):
   """
   with tempfile.TemporaryDirectory() as workdir:
     run = run_setup.build_run(config, workdir)
-    state, _ = run_setup.initial_state(run)
+    state, _ = resume.initial_state(run)
     state = parallel.stack_state(state, run.topo, run.sharded_field)
     kind = 'mix' if config.calibratemix.enabled else 'base'
-    batches = run_setup.train_iterator(run, 0)
+    batches = pipeline.train_batches(config, run.data, run.algorithm, run.topo, 0)
     batch = next(batches)
-    step = run_setup.make_step_fns(run)[kind].lower(state, batch).compile()  # timed and costed
+    fns = step_lib.make_step_fns(run.model, run.tx, run.algorithm, config, run.info, run.topo)
+    step = fns[kind].lower(state, batch).compile()  # timed and costed
     flops = step_flops(step)
     times = []
     for i in range(warmup + steps):

@@ -25,15 +25,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.extend  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
 
-from cmix_jax import dynamics  # pylint: disable=wrong-import-position
-from cmix_jax import mixup  # pylint: disable=wrong-import-position
-from cmix_jax import parallel  # pylint: disable=wrong-import-position
-from configs import default  # pylint: disable=wrong-import-position
+from cmix_jax import dynamics
+from cmix_jax import mixup
+from cmix_jax import parallel
+from configs import default
 
 N_ANCHORS, POOL, IMAGE, K, NUM_CLASSES = 32, 224, (32, 32, 3), 15, 10
 COLLECTIVES = ('all_gather', 'reduce_scatter')
@@ -182,8 +182,8 @@ def _numpy_pairing(rng, anchors, pool, pool_labels):
 def _torch_loop_fn(data):
   """The reference's loop in torch (on CUDA when available), or None without torch."""
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+    import torch
+    import torch.nn.functional as F
   except ImportError:
     return None, None
   device = 'cuda' if torch.cuda.is_available() else 'cpu'

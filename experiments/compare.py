@@ -31,9 +31,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmix_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax import plots  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmix_jax import metrics as metrics_lib
+from cmix_jax import plots
+from cmix_jax import storage
 
 # USB's published classic-CV error rates, shipped beside this script
 DEFAULT_REFERENCE = os.path.join(
@@ -252,7 +252,7 @@ def paired_interval(differences, confidence: float = 0.95) -> dict:
   {'n', 'mean', 'std' (ddof=1), 'low', 'high'}; low/high are NaN below two pairs.
   Non-finite differences are dropped.
   """
-  from scipy import stats  # pylint: disable=g-import-not-at-top
+  from scipy import stats
 
   d = np.asarray([x for x in differences if x is not None and math.isfinite(x)], np.float64)
   out = {'n': int(len(d)), 'mean': math.nan, 'std': math.nan, 'low': math.nan, 'high': math.nan}

@@ -27,10 +27,10 @@ DEVICES = 2
 
 def get_config():
   """The drill's job: FixMatch + CalibrateMix, tiny CNN, fake 12x12 data, 300 steps."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
+  import ml_collections
 
   sys.path.insert(0, REPO)
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from configs import default
 
   config = default.get_config()
   config.num_train_steps = STEPS
@@ -100,9 +100,9 @@ def error_lines(stderr: str) -> list[str]:
 
 def final_state(workdir: str):
   """(step, {path: numpy array}) of the newest checkpoint, read back with orbax."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
 
   ckpts = os.path.join(workdir, 'checkpoints')
   step = max(int(name) for name in os.listdir(ckpts) if name.isdigit())
@@ -118,7 +118,7 @@ def final_state(workdir: str):
 
 def same_end(reference: str, workdir: str) -> str:
   """'' if both runs end at the same step with equal arrays, else what differs."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import numpy as np
 
   step_a, state_a = final_state(reference)
   step_b, state_b = final_state(workdir)
@@ -356,7 +356,7 @@ def main(argv=None) -> int:
       start = time.time()
       try:
         done, happened, ok = case(root)
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         done, happened, ok = 'crashed', f'{type(e).__name__}: {e}', False
       verdict = 'SKIP' if ok is None else 'PASS' if ok else 'FAIL'
       failed += verdict == 'FAIL'

@@ -31,8 +31,8 @@ from etils import epath
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cmix_jax import config_validation  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmix_jax import config_validation
+from cmix_jax.data import datasets
 
 TARGETS = ('tpu', 'gpu', 'slurm')
 TARBALL = 'cmix_jax.tar.gz'  # `git archive` of HEAD (in the repo root, git-ignored), copied to every TPU worker

@@ -26,14 +26,14 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmix_jax import storage
 
 TEST_PER_CLASS = 30
 
 
 def digits_arrays(seed: int = 0) -> dict:
   """sklearn digits as uint8 [N, 8, 8, 1]; a class-balanced test split of 30 per class."""
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets as sk_datasets
 
   digits = sk_datasets.load_digits()
   images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
@@ -65,7 +65,7 @@ def write_npz(arrays: dict, path: str) -> str:
 
 def write_folder(arrays: dict, root: str) -> str:
   """train/<class>/NNNNN.png and test/<class>/NNNNN.png, grayscale PNGs."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
 
   names = [str(n) for n in arrays['class_names']]
   for split in ('train', 'test'):

@@ -1,22 +1,26 @@
-"""The dynamics study: can CalibrateMix's training-dynamics split be seen on a 2-core CPU?
+"""The controlled study: CalibrateMix against its base, its second pass and its ablations.
 
   python experiments/study.py                       # runs what is missing, then the table
   python experiments/study.py --dry_run             # lists the runs and their state
   python experiments/study.py --table_only          # re-aggregates the result files
-  python experiments/study.py --seeds=0,1,2,3 --out=DIR --config.data.name=npz:PATH
+  python experiments/study.py --config=configs/fmnist_maturity.py --seeds=0,1,2 \
+      --variants=base,control,cmix,cmix_fused --family=maturity --labels=40 \
+      --root=runs/fmnist_maturity --out=experiments/results/fmnist_controlled/maturity
 
-Grid (configs/fmnist_dynamics.py, every cell on every seed): supervised; FixMatch and
-SoftMatch, each as the base, + CalibrateMix (passes=2, the reference), + the split with a
-random partner from the opposite half (pair_k_frac=1), + random mixup without a split
-(random_pairing), + label smoothing 0.1 and + CalibrateMix fused (passes=1). Seeds draw
-different labeled sets. Runs go seed by seed, so a partial study has complete pairs.
+Grid (configs/fmnist_dynamics.py, every cell on every seed and label count): supervised;
+FixMatch and SoftMatch, each as the base, + the control (the reference's second pass without
+mixing), + CalibrateMix (passes=2, the reference), + CalibrateMix fused (passes=1), + the
+split with a random partner from the opposite half (pair_k_frac=1) and + label smoothing 0.1
+(random mixup, `randmix`, on request). Runs go seed by seed, so a partial study has complete
+pairs. The table tests the pre-registered family (`--family`) with paired t-tests and Holm's
+correction and prints every other comparison as exploratory.
 
-Each run trains in `--root/<name>` (--root and --out: local or gs://; a killed run resumes from its checkpoint when the
-study is started again), is analysed (experiments/study_analysis.py) and leaves
-`--out/runs/<name>.json`; a run with that file is finished and skipped. The table
-(`--out/table.md`, `--out/summary.json`) is made from those files alone. `--config.*`
-arguments go to every run unchanged (and are recorded; one results folder holds one
-setting).
+Each run trains in `--root/<name>` (--root and --out: local or gs://; a killed run resumes
+from its checkpoint when the study is started again), is analysed
+(experiments/study_analysis.py) and leaves `--out/runs/<name>.json`; a run with that file is
+finished and skipped. The table (`--out/table.md`, `--out/summary.json`) is made from those
+files alone. `--config.*` arguments go to every run unchanged (and are recorded; one results
+folder holds one setting).
 """
 
 import argparse
@@ -28,60 +32,78 @@ import sys
 import time
 import traceback
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
+import compare
+from cmix_jax import storage
 
 CONFIG = 'configs/fmnist_dynamics.py'
 BASES = ('fixmatch', 'softmatch')
 # variant -> config overrides on top of a base algorithm
 VARIANTS = {
   'base': {},
+  'control': {'calibratemix.enabled': True, 'calibratemix.second_pass_only': True},
   'cmix': {'calibratemix.enabled': True},
+  'cmix_fused': {'calibratemix.enabled': True, 'calibratemix.passes': 1},
   'split_random': {'calibratemix.enabled': True, 'calibratemix.pair_k_frac': 1.0},
   'randmix': {'calibratemix.enabled': True, 'calibratemix.random_pairing': True},
   'ls': {'ssl.label_smoothing': 0.1},
-  'cmix_fused': {'calibratemix.enabled': True, 'calibratemix.passes': 1},
 }
 VARIANT_LABELS = {
   'base': '',
-  'cmix': ' + CalibrateMix',
+  'control': ' + second pass, no mixup (control)',
+  'cmix': ' + CalibrateMix (2 passes)',
+  'cmix_fused': ' + CalibrateMix fused (1 pass)',
   'split_random': ' + split, random partner',
   'randmix': ' + random mixup (no split)',
   'ls': ' + label smoothing 0.1',
-  'cmix_fused': ' + CalibrateMix fused (passes=1)',
 }
+DEFAULT_VARIANTS = ('base', 'control', 'cmix', 'cmix_fused', 'split_random', 'ls')
 ACC_MARGIN = 0.005  # "without costing accuracy": the 95 % interval stays above -0.5 points
 
 
-def cells(variants=tuple(VARIANTS)) -> list[tuple[str, str]]:
-  """(algorithm, variant) of every cell: supervised, then each base with its variants."""
+def cells(variants=DEFAULT_VARIANTS, labels=(None,)) -> list[tuple]:
+  """(algorithm, variant, labels) of every cell: per label count, supervised, then each base."""
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
     raise ValueError(f'unknown variants {unknown}; use some of {", ".join(VARIANTS)}.')
-  return [('supervised', 'base')] + [(b, v) for b in BASES for v in VARIANTS if v in variants]
+  return [
+    cell
+    for n in labels
+    for cell in [('supervised', 'base', n)] + [(b, v, n) for b in BASES for v in variants]
+  ]
 
 
-def run_name(algorithm: str, variant: str, seed: int) -> str:
-  return f'{algorithm}-{variant}-s{seed}'
+def run_name(algorithm: str, variant: str, seed: int, labels=None) -> str:
+  return f'{algorithm}-{variant}' + ('' if labels is None else f'-n{labels}') + f'-s{seed}'
 
 
-def grid(seeds, variants=tuple(VARIANTS)) -> list[dict]:
-  """Every run, seed by seed: name, algorithm, variant, seed and its config overrides."""
+def grid(seeds, variants=DEFAULT_VARIANTS, labels=(None,)) -> list[dict]:
+  """Every run, seed by seed: name, algorithm, variant, labels, seed and config overrides.
+
+  labels=None keeps the config's data.num_labels (and the run name has no -n part).
+  """
   return [
     {
-      'name': run_name(a, v, s),
+      'name': run_name(a, v, s, n),
       'algorithm': a,
       'variant': v,
+      'labels': n,
       'seed': s,
-      'overrides': {'algorithm': a, 'seed': s, **VARIANTS[v]},
+      'overrides': {
+        'algorithm': a,
+        'seed': s,
+        **({} if n is None else {'data.num_labels': n}),
+        **VARIANTS[v],
+      },
     }
     for s in seeds
-    for a, v in cells(variants)
+    for a, v, n in cells(variants, labels)
   ]
 
 
@@ -131,7 +153,7 @@ def train(run: dict, workdir: str, config: str, user: dict) -> float:
 
 
 def analyse(workdir: str) -> dict:
-  import study_analysis  # pylint: disable=g-import-not-at-top
+  import study_analysis
 
   return study_analysis.analyze(workdir)
 
@@ -153,6 +175,7 @@ def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
     'name': run['name'],
     'algorithm': run['algorithm'],
     'variant': run['variant'],
+    'labels': run['labels'],
     'seed': run['seed'],
     'config': config,
     'overrides': run['overrides'],
@@ -196,118 +219,188 @@ def _value(record: dict, metric: str):
   return float(node)
 
 
+def cell_of(record: dict) -> tuple:
+  """(algorithm, variant, labels) of a result record (labels None in single-count studies)."""
+  return (record['algorithm'], record['variant'], record.get('labels'))
+
+
 def by_cell(results) -> dict:
-  """(algorithm, variant) -> {seed: record}."""
+  """(algorithm, variant, labels) -> {seed: record}."""
   out = {}
   for r in results:
-    out.setdefault((r['algorithm'], r['variant']), {})[int(r['seed'])] = r
+    out.setdefault(cell_of(r), {})[int(r['seed'])] = r
   return out
+
+
+def machine_of(record: dict):
+  """The machine id a run trained on (None for result files without provenance)."""
+  prov = (record.get('provenance') or {}).get('train') or {}
+  return prov.get('machine_id')
+
+
+def _difference(ra: dict, rb: dict, metric: str) -> float:
+  """a - b of one metric; 'mechanism' is AUROC(APM) - AUROC(confidence) of run a alone."""
+  if metric == 'mechanism':
+    return _value(ra, 'mechanism.auroc_apm') - _value(ra, 'mechanism.auroc_confidence')
+  return _value(ra, metric) - _value(rb, metric)
 
 
 def paired(cell_map: dict, a: tuple, b: tuple, metric: str) -> dict:
-  """Paired (a - b) of one metric over the seeds both cells have, with its 95 % t-interval."""
+  """Paired (a - b) over the seeds both cells have: 95 % t-interval, two-sided t-test p, and
+  how many pairs trained on two different (or unrecorded) machines."""
+  from scipy import stats
+
   ra, rb = cell_map.get(a, {}), cell_map.get(b, {})
   seeds = sorted(set(ra) & set(rb))
-  return compare.paired_interval([_value(ra[s], metric) - _value(rb[s], metric) for s in seeds])
-
-
-def verdict_lower(iv: dict, what: str) -> str:
-  """'yes' when the whole interval is below 0, 'no' when above, else 'not shown'."""
-  if iv['n'] < 2:
-    return f'not run yet ({iv["n"]} paired seed(s))'
-  if iv['high'] < 0:
-    return 'yes'
-  if iv['low'] > 0:
-    return f'no: it raises {what}'
-  return 'not shown (the interval includes 0)'
-
-
-def verdict_no_cost(iv: dict) -> str:
-  """Accuracy non-inferiority with margin ACC_MARGIN."""
-  if iv['n'] < 2:
-    return f'not run yet ({iv["n"]} paired seed(s))'
-  if iv['high'] < 0:
-    return f'no: it costs {-100 * iv["mean"]:.2f} points'
-  if iv['low'] >= -ACC_MARGIN:
-    return f'yes (no loss beyond {100 * ACC_MARGIN:.1f} points)'
-  return 'not shown (a loss above the margin is inside the interval)'
-
-
-def comparisons(base: str) -> list[tuple]:
-  """(label, cell a, cell b, metric, scale) of the paired differences reported for a base."""
-  c = lambda v: (base, v)
-  out = [(f'{base} − supervised', c('base'), ('supervised', 'base'), 'metrics.accuracy')]
-  for metric in (
-    'metrics.ece',
-    'metrics.accuracy',
-    'metrics.nll',
-    'metrics.brier',
-    'ts.metrics.ece',
-  ):
-    out.append((f'{base}: CalibrateMix − base', c('cmix'), c('base'), metric))
-  for other in ('split_random', 'randmix', 'ls', 'cmix_fused'):
-    for metric in ('metrics.ece', 'metrics.accuracy'):
-      out.append((f'{base}: CalibrateMix − {other}', c('cmix'), c(other), metric))
-  for metric in ('metrics.ece', 'metrics.accuracy'):
-    out.append((f'{base}: split_random − randmix', c('split_random'), c('randmix'), metric))
-    out.append((f'{base}: label smoothing − base', c('ls'), c('base'), metric))
-  out.append(
-    (f'{base}: AUROC APM − confidence (CalibrateMix runs)', c('cmix'), c('cmix'), 'mechanism')
+  diffs = [_difference(ra[s], rb[s], metric) for s in seeds]
+  out = compare.paired_interval(diffs)
+  finite = np.asarray([d for d in diffs if math.isfinite(d)], np.float64)
+  p = math.nan
+  if len(finite) >= 2:
+    p = (
+      0.0 if np.ptp(finite) == 0 and finite[0] != 0 else float(stats.ttest_1samp(finite, 0).pvalue)
+    )
+  other_machine = sum(
+    machine_of(ra[s]) is None or machine_of(ra[s]) != machine_of(rb[s]) for s in seeds
   )
-  return out
+  return {**out, 'p': p, 'seeds': seeds, 'pairs_not_on_one_machine': int(other_machine)}
 
 
-def _mechanism_interval(cell_map, cell) -> dict:
-  runs = cell_map.get(cell, {})
-  return compare.paired_interval(
-    _value(r, 'mechanism.auroc_apm') - _value(r, 'mechanism.auroc_confidence')
-    for r in runs.values()
-  )
+def holm(pvalues) -> list[float]:
+  """Holm's step-down adjusted p-values, in the given order (NaN counts as 1)."""
+  p = np.asarray([1.0 if not math.isfinite(x) else x for x in pvalues], np.float64)
+  m, order = len(p), np.argsort(p, kind='stable')
+  adjusted, running = np.empty(m), 0.0
+  for rank, i in enumerate(order):
+    running = max(running, min(1.0, (m - rank) * p[i]))
+    adjusted[i] = running
+  return adjusted.tolist()
 
 
-def verdicts(cell_map: dict, base: str) -> list[tuple[str, str, dict]]:
-  """(claim, verdict, interval) per claim of the paper, for one base."""
-  c = lambda v: (base, v)
-  ece = paired(cell_map, c('cmix'), c('base'), 'metrics.ece')
-  acc = paired(cell_map, c('cmix'), c('base'), 'metrics.accuracy')
-  vs_split = paired(cell_map, c('cmix'), c('split_random'), 'metrics.ece')
-  vs_rand = paired(cell_map, c('cmix'), c('randmix'), 'metrics.ece')
-  v_split, v_rand = verdict_lower(vs_split, 'ECE'), verdict_lower(vs_rand, 'ECE')
-  if v_split.startswith('not run') or v_rand.startswith('not run'):
-    targeted = 'not run yet'
-  elif v_split == v_rand == 'yes':
-    targeted = 'yes'
-  elif v_split.startswith('no:') or v_rand.startswith('no:'):
-    targeted = 'no: an ablation has lower ECE'
-  else:
-    targeted = f'not shown (vs split+random partner: {v_split}; vs random mixup: {v_rand})'
-  mech = _mechanism_interval(cell_map, c('cmix'))
-  if mech['n'] < 2:
-    mech_verdict = f'not run yet ({mech["n"]} seed(s))'
-  elif mech['low'] > 0:
-    mech_verdict = 'yes'
-  elif mech['high'] < 0:
-    mech_verdict = 'no: the current confidence flags wrong pseudo-labels better'
-  else:
-    mech_verdict = 'no: APM carries no more information than confidence here'
-  ssl = paired(cell_map, c('base'), ('supervised', 'base'), 'metrics.accuracy')
-  return [
-    (
-      f'{base} beats supervised on accuracy (setting sanity)',
-      verdict_lower({**ssl, 'low': -ssl['high'], 'high': -ssl['low']}, 'nothing').replace(
-        'no: it raises nothing', 'no: supervised is more accurate'
-      ),
-      ssl,
+# Pre-registered families (the study's README): id, what, arm a, arm b, metric.
+FAMILIES = {
+  'main': {
+    'seeds_needed': 5,
+    'tests': (
+      ('P1', 'fused − base', 'cmix_fused', 'base', 'metrics.ece'),
+      ('P2', 'two-pass − control', 'cmix', 'control', 'metrics.ece'),
+      ('P3', 'two-pass − base', 'cmix', 'base', 'metrics.accuracy'),
+      ('P4', 'two-pass − split + random partner', 'cmix', 'split_random', 'metrics.ece'),
     ),
-    (f'{base}: CalibrateMix lowers ECE', verdict_lower(ece, 'ECE'), ece),
-    (f'{base}: … without costing accuracy', verdict_no_cost(acc), acc),
-    (f'{base}: targeted pairing beats the ablations (ECE)', targeted, vs_rand),
-    (f'{base}: stored APM flags wrong pseudo-labels better than confidence', mech_verdict, mech),
+  },
+  'maturity': {
+    'seeds_needed': 3,
+    'tests': (
+      ('M1', 'AUROC(APM) − AUROC(confidence), two-pass runs', 'cmix', 'cmix', 'mechanism'),
+      ('M2', 'two-pass − control', 'cmix', 'control', 'metrics.ece'),
+      ('M3', 'fused − base', 'cmix_fused', 'base', 'metrics.ece'),
+    ),
+  },
+}
+# Exploratory rows (printed where both arms exist): what, arm a, arm b, metric.
+EXPLORATORY = (
+  ('base − supervised', 'base', ('supervised', 'base'), 'metrics.accuracy'),
+  ('two-pass − base', 'cmix', 'base', 'metrics.ece'),
+  ('two-pass − base', 'cmix', 'base', 'metrics.brier'),
+  ('two-pass − base', 'cmix', 'base', 'metrics.nll'),
+  ('two-pass − base', 'cmix', 'base', 'ts.metrics.ece'),
+  ('control − base', 'control', 'base', 'metrics.ece'),
+  ('control − base', 'control', 'base', 'metrics.accuracy'),
+  ('two-pass − control', 'cmix', 'control', 'metrics.accuracy'),
+  ('fused − base', 'cmix_fused', 'base', 'metrics.accuracy'),
+  ('two-pass − fused', 'cmix', 'cmix_fused', 'metrics.ece'),
+  ('two-pass − fused', 'cmix', 'cmix_fused', 'metrics.accuracy'),
+  ('two-pass − split + random partner', 'cmix', 'split_random', 'metrics.accuracy'),
+  ('two-pass − random mixup', 'cmix', 'randmix', 'metrics.ece'),
+  ('label smoothing − base', 'ls', 'base', 'metrics.ece'),
+  ('label smoothing − base', 'ls', 'base', 'metrics.accuracy'),
+  ('AUROC(APM) − AUROC(confidence), two-pass runs', 'cmix', 'cmix', 'mechanism'),
+  ('AUROC(APM) − AUROC(confidence), fused runs', 'cmix_fused', 'cmix_fused', 'mechanism'),
+)
+
+
+def _bases_and_labels(cell_map: dict) -> list[tuple]:
+  """(base, labels) groups present, in the grid's order."""
+  labels = sorted({c[2] for c in cell_map}, key=lambda n: -1 if n is None else n)
+  return [
+    (b, n) for n in labels for b in BASES if any(c[:1] == (b,) and c[2] == n for c in cell_map)
   ]
 
 
+def _arm(base: str, arm, labels) -> tuple:
+  return (*arm, labels) if isinstance(arm, tuple) else (base, arm, labels)
+
+
+def primary(cell_map: dict, family: str = 'main') -> list[dict]:
+  """The family's tests for every (base, labels): intervals, p, Holm-adjusted p, verdict."""
+  spec = FAMILIES[family]
+  rows = []
+  for base, labels in _bases_and_labels(cell_map):
+    for test_id, what, a, b, metric in spec['tests']:
+      a_cell, b_cell = _arm(base, a, labels), _arm(base, b, labels)
+      iv = paired(cell_map, a_cell, b_cell, metric)
+      complete = min(len(cell_map.get(a_cell, {})), len(cell_map.get(b_cell, {})))
+      rows.append(
+        {
+          'id': test_id,
+          'base': base,
+          'labels': labels,
+          'comparison': what,
+          'metric': 'AUROC' if metric == 'mechanism' else metric,
+          'complete': complete >= spec['seeds_needed'],
+          **iv,
+        }
+      )
+  for row, adjusted in zip(rows, holm([r['p'] for r in rows])):
+    row['p_holm'] = adjusted
+    row['verdict'] = _primary_verdict(row, all(r['complete'] for r in rows))
+  return rows
+
+
+def _primary_verdict(row: dict, family_complete: bool) -> str:
+  if not family_complete:
+    return 'incomplete, no verdict'
+  if row['p_holm'] < 0.05:
+    return 'lower (shown)' if row['mean'] < 0 else 'higher (shown)'
+  return 'not shown'
+
+
+def exploratory_word(iv: dict) -> str:
+  """'lower' / 'higher' when the unadjusted 95 % interval excludes 0, else 'not shown'."""
+  if iv['n'] < 2 or not math.isfinite(iv['low']):
+    return f'not shown ({iv["n"]} pair(s))'
+  if iv['high'] < 0:
+    return 'lower'
+  if iv['low'] > 0:
+    return 'higher'
+  return 'not shown'
+
+
+def exploratory(cell_map: dict) -> list[dict]:
+  """Every exploratory row whose two arms exist, per (base, labels)."""
+  rows = []
+  for base, labels in _bases_and_labels(cell_map):
+    for what, a, b, metric in EXPLORATORY:
+      a_cell, b_cell = _arm(base, a, labels), _arm(base, b, labels)
+      if a_cell not in cell_map or b_cell not in cell_map:
+        continue
+      iv = paired(cell_map, a_cell, b_cell, metric)
+      name = 'AUROC' if metric == 'mechanism' else metric
+      rows.append(
+        {
+          'base': base,
+          'labels': labels,
+          'comparison': what,
+          'metric': name,
+          **iv,
+          'reading': exploratory_word(iv),
+        }
+      )
+  return rows
+
+
 def _pm(values, scale=1.0, digits=2) -> str:
-  mean, std = compare._mean_std(values)  # pylint: disable=protected-access
+  mean, std = compare._mean_std(values)
   if not math.isfinite(mean):
     return ''
   text = f'{scale * mean:.{digits}f}'
@@ -323,13 +416,20 @@ def _ci(iv: dict, scale: float, digits: int = 2) -> str:
   return text
 
 
+def _scale(metric: str) -> tuple[float, int, str]:
+  """(scale, digits, unit) a metric is printed in."""
+  if metric.endswith(('ece', 'accuracy')):
+    return 100, 2, ' (points)'
+  return 1, 3, ''
+
+
 CELL_COLUMNS = (  # header, metric path, scale, digits
   ('accuracy (%)', 'metrics.accuracy', 100, 2),
   ('ECE (%)', 'metrics.ece', 100, 2),
+  ('ECE bootstrap half-width (%)', 'ece_bootstrap.half_width', 100, 2),
   ('NLL', 'metrics.nll', 1, 3),
   ('Brier', 'metrics.brier', 1, 3),
   ('ECE after TS (%)', 'ts.metrics.ece', 100, 2),
-  ('T', 'ts.temperature', 1, 2),
   ('AUROC APM', 'mechanism.auroc_apm', 1, 3),
   ('AUROC confidence', 'mechanism.auroc_confidence', 1, 3),
   ('pseudo-label error (%)', 'mechanism.pseudo_label_error', 100, 1),
@@ -338,104 +438,207 @@ CELL_COLUMNS = (  # header, metric path, scale, digits
 )
 
 
-def table(results) -> tuple[str, dict]:
-  """(Markdown, summary dict) of the result records: per-cell means, paired differences."""
+def cell_order(cell: tuple) -> tuple:
+  """Sort key: label count, then supervised and the bases, then the variants' order."""
+  algorithm, variant, labels = cell
+  algorithms = ('supervised',) + BASES
+  return (
+    -1 if labels is None else labels,
+    algorithms.index(algorithm) if algorithm in algorithms else len(algorithms),
+    list(VARIANTS).index(variant) if variant in VARIANTS else len(VARIANTS),
+  )
+
+
+def cell_label(cell: tuple) -> str:
+  algorithm, variant, labels = cell
+  return (
+    algorithm
+    + VARIANT_LABELS.get(variant, ' ' + variant)
+    + ('' if labels is None else f', {labels} labels')
+  )
+
+
+def _with_half_width(record: dict) -> dict:
+  boot = record.get('ece_bootstrap')
+  if boot:
+    record = {**record, 'ece_bootstrap': {**boot, 'half_width': (boot['high'] - boot['low']) / 2}}
+  return record
+
+
+def run_summary(record: dict) -> dict:
+  """What summary.json keeps of one run: overrides, headline metrics, APM counts, bootstrap."""
+  prov = (record.get('provenance') or {}).get('train') or {}
+  return {
+    'name': record['name'],
+    'seed': record['seed'],
+    'labels': record.get('labels'),
+    'overrides': record.get('overrides'),
+    'user_overrides': record.get('user_overrides'),
+    'metrics': {k: record['metrics'].get(k) for k in ('accuracy', 'ece', 'nll', 'brier')},
+    'ece_after_ts': _value(record, 'ts.metrics.ece'),
+    'ece_bootstrap': record.get('ece_bootstrap'),
+    'apm_count': record.get('apm_count'),
+    'mechanism': record.get('mechanism'),
+    'machine_id': prov.get('machine_id'),
+    'commit': prov.get('commit'),
+    'train_seconds': record.get('train_seconds'),
+  }
+
+
+def table(results, family: str = 'main') -> tuple[str, dict]:
+  """(Markdown, summary dict) of the result records: cells, the pre-registered family, the
+  exploratory rows."""
+  results = [_with_half_width(r) for r in results]
   cell_map = by_cell(results)
-  order = [c for c in cells() if c in cell_map] + sorted(set(cell_map) - set(cells()))
   lines = [
     '| run | seeds | ' + ' | '.join(h for h, *_ in CELL_COLUMNS) + ' |',
     '|' + '---|' * (len(CELL_COLUMNS) + 2),
   ]
-  summary = {'cells': {}, 'paired': [], 'verdicts': []}
-  for cell in order:
+  summary = {'family': family, 'runs': [], 'cells': {}, 'primary': [], 'exploratory': []}
+  for cell in sorted(cell_map, key=cell_order):
     runs = [cell_map[cell][s] for s in sorted(cell_map[cell])]
-    label = cell[0] + VARIANT_LABELS.get(cell[1], ' ' + cell[1])
     values = {h: [_value(r, m) for r in runs] for h, m, *_ in CELL_COLUMNS}
     lines.append(
-      f'| {label} | {" ".join(str(r["seed"]) for r in runs)} | '
+      f'| {cell_label(cell)} | {" ".join(str(r["seed"]) for r in runs)} | '
       + ' | '.join(_pm(values[h], scale, digits) for h, _, scale, digits in CELL_COLUMNS)
       + ' |'
     )
-    summary['cells'][f'{cell[0]}/{cell[1]}'] = {
+    summary['cells']['/'.join(map(str, cell))] = {
       'seeds': [r['seed'] for r in runs],
       **{m: compare._mean_std(values[h]) for h, m, *_ in CELL_COLUMNS},
-    }  # pylint: disable=protected-access
+    }
+    summary['runs'] += [run_summary(r) for r in runs]
   lines += [
     '',
-    '| paired difference (same seed) | metric | seeds | mean [95 % t-interval] |',
-    '|---|---|---|---|',
+    f'Pre-registered comparisons ({family} family; paired by seed, two-sided t-test, Holm '
+    f'over the {sum(len(FAMILIES[family]["tests"]) for _ in _bases_and_labels(cell_map))} '
+    'tests):',
+    '',
+    '| id | base | labels | comparison | metric | seeds | mean [95 % t-interval] | p | p (Holm) '
+    '| verdict |',
+    '|---|---|---|---|---|---|---|---|---|---|',
   ]
-  bases = [b for b in BASES if any(c[0] == b for c in cell_map)]
-  for base in bases:
-    for label, a, b, metric in comparisons(base):
-      iv = (
-        _mechanism_interval(cell_map, a)
-        if metric == 'mechanism'
-        else paired(cell_map, a, b, metric)
-      )
-      if iv['n'] == 0:
-        continue
-      scale, unit = (100, 'points') if metric.endswith(('ece', 'accuracy')) else (1, '')
-      name = 'AUROC' if metric == 'mechanism' else metric
-      lines.append(
-        f'| {label} | {name}{" (" + unit + ")" if unit else ""} | {iv["n"]} | '
-        f'{_ci(iv, scale, 2 if scale == 100 else 3)} |'
-      )
-      summary['paired'].append({'comparison': label, 'metric': name, **iv})
-  lines += ['', '| claim | verdict | paired mean [95 % interval] |', '|---|---|---|']
-  for base in bases:
-    for claim, verdict, iv in verdicts(cell_map, base):
-      scale = 1 if 'APM' in claim else 100
-      lines.append(f'| {claim} | {verdict} | {_ci(iv, scale, 3 if scale == 1 else 2)} |')
-      summary['verdicts'].append({'claim': claim, 'verdict': verdict, **iv})
+  for row in primary(cell_map, family):
+    scale, digits, unit = _scale(row['metric'])
+    lines.append(
+      f'| {row["id"]} | {row["base"]} | {row["labels"] or ""} | {row["comparison"]} | '
+      f'{row["metric"]}{unit} | {row["n"]} | {_ci(row, scale, digits)} | {_p(row["p"])} | '
+      f'{_p(row["p_holm"])} | {row["verdict"]} |'
+    )
+    summary['primary'].append(row)
   lines += [
     '',
+    'Exploratory (unadjusted 95 % t-intervals; "lower"/"higher" only when the interval '
+    'excludes 0; no verdicts):',
+    '',
+    '| base | labels | comparison | metric | seeds | mean [95 % t-interval] | reading |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  for row in exploratory(cell_map):
+    scale, digits, unit = _scale(row['metric'])
+    lines.append(
+      f'| {row["base"]} | {row["labels"] or ""} | {row["comparison"]} | {row["metric"]}{unit} '
+      f'| {row["n"]} | {_ci(row, scale, digits)} | {row["reading"]} |'
+    )
+    summary['exploratory'].append(row)
+  mismatched = sum(r['pairs_not_on_one_machine'] for r in summary['primary'])
+  summary['primary_pairs_not_on_one_machine'] = mismatched
+  lines += [
+    '',
+    f'Primary pairs whose two runs trained on different (or unrecorded) machines: {mismatched}.',
     'Final EMA checkpoint, test split; mean ± sample std over seeds. ECE: 10 equal-width '
-    'bins. TS: temperature fitted by NLL on the held-out labeled validation slice. AUROC: '
-    'how well −APM at the current pseudo-label (or −current max probability) ranks the '
-    'unlabeled samples whose current pseudo-label is wrong first (hidden labels; EMA model, '
-    'un-augmented images). Paired differences: same seed (= same labeled draw), Student-t '
-    f'95 % interval; "without costing accuracy" = interval above −{100 * ACC_MARGIN:.1f} '
-    'points.',
+    'bins; its bootstrap half-width: half the 95 % percentile-bootstrap interval over test '
+    'images. TS: temperature fitted by NLL on the held-out labeled slice. AUROC: how well '
+    '−APM at the current pseudo-label (or −current max probability) ranks the unlabeled '
+    'samples whose current pseudo-label is wrong first (hidden labels; EMA model, '
+    'un-augmented images).',
   ]
   return '\n'.join(lines) + '\n', summary
+
+
+def _p(p: float) -> str:
+  return '' if not math.isfinite(p) else (f'{p:.3f}' if p >= 0.001 else f'{p:.1e}')
 
 
 PICTURES = ('data_map_labeled.png', 'data_map_unlabeled.png')  # copied per run of the picture seed
 
 
-def write_pictures(runs: list[dict], root: str, out: str, seed: int) -> list[str]:
-  """`out/pictures/`: every cell's final reliability diagram (one figure) and data maps, of
-  the runs of `seed` whose workdirs are here; returns the files written."""
-  from cmix_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow to import)
+def _pooled_reliability(runs: list[dict], root: str) -> dict:
+  """cell label -> final reliability table pooled over the seeds whose workdirs are here."""
+  from cmix_jax import plots  # matplotlib is slow to import
+
+  tables = {}
+  for run in runs:
+    path = storage.as_path(root) / run['name'] / 'final_reliability.json'
+    if path.exists():
+      cell = (run['algorithm'], run['variant'], run['labels'])
+      tables.setdefault(cell, []).append(storage.read_json(path))
+  return {
+    f'{cell_label(c)} ({len(tables[c])} seeds)': plots.pool_tables(tables[c])
+    for c in sorted(tables, key=cell_order)
+  }
+
+
+def forest_rows(summary: dict) -> list[dict]:
+  """The pre-registered comparisons as forest-plot rows (ECE and accuracy in points)."""
+  rows = []
+  for row in summary['primary']:
+    scale = _scale(row['metric'])[0]
+    labels = '' if row['labels'] is None else f', {row["labels"]} labels'
+    rows.append(
+      {
+        'label': f'{row["id"]} {row["base"]}{labels}: {row["comparison"]} ({row["metric"]})',
+        'group': row['id'],
+        'mean': scale * row['mean'],
+        'low': scale * row['low'],
+        'high': scale * row['high'],
+        'shown': row['verdict'].endswith('(shown)'),
+      }
+    )
+  return rows
+
+
+def write_pictures(runs: list[dict], root: str, out: str, seed: int, summary: dict) -> list[str]:
+  """`out/pictures/`: the forest plot of the pre-registered comparisons, one reliability
+  diagram per arm (pooled over seeds, a figure per label count) and the data maps of the
+  runs of `seed`, from the workdirs under `root` that are here; returns the files written."""
+  from cmix_jax import plots
 
   folder = storage.as_path(out) / 'pictures'
-  tables, written = {}, []
+  written = []
+  rows = forest_rows(summary)
+  if rows:
+    title = f'pre-registered comparisons ({summary["family"]}): mean, 95 % t-interval; filled = shown (Holm)'
+    written += plots.forest_plot(
+      rows,
+      str(folder / f'forest_{summary["family"]}.png'),
+      'paired difference (points; AUROC as is)',
+      title,
+    )
+  for labels in sorted({r['labels'] for r in runs}, key=lambda n: -1 if n is None else n):
+    tables = _pooled_reliability([r for r in runs if r['labels'] == labels], root)
+    if tables:
+      name = 'reliability' + ('' if labels is None else f'_n{labels}')
+      title = 'final EMA model, test split, pooled over seeds'
+      written += plots.multi_reliability(tables, str(folder / f'{name}.png'), title=title, ncols=4)
   for run in (r for r in runs if r['seed'] == seed):
-    workdir = storage.as_path(root) / run['name']
-    if not (workdir / 'final_reliability.json').exists():
-      continue
-    label = run['algorithm'] + VARIANT_LABELS.get(run['variant'], ' ' + run['variant'])
-    tables[label] = storage.read_json(workdir / 'final_reliability.json')
     for picture in PICTURES:
-      if (workdir / picture).exists():
+      source = storage.as_path(root) / run['name'] / picture
+      if source.exists():
         target = folder / f'{run["name"]}_{picture}'
-        written.append(str(storage.write_bytes(target, (workdir / picture).read_bytes())))
-  if tables:
-    path = str(folder / f'reliability_s{seed}.png')
-    title = f'final EMA model, test split, seed {seed}'
-    written += list(plots.multi_reliability(tables, path, title=title, ncols=4))
-  return written
+        written.append(str(storage.write_bytes(target, source.read_bytes())))
+  return [str(w) for w in written]
 
 
-def write_table(out: str) -> str:
+def write_table(out: str, family: str = 'main') -> tuple[str, dict]:
+  """table.md and summary.json of `out` from its result files; returns (Markdown, summary)."""
   results = load_results(out)
   if not results:
     raise SystemExit(f'no result files in {out}/runs yet: run the study first.')
-  markdown, summary = table(results)
+  markdown, summary = table(results, family)
   storage.write_text(storage.as_path(out) / 'table.md', markdown)
   write_json(os.path.join(out, 'summary.json'), summary)
-  return markdown
+  return markdown, summary
 
 
 # ----------------------------------------------------------------------------
@@ -464,17 +667,28 @@ def main(argv=None) -> int:
   parser.add_argument('--seeds', default='0,1,2,3,4', help='comma-separated seeds (labeled draws)')
   parser.add_argument(
     '--out',
-    default=os.path.join(HERE, 'results', 'fmnist_dynamics'),
+    default=os.path.join(HERE, 'results', 'fmnist_controlled'),
     help='results folder: runs/*.json, table.md, summary.json',
   )
-  parser.add_argument('--root', default='runs/fmnist_dynamics', help='run workdirs')
+  parser.add_argument('--root', default='runs/fmnist_controlled', help='run workdirs')
   parser.add_argument('--config', default=CONFIG, help='the study config file')
   parser.add_argument(
     '--variants',
-    default=','.join(VARIANTS),
-    help='variants of each base to run (supervised always runs)',
+    default=','.join(DEFAULT_VARIANTS),
+    help=f'variants of each base to run (supervised always runs); of {",".join(VARIANTS)}',
+  )
+  parser.add_argument(
+    '--labels',
+    default='40,250',
+    help='comma-separated label counts (data.num_labels per run); empty = the config\'s',
   )
   parser.add_argument('--only', default='', help='only runs whose name contains this')
+  parser.add_argument(
+    '--family',
+    default='main',
+    choices=sorted(FAMILIES),
+    help="the pre-registered comparisons the table tests: 'main' (the grid) or 'maturity'",
+  )
   parser.add_argument('--dry_run', action='store_true', help='list the runs and their state')
   parser.add_argument('--table_only', action='store_true', help='only re-aggregate')
   parser.add_argument(
@@ -487,7 +701,8 @@ def main(argv=None) -> int:
   user = parse_overrides(extra)
   seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
   variants = tuple(v.strip() for v in args.variants.split(',') if v.strip())
-  runs = [r for r in grid(seeds, variants) if args.only in r['name']]
+  labels = tuple(int(n) for n in args.labels.split(',') if n.strip()) or (None,)
+  runs = [r for r in grid(seeds, variants, labels) if args.only in r['name']]
   if args.dry_run:
     for run in runs:
       workdir = os.path.join(args.root, run['name'])
@@ -503,7 +718,7 @@ def main(argv=None) -> int:
       print(f'[{i + 1}/{len(runs)}] {run["name"]}', flush=True)
       try:
         record = complete(run, args.out, args.root, args.config, user)
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         # A failed run is reported with its traceback; the others go on (rerun to retry).
         print(f'FAILED: {run["name"]}\n{traceback.format_exc()}', flush=True)
         continue
@@ -514,9 +729,10 @@ def main(argv=None) -> int:
         + (f'train {trained:.0f} s' if trained is not None else 'analysed only'),
         flush=True,
       )
-  print(write_table(args.out))
+  markdown, summary = write_table(args.out, args.family)
+  print(markdown)
   picture_seed = seeds[0] if args.picture_seed is None else args.picture_seed
-  written = write_pictures(runs, args.root, args.out, picture_seed)
+  written = write_pictures(runs, args.root, args.out, picture_seed, summary)
   print(f'{len(written)} picture files of seed {picture_seed} in {args.out}/pictures')
   return 0
 

@@ -7,7 +7,10 @@
 - `apm_count`: the distribution of APM updates per unlabeled sample;
 - `mechanism`: how well the stored APM at the current pseudo-label flags a wrong
   pseudo-label, against the current confidence (AUROC on the pool's hidden labels).
-  "Current" = the EMA model on the un-augmented unlabeled images at the end of training.
+  "Current" = the EMA model on the un-augmented unlabeled images at the end of training;
+- `ece_bootstrap`: a 95 % percentile-bootstrap interval of the test ECE over test images,
+  the metric's own sampling noise (beside the study's paired intervals over seeds);
+- `provenance`: what the run trained on (from its eval.json) and what analysed it.
 """
 
 import io
@@ -18,6 +21,7 @@ import numpy as np
 from scipy import stats
 
 MIN_UPDATES = 30  # the study's target: mean APM updates per unlabeled sample after warm-up
+BOOTSTRAP_RESAMPLES = 2000  # resamples of the test set for the ECE interval
 
 
 def auroc(scores, positives) -> float:
@@ -36,6 +40,43 @@ def auroc(scores, positives) -> float:
     return math.nan
   ranks = stats.rankdata(scores)  # average ranks for ties
   return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def ece_of(confidence, correct, num_bins: int = 10, axis: int = -1):
+  """ECE (equal-width bins, [lo, hi), last closed) along `axis`; vectorised for the bootstrap.
+
+  confidence, correct: [..., N] -> [...]; the same number as cmix_jax.metrics.ece.
+  """
+  confidence = np.moveaxis(np.asarray(confidence, np.float64), axis, -1)  # [..., N]
+  correct = np.moveaxis(np.asarray(correct, np.float64), axis, -1)  # [..., N]
+  bins = np.minimum((confidence * num_bins).astype(np.int64), num_bins - 1)  # [..., N]
+  onehot = bins[..., None] == np.arange(num_bins)  # [..., N, num_bins]
+  gap = np.einsum('...nb,...n->...b', onehot, confidence - correct)  # [..., num_bins]
+  return np.abs(gap).sum(-1) / confidence.shape[-1]
+
+
+def ece_bootstrap(logits, labels, num_bins: int = 10, seed: int = 0) -> dict:
+  """{'ece', 'low', 'high', 'resamples'}: 95 % percentile-bootstrap interval over examples."""
+  probs = _softmax(logits)  # [N, C]
+  confidence = probs.max(axis=1)  # [N]
+  correct = (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)  # [N]
+  result = stats.bootstrap(
+    (confidence, correct),
+    lambda conf, corr, axis: ece_of(conf, corr, num_bins, axis),
+    paired=True,
+    vectorized=True,
+    n_resamples=BOOTSTRAP_RESAMPLES,
+    batch=100,
+    method='percentile',
+    rng=np.random.default_rng(seed),
+  )
+  interval = result.confidence_interval
+  return {
+    'ece': float(ece_of(confidence, correct, num_bins)),
+    'low': float(interval.low),
+    'high': float(interval.high),
+    'resamples': BOOTSTRAP_RESAMPLES,
+  }
 
 
 def apm_count_summary(counts) -> dict:
@@ -87,9 +128,10 @@ def mechanism(
 
 def analyze(workdir: str) -> dict:
   """Final-EMA test metrics, temperature-scaled metrics, APM counts and the mechanism check."""
-  from cmix_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
-  from cmix_jax import storage  # pylint: disable=g-import-not-at-top
+  from cmix_jax import evaluate
+  from cmix_jax import provenance
+  from cmix_jax import run_setup
+  from cmix_jax import storage
 
   run = run_setup.build_run(evaluate.load_config(workdir), workdir, write=False)
   step, state = evaluate.restore(run, 'latest', None)
@@ -106,7 +148,13 @@ def analyze(workdir: str) -> dict:
     },
     'apm_count': None,
     'mechanism': None,
+    'provenance': {
+      'train': storage.read_json(storage.as_path(workdir) / 'eval.json').get('provenance'),
+      'analysis': provenance.describe(),
+    },
   }
+  test_logits, test_labels = run.evaluator.logits(state, run.data, 'test')
+  out['ece_bootstrap'] = ece_bootstrap(test_logits, test_labels, run.config.eval.num_bins)
   if not run.algorithm.uses_unlabeled:
     return out  # supervised: no unlabeled pass, no APM
   npz = storage.as_path(workdir) / 'dynamics.npz'

@@ -17,8 +17,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import classic_cv  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmix_jax import storage
+from configs import classic_cv
 
 # The CPU study of Fashion-MNIST: (algorithm, variant) pairs, label settings and seeds.
 FMNIST_RUNS = (

@@ -21,8 +21,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # programs run a few steps each, so compiling them dominates, and these cut that by about a
 # third. Processes a test starts without XLA_FLAGS (the command-line tests) compile as a
 # user's run does. Flags already in XLA_FLAGS win.
-from cmix_jax import parallel as _parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import default as _default  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmix_jax import parallel as _parallel
+from configs import default as _default
 
 _parallel.set_xla_flags(
   '--xla_force_host_platform_device_count=8 '
@@ -32,9 +32,10 @@ _parallel.set_xla_flags(
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # The `gcs` fixture (a local GCS emulator with gs://test-bucket) for every test module.
-from tests.gcs import gcs  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
+from tests import gcs as _gcs
+from tests.gcs import gcs  # noqa: F401
 
-import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 
 
 MAX_MEMORY_MAPS = 20_000  # well under Linux's default vm.max_map_count of 65,530
@@ -61,3 +62,11 @@ def _free_compiled_programs():
   if _memory_maps() > MAX_MEMORY_MAPS:
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Stops this process's GCS emulator when its session ends, in the main process and in every
+  xdist worker: a worker still busy when the run shuts down leaves through os._exit (execnet),
+  skipping atexit. An emulator whose process dies any other way dies with it (tests/gcs.py)."""
+  del session, exitstatus
+  _gcs.stop_emulator()

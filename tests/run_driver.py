@@ -6,6 +6,7 @@ python -m tests.run_driver --workdir=W --devices=4 [--kill_after_checkpoint=2]
 """
 
 import argparse
+import ast
 import json
 import os
 import signal
@@ -42,17 +43,21 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
+def _literal(text: str):
+  """A Python literal (True, 6, 1e-3, (1, 2)) as its value; anything else as the text."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def build_config(args):
-  from tests import tiny  # pylint: disable=g-import-not-at-top
+  from tests import tiny
 
   config = tiny.config()
-  for item in args.set:
-    key, value = item.split('=', 1)
-    target = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = type(target[leaf])(eval(value)) if not isinstance(target[leaf], str) else value  # pylint: disable=eval-used
+  config.update_from_flattened_dict(
+    {key: _literal(text) for key, text in (item.split('=', 1) for item in args.set)}
+  )
   if args.coordinator:
     config.distributed.mode = 'explicit'
     config.distributed.coordinator_address = args.coordinator
@@ -62,37 +67,27 @@ def build_config(args):
   return config
 
 
-def install_hooks(args, train):
-  """Test-only fault injection around the real loop functions."""
-  if args.kill_after_checkpoint >= 0:
-    save = train.save_checkpoint
+def make_hooks(args, train, checkpointing):
+  """Test-only fault injection at the loop's points (train.Hooks)."""
 
-    def save_then_die(run, state, step, meta, wait=False):
-      save(run, state, step, meta, wait=True)
-      if step == args.kill_after_checkpoint:
-        os.kill(os.getpid(), signal.SIGKILL)
+  def after_checkpoint(run, step):
+    if step == args.kill_after_checkpoint:
+      checkpointing.wait_until_saved(run.manager)
+      os.kill(os.getpid(), signal.SIGKILL)
 
-    train.save_checkpoint = save_then_die
-  if args.sigterm_after_step >= 0:
-    run_steps = train.run_steps
+  def before_steps(run, step):
+    if 0 <= args.sigterm_after_step <= step:
+      os.kill(os.getpid(), signal.SIGTERM)
 
-    def steps_then_signal(step_fns, state, batches, config, start, end, flag=None):
-      if start >= args.sigterm_after_step:
-        os.kill(os.getpid(), signal.SIGTERM)
-      return run_steps(step_fns, state, batches, config, start, end, flag)
+  def before_log(run, step):
+    if step == args.take_lease_at_step and run.is_lead:
+      foreign = {'host': 'other-host', 'pid': 1, 'token': 'theirs', 'heartbeat': 0.0}
+      with open(os.path.join(run.workdir, 'lease.json'), 'w') as f:
+        json.dump(foreign, f)
 
-    train.run_steps = steps_then_signal
-  if args.take_lease_at_step >= 0:
-    log_train = train.log_train
-
-    def taken_then_log(run, step, summary):
-      if step == args.take_lease_at_step and run.is_lead:
-        foreign = {'host': 'other-host', 'pid': 1, 'token': 'theirs', 'heartbeat': 0.0}
-        with open(os.path.join(run.workdir, 'lease.json'), 'w') as f:
-          json.dump(foreign, f)
-      log_train(run, step, summary)
-
-    train.log_train = taken_then_log
+  return train.Hooks(
+    before_steps=before_steps, before_log=before_log, after_checkpoint=after_checkpoint
+  )
 
 
 def main(argv=None):
@@ -100,10 +95,15 @@ def main(argv=None):
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from cmix_jax import train  # pylint: disable=g-import-not-at-top
+  from cmix_jax import checkpointing
+  from cmix_jax import train
 
-  install_hooks(args, train)
-  result = train.train_and_evaluate(build_config(args), args.workdir, args.allow_config_change)
+  result = train.train_and_evaluate(
+    build_config(args),
+    args.workdir,
+    args.allow_config_change,
+    hooks=make_hooks(args, train, checkpointing),
+  )
   print('RESULT', result.get('preempted', False), result.get('step'), flush=True)
 
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from cmix_jax import checkpointing
+from cmix_jax import storage
 from cmix_jax import train
-from tests import test_train
+from tests import helpers
 
 STATE = {'w': jnp.arange(6.0), 'b': jnp.ones((2, 3), jnp.int32)}
 
@@ -87,15 +88,15 @@ def test_failure_cause_reads_the_os_error_through_orbax_wrappers():
     'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database: Failed to '
     "write 39556 bytes to file 8: No space left on device [os_error_code='28']"
   )
-  assert checkpointing.failure_cause(wrapped) == os.strerror(errno.ENOSPC)
+  assert storage.failure_cause(wrapped) == os.strerror(errno.ENOSPC)
   try:
     try:
       raise PermissionError(errno.EACCES, 'denied', '/x')
     except OSError as e:
       raise RuntimeError('commit failed') from e
   except RuntimeError as e:
-    assert checkpointing.failure_cause(e) == os.strerror(errno.EACCES)
-  assert checkpointing.failure_cause(ValueError('PERMISSION_DENIED: bucket b\nmore')) == (
+    assert storage.failure_cause(e) == os.strerror(errno.EACCES)
+  assert storage.failure_cause(ValueError('PERMISSION_DENIED: bucket b\nmore')) == (
     'PERMISSION_DENIED: bucket b'
   )
 
@@ -184,19 +185,19 @@ def test_pending_writes_fail_loudly_unless_the_run_already_failed(caplog):
 
 def test_corrupt_newest_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
   straight, damaged = str(tmp_path / 'straight'), str(tmp_path / 'damaged')
-  test_train._driver(f'--workdir={straight}')  # pylint: disable=protected-access
-  test_train._driver(f'--workdir={damaged}')  # pylint: disable=protected-access
+  helpers.driver(f'--workdir={straight}')
+  helpers.driver(f'--workdir={damaged}')
   ckpts = os.path.join(damaged, 'checkpoints')
   _garble(os.path.join(ckpts, '4'))
   os.makedirs(os.path.join(ckpts, '4.orbax-checkpoint-tmp', 'state'))  # a cut-off save too
   best = os.path.join(damaged, 'best', 'checkpoints')
   os.makedirs(os.path.join(best, '4.orbax-checkpoint-tmp'))  # and one of the selection's
-  proc = test_train._driver(f'--workdir={damaged}')  # pylint: disable=protected-access
+  proc = helpers.driver(f'--workdir={damaged}')
   assert 'RESULT False 4' in proc.stdout
   assert sorted(os.listdir(ckpts)) == ['2', '4', '4.partial', '4.unreadable']
   assert os.listdir(best) == ['4.partial']
   assert 'Checkpoint of step 4 is unreadable' in proc.stderr
-  step_a, state_a, _ = test_train._latest_state(straight)  # pylint: disable=protected-access
-  step_b, state_b, _ = test_train._latest_state(damaged)  # pylint: disable=protected-access
+  step_a, state_a, _ = helpers.latest_state(straight)
+  step_b, state_b, _ = helpers.latest_state(damaged)
   assert step_a == step_b == 4
-  test_train._assert_same_state(state_a, state_b)  # pylint: disable=protected-access
+  helpers.assert_same_state(state_a, state_b)

@@ -121,7 +121,7 @@ def test_bad_classic_cv_argument_names_the_format():
     classic_cv.get_config('fixmatch,mnist,40,0')
 
 
-@pytest.mark.parametrize('name', ['default', 'fmnist_study', 'fmnist_dynamics'])
+@pytest.mark.parametrize('name', ['default', 'fmnist_study', 'fmnist_dynamics', 'fmnist_maturity'])
 def test_cpu_configs_validate(name):
   config = _load(name).get_config()
   errors = config_validation.config_errors(config, 1, 10, 60000)

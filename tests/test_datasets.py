@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cmix_jax.data import datasets
-from cmix_jax.data import sources
+from tests import helpers
 
 REAL_FASHION = all(
   os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR, f))
@@ -95,7 +95,7 @@ def test_fashion_mnist_stored_on_first_use_read_back_and_interrupted_store_rebui
   os.makedirs(stale)
   assert not datasets.is_stored(data_dir, 'fashion_mnist_debian')
 
-  data = sources.load_ssl_data('fashion_mnist_debian', data_dir, num_labels=10, seed=0)
+  data = helpers.load_ssl_data('fashion_mnist_debian', data_dir, num_labels=10, seed=0)
   assert datasets.is_stored(data_dir, 'fashion_mnist_debian')
   assert sorted(os.listdir(data_dir)) == ['fashion_mnist_debian']  # stale temp dir removed
   assert not os.path.exists(os.path.join(partial, 'half-written.array_record'))
@@ -107,7 +107,7 @@ def test_fashion_mnist_stored_on_first_use_read_back_and_interrupted_store_rebui
   assert data.train_labels.dtype == np.int32 and data.num_unlabeled == 30
   info = os.path.join(partial, 'dataset_info.json')
   before = os.stat(info).st_mtime_ns
-  again = sources.load_ssl_data('fashion_mnist_debian', data_dir, num_labels=10, seed=0)
+  again = helpers.load_ssl_data('fashion_mnist_debian', data_dir, num_labels=10, seed=0)
   assert os.stat(info).st_mtime_ns == before  # stored once
   np.testing.assert_array_equal(again.labeled_idx, data.labeled_idx)
 
@@ -118,7 +118,7 @@ def test_fashion_mnist_wrong_counts_and_missing_files(tmp_path, monkeypatch):
     datasets.read_fashion_mnist(str(tmp_path / 'src'))
   monkeypatch.setattr(datasets, 'FASHION_MNIST_DIR', str(tmp_path / 'nowhere'))
   with pytest.raises(datasets.DataNotFoundError, match='apt-get install dataset-fashion-mnist'):
-    sources.load_ssl_data('fashion_mnist_debian', str(tmp_path / 'tfds'), 40, 0)
+    helpers.load_ssl_data('fashion_mnist_debian', str(tmp_path / 'tfds'), 40, 0)
 
 
 @pytest.mark.skipif(not REAL_FASHION, reason='Debian package dataset-fashion-mnist not installed')
@@ -138,18 +138,18 @@ def test_real_fashion_mnist_files_sizes_balance_and_normalisation_constants():
 def test_missing_data_set_gives_one_clear_error(name, tmp_path):
   data_dir = str(tmp_path / 'empty')
   with pytest.raises(datasets.DataNotFoundError, match=f'tfds build {name} --data_dir') as info:
-    sources.load_ssl_data(name, data_dir, 40, 0)
+    helpers.load_ssl_data(name, data_dir, 40, 0)
   assert info.value.__context__ is None and info.value.__cause__ is None  # no TFDS traceback
   # A version folder without dataset_info.json (an unfinished copy) goes through TFDS.
   os.makedirs(os.path.join(data_dir, name, '9.9.9'))
   with pytest.raises(datasets.DataNotFoundError, match=f'tfds build {name}') as info:
-    sources.load_ssl_data(name, data_dir, 40, 0)
+    helpers.load_ssl_data(name, data_dir, 40, 0)
   assert info.value.__context__ is None and info.value.__cause__ is None
 
 
 def test_unknown_name_is_refused():
   with pytest.raises(ValueError, match='unknown data set .mnist_typo.*npz:PATH'):
-    sources.load_ssl_data('mnist_typo', '', 40, 0)
+    helpers.load_ssl_data('mnist_typo', '', 40, 0)
 
 
 def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
@@ -182,7 +182,7 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
 
 
 def test_tfrecord_store_reads_in_memory_and_refuses_random_access(tmp_path):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   images = np.random.default_rng(2).integers(0, 256, (9, 5, 5, 3), dtype=np.uint8)
   features = tfds.features.FeaturesDict(
@@ -247,7 +247,7 @@ def test_fake_data_is_deterministic_and_balanced():
 
 
 def test_ssl_view_unlabeled_excludes_validation_and_optionally_labeled():
-  data = sources.load_ssl_data('fake', '', 8, seed=0, val_size=4, fake_kwargs=FAKE)
+  data = helpers.load_ssl_data('fake', '', 8, seed=0, val_size=4, fake_kwargs=FAKE)
   assert data.num_labeled == 8 and len(data.val_idx) == 4 and data.num_classes == 4
   assert data.spec.image_shape == (6, 6, 3)
   assert len(np.intersect1d(data.val_idx, data.labeled_idx)) == 0
@@ -261,7 +261,7 @@ def test_ssl_view_unlabeled_excludes_validation_and_optionally_labeled():
   np.testing.assert_array_equal(data.unlabeled_labels, data.train_labels[data.unlabeled_train_idx])
   np.testing.assert_array_equal(data.labeled_images(), data.train_images.get(data.labeled_idx))
   np.testing.assert_array_equal(np.bincount(data.labeled_labels), [2] * 4)
-  strict = sources.load_ssl_data(
+  strict = helpers.load_ssl_data(
     'fake', '', 8, seed=0, val_size=4, include_lb_to_ulb=False, fake_kwargs=FAKE
   )
   assert strict.num_unlabeled == 28
@@ -269,7 +269,7 @@ def test_ssl_view_unlabeled_excludes_validation_and_optionally_labeled():
 
 
 def test_extra_unlabeled_split_is_appended_with_unknown_labels():
-  data = sources.load_ssl_data('fake', '', 8, seed=0, fake_kwargs=dict(FAKE, num_unlabeled=5))
+  data = helpers.load_ssl_data('fake', '', 8, seed=0, fake_kwargs=dict(FAKE, num_unlabeled=5))
   assert data.num_unlabeled == 45
   np.testing.assert_array_equal(data.unlabeled_labels[40:], [-1] * 5)
   np.testing.assert_array_equal(data.unlabeled_labels[:40], data.train_labels)
@@ -279,7 +279,7 @@ def test_extra_unlabeled_split_is_appended_with_unknown_labels():
 
 def test_unlabeled_subset_is_class_balanced_seeded_keeps_labeled_and_maps_images():
   fake = dict(FAKE, num_train=80)
-  data = sources.load_ssl_data(
+  data = helpers.load_ssl_data(
     'fake', '', 8, seed=0, val_size=4, fake_kwargs=fake, unlabeled_size=20
   )
   assert data.num_unlabeled == 20 and len(data.unlabeled_train_idx) == 20
@@ -291,18 +291,18 @@ def test_unlabeled_subset_is_class_balanced_seeded_keeps_labeled_and_maps_images
     data.unlabeled_images.get(np.arange(20)), data.train_images.get(data.unlabeled_train_idx)
   )
   np.testing.assert_array_equal(data.unlabeled_labels, data.train_labels[data.unlabeled_train_idx])
-  again = sources.load_ssl_data(
+  again = helpers.load_ssl_data(
     'fake', '', 8, seed=0, val_size=4, fake_kwargs=fake, unlabeled_size=20
   )
   np.testing.assert_array_equal(again.unlabeled_train_idx, data.unlabeled_train_idx)
-  other = sources.load_ssl_data(
+  other = helpers.load_ssl_data(
     'fake', '', 8, seed=1, val_size=4, fake_kwargs=fake, unlabeled_size=20
   )
   assert not np.array_equal(other.unlabeled_train_idx, data.unlabeled_train_idx)
-  whole = sources.load_ssl_data('fake', '', 8, seed=0, val_size=4, fake_kwargs=fake)
+  whole = helpers.load_ssl_data('fake', '', 8, seed=0, val_size=4, fake_kwargs=fake)
   np.testing.assert_array_equal(whole.labeled_idx, data.labeled_idx)  # labeled draw unchanged
   assert whole.unlabeled_subset is None and whole.unlabeled_record() is None
-  strict = sources.load_ssl_data(
+  strict = helpers.load_ssl_data(
     'fake', '', 8, seed=0, val_size=4, fake_kwargs=fake, include_lb_to_ulb=False, unlabeled_size=18
   )
   np.testing.assert_array_equal(np.sort(np.bincount(strict.unlabeled_labels)), [4, 4, 5, 5])
@@ -321,5 +321,5 @@ def test_unlabeled_subset_is_class_balanced_seeded_keeps_labeled_and_maps_images
 )
 def test_unlabeled_subset_errors_name_the_field(size, fake, message):
   with pytest.raises(ValueError, match=message) as info:
-    sources.load_ssl_data('fake', '', 8, seed=0, fake_kwargs=fake, unlabeled_size=size)
+    helpers.load_ssl_data('fake', '', 8, seed=0, fake_kwargs=fake, unlabeled_size=size)
   assert 'unlabeled_size' in str(info.value)

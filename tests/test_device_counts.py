@@ -9,10 +9,9 @@ import pytest
 
 from cmix_jax import config_validation
 from cmix_jax import parallel
-from cmix_jax import run_setup
-from cmix_jax import train
 from cmix_jax.data import datasets
 from configs import classic_cv
+from tests import helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -69,22 +68,20 @@ def _default_on_fake_data(num_devices: int):
   return config
 
 
-def test_default_config_evaluates_with_batch_500_and_trains_on_eight_devices(tmp_path):
+def test_default_config_evaluates_with_batch_500_and_trains_on_eight_devices():
   results = {}
   for devices in (1, 8):
-    run = run_setup.build_run(_default_on_fake_data(devices), str(tmp_path / str(devices)))
+    config = _default_on_fake_data(devices)
+    config_validation.validate(config, devices, 10, 1000)  # as build_run checks it
+    run = helpers.parts(config)
     assert run.config.data.eval_batch_size == 500  # 500 rows over 8 devices: padded
-    state, _ = run_setup.initial_state(run)
-    state = parallel.stack_state(state, run.topo, run.sharded_field)
-    results[devices] = run.evaluator.evaluate_split(state, run.data, 'test')
+    state = helpers.fresh_state(run)
+    results[devices] = helpers.evaluator(run).evaluate_split(state, run.data, 'test')
   assert len(results[8]['confidence']) == 1234  # every test example once, no padding row
   for name, value in results[1]['metrics'].items():
     assert results[8]['metrics'][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
   # Two train steps (base, then CalibrateMix) of the default model on 8 devices.
-  fns = run_setup.make_step_fns(run)
-  batches = run_setup.train_iterator(run, 0)
-  state, metrics = train.run_steps(fns, state, batches, run.config, 0, 2)
-  batches.close()
+  state, metrics = helpers.run_steps(run, 2, state)
   last = parallel.first_replica_to_host(metrics[-1])
   assert np.isfinite(last['loss']) and np.isfinite(last['mixup_loss'])
   assert int(parallel.first_replica_to_host(state.step)) == 2

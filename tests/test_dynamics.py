@@ -113,7 +113,7 @@ def _hand_tables():
 
 
 def test_fused_split_equals_two_pass_split_on_the_same_tables_and_pseudo_labels():
-  from cmix_jax import mixup  # pylint: disable=g-import-not-at-top
+  from cmix_jax import mixup
 
   state = _hand_tables()
   idx = _i32([0, 1, 2, 3])
@@ -170,7 +170,7 @@ def test_fused_difficulty_unseen_reads_zero_and_confidence_matches_two_pass():
   ],
 )
 def test_apm_start_after_covers_a_whole_epoch_before_mixing(warmup, n, u, fused, expected):
-  from cmix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from cmix_jax.data import pipeline
 
   start = dynamics.apm_start_after(warmup, n, u, fused)
   assert start == expected
@@ -277,7 +277,7 @@ def test_duplicate_indices_count_once_and_keep_last():
 def test_last_occurrence_mask_marks_exactly_the_last_duplicate():
   # XLA's CPU scatter happens to apply duplicates in order, so the table test above
   # cannot see the de-duplication; GPU scatter order is unspecified. Check the mask.
-  last_occurrence = dynamics._last_occurrence  # pylint: disable=protected-access
+  last_occurrence = dynamics._last_occurrence
   np.testing.assert_array_equal(
     last_occurrence(_i32([3, 1, 3, 3, 0, 1])), [False, False, False, True, True, True]
   )

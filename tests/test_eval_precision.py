@@ -5,24 +5,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmix_jax import parallel
-from cmix_jax import run_setup
 from cmix_jax import steps
-from cmix_jax import train
 from cmix_jax.data import augment
+from tests import helpers
 from tests import tiny
 
 
-def test_bfloat16_trained_run_evaluates_with_float32_logits(tmp_path):
+def test_bfloat16_trained_run_evaluates_with_float32_logits():
   config = tiny.config(model='cnn_small', steps=2)  # cnn_small has BN: running stats too
   config.model.dtype = 'bfloat16'
-  run = run_setup.build_run(config, str(tmp_path))
-  assert run.model.dtype == jnp.bfloat16 and run.evaluator.model.dtype == jnp.float32
-  state, _ = run_setup.initial_state(run)
-  state = parallel.stack_state(state, run.topo, run.sharded_field)
-  batches = run_setup.train_iterator(run, 0)
-  state, _ = train.run_steps(run_setup.make_step_fns(run), state, batches, config, 0, 2)
-  batches.close()
-  logits, labels = run.evaluator.logits(state, run.data, 'test')  # [40, 4], the eval path
+  run = helpers.parts(config)
+  evaluator = helpers.evaluator(run)
+  assert run.model.dtype == jnp.bfloat16 and evaluator.model.dtype == jnp.float32
+  state, _ = helpers.run_steps(run, 2)
+  logits, labels = evaluator.logits(state, run.data, 'test')  # [40, 4], the eval path
 
   host = parallel.unstack_state(state, run.topo, run.sharded_field)
   assert int(host.step) == 2

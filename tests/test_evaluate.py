@@ -8,13 +8,13 @@ import pytest
 
 from cmix_jax import checkpointing
 from cmix_jax import evaluate
-from tests import test_train
+from tests import helpers
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('evaluate') / 'run')
-  test_train._driver(f'--workdir={workdir}', '--set=data.val_size=8')  # pylint: disable=protected-access
+  helpers.driver(f'--workdir={workdir}', '--set=data.val_size=8')
   return workdir
 
 

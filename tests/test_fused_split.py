@@ -1,28 +1,26 @@
 """The fused (passes=1) CalibrateMix split at the step level: what it reads and when APM starts."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
 
+from cmix_jax import base_step
 from cmix_jax import calibratemix
 from cmix_jax import dynamics
 from cmix_jax import parallel
-from cmix_jax import run_setup
 from cmix_jax import steps
-from cmix_jax import train
+from tests import helpers
 from tests import tiny
 
 
-def _run(tmp_path, passes, warmup=1):
+def _run(passes, warmup=1):
+  """The parts of a one-device CalibrateMix run and its fresh (stacked) state."""
   config = tiny.config(model='cnn_small_nobn', calibratemix=True, steps=warmup + 2)
   config.calibratemix.passes = passes
   config.calibratemix.warmup_steps = warmup
   config.num_devices = 1
-  run = run_setup.build_run(config, str(tmp_path / f'p{passes}'))
-  state, _ = run_setup.initial_state(run)
-  return run, state
+  run = helpers.parts(config)
+  return run, helpers.fresh_state(run)
 
 
 def _hand_tables(dyn, num_classes, seed=0):
@@ -38,12 +36,13 @@ def _hand_tables(dyn, num_classes, seed=0):
   )
 
 
-def test_fused_step_splits_where_the_two_pass_step_would_on_the_same_tables(tmp_path):
-  run, state = _run(tmp_path, passes=1)
+def test_fused_step_splits_where_the_two_pass_step_would_on_the_same_tables():
+  run, state = _run(passes=1)
+  state = parallel.first_replica_to_host(state)
   config, info = run.config, run.info
   dyn, apm, label = _hand_tables(state.dynamics, info.num_classes)
   state = state.replace(dynamics=dyn)
-  batches = run_setup.train_iterator(run, 0)
+  batches = helpers.batches(run)
   batch = jax.tree.map(lambda x: np.asarray(x)[0], next(batches))  # device 0's share
   batches.close()
   idx = batch['idx_ulb']
@@ -98,29 +97,14 @@ def test_fused_step_splits_where_the_two_pass_step_would_on_the_same_tables(tmp_
 
 
 @pytest.mark.parametrize('passes', [1, 2])
-def test_fused_apm_starts_one_unlabeled_epoch_before_mixing(passes, tmp_path):
+def test_fused_apm_starts_one_unlabeled_epoch_before_mixing(passes):
   # 256 unlabeled, 32 per step, mixing from step 21 (position 672): epoch 1 = positions
   # 256..511 is the last complete one, it starts in step 8, so the fused APM starts there.
-  run, state = _run(tmp_path, passes=passes, warmup=20)
+  run, state = _run(passes=passes, warmup=20)
   assert run.info.num_unlabeled == 256
   start = 7 if passes == 1 else 20
-  from cmix_jax import base_step  # pylint: disable=g-import-not-at-top
-
   assert base_step.apm_start_after(run.config, run.info.num_unlabeled) == start
-  state = parallel.stack_state(state, run.topo, run.sharded_field)
-  step = functools.partial(
-    steps.train_step,
-    model=run.model,
-    tx=run.tx,
-    algorithm=run.algorithm,
-    config=run.config,
-    info=run.info,
-    mix=False,
-  )
-  fns = {'base': parallel.parallelize(step, run.topo)}
-  batches = run_setup.train_iterator(run, 0)
-  state, _ = train.run_steps(fns, state, batches, run.config, 0, 21)  # steps 0..20: no mixing
-  batches.close()
+  state, _ = helpers.run_steps(run, 21, state)  # steps 0..20: no mixing
   counts = np.asarray(parallel.first_replica_to_host(state.dynamics).apm_count)
   if passes == 1:
     assert counts.min() >= 1  # every sample has a row before the first mixed step

@@ -18,9 +18,9 @@ from cmix_jax import plots
 from cmix_jax import storage
 from cmix_jax.data import datasets
 from cmix_jax.data import own_data
-from cmix_jax.data import sources
 from cmix_jax.data import splits
 from tests import gcs as gcs_lib
+from tests import helpers
 
 ROOT = f'gs://{gcs_lib.BUCKET}'
 
@@ -124,8 +124,8 @@ def test_own_data_from_the_bucket_stored_in_the_bucket_reads_like_local(gcs, tmp
   }
   storage.save_npz(f'{ROOT}/src/digits.npz', **arrays)
   storage.save_npz(tmp_path / 'digits.npz', **arrays)
-  remote = sources.load_ssl_data(f'npz:{ROOT}/src/digits.npz', f'{ROOT}/tfds', 4, seed=0)
-  local = sources.load_ssl_data(f'npz:{tmp_path / "digits.npz"}', str(tmp_path / 'tfds'), 4, seed=0)
+  remote = helpers.load_ssl_data(f'npz:{ROOT}/src/digits.npz', f'{ROOT}/tfds', 4, seed=0)
+  local = helpers.load_ssl_data(f'npz:{tmp_path / "digits.npz"}', str(tmp_path / 'tfds'), 4, seed=0)
   assert remote.spec.tfds_name == local.spec.tfds_name  # same bytes, same fingerprint
   assert datasets.is_stored(f'{ROOT}/tfds', remote.spec.tfds_name, ['stats.json'])
   stored = _objects(f'tfds/{remote.spec.tfds_name}/')
@@ -231,8 +231,8 @@ def test_compare_and_sweep_read_and_write_the_bucket(gcs):
 
 
 def test_run_assembly_refuses_a_missing_bucket_before_writing(gcs, tmp_path):
-  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
-  from tests import tiny  # pylint: disable=g-import-not-at-top
+  from cmix_jax import run_setup
+  from tests import tiny
 
   with pytest.raises(storage.StorageError, match='gs://no-such-bucket does not exist'):
     run_setup.build_run(tiny.config(), 'gs://no-such-bucket/run')

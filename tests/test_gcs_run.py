@@ -1,5 +1,6 @@
-"""A whole run in an (emulated) bucket: data in gs://, workdir in gs://, SIGKILL, exact resume
-with the lease taken over, and `python -m cmix_jax.evaluate` reading the workdir back."""
+"""A whole run in an (emulated) bucket: data in gs://, workdir in gs://, TensorBoard events,
+SIGKILL, exact resume with the lease taken over, and `python -m cmix_jax.evaluate` reading the
+workdir back."""
 
 import os
 import subprocess
@@ -13,7 +14,7 @@ from cmix_jax import checkpointing
 from cmix_jax import storage
 from cmix_jax.data import datasets
 from tests import gcs as gcs_lib
-from tests import test_train
+from tests import helpers
 from tests import tiny
 
 ROOT = f'gs://{gcs_lib.BUCKET}/e2e'
@@ -54,29 +55,34 @@ def test_bucket_run_is_killed_resumes_exactly_and_evaluates(gcs):
   data = [
     f'--set=data.name=npz:{ROOT}/tiny.npz',
     f'--set=data.data_dir={ROOT}/tfds',
-    '--set=tensorboard=False',
-    '--devices=2',
+    '--devices=2',  # TensorBoard on, as by default
   ]
   straight, killed = f'{ROOT}/straight', f'{ROOT}/killed'
-  test_train._driver(f'--workdir={straight}', *data)  # pylint: disable=protected-access
-  proc = test_train._driver(
+  helpers.driver(f'--workdir={straight}', *data)
+  proc = helpers.driver(
     f'--workdir={killed}',
     '--kill_after_checkpoint=2',
-    *data,  # pylint: disable=protected-access
+    *data,
     check=False,
   )
   assert proc.returncode == -9, proc.stderr[-3000:]
   assert _state(killed)[0] == 2
   assert storage.read_json(f'{killed}/lease.json')['pid'] > 0  # the killed run's lease is left
-  resumed = test_train._driver(f'--workdir={killed}', *data)  # pylint: disable=protected-access
+  resumed = helpers.driver(f'--workdir={killed}', *data)
   assert 'Taking over the workdir lease' in resumed.stderr
   assert not storage.as_path(f'{killed}/lease.json').exists()  # released at the clean end
   (step_a, state_a, meta_a), (step_b, state_b, meta_b) = _state(straight), _state(killed)
   assert step_a == step_b == 4 and meta_a == meta_b
-  test_train._assert_same_state(state_a, state_b)  # pylint: disable=protected-access
+  helpers.assert_same_state(state_a, state_b)
   assert _train_records(straight).keys() == _train_records(killed).keys() == {2, 4}
   for step in (2, 4):
     assert _train_records(straight)[step]['loss'] == _train_records(killed)[step]['loss']
+  for workdir, runs in ((straight, 1), (killed, 2)):  # the killed run's file, the resumed one's
+    events = [
+      p for p in storage.as_path(workdir).iterdir() if p.name.startswith('events.out.tfevents.')
+    ]
+    assert len(events) == runs, events
+    assert all(b'train/loss' in p.read_bytes() for p in events)  # uploaded with the scalars
   report = storage.read_json(f'{killed}/eval.json')
   env = dict(os.environ, PYTHONPATH=REPO)
   env.pop('XLA_FLAGS', None)

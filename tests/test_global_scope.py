@@ -5,19 +5,19 @@ import numpy as np
 import pytest
 
 from cmix_jax import parallel
+from tests import helpers
 from tests import tiny
-from tests.test_steps import _assert_trees_close, _steps
 
 
 @pytest.mark.parametrize('passes', [2, 1])
-def test_calibratemix_eight_devices_equal_one_device(passes, tmp_path):
+def test_calibratemix_eight_devices_equal_one_device(passes):
   config = tiny.config(model='cnn_small', calibratemix=True)  # with BatchNorm
   config.calibratemix.passes = passes
   config.calibratemix.pair_scope = 'global'
   config.calibratemix.warmup_steps = 0  # step 0 is the base step, steps 1 and 2 mix
   config.model.cross_replica_bn = True
-  one, one_metrics, _ = _steps(config, 1, 3, tmp_path=tmp_path)
-  eight, eight_metrics, _ = _steps(config, 8, 3, tmp_path=tmp_path)
+  one, one_metrics = helpers.run_on(config, 1, 3)
+  eight, eight_metrics = helpers.run_on(config, 8, 3)
   for step in range(3):
     a = parallel.first_replica_to_host(one_metrics[step])
     b = parallel.first_replica_to_host(eight_metrics[step])
@@ -30,6 +30,8 @@ def test_calibratemix_eight_devices_equal_one_device(passes, tmp_path):
   one_host, eight_host = parallel.first_replica_to_host(one), jax.device_get(eight)
   for replica in (0, 7):
     replica_state = jax.tree.map(lambda x: x[replica], eight_host)
-    _assert_trees_close(replica_state.params, one_host.params, rtol=1e-4, atol=1e-5)
-    _assert_trees_close(replica_state.batch_stats, one_host.batch_stats, rtol=1e-4, atol=1e-5)
-    _assert_trees_close(replica_state.dynamics, one_host.dynamics, rtol=1e-4, atol=1e-5)
+    helpers.assert_trees_close(replica_state.params, one_host.params, rtol=1e-4, atol=1e-5)
+    helpers.assert_trees_close(
+      replica_state.batch_stats, one_host.batch_stats, rtol=1e-4, atol=1e-5
+    )
+    helpers.assert_trees_close(replica_state.dynamics, one_host.dynamics, rtol=1e-4, atol=1e-5)

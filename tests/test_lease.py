@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from cmix_jax import checkpointing
+from cmix_jax import lease as lease_lib
 from cmix_jax import storage
 from tests import gcs as gcs_lib
+from tests import helpers
 
 
 @pytest.fixture(params=['local', 'gs'])
@@ -24,7 +25,7 @@ def workdir(request, tmp_path):
 
 
 def _lease_path(workdir):
-  return storage.as_path(workdir) / checkpointing.LEASE_FILE
+  return storage.as_path(workdir) / lease_lib.LEASE_FILE
 
 
 def _read(workdir):
@@ -55,11 +56,11 @@ def _dead_pid():
 
 
 def test_second_acquire_is_refused_naming_the_holder_and_the_fix(workdir):
-  lease = checkpointing.acquire_lease(workdir, 600, process_index=0)
+  lease = lease_lib.acquire(workdir, 600, process_index=0)
   record = _read(workdir)
   assert (record['host'], record['pid']) == (socket.gethostname(), os.getpid())
-  with pytest.raises(checkpointing.LeaseHeldError) as err:
-    checkpointing.acquire_lease(workdir, 600, process_index=0)
+  with pytest.raises(lease_lib.LeaseHeldError) as err:
+    lease_lib.acquire(workdir, 600, process_index=0)
   message = str(err.value)
   for part in (
     socket.gethostname(),
@@ -70,24 +71,24 @@ def test_second_acquire_is_refused_naming_the_holder_and_the_fix(workdir):
   ):
     assert part in message
   assert _read(workdir)['token'] == record['token']  # the refused run left it alone
-  with pytest.raises(checkpointing.LeaseHeldError, match='another --workdir'):
-    checkpointing.check_lease(workdir, 600)  # the early, read-only check says the same
+  with pytest.raises(lease_lib.LeaseHeldError, match='another --workdir'):
+    lease_lib.check(workdir, 600)  # the early, read-only check says the same
   lease.release()
-  checkpointing.check_lease(workdir, 600)
+  lease_lib.check(workdir, 600)
 
 
 def test_released_lease_is_gone_and_can_be_taken_again(workdir):
-  with checkpointing.acquire_lease(workdir, 600, process_index=0) as lease:
+  with lease_lib.acquire(workdir, 600, process_index=0) as lease:
     first = lease.record['token']
   assert _read(workdir) is None
   lease.release()  # a second release is a no-op
-  with checkpointing.acquire_lease(workdir, 600, process_index=0) as again:
+  with lease_lib.acquire(workdir, 600, process_index=0) as again:
     assert again.record['token'] != first
     assert _read(workdir)['token'] == again.record['token']
 
 
 def test_stale_leases_are_taken_over_with_a_warning(workdir, caplog):
-  host, boot = socket.gethostname(), checkpointing._boot_id()  # pylint: disable=protected-access
+  host, boot = socket.gethostname(), lease_lib._boot_id()
   stale = [
     dict(host=host, pid=_dead_pid(), boot_id=boot),
     dict(host=host, pid=os.getppid(), boot_id='an-earlier-boot'),
@@ -96,35 +97,35 @@ def test_stale_leases_are_taken_over_with_a_warning(workdir, caplog):
   for fields in stale:
     _plant(workdir, **fields)
     with caplog.at_level(logging.WARNING):
-      with checkpointing.acquire_lease(workdir, 600, process_index=0) as lease:
+      with lease_lib.acquire(workdir, 600, process_index=0) as lease:
         assert _read(workdir)['token'] == lease.record['token']
     assert 'Taking over the workdir lease' in caplog.text
     caplog.clear()
 
 
 def test_a_dropped_lease_of_this_process_is_taken_over(workdir):
-  checkpointing.acquire_lease(workdir, 600, process_index=0)  # a Run dropped without release
-  with checkpointing.acquire_lease(workdir, 600, process_index=0) as lease:
+  lease_lib.acquire(workdir, 600, process_index=0)  # a Run dropped without release
+  with lease_lib.acquire(workdir, 600, process_index=0) as lease:
     assert _read(workdir)['token'] == lease.record['token']
 
 
 def test_live_foreign_lease_is_refused_until_its_heartbeat_times_out(workdir):
   _plant(workdir, heartbeat=time.time() - 30)
-  with pytest.raises(checkpointing.LeaseHeldError, match='host other-host pid 12345'):
-    checkpointing.acquire_lease(workdir, 600, process_index=0)
-  with checkpointing.acquire_lease(workdir, 20, process_index=0) as lease:  # 30 s > 20 s
+  with pytest.raises(lease_lib.LeaseHeldError, match='host other-host pid 12345'):
+    lease_lib.acquire(workdir, 600, process_index=0)
+  with lease_lib.acquire(workdir, 20, process_index=0) as lease:  # 30 s > 20 s
     assert lease.held
 
 
 def test_refresh_moves_the_heartbeat_and_notices_a_takeover(workdir):
-  lease = checkpointing.acquire_lease(workdir, 600, process_index=0)
+  lease = lease_lib.acquire(workdir, 600, process_index=0)
   before = _read(workdir)['heartbeat']
   time.sleep(0.01)
   lease.refresh()
   assert _read(workdir)['heartbeat'] > before
   assert _read(workdir)['token'] == lease.record['token']
   _plant(workdir)  # another run judged us stale and took over
-  with pytest.raises(checkpointing.LeaseLostError, match='taken over by host other-host'):
+  with pytest.raises(lease_lib.LeaseLostError, match='taken over by host other-host'):
     lease.refresh()
   lease.release()
   assert _read(workdir)['token'] == 'theirs'  # not ours to remove
@@ -139,7 +140,7 @@ def _wait_for(condition, timeout_s=10.0):
 
 def test_keep_alive_beats_between_log_intervals_and_stops_at_release(workdir):
   # A long compile or evaluation between two log intervals must not make the run look stale.
-  lease = checkpointing.acquire_lease(workdir, 600, process_index=0)
+  lease = lease_lib.acquire(workdir, 600, process_index=0)
   first = _read(workdir)['heartbeat']
   thread = lease.keep_alive(0.1)
   _wait_for(lambda: _read(workdir)['heartbeat'] > first)
@@ -150,13 +151,13 @@ def test_keep_alive_beats_between_log_intervals_and_stops_at_release(workdir):
 
 
 def test_keep_alive_notices_a_takeover_and_refresh_raises_it(workdir):
-  lease = checkpointing.acquire_lease(workdir, 600, process_index=0)
+  lease = lease_lib.acquire(workdir, 600, process_index=0)
   thread = lease.keep_alive(0.1)
   _plant(workdir)  # another run judged us stale and took over
   _wait_for(lambda: lease.lost is not None)
   thread.join(5)
   assert not thread.is_alive()
-  with pytest.raises(checkpointing.LeaseLostError, match='taken over by host other-host'):
+  with pytest.raises(lease_lib.LeaseLostError, match='taken over by host other-host'):
     lease.refresh()  # what the training loop calls at its next log interval
   lease.release()
   assert _read(workdir)['token'] == 'theirs'
@@ -164,8 +165,8 @@ def test_keep_alive_notices_a_takeover_and_refresh_raises_it(workdir):
 
 def test_a_dropped_lease_with_keep_alive_is_still_taken_over(tmp_path):
   workdir = str(tmp_path / 'run')
-  thread = checkpointing.acquire_lease(workdir, 600, process_index=0).keep_alive(60)
-  with checkpointing.acquire_lease(workdir, 600, process_index=0) as lease:  # no LeaseHeldError
+  thread = lease_lib.acquire(workdir, 600, process_index=0).keep_alive(60)
+  with lease_lib.acquire(workdir, 600, process_index=0) as lease:  # no LeaseHeldError
     assert _read(workdir)['token'] == lease.record['token']
   thread.join(5)
   assert not thread.is_alive()  # the dropped lease's thread ended with it
@@ -173,8 +174,7 @@ def test_a_dropped_lease_with_keep_alive_is_still_taken_over(tmp_path):
 
 def test_racing_runs_get_exactly_one_lease(workdir, monkeypatch):
   _plant(workdir, heartbeat=time.time() - 1000)  # a stale lease all of them want to take over
-  # pylint: disable-next=protected-access
-  for store in (checkpointing._LocalLeaseFile, checkpointing._GcsLeaseObject):
+  for store in (lease_lib._LocalLeaseFile, lease_lib._GcsLeaseObject):
     read = store.read
 
     def slow_read(self, read=read):  # every run reads the stale lease before any writes
@@ -186,8 +186,8 @@ def test_racing_runs_get_exactly_one_lease(workdir, monkeypatch):
 
   def try_acquire(_):
     try:
-      return checkpointing.acquire_lease(workdir, 600, process_index=0)
-    except checkpointing.LeaseHeldError:
+      return lease_lib.acquire(workdir, 600, process_index=0)
+    except lease_lib.LeaseHeldError:
       return None
 
   with concurrent.futures.ThreadPoolExecutor(6) as pool:
@@ -198,47 +198,57 @@ def test_racing_runs_get_exactly_one_lease(workdir, monkeypatch):
 
 
 def test_early_check_passes_a_free_or_stale_workdir_and_writes_nothing(tmp_path):
-  checkpointing.check_lease(str(tmp_path / 'new'), 600)
+  lease_lib.check(str(tmp_path / 'new'), 600)
   assert not (tmp_path / 'new').exists()
   _plant(str(tmp_path), heartbeat=time.time() - 700)
-  checkpointing.check_lease(str(tmp_path), 600)
+  lease_lib.check(str(tmp_path), 600)
 
 
 def test_only_process_zero_holds_a_lease(tmp_path):
-  lease = checkpointing.acquire_lease(str(tmp_path / 'run'), 600, process_index=1)
+  lease = lease_lib.acquire(str(tmp_path / 'run'), 600, process_index=1)
   lease.refresh()
   lease.release()
   assert not lease.held
-  assert not (tmp_path / 'run' / checkpointing.LEASE_FILE).exists()
+  assert not (tmp_path / 'run' / lease_lib.LEASE_FILE).exists()
 
 
 def test_nonpositive_timeout_is_refused(tmp_path):
   with pytest.raises(ValueError, match='lease_timeout_s'):
-    checkpointing.acquire_lease(str(tmp_path), 0, process_index=0)
+    lease_lib.acquire(str(tmp_path), 0, process_index=0)
 
 
 def test_run_assembly_refuses_a_busy_workdir_before_writing(tmp_path):
-  from cmix_jax import run_setup  # pylint: disable=g-import-not-at-top
-  from tests import tiny  # pylint: disable=g-import-not-at-top
+  from cmix_jax import run_setup
+  from tests import tiny
 
   workdir = str(tmp_path / 'run')
-  boot = checkpointing._boot_id()  # pylint: disable=protected-access
+  boot = lease_lib._boot_id()
   _plant(workdir, host=socket.gethostname(), pid=os.getppid(), boot_id=boot)  # a live process
-  with pytest.raises(checkpointing.LeaseHeldError, match=f'pid {os.getppid()}'):
+  with pytest.raises(lease_lib.LeaseHeldError, match=f'pid {os.getppid()}'):
     run_setup.build_run(tiny.config(), workdir)
-  assert os.listdir(workdir) == [checkpointing.LEASE_FILE]  # no config.json, no split.json
+  assert os.listdir(workdir) == [lease_lib.LEASE_FILE]  # no config.json, no split.json
 
 
 def test_a_lease_lost_on_process_zero_stops_both_processes_of_a_two_host_run(tmp_path):
   """Two processes over loopback: another run takes the lease at the step-4 heartbeat; both
   processes stop there (none waits for a peer that left), the step-2 checkpoint is kept."""
-  from tests import test_train  # pylint: disable=g-import-not-at-top  (its multi-host launcher)
-
   workdir = str(tmp_path / 'run')
-  results = test_train._two_processes(workdir, '--take_lease_at_step=4', timeout=240)  # pylint: disable=protected-access
+  results = helpers.two_processes(workdir, '--take_lease_at_step=4', timeout=240)
   for (p, out, err), expected in zip(
     results, ('taken over by host other-host', 'process 0 lost the workdir lease')
   ):
     assert p.returncode != 0 and 'LeaseLostError' in err and expected in err, out + err[-3000:]
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2']
   assert _read(workdir)['token'] == 'theirs'  # the other run's lease is not ours to remove
+
+
+def test_take_and_heartbeat_raise_on_every_process_with_the_holders_words(tmp_path):
+  workdir = str(tmp_path / 'run')
+  held = lease_lib.take(workdir, 600)
+  with pytest.raises(lease_lib.LeaseHeldError, match=f'pid {os.getpid()}'):
+    lease_lib.take(workdir, 600)  # this process's live lease: held, not stale
+  lease_lib.heartbeat(held, workdir)
+  _plant(workdir, token='theirs', heartbeat=time.time())
+  with pytest.raises(lease_lib.LeaseLostError, match='taken over by host other-host'):
+    lease_lib.heartbeat(held, workdir)
+  lease_lib.heartbeat(lease_lib.NoLease(), workdir)  # other processes: nothing to refresh

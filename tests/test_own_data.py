@@ -10,7 +10,7 @@ from PIL import Image
 from cmix_jax.data import datasets
 from cmix_jax.data import own_data
 from cmix_jax.data import pipeline
-from cmix_jax.data import sources
+from tests import helpers
 
 CLASSES = ('cat', 'dog', 'eel')
 
@@ -48,8 +48,8 @@ def test_npz_and_folder_round_trip_into_identical_batches(tmp_path):
   np.savez(tmp_path / 'My Set.npz', **arrays)
   _write_folder(tmp_path / 'my_set_folder', arrays)
   data_dir = str(tmp_path / 'tfds')
-  from_npz = sources.load_ssl_data(f'npz:{tmp_path / "My Set.npz"}', data_dir, 6, seed=1)
-  from_folder = sources.load_ssl_data(f'folder:{tmp_path / "my_set_folder"}', data_dir, 6, seed=1)
+  from_npz = helpers.load_ssl_data(f'npz:{tmp_path / "My Set.npz"}', data_dir, 6, seed=1)
+  from_folder = helpers.load_ssl_data(f'folder:{tmp_path / "my_set_folder"}', data_dir, 6, seed=1)
   for data in (from_npz, from_folder):
     assert data.num_classes == 3 and data.spec.image_shape == (5, 7, 3)
     assert data.num_unlabeled == 15
@@ -120,7 +120,7 @@ def test_bad_npz_is_refused_before_writing(changes, message, tmp_path):
   path = _npz_case(tmp_path, **changes)
   data_dir = tmp_path / 'tfds'
   with pytest.raises(ValueError, match=message):
-    sources.load_ssl_data(f'npz:{path}', str(data_dir), 3, seed=0)
+    helpers.load_ssl_data(f'npz:{path}', str(data_dir), 3, seed=0)
   assert not data_dir.exists() or not os.listdir(data_dir)
 
 
@@ -164,7 +164,7 @@ def test_bad_folders_are_refused_before_writing(tmp_path):
 def test_too_few_examples_per_class_for_num_labels(tmp_path):
   path = _npz_case(tmp_path, y_train=np.array([0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2]))
   with pytest.raises(ValueError, match='class 0 has only 2 examples.*3 are needed.*lower'):
-    sources.load_ssl_data(f'npz:{path}', str(tmp_path / 'tfds'), 9, seed=0)
+    helpers.load_ssl_data(f'npz:{path}', str(tmp_path / 'tfds'), 9, seed=0)
 
 
 def test_grayscale_npz_gets_a_channel_axis(tmp_path):
@@ -173,7 +173,7 @@ def test_grayscale_npz_gets_a_channel_axis(tmp_path):
   np.savez(
     tmp_path / 'g.npz', x_train=x, y_train=np.arange(6) % 2, x_test=x[:2], y_test=np.array([0, 1])
   )
-  data = sources.load_ssl_data(f'npz:{tmp_path / "g.npz"}', str(tmp_path / 'tfds'), 2, seed=0)
+  data = helpers.load_ssl_data(f'npz:{tmp_path / "g.npz"}', str(tmp_path / 'tfds'), 2, seed=0)
   assert data.spec.image_shape == (3, 3, 1)
   np.testing.assert_array_equal(data.train_images.get(np.arange(6))[..., 0], x)
   with open(
@@ -187,7 +187,7 @@ def test_grayscale_npz_gets_a_channel_axis(tmp_path):
 
 def _load_example():
   """experiments/own_data_example.py, imported by path (experiments/ is not a package)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
+  import importlib.util
 
   script = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'own_data_example.py')
   spec = importlib.util.spec_from_file_location('own_data_example_under_test', script)

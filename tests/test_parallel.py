@@ -138,7 +138,7 @@ def test_detect_cluster_asks_tpu_metadata_unless_told_not_to():
 
 
 def _dist(**kwargs):
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from configs import default
 
   dist = default.get_config().distributed
   dist.update(kwargs)

@@ -7,13 +7,13 @@ import pytest
 
 from cmix_jax.data import datasets
 from cmix_jax.data import pipeline
-from cmix_jax.data import sources
+from tests import helpers
 
 FAKE = dict(num_train=96, num_test=37, image_shape=(4, 4, 1), num_classes=4, seed=0)
 
 
 def _data(num_labels=8, **kwargs):
-  return sources.load_ssl_data('fake', '', num_labels, seed=0, fake_kwargs=dict(FAKE, **kwargs))
+  return helpers.load_ssl_data('fake', '', num_labels, seed=0, fake_kwargs=dict(FAKE, **kwargs))
 
 
 def test_every_index_once_per_epoch_and_batches_straddle_epochs():
@@ -182,7 +182,7 @@ def test_prefetch_places_in_order_and_closes():
   fetcher = pipeline.prefetch(iter(range(100)), 2, place)
   assert [next(fetcher) for _ in range(5)] == [0, 10, 20, 30, 40]
   fetcher.close()
-  assert not fetcher._thread.is_alive()  # pylint: disable=protected-access
+  assert not fetcher._thread.is_alive()
   assert set(placed_in) == {'prefetch'}
   with pytest.raises(StopIteration):
     next(fetcher)

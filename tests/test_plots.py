@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 
 import numpy as np
@@ -166,3 +167,26 @@ def test_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match='non-empty'):
     plots.multi_reliability({}, str(tmp_path / 'x.png'))
   assert not os.path.exists(tmp_path / 'x.png')
+
+
+def test_forest_plot_writes_every_row_and_its_numbers(tmp_path):
+  rows = [
+    {
+      'label': 'P1 fused − base',
+      'group': 'P1',
+      'mean': -2.0,
+      'low': -3.5,
+      'high': -0.5,
+      'shown': True,
+    },
+    {'label': 'P2 two-pass − control', 'group': 'P2', 'mean': 0.3, 'low': -1.0, 'high': 1.6},
+    {'label': 'one seed only', 'group': 'P2', 'mean': 0.1, 'low': math.nan, 'high': math.nan},
+  ]
+  png, data = plots.forest_plot(rows, str(tmp_path / 'forest.png'), title='t')
+  assert os.path.getsize(png) > 0
+  saved = json.loads(open(data).read())['rows']
+  assert [r['label'] for r in saved] == [r['label'] for r in rows]  # top to bottom, as given
+  assert saved[0]['shown'] is True and saved[1]['shown'] is None
+  assert saved[2]['low'] is None and saved[2]['mean'] == 0.1  # NaN written as null
+  with pytest.raises(ValueError, match='at least one row'):
+    plots.forest_plot([], str(tmp_path / 'empty.png'))

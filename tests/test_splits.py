@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cmix_jax.data import splits
+from tests import helpers
 
 
 def _labels(num_classes=4, per_class=25, seed=0):
@@ -104,9 +105,7 @@ def test_unlabeled_subset_keeps_given_positions_and_balances_classes_by_hand():
 
 
 def test_split_file_records_the_unlabeled_subset(tmp_path):
-  from cmix_jax.data import sources  # pylint: disable=g-import-not-at-top
-
-  data = sources.load_ssl_data(
+  data = helpers.load_ssl_data(
     'fake',
     '',
     8,

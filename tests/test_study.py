@@ -40,7 +40,14 @@ def test_grid_lists_every_cell_seed_by_seed_with_its_overrides():
     'calibratemix.enabled': True,
     'calibratemix.pair_k_frac': 1.0,
   }
-  assert by_name['fixmatch-randmix-s1']['calibratemix.random_pairing'] is True
+  assert by_name['fixmatch-control-s1'] == {
+    'algorithm': 'fixmatch',
+    'seed': 1,
+    'calibratemix.enabled': True,
+    'calibratemix.second_pass_only': True,
+  }
+  assert 'fixmatch-randmix-s1' not in by_name  # kept as a variant, not in the default grid
+  assert study.grid([1], variants=('randmix',))[1]['overrides']['calibratemix.random_pairing']
   assert by_name['fixmatch-ls-s1'] == {
     'algorithm': 'fixmatch',
     'seed': 1,
@@ -48,6 +55,16 @@ def test_grid_lists_every_cell_seed_by_seed_with_its_overrides():
   }
   assert by_name['fixmatch-cmix_fused-s0']['calibratemix.passes'] == 1
   assert len(study.grid([5], variants=('base', 'cmix'))) == 5
+  by_labels = study.grid([0, 1], variants=('base',), labels=(40, 250))
+  assert [r['name'] for r in by_labels[:6]] == [
+    'supervised-base-n40-s0',
+    'fixmatch-base-n40-s0',
+    'softmatch-base-n40-s0',
+    'supervised-base-n250-s0',
+    'fixmatch-base-n250-s0',
+    'softmatch-base-n250-s0',
+  ]  # seed by seed, each label count's cells together
+  assert by_labels[4]['overrides'] == {'algorithm': 'fixmatch', 'seed': 0, 'data.num_labels': 250}
   with pytest.raises(ValueError, match='unknown variants'):
     study.grid([0], variants=('cmx',))
 
@@ -59,7 +76,14 @@ def test_dry_run_lists_runs_states_and_passes_config_overrides(tmp_path, capsys)
   (root / 'fixmatch-base-s0' / 'eval.json').write_text('{}')
   (root / 'fixmatch-cmix-s0' / 'checkpoints').mkdir(parents=True)
   study.main(
-    ['--dry_run', '--seeds=0', f'--out={out}', f'--root={root}', '--config.data.name=npz:/x.npz']
+    [
+      '--dry_run',
+      '--seeds=0',
+      '--labels=',
+      f'--out={out}',
+      f'--root={root}',
+      '--config.data.name=npz:/x.npz',
+    ]
   )
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 13
@@ -92,10 +116,12 @@ def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypa
 
   monkeypatch.setattr(study, 'train', fake_train)
   monkeypatch.setattr(study, 'analyse', fake_analyse)
-  monkeypatch.setattr(study, 'write_table', lambda out: '')
+  monkeypatch.setattr(study, 'write_table', lambda out, family: ('', {'primary': []}))
+  monkeypatch.setattr(study, 'write_pictures', lambda *a: [])
   study.main(
     [
       '--seeds=0',
+      '--labels=',
       '--only=fixmatch-',
       '--variants=base,cmix',
       f'--out={out}',
@@ -114,6 +140,7 @@ def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypa
   study.main(
     [
       '--seeds=0',
+      '--labels=',
       '--only=fixmatch-',
       '--variants=base,cmix',
       f'--out={out}',
@@ -140,17 +167,32 @@ def test_train_command_puts_user_overrides_last():
 # ---------------------------------------------------------------- aggregation
 
 
-def _record(algorithm, variant, seed, acc, ece, auroc_apm=None, auroc_conf=None, user=None):
+def _record(
+  algorithm,
+  variant,
+  seed,
+  acc,
+  ece,
+  auroc_apm=None,
+  auroc_conf=None,
+  user=None,
+  labels=None,
+  machine='m1',
+):
   rec = {
-    'name': study.run_name(algorithm, variant, seed),
+    'name': study.run_name(algorithm, variant, seed, labels),
     'algorithm': algorithm,
     'variant': variant,
+    'labels': labels,
     'seed': seed,
+    'overrides': {'algorithm': algorithm, 'seed': seed, **study.VARIANTS[variant]},
     'user_overrides': user or {},
     'metrics': {'accuracy': acc, 'ece': ece, 'nll': 1.0, 'brier': 0.5},
     'ts': {'temperature': 1.2, 'metrics': {'ece': ece / 2}},
+    'ece_bootstrap': {'ece': ece, 'low': ece - 0.01, 'high': ece + 0.01, 'resamples': 2000},
     'apm_count': {'mean': 38.5, 'p5': 30.0},
     'mechanism': None,
+    'provenance': {'train': {'machine_id': machine, 'commit': 'abc'}},
   }
   if auroc_apm is not None:
     rec['mechanism'] = {
@@ -181,72 +223,82 @@ def test_paired_interval_hand_values():
   assert compare.paired_interval([])['n'] == 0
 
 
-def test_table_from_result_files_alone_pairs_by_seed_and_gives_verdicts(tmp_path):
-  out = tmp_path / 'out'
+def test_holm_hand_values():
+  # p sorted: .01 (x4 = .04), .02 (x3 = .06), .03 (x2 = .06 -> monotone .06), .5 (x1 = .5)
+  adjusted = study.holm([0.03, 0.5, 0.01, 0.02])
+  np.testing.assert_allclose(adjusted, [0.06, 0.5, 0.04, 0.06])
+  assert study.holm([math.nan, 0.01]) == [1.0, 0.02]  # an untestable comparison counts as p = 1
+  assert study.holm([0.4, 0.6]) == [0.8, 0.8]  # capped at 1 before the running maximum
+
+
+def _family_records(seeds, shift_fused=-0.03, machine_of_fused=lambda s: 'm1'):
+  """Every main-family arm of FixMatch at 40 labels; fused ECE below base by `shift_fused`."""
   records = []
-  for seed, (acc_b, ece_b) in enumerate([(0.70, 0.10), (0.60, 0.12), (0.65, 0.08)]):
-    records.append(_record('supervised', 'base', seed, acc_b - 0.1, 0.2))
-    records.append(_record('fixmatch', 'base', seed, acc_b, ece_b))
-    # CalibrateMix: ECE lower by 0.03, 0.02, 0.04 on the same seeds; accuracy +0.01 each.
-    records.append(
-      _record(
-        'fixmatch',
-        'cmix',
-        seed,
-        acc_b + 0.01,
-        ece_b - [0.03, 0.02, 0.04][seed],
-        auroc_apm=0.80 + 0.01 * seed,
-        auroc_conf=0.80,
-      )
-    )
-    # Split with a random partner: ECE 0.01 below CalibrateMix's, +-: not separable.
-    records.append(
-      _record(
-        'fixmatch',
-        'split_random',
-        seed,
-        acc_b,
-        ece_b - [0.03, 0.02, 0.04][seed] + [0.01, -0.01, 0.005][seed],
-      )
-    )
-  records.append(_record('fixmatch', 'randmix', 0, 0.7, 0.5))  # one seed only
-  _write(out, records)
-  markdown = study.write_table(str(out))
-  summary = json.loads((out / 'summary.json').read_text())
-  verdicts = {v['claim']: v for v in summary['verdicts']}
-  ece = verdicts['fixmatch: CalibrateMix lowers ECE']
-  half = T_975_DF2 * 0.01 / math.sqrt(3)
-  np.testing.assert_allclose(
-    [ece['mean'], ece['low'], ece['high']], [-0.03, -0.03 - half, -0.03 + half], rtol=1e-6
-  )
-  assert ece['verdict'] == 'yes'  # [-0.0548, -0.0052]: wholly below 0
-  split = [
-    p
-    for p in summary['paired']
-    if p['comparison'] == 'fixmatch: CalibrateMix − split_random' and p['metric'] == 'metrics.ece'
-  ][0]
-  assert split['n'] == 3 and split['low'] < 0 < split['high']  # differences -.01, .01, -.005
-  assert verdicts['fixmatch beats supervised on accuracy (setting sanity)']['verdict'] == 'yes'
-  assert verdicts['fixmatch: … without costing accuracy']['verdict'].startswith('yes')
-  assert verdicts['fixmatch: targeted pairing beats the ablations (ECE)']['verdict'] == (
-    'not run yet'
-  )  # random mixup has one seed
-  mech = verdicts['fixmatch: stored APM flags wrong pseudo-labels better than confidence']
-  np.testing.assert_allclose(mech['mean'], 0.01, rtol=1e-6)  # differences 0, .01, .02
-  assert mech['verdict'] == 'no: APM carries no more information than confidence here'
-  assert '| fixmatch + CalibrateMix | 0 1 2 |' in markdown
-  assert 'fixmatch: CalibrateMix − base | metrics.ece (points) | 3 | -3.00 [' in markdown
+  for seed in seeds:
+    acc, ece = 0.6 + 0.01 * seed, 0.10 + 0.01 * (seed % 2)
+    noise = [0.004, -0.002, 0.001, -0.003, 0.0][seed % 5]
+    arms = {
+      'base': (acc, ece),
+      'control': (acc + 0.001, ece + noise),
+      'cmix': (acc + 0.02 + noise, ece - noise),
+      'split_random': (acc + 0.02, ece + noise / 2),
+      'cmix_fused': (acc, ece + shift_fused + noise / 4),
+    }
+    for arm, (a, e) in arms.items():
+      machine = machine_of_fused(seed) if arm == 'cmix_fused' else 'm1'
+      kw = dict(labels=40, machine=machine)
+      if arm == 'cmix':
+        kw.update(auroc_apm=0.80 + 0.01 * seed, auroc_conf=0.80)
+      records.append(_record('fixmatch', arm, seed, a, e, **kw))
+    records.append(_record('supervised', 'base', seed, acc - 0.1, 0.2, labels=40))
+  return records
 
 
-def test_verdict_rules():
+def test_primary_family_holm_verdicts_only_when_complete(tmp_path):
+  out = tmp_path / 'out'
+  _write(out, _family_records(range(4)))
+  _, summary = study.write_table(str(out))
+  assert {r['verdict'] for r in summary['primary']} == {'incomplete, no verdict'}  # 4 < 5 seeds
+  _write(out, _family_records([4]))
+  markdown, summary = study.write_table(str(out))
+  rows = {r['id']: r for r in summary['primary']}
+  assert [r['id'] for r in summary['primary']] == ['P1', 'P2', 'P3', 'P4']
+  fused = rows['P1']
+  diffs = [-0.03 + n / 4 for n in (0.004, -0.002, 0.001, -0.003, 0.0)]
+  np.testing.assert_allclose(fused['mean'], np.mean(diffs), rtol=1e-9)
+  from scipy import stats
+
+  p = stats.ttest_1samp(diffs, 0).pvalue
+  np.testing.assert_allclose(fused['p'], p, rtol=1e-9)
+  assert fused['p_holm'] == pytest.approx(min(1.0, 4 * p))  # the smallest of 4 p-values
+  assert fused['verdict'] == 'lower (shown)' and fused['n'] == 5
+  assert rows['P3']['verdict'] == 'higher (shown)'  # accuracy +2 points on every seed
+  assert rows['P2']['verdict'] == 'not shown'  # ECE -noise - noise: spans 0
+  assert rows['P4']['verdict'] == 'not shown'
+  assert summary['primary_pairs_not_on_one_machine'] == 0
+  assert '| P1 | fixmatch | 40 | fused − base | metrics.ece (points) | 5 |' in markdown
+  explore = {(r['comparison'], r['metric']): r for r in summary['exploratory']}
+  assert explore[('base − supervised', 'metrics.accuracy')]['reading'] == 'higher'
+  mech = explore[('AUROC(APM) − AUROC(confidence), two-pass runs', 'AUROC')]
+  np.testing.assert_allclose(mech['mean'], 0.02, rtol=1e-6)  # 0, .01, ..., .04
+  run = next(r for r in summary['runs'] if r['name'] == 'fixmatch-control-n40-s0')
+  assert run['overrides']['calibratemix.second_pass_only'] is True
+  assert run['ece_bootstrap']['resamples'] == 2000 and run['machine_id'] == 'm1'
+  assert '| fixmatch + second pass, no mixup (control), 40 labels | 0 1 2 3 4 |' in markdown
+
+
+def test_pairs_on_two_machines_are_counted():
+  cells = study.by_cell(_family_records(range(3), machine_of_fused=lambda s: f'm{s}'))
+  iv = study.paired(cells, ('fixmatch', 'cmix_fused', 40), ('fixmatch', 'base', 40), 'metrics.ece')
+  assert iv['pairs_not_on_one_machine'] == 2 and iv['seeds'] == [0, 1, 2]  # seeds 1, 2
+
+
+def test_exploratory_reading_words():
   iv = lambda mean, low, high, n=3: {'n': n, 'mean': mean, 'low': low, 'high': high}
-  assert study.verdict_lower(iv(-1, -2, -0.5), 'ECE') == 'yes'
-  assert study.verdict_lower(iv(1, 0.5, 2), 'ECE') == 'no: it raises ECE'
-  assert study.verdict_lower(iv(0, -1, 1), 'ECE').startswith('not shown')
-  assert study.verdict_lower(iv(0, math.nan, math.nan, n=1), 'ECE').startswith('not run')
-  assert study.verdict_no_cost(iv(-0.01, -0.02, -0.001)).startswith('no: it costs 1.00')
-  assert study.verdict_no_cost(iv(0.0, -0.004, 0.01)).startswith('yes')
-  assert study.verdict_no_cost(iv(0.0, -0.02, 0.01)).startswith('not shown')
+  assert study.exploratory_word(iv(-1, -2, -0.5)) == 'lower'
+  assert study.exploratory_word(iv(1, 0.5, 2)) == 'higher'
+  assert study.exploratory_word(iv(0, -1, 1)) == 'not shown'
+  assert study.exploratory_word(iv(0, math.nan, math.nan, n=1)).startswith('not shown (1 pair')
 
 
 def test_one_results_folder_holds_one_setting(tmp_path):
@@ -270,7 +322,7 @@ def test_auroc_hand_values_ties_and_sklearn():
   assert analysis.auroc([1.0, 1.0], [1, 0]) == 0.5  # a tie counts half
   assert analysis.auroc([3, 2, 1], [1, 1, 0]) == 1.0
   assert math.isnan(analysis.auroc([1, 2], [1, 1]))
-  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  from sklearn import metrics
 
   rng = np.random.default_rng(0)
   scores, labels = rng.integers(0, 5, 200).astype(float), rng.random(200) < 0.3
@@ -295,7 +347,7 @@ def test_mechanism_scores_wrong_pseudo_labels_by_hand():
   # -APM at the pseudo-label: [-2, 0.5, -1.5, 1]: both wrong samples rank above both right.
   assert out['auroc_apm'] == 1.0
   assert out['auroc_running_confidence'] == 1.0  # -[0.9, 0.4, 0.8, 0.6]
-  conf = analysis._softmax(logits[:4]).max(1)  # pylint: disable=protected-access
+  conf = analysis._softmax(logits[:4]).max(1)
   expected = analysis.auroc(-conf, pseudo_wrong)
   assert out['auroc_confidence'] == expected
   assert analysis.mechanism(apm, np.zeros(5), running, logits, hidden)['n'] == 0
@@ -317,9 +369,17 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, ca
 
   monkeypatch.setattr(study, 'train', lambda *a: 1.0)
   monkeypatch.setattr(study, 'analyse', fake_analyse)
-  monkeypatch.setattr(study, 'write_table', lambda out: '')
+  monkeypatch.setattr(study, 'write_table', lambda out, family: ('', {'primary': []}))
+  monkeypatch.setattr(study, 'write_pictures', lambda *a: [])
   study.main(
-    ['--seeds=0', '--only=fixmatch-', '--variants=base,cmix', f'--out={out}', f'--root={root}']
+    [
+      '--seeds=0',
+      '--labels=',
+      '--only=fixmatch-',
+      '--variants=base,cmix',
+      f'--out={out}',
+      f'--root={root}',
+    ]
   )
   assert 'FAILED: fixmatch-cmix-s0' in capsys.readouterr().out
   assert sorted(os.listdir(out / 'runs')) == ['fixmatch-base-s0.json']
@@ -341,6 +401,7 @@ def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
   study.main(
     [
       '--seeds=0',
+      '--labels=',
       '--only=fixmatch-base-',
       f'--config={config}',
       f'--out={out}',
@@ -360,10 +421,21 @@ def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
   split = json.loads((root / 'fixmatch-base-s0' / 'split.json').read_text())
   assert split['unlabeled']['size'] == 64 and split['unlabeled']['per_class'] == [16] * 4
   assert '| fixmatch | 0 |' in (out / 'table.md').read_text()
-  # Pictures of the first seed: its data maps, and one reliability figure whose panel is the
-  # same final EMA evaluation as the result file.
+  assert (
+    record['ece_bootstrap']['low'] <= record['metrics']['ece'] <= record['ece_bootstrap']['high']
+  )
+  assert record['ece_bootstrap']['ece'] == pytest.approx(record['metrics']['ece'], abs=1e-6)
+  prov = record['provenance']['train']
+  assert (
+    prov['devices_used'] == 1
+    and prov['device_count'] >= 1
+    and prov['versions']['jax']
+    and prov['cpu']['cores'] >= 1
+  )
+  # Pictures: the first seed's data maps, and one reliability figure pooled over seeds whose
+  # panel is the same final EMA evaluation as the result file.
   pictures = out / 'pictures'
   assert (pictures / 'fixmatch-base-s0_data_map_unlabeled.png').stat().st_size > 0
-  panels = json.loads((pictures / 'reliability_s0.data.json').read_text())['tables']
-  assert list(panels) == ['fixmatch']
-  assert panels['fixmatch']['ece'] == pytest.approx(record['metrics']['ece'], abs=1e-4)
+  panels = json.loads((pictures / 'reliability.data.json').read_text())['tables']
+  assert list(panels) == ['fixmatch (1 seeds)']
+  assert panels['fixmatch (1 seeds)']['ece'] == pytest.approx(record['metrics']['ece'], abs=1e-4)

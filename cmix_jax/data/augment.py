@@ -19,7 +19,7 @@ code is more specific than the paper (docs/method.md §1) this module follows th
     U(1, w] (low=w, high=1), not U[0, w); PIL's rectangle includes both corners, so it
     paints floor(v)+1 pixels per side (clipped at the border), never nothing for v > 0.
   * Crop before flip (USB order; same distribution as flip before crop). The pad is
-    round-half-up(pad_frac*side) per the brief: 4 at 32, 12 at 96, and 4 at 28, where
+    round-half-up(pad_frac*side), the paper's 4 pixels at 32: 12 at 96 and 4 at 28, where
     USB's int(side*(1-crop_ratio)) would give 3.
 Grayscale: Color is the identity (PIL's L->L->L round trip); Cutout fills with 123, the
 grey PIL's own RGB->L conversion gives (125, 123, 114) (PIL refuses a 3-tuple on an L
@@ -472,7 +472,7 @@ def strong_augment(
   num_ops: int = 3,
   cutout: bool = True,
   affine_fill=AFFINE_FILL,
-):  # pylint: disable=redefined-outer-name
+):
   """USB strong view of one image: weak view, num_ops RandAugment ops drawn with
   replacement (uniform magnitude each), then Cutout (side U[0, 0.5)*width)."""
   img = _as_float(img)
@@ -510,7 +510,7 @@ def augment_batch(
   flip: bool = True,
   num_ops: int = 3,
   cutout: bool = True,
-):  # pylint: disable=redefined-outer-name
+):
   """Weak or strong views of a batch [N, H, W, C] (uint8 or 0..255) -> float32 [N, H, W, C]."""
   images = jnp.asarray(images_uint8)
   if images.ndim != 4 or images.shape[-1] not in (1, 3):

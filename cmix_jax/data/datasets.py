@@ -137,7 +137,7 @@ SPECS: dict[str, DatasetSpec] = {
     how_to_get='put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and '
     + _tfds_build_hint('imagenet2012', ' --file_format=array_record'),
   ),
-  # Template only: sources.load_ssl_data('fake', fake_kwargs=...) replaces shape/classes.
+  # Template only: sources.open_dataset('fake', '', fake_kwargs) replaces shape/classes.
   'fake': DatasetSpec(
     name='fake',
     tfds_name='',
@@ -226,7 +226,7 @@ class ConcatImageSource:
 
 def resize_shorter_center_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Resizes so the shorter side fits `size`, then center-crops to exactly `size` (H, W)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
 
   height, width = image.shape[:2]
   out_h, out_w = size
@@ -243,7 +243,7 @@ def resize_shorter_center_crop(image: np.ndarray, size: tuple[int, int]) -> np.n
 
 def decode_image(data: bytes, channels: int) -> np.ndarray:
   """PNG/JPEG bytes -> uint8 [H, W, channels] (grayscale or RGB)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
 
   mode = 'L' if channels == 1 else 'RGB'
   with Image.open(io.BytesIO(data)) as pil:
@@ -393,7 +393,7 @@ def store_arrays(
   leftover is rebuilt. `extra_json` files go beside dataset_info.json. Returns the version
   folder. A complete existing store is kept as is.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   extra_json = extra_json or {}
   final = stored_dir(data_dir, tfds_name)
@@ -487,14 +487,14 @@ def open_builder(spec: DatasetSpec, data_dir: str):
   )
   if not (storage.as_path(data_dir) / spec.tfds_name).is_dir():
     raise not_found
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   try:
     builder = tfds.builder(
       spec.tfds_name, data_dir=os.fspath(storage.as_path(data_dir)), try_gcs=False
     )
     prepared = builder.is_prepared()
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     prepared = False
   if not prepared:
     raise not_found from None
@@ -515,7 +515,7 @@ def _split_size(builder, split: str) -> int:
 
 
 def _skip_decoding_source(builder, split: str):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds
 
   return builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
 
@@ -540,7 +540,7 @@ def read_split(
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
       list(pool.map(read_chunk, range(0, n, _READ_CHUNK)))
   else:  # tfrecord (what `tfds build` writes by default): tf.data decodes in C++
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
 
     start = 0
     for batch in tfds.as_numpy(
@@ -570,7 +570,7 @@ def read_labels(builder, split: str) -> np.ndarray:
     buffer = io.BytesIO()
     np.save(buffer, labels)
     storage.write_bytes(cache, buffer.getvalue())
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     pass  # read-only data dir (or bucket): read again next time
   return labels
 

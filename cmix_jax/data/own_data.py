@@ -1,6 +1,6 @@
 """Bring your own data: a .npz file or an image folder, validated, stored once as TFDS.
 
-`sources.load_ssl_data('npz:PATH', ...)` / `('folder:PATH', ...)` store the source on first use as
+`sources.open_dataset('npz:PATH', ...)` / `('folder:PATH', ...)` store the source on first use as
 `own_<name>_<fingerprint>` under data_dir (ArrayRecord, splits train/test[/unlabeled]) with a
 stats.json beside it holding num_classes, image shape, class names and the train split's
 per-channel mean/std, so nothing about the data is hard-coded. Sources and data_dir may be
@@ -152,7 +152,7 @@ def _image_files(directory: str) -> list[str]:
 
 
 def _read_image(path: str) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image
 
   with Image.open(io.BytesIO(storage.as_path(path).read_bytes())) as pil:
     if pil.mode not in _MODES:

@@ -1,16 +1,20 @@
-"""Host batches: deterministic per-step index streams, per-process/per-device shares, prefetch.
+"""Host batches: deterministic per-step index streams, per-process/per-device shares, prefetch,
+and `train_batches`, a run's prefetched device-placed train batches.
 
 A training batch depends only on (seed, stream, step), so a resumed run sees exactly the
 batches an uninterrupted one would, on any number of processes.
 """
 
+import functools
 import queue
 import threading
 from typing import Any
 from collections.abc import Callable, Iterator
 
+import jax
 import numpy as np
 
+from cmix_jax import parallel
 from cmix_jax.data import datasets
 
 LABELED_STREAM = 0
@@ -262,7 +266,7 @@ class Prefetcher:
         if not self._put(('item', self.place_fn(item))):
           return
       self._put(('end', None))
-    except BaseException as e:  # pylint: disable=broad-except
+    except BaseException as e:
       self._put(('error', e))
 
   def __iter__(self) -> 'Prefetcher':
@@ -305,3 +309,18 @@ def prefetch(
 ) -> Prefetcher:
   """Background prefetch of `size` placed batches (see Prefetcher)."""
   return Prefetcher(iterator, size, place_fn)
+
+
+def train_batches(config, data, algorithm, topo, start_step: int):
+  """Prefetched, device-placed batches from `start_step` on (deterministic in the step)."""
+  it = TrainIterator(
+    data,
+    global_batch=config.data.batch_size,
+    uratio=config.data.uratio if algorithm.uses_unlabeled else 0,
+    seed=config.seed,
+    start_step=start_step,
+    local_devices=topo.num_local_devices,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return prefetch(it, config.data.prefetch, functools.partial(parallel.shard_batch, topo=topo))

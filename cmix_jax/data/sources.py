@@ -1,6 +1,8 @@
 """Opens a data set by its config name: a TFDS data set, an own npz/folder source, or fake data.
 
-The one entry point the run uses; `datasets` holds the TFDS side, `own_data` the npz/folder side.
+`open_dataset` is the one entry point the run uses (then `datasets.make_ssl_data` draws the
+labeled/validation/unlabeled split from the seed); `datasets` holds the TFDS side, `own_data`
+the npz/folder side.
 """
 
 import dataclasses
@@ -60,25 +62,4 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
     test_labels=as_int32(parts['test'][1]),
     extra_images=extra_images,
     extra_labels=as_int32(extra_labels),
-  )
-
-
-def load_ssl_data(
-  name: str,
-  data_dir: str,
-  num_labels: int,
-  seed: int,
-  val_size: int = 0,
-  include_lb_to_ulb: bool = True,
-  fake_kwargs: dict | None = None,
-  unlabeled_size: int = 0,
-) -> datasets.SSLData:
-  """open_dataset + make_ssl_data: the data set with its seed-drawn labeled/validation split."""
-  return datasets.make_ssl_data(
-    open_dataset(name, data_dir, fake_kwargs),
-    num_labels,
-    seed,
-    val_size,
-    include_lb_to_ulb,
-    unlabeled_size,
   )

@@ -1,0 +1,217 @@
+"""What several test modules share: the parts of a run without a workdir, the step harness,
+the subprocess driver (one process or two over loopback), and checkpoint comparisons."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cmix_jax import algorithms
+from cmix_jax import base_step
+from cmix_jax import parallel
+from cmix_jax import run_setup
+from cmix_jax import steps
+from cmix_jax import train
+from cmix_jax.data import datasets
+from cmix_jax.data import pipeline
+from cmix_jax.data import sources
+from tests import gcs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------
+# Data sets with their split, the parts of a run, and its train steps, without a workdir.
+
+
+def load_ssl_data(
+  name: str,
+  data_dir: str,
+  num_labels: int,
+  seed: int,
+  val_size: int = 0,
+  include_lb_to_ulb: bool = True,
+  fake_kwargs: dict | None = None,
+  unlabeled_size: int = 0,
+) -> datasets.SSLData:
+  """sources.open_dataset + datasets.make_ssl_data, as a run draws them (by arguments)."""
+  return datasets.make_ssl_data(
+    sources.open_dataset(name, data_dir, fake_kwargs),
+    num_labels,
+    seed,
+    val_size,
+    include_lb_to_ulb,
+    unlabeled_size,
+  )
+
+
+@dataclasses.dataclass
+class Parts:
+  """What the train steps need: a run's parts, built from a config alone."""
+
+  config: Any
+  topo: parallel.Topology
+  data: Any  # datasets.SSLData
+  info: steps.DataInfo
+  model: Any
+  tx: Any
+  algorithm: algorithms.Algorithm
+  sharded_field: str | None
+
+
+def parts(config) -> Parts:
+  """The parts `run_setup.build_run` would build for `config`, without checks or a workdir."""
+  topo = parallel.make_topology(config.num_devices)
+  data = run_setup.split_data(config, run_setup.open_data(config))
+  info = run_setup.data_info(data)
+  return Parts(
+    config=config,
+    topo=topo,
+    data=data,
+    info=info,
+    model=steps.create_model(config, info.num_classes, topo.num_devices),
+    tx=steps.create_optimizer(config.optim, config.num_train_steps),
+    algorithm=algorithms.get_algorithm(config),
+    sharded_field='dynamics' if base_step.tables_sharded(config) else None,
+  )
+
+
+def evaluator(p: Parts):
+  """The run's Evaluator of these parts (run_setup.make_evaluator)."""
+  return run_setup.make_evaluator(p.config, p.info, p.topo)
+
+
+def fresh_state(p: Parts):
+  """steps.create_train_state's fresh state, stacked [D, ...] for the parallel steps."""
+  state = steps.create_train_state(
+    p.config,
+    p.model,
+    p.tx,
+    p.algorithm,
+    p.info,
+    jax.random.key(p.config.seed),
+    dynamics_shards=p.topo.num_devices if p.sharded_field else 1,
+  )
+  layout = parallel.host_state_to_checkpoint_layout(state, p.topo, p.sharded_field)
+  return parallel.stack_state(layout, p.topo, p.sharded_field)
+
+
+def step_fns(p: Parts) -> dict:
+  """steps.make_step_fns of these parts (what the loop calls)."""
+  return steps.make_step_fns(p.model, p.tx, p.algorithm, p.config, p.info, p.topo)
+
+
+def batches(p: Parts, start_step: int = 0):
+  """pipeline.train_batches of these parts (close() it when done)."""
+  return pipeline.train_batches(p.config, p.data, p.algorithm, p.topo, start_step)
+
+
+def run_steps(p: Parts, num_steps: int, state=None, fns=None):
+  """(stacked state, per-step metrics) after `num_steps` loop steps from `state` (or fresh)."""
+  it = batches(p)
+  try:
+    return train.run_steps(
+      fns or step_fns(p), fresh_state(p) if state is None else state, it, p.config, 0, num_steps
+    )
+  finally:
+    it.close()
+
+
+def run_on(config, num_devices: int, num_steps: int, backend: str = 'pmap'):
+  """(stacked state, per-step metrics) of `num_steps` loop steps on `num_devices` devices."""
+  config = config.copy_and_resolve_references()
+  config.num_devices, config.parallel_backend = num_devices, backend
+  return run_steps(parts(config), num_steps)
+
+
+def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(
+      np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol
+    )
+
+
+# ----------------------------------------------------------------------------
+# Whole runs in subprocesses (tests/run_driver.py), and what they leave in a workdir.
+
+
+def _driver_env() -> dict:
+  env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop('XLA_FLAGS', None)  # the driver sets its own device count
+  return env
+
+
+def driver(*args, check=True, timeout=240) -> subprocess.CompletedProcess:
+  """Runs tests/run_driver.py with `args`; AssertionError with its output if it fails."""
+  proc = subprocess.run(
+    [sys.executable, '-m', 'tests.run_driver', *args],
+    cwd=REPO,
+    env=_driver_env(),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  if check and proc.returncode:
+    raise AssertionError(
+      f'driver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}'
+    )
+  return proc
+
+
+def two_processes(workdir, *args, timeout=300, devices=4) -> list:
+  """Runs the driver as two processes (`devices` fake devices each) over loopback; (process,
+  out, err) each."""
+  port = gcs.free_port()
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'tests.run_driver',
+        f'--workdir={workdir}',
+        f'--devices={devices}',
+        f'--coordinator=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+        *args,
+      ],
+      cwd=REPO,
+      env=_driver_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    return [(p, *p.communicate(timeout=timeout)) for p in procs]
+  finally:  # a hung pair (the failure some tests look for) is not left running
+    for p in procs:
+      p.kill()
+
+
+def latest_state(workdir):
+  """The newest checkpoint's (step, state as numpy, meta), whatever topology saved it."""
+  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'meta'))
+  step = mngr.latest_step()
+  path = os.path.join(workdir, 'checkpoints', str(step))
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(os.path.join(path, 'state')).item_metadata.tree
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = checkpointer.restore(os.path.join(path, 'state'), restore_args=as_numpy)
+  with open(os.path.join(path, 'meta', 'metadata')) as f:
+    meta = json.load(f)
+  return step, state, meta
+
+
+def assert_same_state(a, b):
+  flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+  for path, x in flat_a:
+    np.testing.assert_array_equal(x, flat_b[path], err_msg=jax.tree_util.keystr(path))
