@@ -27,17 +27,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import ml_collections  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-from cmix_jax import parallel  # pylint: disable=wrong-import-position
-from cmix_jax import resume  # pylint: disable=wrong-import-position
-from cmix_jax import run_setup  # pylint: disable=wrong-import-position
-from cmix_jax import steps as step_lib  # pylint: disable=wrong-import-position
-from cmix_jax.data import pipeline  # pylint: disable=wrong-import-position
-from configs import default  # pylint: disable=wrong-import-position
+from cmix_jax import parallel
+from cmix_jax import resume
+from cmix_jax import run_setup
+from cmix_jax import steps as step_lib
+from cmix_jax.data import pipeline
+from configs import default
 
 VARIANTS = {  # name -> (algorithm, CalibrateMix on, passes)
   'fixmatch': ('fixmatch', False, 2),
@@ -190,7 +190,7 @@ def step_flops(compiled) -> float | None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get('flops', 0.0)) or None
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     return None
 
 
@@ -249,7 +249,7 @@ def model_grad_seconds(
   dtype: str = 'float32',
 ) -> float:
   """Median seconds of the network's forward + backward alone on num_images (train-mode BN)."""
-  from cmix_jax import models  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from cmix_jax import models
 
   model = models.create_model(model_name, num_classes, dtype=dtype)
   variables = models.init_model(model, jax.random.key(0), image_shape)
@@ -274,7 +274,7 @@ def augment_seconds(
   batch_size: int, uratio: int, warmup: int, steps: int, image_shape=(32, 32, 3)
 ) -> float:
   """Median seconds of one step's on-device augmentation alone (weak lb, weak + strong ulb)."""
-  from cmix_jax.data import augment  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+  from cmix_jax.data import augment
 
   @jax.jit
   def views(key, x_lb, x_ulb):  # uint8 [B, H, W, C], [U, H, W, C]

@@ -17,12 +17,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # pylint: disable=wrong-import-position
-from jax import lax  # pylint: disable=wrong-import-position
+import jax
+from jax import lax
 
-from cmix_jax import parallel  # pylint: disable=wrong-import-position
-from cmix_jax.models import conv  # pylint: disable=wrong-import-position
-from configs import default  # pylint: disable=wrong-import-position
+from cmix_jax import parallel
+from cmix_jax.models import conv
+from configs import default
 
 # (name, input side, C_in, C_out, kernel, stride, layers of WRN-28-2 with this shape)
 LAYERS = (
@@ -91,7 +91,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   parallel.set_xla_flags(default.get_config().xla_flags)
   try:
-    import torch  # pylint: disable=g-import-not-at-top,import-outside-toplevel
+    import torch
 
     torch.set_num_threads(os.cpu_count())
   except ImportError:

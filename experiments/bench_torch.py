@@ -472,8 +472,8 @@ def import_our_bench():
   """experiments/bench.py (our step), or a clear error while the package is not importable."""
   sys.path.insert(0, EXPERIMENTS_DIR)
   try:
-    import bench  # pylint: disable=g-import-not-at-top,import-outside-toplevel
-  except Exception as e:  # pylint: disable=broad-except
+    import bench
+  except Exception as e:
     raise SystemExit(
       f'--compare needs experiments/bench.py and the cmix_jax package importable, but the '
       f'import failed with {type(e).__name__}: {e}. Run without --compare to time the torch '

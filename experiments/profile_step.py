@@ -24,12 +24,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench  # pylint: disable=wrong-import-position
-import jax  # pylint: disable=wrong-import-position
+import bench
+import jax
 
-from cmix_jax import parallel  # pylint: disable=wrong-import-position
-from cmix_jax import run_setup  # pylint: disable=wrong-import-position
-from configs import default  # pylint: disable=wrong-import-position
+from cmix_jax import parallel
+from cmix_jax import run_setup
+from configs import default
 
 SKIP = ('ThunkExecutor::Execute', 'ThunkExecutor::Execute (wait for completion)')
 
