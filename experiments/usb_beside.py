@@ -256,20 +256,20 @@ def check_usb_expressible(config) -> None:
     raise ValueError('USB cannot express: ' + '; '.join(problems))
 
 
-def usb_args(config, base: str, seed: int, save_dir: str, num_workers: int) -> dict:
+def usb_args(config, spec, base: str, seed: int, save_dir: str, num_workers: int) -> dict:
   """The dict semilearn.get_config turns into USB's argparse namespace for one run."""
   steps = int(config.num_train_steps)
   return {
     'algorithm': base,
     'net': 'cnn_small',
     'dataset': 'fashion_mnist',  # unknown to semilearn: get_dataset returns None
-    'num_classes': 10,
+    'num_classes': int(spec.num_classes),
     'num_labels': int(config.data.num_labels),
     'batch_size': int(config.data.batch_size),
     'uratio': int(config.data.uratio),
     'eval_batch_size': int(config.data.eval_batch_size),
     'include_lb_to_ulb': bool(config.data.include_lb_to_ulb),
-    'img_size': int(datasets.SPECS[config.data.name].image_shape[0]),
+    'img_size': int(spec.image_shape[0]),
     'crop_ratio': 1.0 - float(config.data.crop_pad_frac),
     'epoch': 1,
     'num_train_iter': steps,
@@ -313,9 +313,8 @@ def usb_args(config, base: str, seed: int, save_dir: str, num_workers: int) -> d
   }
 
 
-def augmentation_settings(config) -> dict:
+def augmentation_settings(config, spec) -> dict:
   """What the transforms use: padding, flip, RandAugment ops, normalisation."""
-  spec = datasets.SPECS[config.data.name]
   return {
     'image_shape': list(spec.image_shape),
     'crop_pad': augment.crop_pad(config.data.crop_pad_frac, spec.image_shape[1]),
@@ -484,12 +483,12 @@ def train_usb(config, base: str, seed: int, data, num_workers: int, threads: int
 
   torch.set_num_threads(threads)
   semilearn, applied = import_semilearn()
-  aug = augmentation_settings(config)
-  spec = datasets.SPECS[config.data.name]
+  spec = data.spec
+  aug = augmentation_settings(config, spec)
   bn_momentum = float(config.model.bn_momentum)
   builder = usb_models.net_builder(spec.image_shape[2], cnn_widths(), bn_momentum)
   with tempfile.TemporaryDirectory() as save_dir, _CudaIsIdentity():
-    args = semilearn.get_config(usb_args(config, base, seed, save_dir, num_workers))
+    args = semilearn.get_config(usb_args(config, spec, base, seed, save_dir, num_workers))
     seed_everything(seed)
     algorithm = semilearn.get_algorithm(args, builder, tb_log=None, logger=None)
     drop_hook(algorithm, 'TimerHook')
@@ -583,7 +582,7 @@ def run_one(config, base: str, seed: int, raw, args) -> dict:
   indices = split_indices(data)
   split_file = our_split_file(args.our_root, base, config.data.num_labels, seed)
   split_check = check_split(indices, seed, split_file)
-  spec = datasets.SPECS[config.data.name]
+  spec = data.spec
   ours = flax_param_count(spec.image_shape, spec.num_classes)
   expected = expected_param_count(spec.image_shape[2], cnn_widths(), spec.num_classes)
   if ours != expected:

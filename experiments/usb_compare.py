@@ -1,0 +1,212 @@
+"""USB's FixMatch / SoftMatch (experiments/usb_beside.py) beside ours, seed by seed: a Markdown table.
+
+  python experiments/usb_compare.py
+  python experiments/usb_compare.py --usb=DIR --ours=DIR --our_root=DIR --out=table.md
+
+--usb holds usb_beside.py's `<base>-n<labels>-s<seed>.json`; --ours holds our study's
+`<base>-base-n<labels>-s<seed>.json` (keys metrics.accuracy, metrics.ece). A seed is one
+labeled draw on both sides, so differences are paired by seed. Per base and metric: mean ±
+std of each side, the mean paired difference (USB − ours) with its 95 % t-interval, and an
+equivalence verdict by TOST at ±--margin: the 90 % paired t-interval inside the margin is
+"equivalent within 3 points", entirely outside it "different by more than 3 points", else
+"not shown either way". With --our_root (our run workdirs) every USB run's split is checked
+against our run's split.json and its hyperparameters against our config.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+BASES = ('fixmatch', 'softmatch')
+METRICS = (('accuracy', 'accuracy'), ('ece', 'ECE (10 bins)'))
+USB_FILE = re.compile(r'^(?P<base>[a-z]+)-n(?P<labels>\d+)-s(?P<seed>\d+)\.json$')
+OURS_FILE = re.compile(r'^(?P<base>[a-z]+)-base-n(?P<labels>\d+)-s(?P<seed>\d+)\.json$')
+DEFAULT_USB = 'experiments/results/fmnist_controlled/usb'
+DEFAULT_OURS = 'experiments/results/fmnist_controlled/runs'
+
+
+def load_folder(folder: str, pattern: re.Pattern, labels: int) -> dict:
+  """(base, seed) -> record of every file in `folder` matching `pattern` at `labels` labels."""
+  if not os.path.isdir(folder):
+    return {}
+  found = {}
+  for name in sorted(os.listdir(folder)):
+    match = pattern.match(name)
+    if match and int(match['labels']) == labels and match['base'] in BASES:
+      with open(os.path.join(folder, name)) as f:
+        found[(match['base'], int(match['seed']))] = json.load(f)
+  return found
+
+
+def metric(record: dict, key: str) -> float:
+  """record['metrics'][key] as a float (NaN when missing)."""
+  value = (record.get('metrics') or {}).get(key)
+  return math.nan if value is None else float(value)
+
+
+def tost_verdict(interval90: dict, margin: float) -> str:
+  """Equivalence from the 90 % paired interval against ±margin (two one-sided tests at 5 %)."""
+  low, high = interval90['low'], interval90['high']
+  points = f'{100 * margin:g} points'
+  if not (math.isfinite(low) and math.isfinite(high)):
+    return 'too few pairs'
+  if -margin < low and high < margin:
+    return f'equivalent within {points}'
+  if low >= margin or high <= -margin:
+    return f'different by more than {points}'
+  return 'not shown either way'
+
+
+def compare_base(usb: dict, ours: dict, base: str, key: str, margin: float) -> dict:
+  """Both sides' values of one metric, the paired differences and their intervals."""
+  usb_values = {s: metric(r, key) for (b, s), r in usb.items() if b == base}
+  our_values = {s: metric(r, key) for (b, s), r in ours.items() if b == base}
+  paired = sorted(set(usb_values) & set(our_values))
+  diffs = [usb_values[s] - our_values[s] for s in paired]
+  ci95 = compare.paired_interval(diffs, 0.95)
+  ci90 = compare.paired_interval(diffs, 0.90)
+  return {
+    'base': base,
+    'metric': key,
+    'usb': compare._mean_std(usb_values.values()),  # pylint: disable=protected-access
+    'usb_seeds': sorted(usb_values),
+    'ours': compare._mean_std(our_values.values()),  # pylint: disable=protected-access
+    'our_seeds': sorted(our_values),
+    'paired_seeds': paired,
+    'differences': diffs,
+    'ci95': ci95,
+    'ci90': ci90,
+    'verdict': tost_verdict(ci90, margin) if paired else 'no pairs yet',
+  }
+
+
+def _pm(mean_std: tuple, n: int) -> str:
+  mean, std = mean_std
+  if not math.isfinite(mean):
+    return '–'
+  spread = f' ± {100 * std:.2f}' if math.isfinite(std) else ''
+  return f'{100 * mean:.2f}{spread} (n={n})'
+
+
+def _interval(iv: dict) -> str:
+  if not math.isfinite(iv['mean']):
+    return '–'
+  if not math.isfinite(iv['low']):
+    return f'{100 * iv["mean"]:+.2f}'
+  return f'{100 * iv["mean"]:+.2f} [{100 * iv["low"]:+.2f}, {100 * iv["high"]:+.2f}]'
+
+
+def table(rows: list[dict], margin: float) -> str:
+  """The Markdown table (values in percentage points)."""
+  lines = [
+    '| base | metric | USB (semilearn) | ours (cmix_jax) | USB − ours, paired: mean '
+    '[95 % CI] | 90 % CI | verdict (TOST ±' + f'{100 * margin:g} points) |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  labels = dict(METRICS)
+  for r in rows:
+    ci90 = r['ci90']
+    ci90_text = (
+      f'[{100 * ci90["low"]:+.2f}, {100 * ci90["high"]:+.2f}]'
+      if math.isfinite(ci90['low'])
+      else '–'
+    )
+    lines.append(
+      f'| {r["base"]} | {labels[r["metric"]]} | {_pm(r["usb"], len(r["usb_seeds"]))} | '
+      f'{_pm(r["ours"], len(r["our_seeds"]))} | {_interval(r["ci95"])} | {ci90_text} | '
+      f'{r["verdict"]} |'
+    )
+  return '\n'.join(lines)
+
+
+def per_seed_table(usb: dict, ours: dict) -> str:
+  """One line per (base, seed): both sides' accuracy and ECE, and USB's train seconds."""
+  lines = [
+    '| base | seed | USB accuracy | ours accuracy | USB ECE | ours ECE | USB train s |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  fmt = lambda r, k: '–' if r is None else f'{100 * metric(r, k):.2f}'
+  for base, seed in sorted(set(usb) | set(ours)):
+    u, o = usb.get((base, seed)), ours.get((base, seed))
+    seconds = '–' if u is None else f'{u.get("train_seconds", math.nan):.0f}'
+    lines.append(
+      f'| {base} | {seed} | {fmt(u, "accuracy")} | {fmt(o, "accuracy")} | '
+      f'{fmt(u, "ece")} | {fmt(o, "ece")} | {seconds} |'
+    )
+  return '\n'.join(lines)
+
+
+def audit(usb: dict, our_root: str) -> list[str]:
+  """Split and hyperparameter checks of every USB run against our workdir of the same draw."""
+  import usb_beside  # pylint: disable=g-import-not-at-top
+
+  notes = []
+  for (base, seed), record in sorted(usb.items()):
+    labels = record['hyperparameters']['data.num_labels']
+    workdir = os.path.join(our_root, f'{base}-base-n{labels}-s{seed}')
+    split_file = os.path.join(workdir, 'split.json')
+    if not os.path.exists(split_file):
+      notes.append(f'{base} s{seed}: no split.json of ours yet')
+      continue
+    with open(split_file) as f:
+      ours = usb_beside.split_json_indices(json.load(f))
+    same = usb_beside.split_digest(ours) == record['split']['digest']
+    notes.append(f'{base} s{seed}: split {"identical" if same else "DIFFERENT"}')
+    config_file = os.path.join(workdir, 'config.json')
+    if os.path.exists(config_file):
+      with open(config_file) as f:
+        config = json.load(f)
+      bad = [
+        f'{k}={v!r} (ours {config[k.split(".")[0]][k.split(".")[1]]!r})'
+        for k, v in record['hyperparameters'].items()
+        if '.' in k and config[k.split('.')[0]][k.split('.')[1]] != v
+      ]
+      if config.get('num_train_steps') != record['hyperparameters']['num_train_steps']:
+        bad.append(f'num_train_steps (ours {config.get("num_train_steps")})')
+      notes[-1] += ', hyperparameters ' + ('identical' if not bad else 'DIFFER: ' + '; '.join(bad))
+  return notes
+
+
+def report(usb: dict, ours: dict, margin: float, notes=()) -> str:
+  """Summary table, per-seed table and notes, as Markdown."""
+  rows = [compare_base(usb, ours, b, k, margin) for b in BASES for k, _ in METRICS]
+  parts = [table(rows, margin), '', per_seed_table(usb, ours)]
+  if notes:
+    parts += ['', *[f'- {n}' for n in notes]]
+  return '\n'.join(parts) + '\n'
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--usb', default=DEFAULT_USB, help="usb_beside.py's --out")
+  parser.add_argument('--ours', default=DEFAULT_OURS, help="our study's runs/ folder")
+  parser.add_argument('--our_root', default='', help='our run workdirs, for the audit')
+  parser.add_argument('--labels', type=int, default=40)
+  parser.add_argument('--margin', type=float, default=0.03, help='equivalence margin (fraction)')
+  parser.add_argument('--out', default='', help='also write the Markdown here')
+  args = parser.parse_args(argv)
+  usb = load_folder(os.path.join(ROOT, args.usb), USB_FILE, args.labels)
+  ours = load_folder(os.path.join(ROOT, args.ours), OURS_FILE, args.labels)
+  notes = audit(usb, args.our_root) if args.our_root else []
+  if not ours:
+    notes.append(f'no result files of ours in {args.ours} yet')
+  text = report(usb, ours, args.margin, notes)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
