@@ -18,6 +18,9 @@ The final EMA model (USB's evaluate: EMA weights, live BN statistics) is evaluat
 Fashion-MNIST test split and scored with cmix_jax.metrics. One JSON per run,
 `--out/<base>-n<labels>-s<seed>.json` (skipped when it exists): metrics, seconds, every
 hyperparameter, PATCHES, DIFFERENCES, the split's digest and provenance.
+--replicate=R > 0 trains again on the same draws with training seed seed + 1000 * R (init,
+augmentation, loader workers) into `...-s<seed>-r<R>.json`: USB's own run-to-run spread on
+one draw, the noise floor of the paired USB − ours differences.
 """
 
 import argparse
@@ -52,6 +55,7 @@ CONFIG = 'configs/fmnist_dynamics.py'
 # What experiments/study.py sets on top of CONFIG for its runs (dotted key -> value).
 STUDY_OVERRIDES = {'ssl.ema_p': 0.99}
 BASES = ('fixmatch', 'softmatch')
+REPLICATE_STRIDE = 1000  # training seed of replicate R: seed + REPLICATE_STRIDE * R
 SEMILEARN_VERSION = '0.3.2'
 # semilearn imports these at package import for audio / NLP / ViT nets and W&B / Aim logging.
 UNUSED_IMPORTS = (
@@ -523,12 +527,17 @@ def train_usb(config, base: str, seed: int, data, num_workers: int, threads: int
 # Result files.
 
 
-def result_name(base: str, num_labels: int, seed: int) -> str:
-  return f'{base}-n{num_labels}-s{seed}'
+def result_name(base: str, num_labels: int, seed: int, replicate: int = 0) -> str:
+  return f'{base}-n{num_labels}-s{seed}' + (f'-r{replicate}' if replicate else '')
 
 
-def result_path(out: str, base: str, num_labels: int, seed: int) -> str:
-  return os.path.join(out, result_name(base, num_labels, seed) + '.json')
+def result_path(out: str, base: str, num_labels: int, seed: int, replicate: int = 0) -> str:
+  return os.path.join(out, result_name(base, num_labels, seed, replicate) + '.json')
+
+
+def train_seed(seed: int, replicate: int) -> int:
+  """The seed of USB's training RNGs: the draw's seed for replicate 0, shifted for others."""
+  return seed + REPLICATE_STRIDE * replicate
 
 
 def our_split_file(our_root: str, base: str, num_labels: int, seed: int) -> str:
@@ -587,17 +596,22 @@ def run_one(config, base: str, seed: int, raw, args) -> dict:
   expected = expected_param_count(spec.image_shape[2], cnn_widths(), spec.num_classes)
   if ours != expected:
     raise AssertionError(f'Flax cnn_small has {ours}, the layer arithmetic {expected}.')
-  run = train_usb(config, base, seed, data, args.num_workers, args.torch_threads)
+  replicate = getattr(args, 'replicate', 0)
+  run = train_usb(
+    config, base, train_seed(seed, replicate), data, args.num_workers, args.torch_threads
+  )
   if run['param_counts'] != ours:
     raise AssertionError(f'torch cnn_small has {run["param_counts"]}, ours {ours}.')
   logits = np.asarray(run.pop('logits'))
   start = time.time()
   summary = metrics.summary(softmax64(logits), np.asarray(data.test_labels))
   return {
-    'name': result_name(base, config.data.num_labels, seed),
+    'name': result_name(base, config.data.num_labels, seed, replicate),
     'implementation': f'semilearn {run["versions"]["semilearn"]}',
     'algorithm': base,
     'seed': seed,
+    'replicate': replicate,
+    'train_seed': train_seed(seed, replicate),
     'steps': int(config.num_train_steps),
     'config': CONFIG,
     'study_overrides': STUDY_OVERRIDES,
@@ -648,6 +662,7 @@ def main(argv=None) -> int:
   parser.add_argument(
     '--our_root', default='', help='workdirs of our runs (<base>-base-n40-s<seed>/split.json)'
   )
+  parser.add_argument('--replicate', type=int, default=0, help='0, or R: same draws, other RNG')
   parser.add_argument('--num_workers', type=int, default=1, help="USB's loader workers")
   # One thread: on the 2 shared cores here a second intra-op thread made each step ~15x slower.
   parser.add_argument('--torch_threads', type=int, default=1, help='torch intra-op threads')
@@ -665,7 +680,7 @@ def main(argv=None) -> int:
   raw = None
   for seed in seeds:
     for base in bases:
-      path = result_path(args.out, base, config.data.num_labels, seed)
+      path = result_path(args.out, base, config.data.num_labels, seed, args.replicate)
       if os.path.exists(path):
         print(f'done     {path}')
         continue

@@ -4,13 +4,16 @@
   python experiments/usb_compare.py --usb=DIR --ours=DIR --our_root=DIR --out=table.md
 
 --usb holds usb_beside.py's `<base>-n<labels>-s<seed>.json`; --ours holds our study's
-`<base>-base-n<labels>-s<seed>.json` (keys metrics.accuracy, metrics.ece). A seed is one
+`<base>-base-n<labels>-s<seed>.json` (keys metrics.accuracy, metrics.ece); --our_workdirs
+(our finished run workdirs of the same names, eval.json) fills the seeds --ours lacks. A seed is one
 labeled draw on both sides, so differences are paired by seed. Per base and metric: mean ±
 std of each side, the mean paired difference (USB − ours) with its 95 % t-interval, and an
 equivalence verdict by TOST at ±--margin: the 90 % paired t-interval inside the margin is
 "equivalent within 3 points", entirely outside it "different by more than 3 points", else
 "not shown either way". With --our_root (our run workdirs) every USB run's split is checked
-against our run's split.json and its hyperparameters against our config.json.
+against our run's split.json and its hyperparameters against our config.json. USB replicates
+(usb_beside.py --replicate=R: same draws, other training seed) give the noise floor: the
+spread of USB replicate − USB beside the spread of USB − ours.
 """
 
 import argparse
@@ -29,23 +32,63 @@ import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BASES = ('fixmatch', 'softmatch')
 METRICS = (('accuracy', 'accuracy'), ('ece', 'ECE (10 bins)'))
-USB_FILE = re.compile(r'^(?P<base>[a-z]+)-n(?P<labels>\d+)-s(?P<seed>\d+)\.json$')
-OURS_FILE = re.compile(r'^(?P<base>[a-z]+)-base-n(?P<labels>\d+)-s(?P<seed>\d+)\.json$')
+USB_FILE = re.compile(
+  r'^(?P<base>[a-z]+)-n(?P<labels>\d+)-s(?P<seed>\d+)(?:-r(?P<replicate>\d+))?\.json$'
+)
+# Our study's names; the older dynamics study's `<base>-base-s<seed>.json` (40 labels) too.
+OURS_FILE = re.compile(r'^(?P<base>[a-z]+)-base(?:-n(?P<labels>\d+))?-s(?P<seed>\d+)\.json$')
 DEFAULT_USB = 'experiments/results/fmnist_controlled/usb'
 DEFAULT_OURS = 'experiments/results/fmnist_controlled/runs'
 
 
-def load_folder(folder: str, pattern: re.Pattern, labels: int) -> dict:
-  """(base, seed) -> record of every file in `folder` matching `pattern` at `labels` labels."""
+def load_folder(folder: str, pattern: re.Pattern, labels: int, replicate: int = 0) -> dict:
+  """(base, seed) -> record of every file in `folder` matching `pattern` at `labels` labels
+  and `replicate` (a name without a label count is taken as `labels`, without one as 0)."""
   if not os.path.isdir(folder):
     return {}
   found = {}
   for name in sorted(os.listdir(folder)):
     match = pattern.match(name)
-    if match and int(match['labels']) == labels and match['base'] in BASES:
+    if not match or match['base'] not in BASES:
+      continue
+    named = int(match['labels']) if match['labels'] else labels
+    rep = int(match.groupdict().get('replicate') or 0)
+    if named == labels and rep == replicate:
       with open(os.path.join(folder, name)) as f:
         found[(match['base'], int(match['seed']))] = json.load(f)
   return found
+
+
+def load_workdirs(folder: str, labels: int) -> dict:
+  """(base, seed) -> {'metrics': eval.json} of our finished `<base>-base-n<labels>-s<seed>` runs."""
+  if not folder or not os.path.isdir(folder):
+    return {}
+  found = {}
+  for name in sorted(os.listdir(folder)):
+    match = OURS_FILE.match(name + '.json')
+    path = os.path.join(folder, name, 'eval.json')
+    if not match or match['base'] not in BASES or not os.path.exists(path):
+      continue
+    if int(match['labels'] or labels) != labels:
+      continue
+    with open(path) as f:
+      record = json.load(f)
+    if record.get('step') == record.get('num_train_steps'):
+      found[(match['base'], int(match['seed']))] = {'metrics': record, 'source': 'workdir'}
+  return found
+
+
+def merge_ours(files: dict, workdirs: dict) -> tuple[dict, list[str]]:
+  """Result files first, workdirs for the seeds they lack; notes where both exist."""
+  notes = []
+  for key in sorted(set(files) & set(workdirs)):
+    a, b = (metric(r, 'accuracy') for r in (files[key], workdirs[key]))
+    e, f = (metric(r, 'ece') for r in (files[key], workdirs[key]))
+    notes.append(
+      f'{key[0]} s{key[1]}: ours twice, result file {100 * a:.2f} % / ECE {100 * e:.2f} %, '
+      f'rerun here {100 * b:.2f} % / {100 * f:.2f} %' + (' (identical)' if (a, e) == (b, f) else '')
+    )
+  return {**workdirs, **files}, notes
 
 
 def metric(record: dict, key: str) -> float:
@@ -132,16 +175,17 @@ def table(rows: list[dict], margin: float) -> str:
 def per_seed_table(usb: dict, ours: dict) -> str:
   """One line per (base, seed): both sides' accuracy and ECE, and USB's train seconds."""
   lines = [
-    '| base | seed | USB accuracy | ours accuracy | USB ECE | ours ECE | USB train s |',
-    '|---|---|---|---|---|---|---|',
+    '| base | seed | USB accuracy | ours accuracy | USB ECE | ours ECE | USB train s | ours from |',
+    '|---|---|---|---|---|---|---|---|',
   ]
   fmt = lambda r, k: '–' if r is None else f'{100 * metric(r, k):.2f}'
+  source = lambda r: '–' if r is None else r.get('source', 'result file')
   for base, seed in sorted(set(usb) | set(ours)):
     u, o = usb.get((base, seed)), ours.get((base, seed))
     seconds = '–' if u is None else f'{u.get("train_seconds", math.nan):.0f}'
     lines.append(
       f'| {base} | {seed} | {fmt(u, "accuracy")} | {fmt(o, "accuracy")} | '
-      f'{fmt(u, "ece")} | {fmt(o, "ece")} | {seconds} |'
+      f'{fmt(u, "ece")} | {fmt(o, "ece")} | {seconds} | {source(o)} |'
     )
   return '\n'.join(lines)
 
@@ -177,10 +221,35 @@ def audit(usb: dict, our_root: str) -> list[str]:
   return notes
 
 
-def report(usb: dict, ours: dict, margin: float, notes=()) -> str:
-  """Summary table, per-seed table and notes, as Markdown."""
+def noise_floor(usb: dict, replicas: dict, ours: dict) -> str:
+  """Per base and metric: spread of USB replicate − USB (same draw, other training seed)
+  beside the spread of USB − ours; equal spreads mean the two sides differ by noise alone."""
+  lines = [
+    '| base | metric | USB r − USB, same draw: mean [95 % CI], sd (n) | USB − ours: sd (n) |',
+    '|---|---|---|---|',
+  ]
+  labels = dict(METRICS)
+  for base in BASES:
+    for key, _ in METRICS:
+      rep = compare_base(replicas, usb, base, key, math.inf)
+      pair = compare_base(usb, ours, base, key, math.inf)
+      if not rep['paired_seeds']:
+        continue
+      sd = lambda iv: '–' if not math.isfinite(iv['std']) else f'{100 * iv["std"]:.2f}'
+      lines.append(
+        f'| {base} | {labels[key]} | {_interval(rep["ci95"])}, {sd(rep["ci95"])} '
+        f'(n={rep["ci95"]["n"]}) | {sd(pair["ci95"])} (n={pair["ci95"]["n"]}) |'
+      )
+  return '\n'.join(lines) if len(lines) > 2 else ''
+
+
+def report(usb: dict, ours: dict, margin: float, notes=(), replicas=None) -> str:
+  """Summary table, per-seed table, the replicate noise floor and notes, as Markdown."""
   rows = [compare_base(usb, ours, b, k, margin) for b in BASES for k, _ in METRICS]
   parts = [table(rows, margin), '', per_seed_table(usb, ours)]
+  floor = noise_floor(usb, replicas or {}, ours)
+  if floor:
+    parts += ['', floor]
   if notes:
     parts += ['', *[f'- {n}' for n in notes]]
   return '\n'.join(parts) + '\n'
@@ -191,16 +260,22 @@ def main(argv=None) -> int:
   parser.add_argument('--usb', default=DEFAULT_USB, help="usb_beside.py's --out")
   parser.add_argument('--ours', default=DEFAULT_OURS, help="our study's runs/ folder")
   parser.add_argument('--our_root', default='', help='our run workdirs, for the audit')
+  parser.add_argument(
+    '--our_workdirs', default='', help='our finished workdirs, for seeds --ours lacks (eval.json)'
+  )
   parser.add_argument('--labels', type=int, default=40)
   parser.add_argument('--margin', type=float, default=0.03, help='equivalence margin (fraction)')
+  parser.add_argument('--replicate', type=int, default=1, help="usb_beside's --replicate")
   parser.add_argument('--out', default='', help='also write the Markdown here')
   args = parser.parse_args(argv)
   usb = load_folder(os.path.join(ROOT, args.usb), USB_FILE, args.labels)
-  ours = load_folder(os.path.join(ROOT, args.ours), OURS_FILE, args.labels)
-  notes = audit(usb, args.our_root) if args.our_root else []
+  replicas = load_folder(os.path.join(ROOT, args.usb), USB_FILE, args.labels, args.replicate)
+  files = load_folder(os.path.join(ROOT, args.ours), OURS_FILE, args.labels)
+  ours, notes = merge_ours(files, load_workdirs(args.our_workdirs, args.labels))
+  notes += audit(usb, args.our_root) if args.our_root else []
   if not ours:
     notes.append(f'no result files of ours in {args.ours} yet')
-  text = report(usb, ours, args.margin, notes)
+  text = report(usb, ours, args.margin, notes, replicas)
   print(text)
   if args.out:
     with open(args.out, 'w') as f:

@@ -80,6 +80,8 @@ def test_usb_args_mirror_our_config():
   assert (args['ema_m'], args['ema_p'], args['n_sigma'], args['p_cutoff']) == (0.99, 0.99, 2, 0.95)
   assert (args['num_train_iter'], args['num_eval_iter'], args['num_warmup_iter']) == (2000, 2000, 0)
   assert args['amp'] is False and args['use_cat'] is True and args['hard_label'] is True
+  assert usb_beside.result_name('softmatch', 40, 2, replicate=1) == 'softmatch-n40-s2-r1'
+  assert usb_beside.train_seed(2, 1) == 1002 and usb_beside.train_seed(2, 0) == 2
   aug = usb_beside.augmentation_settings(config, spec)
   assert aug['crop_pad'] == 4 and aug['flip'] and aug['randaugment_ops'] == 3
 
@@ -145,8 +147,18 @@ def test_compare_pairs_by_seed_and_writes_a_table(tmp_path):
   for name, record in [('fixmatch-n40-s0.json', usb[('fixmatch', 0)])]:
     (tmp_path / name).write_text(json.dumps(record))
   (tmp_path / 'fixmatch-n250-s0.json').write_text('{}')
+  (tmp_path / 'fixmatch-n40-s0-r1.json').write_text(json.dumps(usb[('fixmatch', 1)]))
   loaded = usb_compare.load_folder(str(tmp_path), usb_compare.USB_FILE, 40)
   assert list(loaded) == [('fixmatch', 0)]
+  replicas = usb_compare.load_folder(str(tmp_path), usb_compare.USB_FILE, 40, replicate=1)
+  assert replicas[('fixmatch', 0)]['metrics']['accuracy'] == 0.71
+  assert '| fixmatch | accuracy | +1.00' in usb_compare.noise_floor(loaded, replicas, ours)
+  dynamics = tmp_path / 'ours'
+  dynamics.mkdir()
+  (dynamics / 'softmatch-base-s2.json').write_text(json.dumps(ours[('fixmatch', 2)]))
+  assert list(usb_compare.load_folder(str(dynamics), usb_compare.OURS_FILE, 40)) == [
+    ('softmatch', 2)
+  ]
 
 
 def test_smoke_three_semilearn_steps_on_fake_data():
@@ -162,3 +174,20 @@ def test_smoke_three_semilearn_steps_on_fake_data():
   assert record['metrics']['accuracy'] == pytest.approx(record['usb_top1'])
   assert {'tensor_cuda_is_identity', 'drop_timer_hook'} <= set(record['patches_applied'])
   assert np.isfinite(record['metrics']['ece'])
+
+
+def test_our_workdirs_fill_the_seeds_result_files_lack(tmp_path):
+  for name, step in [('fixmatch-base-n40-s1', 2000), ('softmatch-base-n40-s1', 1500)]:
+    (tmp_path / name).mkdir()
+    record = {'accuracy': 0.7, 'ece': 0.1, 'step': step, 'num_train_steps': 2000}
+    (tmp_path / name / 'eval.json').write_text(json.dumps(record))
+  (tmp_path / 'fixmatch-base-n250-s2').mkdir()
+  workdirs = usb_compare.load_workdirs(str(tmp_path), 40)
+  assert list(workdirs) == [('fixmatch', 1)]  # unfinished and other label counts left out
+  files = _records({('fixmatch', 1): (0.7, 0.1), ('fixmatch', 0): (0.6, 0.2)})
+  ours, notes = usb_compare.merge_ours(files, workdirs)
+  assert (
+    sorted(ours) == [('fixmatch', 0), ('fixmatch', 1)] and 'source' not in ours[('fixmatch', 1)]
+  )
+  assert notes == ['fixmatch s1: ours twice, result file 70.00 % / ECE 10.00 %, rerun here '
+                   '70.00 % / 10.00 % (identical)']  # fmt: skip
