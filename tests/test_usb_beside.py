@@ -191,3 +191,147 @@ def test_our_workdirs_fill_the_seeds_result_files_lack(tmp_path):
   )
   assert notes == ['fixmatch s1: ours twice, result file 70.00 % / ECE 10.00 %, rerun here '
                    '70.00 % / 10.00 % (identical)']  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------
+# Parity with semilearn's own pieces on identical inputs (torch + semilearn only).
+
+
+def _semilearn():
+  """semilearn through usb_beside's import patches, or a skip."""
+  pytest.importorskip('torch')
+  if importlib.util.find_spec('semilearn') is None:
+    pytest.skip('semilearn is not installed (setup.cfg extra usb)')
+  return usb_beside.import_semilearn()[0]
+
+
+def _usb_unsup_losses(base: str, logits_w, logits_s):
+  """USB's hooks and consistency loss over a sequence of weak / strong logits batches."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from semilearn.algorithms.hooks import DistAlignEMAHook, FixedThresholdingHook  # pylint: disable=g-import-not-at-top
+  from semilearn.algorithms.softmatch.utils import SoftMatchWeightingHook  # pylint: disable=g-import-not-at-top
+  from semilearn.core.criterions import consistency_loss  # pylint: disable=g-import-not-at-top
+
+  alg = argparse.Namespace(distributed=False, world_size=1, p_cutoff=0.95)
+  align = DistAlignEMAHook(num_classes=10, momentum=0.99, p_target_type='uniform')
+  weigh = SoftMatchWeightingHook(num_classes=10, n_sigma=2, momentum=0.99)
+  losses = []
+  for w, s in zip(logits_w, logits_s):
+    w, s = torch.from_numpy(w), torch.from_numpy(s)
+    probs = torch.softmax(w, dim=-1)
+    if base == 'softmatch':
+      mask = weigh.masking(alg, align.dist_align(alg, probs_x_ulb=probs), softmax_x_ulb=False)
+    else:
+      mask = FixedThresholdingHook().masking(alg, probs, softmax_x_ulb=False)
+    losses.append(float(consistency_loss(s, torch.argmax(w, dim=-1), 'ce', mask=mask)))
+  return losses
+
+
+def _our_unsup_losses(base: str, logits_w, logits_s):
+  """Our algorithm's pseudo-labels and unlabeled loss over the same sequence."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from cmix_jax import algorithms  # pylint: disable=g-import-not-at-top
+  from cmix_jax.algorithms import base as algo_base  # pylint: disable=g-import-not-at-top
+
+  config = usb_beside.study_config(10)
+  config.algorithm = base
+  algorithm = algorithms.get_algorithm(config)
+  state = algorithm.init_state(1000, 10)
+  losses = []
+  for w, s in zip(logits_w, logits_s):
+    idx = jnp.arange(len(w))
+    pseudo, state, _ = algorithm.pseudo_label(state, jnp.asarray(w), idx)
+    losses.append(float(algo_base.unsup_loss(jnp.asarray(s), pseudo)))
+  return losses
+
+
+@pytest.mark.parametrize('base', ['fixmatch', 'softmatch'])
+def test_unlabeled_loss_equals_semilearns(base):
+  _semilearn()
+  rng = np.random.default_rng(0)
+  scale = np.linspace(1.0, 8.0, 6)  # confidences from low to saturated, as training goes
+  logits_w = [(rng.normal(size=(112, 10)) * k).astype(np.float32) for k in scale]
+  logits_s = [rng.normal(size=(112, 10)).astype(np.float32) for _ in scale]
+  ours = _our_unsup_losses(base, logits_w, logits_s)
+  usb = _usb_unsup_losses(base, logits_w, logits_s)
+  assert ours == pytest.approx(usb, rel=1e-5, abs=1e-6)
+  assert max(ours) > 0
+
+
+def _flax_to_torch(params, batch_stats, model) -> None:
+  """Copies Flax cnn_small variables into the torch CNNSmall (HWIO -> OIHW, [in, out] -> [out, in])."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  t = lambda x: torch.from_numpy(np.asarray(x).copy())
+  with torch.no_grad():
+    for i, (conv, bn) in enumerate(zip(model.convs, model.bns)):
+      conv.weight.copy_(t(params[f'conv{i}']['kernel']).permute(3, 2, 0, 1))
+      bn.weight.copy_(t(params[f'bn{i}']['scale']))
+      bn.bias.copy_(t(params[f'bn{i}']['bias']))
+      bn.running_mean.copy_(t(batch_stats[f'bn{i}']['mean']))
+      bn.running_var.copy_(t(batch_stats[f'bn{i}']['var']))
+    model.classifier.weight.copy_(t(params['classifier']['kernel']).T)
+    model.classifier.bias.copy_(t(params['classifier']['bias']))
+
+
+def test_network_forward_and_bn_update_equal_flax():
+  _semilearn()
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  import usb_models  # pylint: disable=g-import-not-at-top
+  from cmix_jax.models import cnn  # pylint: disable=g-import-not-at-top
+
+  flax_model = cnn.CNNSmall(num_classes=10, bn_momentum=0.99)
+  x = np.random.default_rng(1).normal(size=(240, 28, 28, 1)).astype(np.float32)
+  variables = flax_model.init(jax.random.key(0), x, train=False)
+  (logits, _), updated = flax_model.apply(variables, x, train=True, mutable=['batch_stats'])
+  torch_model = usb_models.CNNSmall(10, 1, bn_momentum=0.99)
+  _flax_to_torch(variables['params'], variables['batch_stats'], torch_model)
+  torch_logits = torch_model.train()(torch.from_numpy(x).permute(0, 3, 1, 2))['logits']
+  np.testing.assert_allclose(torch_logits.detach().numpy(), logits, rtol=1e-4, atol=1e-4)
+  stats = updated['batch_stats']
+  for i, bn in enumerate(torch_model.bns):
+    np.testing.assert_allclose(bn.running_mean.numpy(), stats[f'bn{i}']['mean'], atol=1e-6)
+    # torch's running variance takes the unbiased batch variance (n / (n - 1)), Flax the biased
+    np.testing.assert_allclose(bn.running_var.numpy(), stats[f'bn{i}']['var'], rtol=1e-4)
+  eval_logits = flax_model.apply({**variables, 'batch_stats': stats}, x, train=False)[0]
+  torch_eval = torch_model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2))['logits']
+  np.testing.assert_allclose(torch_eval.detach().numpy(), eval_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_optimizer_and_schedule_equal_semilearns():
+  sl = _semilearn()
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from cmix_jax import steps  # pylint: disable=g-import-not-at-top
+
+  config = usb_beside.study_config(20)
+  rng = np.random.default_rng(2)
+  params = {'kernel': rng.normal(size=(4, 3)).astype(np.float32), 'bias': np.ones(3, np.float32)}
+  grads = [
+    {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(20)
+  ]
+  tx = steps.create_optimizer(config.optim, 20)
+  ours = {k: jnp.asarray(v) for k, v in params.items()}
+  opt_state = tx.init(ours)
+  for g in grads:
+    updates, opt_state = tx.update({k: jnp.asarray(v) for k, v in g.items()}, opt_state, ours)
+    ours = optax.apply_updates(ours, updates)
+  net = torch.nn.Linear(4, 3)
+  with torch.no_grad():
+    net.weight.copy_(torch.from_numpy(params['kernel'].T.copy()))
+    net.bias.copy_(torch.from_numpy(params['bias']))
+  o = config.optim
+  opt = sl.core.utils.get_optimizer(net, 'SGD', o.lr, o.momentum, o.weight_decay)
+  sched = sl.core.utils.get_cosine_schedule_with_warmup(opt, 20, num_warmup_steps=0)
+  for g in grads:
+    net.weight.grad = torch.from_numpy(g['kernel'].T.copy())
+    net.bias.grad = torch.from_numpy(g['bias'])
+    opt.step()
+    sched.step()
+  np.testing.assert_allclose(net.weight.detach().numpy().T, ours['kernel'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(net.bias.detach().numpy(), ours['bias'], rtol=1e-5, atol=1e-6)
