@@ -78,6 +78,30 @@ def load_workdirs(folder: str, labels: int) -> dict:
   return found
 
 
+def save_workdir_records(workdirs: dict, folder: str, labels: int) -> list[str]:
+  """Writes each workdir-sourced record of ours as `<base>-base-n<labels>-s<seed>.json`."""
+  import usb_beside  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(folder, exist_ok=True)
+  written = []
+  for (base, seed), record in sorted(workdirs.items()):
+    path = os.path.join(folder, f'{base}-base-n{labels}-s{seed}.json')
+    out = {
+      'name': f'{base}-base-n{labels}-s{seed}',
+      'algorithm': base,
+      'seed': seed,
+      'metrics': {k: v for k, v in record['metrics'].items() if isinstance(v, (int, float))},
+      'source': 'python -m cmix_jax.main --config=configs/fmnist_dynamics.py '
+      f'--config.algorithm={base} --config.seed={seed} --config.data.num_labels={labels} '
+      '--config.ssl.ema_p=0.99 (eval.json, final EMA checkpoint)',
+      'provenance': {'cpu': usb_beside.cpu_model(), 'git_commit': usb_beside.git_commit()},
+    }
+    with open(path, 'w') as f:
+      json.dump(out, f, indent=1, sort_keys=True)
+    written.append(path)
+  return written
+
+
 def merge_ours(files: dict, workdirs: dict) -> tuple[dict, list[str]]:
   """Result files first, workdirs for the seeds they lack; notes where both exist."""
   notes = []
@@ -258,20 +282,28 @@ def report(usb: dict, ours: dict, margin: float, notes=(), replicas=None) -> str
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--usb', default=DEFAULT_USB, help="usb_beside.py's --out")
-  parser.add_argument('--ours', default=DEFAULT_OURS, help="our study's runs/ folder")
+  parser.add_argument(
+    '--ours', default=DEFAULT_OURS, help="our result folders, comma-separated (the first wins)"
+  )
   parser.add_argument('--our_root', default='', help='our run workdirs, for the audit')
   parser.add_argument(
     '--our_workdirs', default='', help='our finished workdirs, for seeds --ours lacks (eval.json)'
   )
   parser.add_argument('--labels', type=int, default=40)
   parser.add_argument('--margin', type=float, default=0.03, help='equivalence margin (fraction)')
+  parser.add_argument('--save_ours', default='', help='write the workdir records of ours here')
   parser.add_argument('--replicate', type=int, default=1, help="usb_beside's --replicate")
   parser.add_argument('--out', default='', help='also write the Markdown here')
   args = parser.parse_args(argv)
   usb = load_folder(os.path.join(ROOT, args.usb), USB_FILE, args.labels)
   replicas = load_folder(os.path.join(ROOT, args.usb), USB_FILE, args.labels, args.replicate)
-  files = load_folder(os.path.join(ROOT, args.ours), OURS_FILE, args.labels)
-  ours, notes = merge_ours(files, load_workdirs(args.our_workdirs, args.labels))
+  files = {}
+  for folder in reversed([f for f in args.ours.split(',') if f]):  # the first folder wins
+    files.update(load_folder(os.path.join(ROOT, folder), OURS_FILE, args.labels))
+  workdirs = load_workdirs(args.our_workdirs, args.labels)
+  if args.save_ours:
+    print('\n'.join(save_workdir_records(workdirs, args.save_ours, args.labels)))
+  ours, notes = merge_ours(files, workdirs)
   notes += audit(usb, args.our_root) if args.our_root else []
   if not ours:
     notes.append(f'no result files of ours in {args.ours} yet')
