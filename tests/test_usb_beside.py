@@ -124,6 +124,7 @@ def test_tost_verdicts():
   assert usb_compare.tost_verdict(iv(-0.09, -0.04), 0.03).startswith('different')
   assert usb_compare.tost_verdict(iv(-0.01, 0.05), 0.03) == 'not shown either way'
   assert usb_compare.tost_verdict(iv(math.nan, math.nan), 0.03) == 'too few pairs'
+  assert usb_compare.smallest_margin(iv(-0.0072, 0.0106)) == '±1.06'
 
 
 def _records(values: dict) -> dict:
