@@ -640,7 +640,7 @@ def run_one(config, base: str, seed: int, raw, args) -> dict:
       'cpu': cpu_model(),
       'python': platform.python_version(),
       'numpy': np.__version__,
-      'git_commit': git_commit(),
+      'git_commit': getattr(args, 'git_commit', '') or git_commit(),
       'num_workers': args.num_workers,
       **run.pop('versions'),
     },
@@ -674,6 +674,7 @@ def main(argv=None) -> int:
   seeds = [int(s) for s in args.seeds.split(',') if s]
   config = study_config(args.steps)
   check_usb_expressible(config)
+  args.git_commit = git_commit()  # the code this process loaded, before any later edit
   print('PATCHES (semilearn is not modified on disk):')
   for patch in PATCHES:
     print(f'  {patch["name"]}: {patch["why"]}')
