@@ -91,7 +91,8 @@ def save_workdir_records(workdirs: dict, folder: str, labels: int) -> list[str]:
       'algorithm': base,
       'seed': seed,
       'metrics': {k: v for k, v in record['metrics'].items() if isinstance(v, (int, float))},
-      'source': 'python -m cmix_jax.main --config=configs/fmnist_dynamics.py '
+      'source': 'rerun',
+      'command': 'python -m cmix_jax.main --config=configs/fmnist_dynamics.py '
       f'--config.algorithm={base} --config.seed={seed} --config.data.num_labels={labels} '
       '--config.ssl.ema_p=0.99 (eval.json, final EMA checkpoint)',
       'provenance': {'cpu': usb_beside.cpu_model(), 'git_commit': usb_beside.git_commit()},
@@ -229,9 +230,11 @@ def audit(usb: dict, our_root: str) -> list[str]:
   notes = []
   for (base, seed), record in sorted(usb.items()):
     labels = record['hyperparameters']['data.num_labels']
-    workdir = os.path.join(our_root, f'{base}-base-n{labels}-s{seed}')
+    name = f'{base}-base-n{labels}-s{seed}'
+    roots = [r for r in our_root.split(',') if os.path.exists(os.path.join(r, name, 'split.json'))]
+    workdir = os.path.join(roots[0] if roots else '', name)
     split_file = os.path.join(workdir, 'split.json')
-    if not os.path.exists(split_file):
+    if not roots:
       notes.append(f'{base} s{seed}: no split.json of ours yet')
       continue
     with open(split_file) as f:
@@ -293,7 +296,9 @@ def main(argv=None) -> int:
   parser.add_argument(
     '--ours', default=DEFAULT_OURS, help="our result folders, comma-separated (the first wins)"
   )
-  parser.add_argument('--our_root', default='', help='our run workdirs, for the audit')
+  parser.add_argument(
+    '--our_root', default='', help='folders of our run workdirs, comma-separated, for the audit'
+  )
   parser.add_argument(
     '--our_workdirs', default='', help='our finished workdirs, for seeds --ours lacks (eval.json)'
   )
