@@ -44,12 +44,12 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from cmix_jax import metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax import storage  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax.data import augment  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax.data import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cmix_jax.data import splits  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cmix_jax import metrics
+from cmix_jax import storage
+from cmix_jax.data import augment
+from cmix_jax.data import datasets
+from cmix_jax.data import sources
+from cmix_jax.data import splits
 
 CONFIG = 'configs/fmnist_dynamics.py'
 # What experiments/study.py sets on top of CONFIG for its runs (dotted key -> value).
@@ -215,10 +215,10 @@ def expected_param_count(in_channels: int, widths, num_classes: int) -> dict:
 
 def flax_param_count(image_shape, num_classes: int) -> dict:
   """Our Flax cnn_small: elements in 'params' (BN scale/bias included) and in 'batch_stats'."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
-  from cmix_jax.models import cnn  # pylint: disable=g-import-not-at-top
+  from cmix_jax.models import cnn
 
   model = cnn.CNNSmall(num_classes=num_classes)
   variables = jax.eval_shape(
@@ -230,7 +230,7 @@ def flax_param_count(image_shape, num_classes: int) -> dict:
 
 def cnn_widths() -> tuple:
   """cnn_small's widths (the CNNSmall default our config's model.name selects)."""
-  from cmix_jax.models import cnn  # pylint: disable=g-import-not-at-top
+  from cmix_jax.models import cnn
 
   return tuple(cnn.CNNSmall.widths)
 
@@ -355,7 +355,7 @@ def _import_torchvision(torch) -> bool:
       raise
   for name in [m for m in sys.modules if m == 'torchvision' or m.startswith('torchvision.')]:
     del sys.modules[name]
-  lib = torch.library.Library('torchvision', 'FRAGMENT')  # pylint: disable=unused-variable
+  lib = torch.library.Library('torchvision', 'FRAGMENT')
   lib.define('nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
   lib.define('qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor')
   _import_torchvision.library = lib  # keep the definitions alive
@@ -365,13 +365,13 @@ def _import_torchvision(torch) -> bool:
 
 def import_semilearn() -> tuple:
   """(semilearn, names of the PATCHES applied at import)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   applied = ['torchvision_op_schemas'] if _import_torchvision(torch) else []
   for name in UNUSED_IMPORTS:
     sys.modules[name] = _stub_module(name)
   applied.append('stub_unused_imports')
-  import semilearn  # pylint: disable=g-import-not-at-top
+  import semilearn
 
   return semilearn, applied
 
@@ -386,8 +386,8 @@ def _to_gray(img):
 
 def transforms_for(aug: dict) -> dict:
   """torchvision / semilearn transforms: weak, strong, eval (PIL 'L' image -> [1, H, W])."""
-  from semilearn.datasets.augmentation import RandAugment  # pylint: disable=g-import-not-at-top
-  from torchvision import transforms as T  # pylint: disable=g-import-not-at-top
+  from semilearn.datasets.augmentation import RandAugment
+  from torchvision import transforms as T
 
   side = aug['image_shape'][0]
   crop = [T.RandomCrop(side, padding=aug['crop_pad'], padding_mode='reflect')]
@@ -412,7 +412,7 @@ def _images(source, idx) -> np.ndarray:
 
 def build_loaders(semilearn, args, data: datasets.SSLData, aug: dict) -> dict:
   """semilearn's BasicDataset + get_data_loader over our split: train_lb, train_ulb, eval."""
-  from semilearn.datasets.cv_datasets.datasetbase import BasicDataset  # pylint: disable=g-import-not-at-top
+  from semilearn.datasets.cv_datasets.datasetbase import BasicDataset
 
   tf = transforms_for(aug)
   alg, classes = args.algorithm, args.num_classes
@@ -445,27 +445,27 @@ class _CudaIsIdentity:
   """torch.Tensor.cuda returns the tensor itself inside this block (PATCHES)."""
 
   def __enter__(self):
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
 
     self.saved = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *a, **k: self
     return self
 
   def __exit__(self, *exc):
-    import torch  # pylint: disable=g-import-not-at-top
+    import torch
 
     torch.Tensor.cuda = self.saved
 
 
 def drop_hook(algorithm, name: str) -> None:
   """Removes a registered hook by name from semilearn's hook list and dict."""
-  algorithm._hooks = [h for h in algorithm._hooks if h.name != name]  # pylint: disable=protected-access
+  algorithm._hooks = [h for h in algorithm._hooks if h.name != name]
   algorithm.hooks_dict.pop(name, None)
 
 
 def seed_everything(seed: int) -> None:
   """What USB's train.py seeds: Python, numpy and torch."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   random.seed(seed)
   np.random.seed(seed)
@@ -481,9 +481,9 @@ def softmax64(logits: np.ndarray) -> np.ndarray:
 
 def train_usb(config, base: str, seed: int, data, num_workers: int, threads: int) -> dict:
   """Trains semilearn's `base` on our split; returns test logits, USB's accuracy, counts."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
-  import usb_models  # pylint: disable=g-import-not-at-top
+  import usb_models
 
   torch.set_num_threads(threads)
   semilearn, applied = import_semilearn()

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-import compare  # pylint: disable=g-import-not-at-top,wrong-import-position
+import compare
 
 BASES = ('fixmatch', 'softmatch')
 METRICS = (('accuracy', 'accuracy'), ('ece', 'ECE (10 bins)'))
@@ -80,7 +80,7 @@ def load_workdirs(folder: str, labels: int) -> dict:
 
 def save_workdir_records(workdirs: dict, folder: str, labels: int) -> list[str]:
   """Writes each workdir-sourced record of ours as `<base>-base-n<labels>-s<seed>.json`."""
-  import usb_beside  # pylint: disable=g-import-not-at-top
+  import usb_beside
 
   os.makedirs(folder, exist_ok=True)
   written = []
@@ -146,9 +146,9 @@ def compare_base(usb: dict, ours: dict, base: str, key: str, margin: float) -> d
   return {
     'base': base,
     'metric': key,
-    'usb': compare._mean_std(usb_values.values()),  # pylint: disable=protected-access
+    'usb': compare._mean_std(usb_values.values()),
     'usb_seeds': sorted(usb_values),
-    'ours': compare._mean_std(our_values.values()),  # pylint: disable=protected-access
+    'ours': compare._mean_std(our_values.values()),
     'our_seeds': sorted(our_values),
     'paired_seeds': paired,
     'differences': diffs,
@@ -225,7 +225,7 @@ def per_seed_table(usb: dict, ours: dict) -> str:
 
 def audit(usb: dict, our_root: str) -> list[str]:
   """Split and hyperparameter checks of every USB run against our workdir of the same draw."""
-  import usb_beside  # pylint: disable=g-import-not-at-top
+  import usb_beside
 
   notes = []
   for (base, seed), record in sorted(usb.items()):

@@ -208,10 +208,10 @@ def _semilearn():
 
 def _usb_unsup_losses(base: str, logits_w, logits_s):
   """USB's hooks and consistency loss over a sequence of weak / strong logits batches."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from semilearn.algorithms.hooks import DistAlignEMAHook, FixedThresholdingHook  # pylint: disable=g-import-not-at-top
-  from semilearn.algorithms.softmatch.utils import SoftMatchWeightingHook  # pylint: disable=g-import-not-at-top
-  from semilearn.core.criterions import consistency_loss  # pylint: disable=g-import-not-at-top
+  import torch
+  from semilearn.algorithms.hooks import DistAlignEMAHook, FixedThresholdingHook
+  from semilearn.algorithms.softmatch.utils import SoftMatchWeightingHook
+  from semilearn.core.criterions import consistency_loss
 
   alg = argparse.Namespace(distributed=False, world_size=1, p_cutoff=0.95)
   align = DistAlignEMAHook(num_classes=10, momentum=0.99, p_target_type='uniform')
@@ -230,10 +230,10 @@ def _usb_unsup_losses(base: str, logits_w, logits_s):
 
 def _our_unsup_losses(base: str, logits_w, logits_s):
   """Our algorithm's pseudo-labels and unlabeled loss over the same sequence."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
 
-  from cmix_jax import algorithms  # pylint: disable=g-import-not-at-top
-  from cmix_jax.algorithms import base as algo_base  # pylint: disable=g-import-not-at-top
+  from cmix_jax import algorithms
+  from cmix_jax.algorithms import base as algo_base
 
   config = usb_beside.study_config(10)
   config.algorithm = base
@@ -262,7 +262,7 @@ def test_unlabeled_loss_equals_semilearns(base):
 
 def _flax_to_torch(params, batch_stats, model) -> None:
   """Copies Flax cnn_small variables into the torch CNNSmall (HWIO -> OIHW, [in, out] -> [out, in])."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   t = lambda x: torch.from_numpy(np.asarray(x).copy())
   with torch.no_grad():
@@ -278,11 +278,11 @@ def _flax_to_torch(params, batch_stats, model) -> None:
 
 def test_network_forward_and_bn_update_equal_flax():
   _semilearn()
-  import jax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import jax
+  import torch
 
-  import usb_models  # pylint: disable=g-import-not-at-top
-  from cmix_jax.models import cnn  # pylint: disable=g-import-not-at-top
+  import usb_models
+  from cmix_jax.models import cnn
 
   flax_model = cnn.CNNSmall(num_classes=10, bn_momentum=0.99)
   x = np.random.default_rng(1).normal(size=(240, 28, 28, 1)).astype(np.float32)
@@ -304,11 +304,11 @@ def test_network_forward_and_bn_update_equal_flax():
 
 def test_optimizer_and_schedule_equal_semilearns():
   sl = _semilearn()
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import optax
+  import torch
 
-  from cmix_jax import steps  # pylint: disable=g-import-not-at-top
+  from cmix_jax import steps
 
   config = usb_beside.study_config(20)
   rng = np.random.default_rng(2)
