@@ -120,6 +120,12 @@ def test_time_ours_times_one_device_without_eval(monkeypatch):
   assert seconds == result[0] and seconds > 0
 
 
+def _printed_bounds(text: str) -> tuple[float, float]:
+  """The interval a number printed with its digits may have been rounded from."""
+  half = 0.5 * 10.0 ** -(len(text.split('.')[1]) if '.' in text else 0)
+  return float(text) - half, float(text) + half
+
+
 def test_torch_compare_prints_ours_over_torch(monkeypatch, capsys):
   pytest.importorskip('torch')
   spec = importlib.util.spec_from_file_location(
@@ -149,6 +155,6 @@ def test_torch_compare_prints_ours_over_torch(monkeypatch, capsys):
   assert [c[6] for c in cells] == ['fixmatch', 'fixmatch conv_grad=subpixel']
   for c in cells:
     assert c[2] == '6'  # B + 2 * uratio * B images
-    torch_ips, ours_ips, ratio = float(c[5]), float(c[8]), float(c[9])
-    assert ratio == pytest.approx(ours_ips / torch_ips, rel=0.02)  # throughput ratio
+    (t_lo, t_hi), (o_lo, o_hi), (r_lo, r_hi) = (_printed_bounds(c[i]) for i in (5, 8, 9))
+    assert o_lo / t_hi <= r_hi and r_lo <= o_hi / t_lo  # the ratio of the printed throughputs
   assert 'augmentation alone at B=2' in out and '0.250 s/step' in out
