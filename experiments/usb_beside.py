@@ -2,7 +2,7 @@
 
   pip install --no-deps semilearn==0.3.2 torchvision==0.28.0   # setup.cfg's usb extra says why
   python experiments/usb_beside.py                                    # what is missing
-  python experiments/usb_beside.py --bases=softmatch --seeds=0 --steps=3 --out=/tmp/usb_smoke
+  python experiments/usb_beside.py --bases=softmatch --seeds=0 --steps=3 --out=runs/usb_smoke
   python experiments/usb_compare.py                                   # USB beside ours
 
 Each run trains semilearn's algorithm class (built with `semilearn.get_config` and

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from cmix_jax import algorithms
 from cmix_jax import base_step
 from cmix_jax import parallel
+from cmix_jax import resume
 from cmix_jax import run_setup
 from cmix_jax import steps
 from cmix_jax import train
@@ -88,18 +89,8 @@ def evaluator(p: Parts):
 
 
 def fresh_state(p: Parts):
-  """steps.create_train_state's fresh state, stacked [D, ...] for the parallel steps."""
-  state = steps.create_train_state(
-    p.config,
-    p.model,
-    p.tx,
-    p.algorithm,
-    p.info,
-    jax.random.key(p.config.seed),
-    dynamics_shards=p.topo.num_devices if p.sharded_field else 1,
-  )
-  layout = parallel.host_state_to_checkpoint_layout(state, p.topo, p.sharded_field)
-  return parallel.stack_state(layout, p.topo, p.sharded_field)
+  """resume.fresh_state of the parts (same seed and layout), stacked [D, ...] for the steps."""
+  return parallel.stack_state(resume.fresh_state(p), p.topo, p.sharded_field)
 
 
 def step_fns(p: Parts) -> dict:
