@@ -33,27 +33,51 @@ def fresh_state(run):
   return parallel.host_state_to_checkpoint_layout(state, run.topo, run.sharded_field)
 
 
+def abstract_state(run):
+  """Shape/dtype/sharding skeleton of `fresh_state(run)`, traced without running or compiling
+  the model's init (a resumed run needs only the skeleton)."""
+  shards = run.topo.num_devices if run.sharded_field else 1
+
+  def create(key):
+    return steps.create_train_state(
+      run.config, run.model, run.tx, run.algorithm, run.info, key, dynamics_shards=shards
+    )
+
+  host = jax.eval_shape(create, jax.random.key(run.config.seed))
+  state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.topo.replicated), host
+  )
+  if run.sharded_field is None:
+    return state
+  stacked = jax.tree.map(  # [D, N/D, ...]: each device's shard, as `parallel.replicate` lays out
+    lambda x: jax.ShapeDtypeStruct(
+      (run.topo.num_devices, *x.shape), x.dtype, sharding=run.topo.stacked
+    ),
+    getattr(host, run.sharded_field),
+  )
+  return state.replace(**{run.sharded_field: stacked})
+
+
 def initial_state(run):
   """(state in checkpoint layout, meta) from the newest readable checkpoint, or fresh."""
-  fresh = fresh_state(run)
   if run.is_lead:  # a cut-off save of the selection checkpoint is kept, not overwritten
     checkpointing.move_aside_partial_saves(run.best_manager.directory)
-  restored = restore(run, run.manager, fresh=fresh)
+  restored = restore(run, run.manager)
   if restored is None:
-    return fresh, {'step': 0, 'history': [], 'best': {}}
+    return fresh_state(run), {'step': 0, 'history': [], 'best': {}}
   step, state, meta = restored
   logging.info('Resuming from step %d in %s', step, run.workdir)
   return state, meta
 
 
-def restore(run, manager, step: int | None = None, fresh=None):
+def restore(run, manager, step: int | None = None):
   """(step, state in checkpoint layout, meta) of `manager`'s checkpoint `step`, or of its newest
   readable one when `step` is None (None if there is none); meta is None for a given step.
 
-  The state comes in this run's layout whatever device count saved it; `fresh` (a fresh
-  state, if already built) gives the skeleton. Unreadable newest steps are moved aside.
+  The state comes in this run's layout whatever device count saved it. Unreadable newest
+  steps are moved aside.
   """
-  abstract = checkpointing.abstract_like(fresh_state(run) if fresh is None else fresh)
+  abstract = abstract_state(run)
   adapt = saved_layout(run, manager)
   if step is None:
     restored = checkpointing.restore_latest(manager, abstract, adapt)

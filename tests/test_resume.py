@@ -63,3 +63,15 @@ def test_sharded_dynamics_resume_and_evaluate_on_another_device_count(tmp_path):
   step, stacked = evaluate.restore(two, 'last', 4)  # an 8-shard checkpoint on 2 devices
   assert step == 4 and stacked.dynamics.apm.shape[0] == 2
   jax.tree.map(np.testing.assert_array_equal, _full_tables(two, stacked), reference)
+
+
+def test_restore_skeleton_is_the_fresh_state_without_running_init():
+  # The resume path traces the state's shapes instead of compiling and running model.init;
+  # the skeleton must match what a fresh state lays out, sharded dynamics included.
+  for config in (tiny.config(calibratemix=True), _sharded(4, 4)):
+    p = helpers.parts(config)
+    expected = checkpointing.abstract_like(resume.fresh_state(p))
+    got = resume.abstract_state(p)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      assert (g.shape, g.dtype, g.sharding) == (e.shape, e.dtype, e.sharding)
