@@ -29,6 +29,7 @@ from cmix_jax import steps
 from cmix_jax import storage
 from cmix_jax.data import datasets
 from cmix_jax.data import sources
+from cmix_jax.data import specs
 from cmix_jax.data import splits
 
 # Fields that may change when a run is resumed (they do not change what is computed).
@@ -161,7 +162,7 @@ def _static_data_facts(config) -> tuple[int | None, int | None]:
   """(num_classes, num_train) known before reading any data, so checks come first."""
   if config.data.name == 'fake' and config.data.get('fake') is not None:
     return int(config.data.fake.num_classes), int(config.data.fake.num_train)
-  spec = datasets.SPECS.get(config.data.name)
+  spec = specs.SPECS.get(config.data.name)
   return (spec.num_classes if spec else None), None
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from cmix_jax import config_validation
 from cmix_jax.data import datasets
+from cmix_jax.data import specs
 from configs import classic_cv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ def test_every_paper_setting_builds_and_validates():
   assert len(settings) == (4 * 3 + 1) * 3 * 2 * 3
   for algorithm, dataset, num_labels, seed, variant in settings:
     config = classic_cv.get_config(f'{algorithm},{dataset},{num_labels},{seed},{variant}')
-    num_classes = datasets.SPECS[config.data.name].num_classes
+    num_classes = specs.SPECS[config.data.name].num_classes
     for devices in (1, 8):
       errors = config_validation.config_errors(config, devices, num_classes)
       assert not errors, (algorithm, dataset, num_labels, seed, variant, errors)
@@ -78,7 +79,7 @@ def _svhn_like_raw():
   extra_images = (100 + np.arange(30, dtype=np.uint8)).reshape(30, 1, 1, 1) * np.ones(
     (1, 2, 2, 1), np.uint8
   )
-  spec = dataclasses.replace(datasets.SPECS['svhn_cropped'], num_classes=4, image_shape=(2, 2, 1))
+  spec = dataclasses.replace(specs.SPECS['svhn_cropped'], num_classes=4, image_shape=(2, 2, 1))
   return datasets.RawData(
     spec=spec,
     train_images=datasets.ArrayImageSource(train_images),

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from cmix_jax.data import datasets
+from cmix_jax.data import specs
 from tests import helpers
 
 REAL_FASHION = all(
-  os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR, f))
+  os.path.exists(os.path.join(specs.FASHION_MNIST_DIR, f))
   for f in (
     'train-images-idx3-ubyte.gz',
     'train-labels-idx1-ubyte.gz',
@@ -82,7 +83,7 @@ def test_fashion_mnist_stored_on_first_use_read_back_and_interrupted_store_rebui
 ):
   counts = {'train': 30, 'test': 20}
   arrays = _write_fashion_like(tmp_path / 'src', counts)
-  monkeypatch.setattr(datasets, 'FASHION_MNIST_DIR', str(tmp_path / 'src'))
+  monkeypatch.setattr(specs, 'FASHION_MNIST_DIR', str(tmp_path / 'src'))
   monkeypatch.setattr(datasets, 'FASHION_MNIST_COUNTS', counts)
   data_dir = str(tmp_path / 'tfds')
   # Leftovers of an interrupted attempt: a partial target and a dead process's temp dir.
@@ -116,8 +117,8 @@ def test_fashion_mnist_wrong_counts_and_missing_files(tmp_path, monkeypatch):
   _write_fashion_like(tmp_path / 'src', {'train': 12, 'test': 10})
   with pytest.raises(ValueError, match='expected 60000 uint8 28x28 images'):
     datasets.read_fashion_mnist(str(tmp_path / 'src'))
-  monkeypatch.setattr(datasets, 'FASHION_MNIST_DIR', str(tmp_path / 'nowhere'))
-  with pytest.raises(datasets.DataNotFoundError, match='apt-get install dataset-fashion-mnist'):
+  monkeypatch.setattr(specs, 'FASHION_MNIST_DIR', str(tmp_path / 'nowhere'))
+  with pytest.raises(specs.DataNotFoundError, match='apt-get install dataset-fashion-mnist'):
     helpers.load_ssl_data('fashion_mnist_debian', str(tmp_path / 'tfds'), 40, 0)
 
 
@@ -128,8 +129,8 @@ def test_real_fashion_mnist_files_sizes_balance_and_normalisation_constants():
   assert train_x.shape == (60000, 28, 28, 1) and arrays['test'][0].shape == (10000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(train_y), [6000] * 10)
   np.testing.assert_array_equal(np.bincount(arrays['test'][1]), [1000] * 10)
-  mean, std = datasets.channel_stats(train_x)
-  spec = datasets.SPECS['fashion_mnist_debian']
+  mean, std = specs.channel_stats(train_x)
+  spec = specs.SPECS['fashion_mnist_debian']
   np.testing.assert_allclose(mean, spec.mean, atol=1e-6)
   np.testing.assert_allclose(std, spec.std, atol=1e-6)
 
@@ -137,12 +138,12 @@ def test_real_fashion_mnist_files_sizes_balance_and_normalisation_constants():
 @pytest.mark.parametrize('name', ['cifar10', 'svhn_cropped', 'imagenet2012'])
 def test_missing_data_set_gives_one_clear_error(name, tmp_path):
   data_dir = str(tmp_path / 'empty')
-  with pytest.raises(datasets.DataNotFoundError, match=f'tfds build {name} --data_dir') as info:
+  with pytest.raises(specs.DataNotFoundError, match=f'tfds build {name} --data_dir') as info:
     helpers.load_ssl_data(name, data_dir, 40, 0)
   assert info.value.__context__ is None and info.value.__cause__ is None  # no TFDS traceback
   # A version folder without dataset_info.json (an unfinished copy) goes through TFDS.
   os.makedirs(os.path.join(data_dir, name, '9.9.9'))
-  with pytest.raises(datasets.DataNotFoundError, match=f'tfds build {name}') as info:
+  with pytest.raises(specs.DataNotFoundError, match=f'tfds build {name}') as info:
     helpers.load_ssl_data(name, data_dir, 40, 0)
   assert info.value.__context__ is None and info.value.__cause__ is None
 
@@ -158,7 +159,7 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
   labels = np.array([0, 1, 2, 0, 1, 2, 0])
   data_dir = str(tmp_path)
   datasets.store_arrays('wide_images', data_dir, {'train': (images, labels)}, num_classes=3)
-  spec = datasets.DatasetSpec(
+  spec = specs.DatasetSpec(
     name='wide',
     tfds_name='wide_images',
     num_classes=3,
@@ -200,7 +201,7 @@ def test_tfrecord_store_reads_in_memory_and_refuses_random_access(tmp_path):
     file_format='tfrecord',
     disable_shuffling=True,
   )
-  spec = datasets.DatasetSpec(
+  spec = specs.DatasetSpec(
     name='t',
     tfds_name='tfrecord_images',
     num_classes=3,
@@ -212,7 +213,7 @@ def test_tfrecord_store_reads_in_memory_and_refuses_random_access(tmp_path):
   x, y = datasets.read_split(builder, 'train', (5, 5, 3))
   np.testing.assert_array_equal(x, images)
   np.testing.assert_array_equal(y, np.arange(9) % 3)
-  with pytest.raises(datasets.DataNotFoundError, match='--file_format=array_record'):
+  with pytest.raises(specs.DataNotFoundError, match='--file_format=array_record'):
     datasets.open_split(builder, dataclasses.replace(spec, in_memory=False), 'train')
 
 

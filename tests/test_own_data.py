@@ -10,6 +10,7 @@ from PIL import Image
 from cmix_jax.data import datasets
 from cmix_jax.data import own_data
 from cmix_jax.data import pipeline
+from cmix_jax.data import specs
 from tests import helpers
 
 CLASSES = ('cat', 'dog', 'eel')
@@ -125,9 +126,9 @@ def test_bad_npz_is_refused_before_writing(changes, message, tmp_path):
 
 
 def test_missing_npz_and_folder_give_data_not_found(tmp_path):
-  with pytest.raises(datasets.DataNotFoundError, match='npz file .* not found'):
+  with pytest.raises(specs.DataNotFoundError, match='npz file .* not found'):
     own_data.store_npz(str(tmp_path / 'none.npz'), str(tmp_path))
-  with pytest.raises(datasets.DataNotFoundError, match='image folder .* not found'):
+  with pytest.raises(specs.DataNotFoundError, match='image folder .* not found'):
     own_data.store_folder(str(tmp_path / 'none'), str(tmp_path))
 
 

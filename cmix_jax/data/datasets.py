@@ -28,126 +28,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from cmix_jax import storage
+from cmix_jax.data import specs
 from cmix_jax.data import splits
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STORE_VERSION = '1.0.0'  # version of every data set we store ourselves
-FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package dataset-fashion-mnist
 FASHION_MNIST_COUNTS = {'train': 60_000, 'test': 10_000}
 _READ_CHUNK = 4096  # examples decoded per chunk when reading a whole split
 _INCOMPLETE_PREFIX = '.incomplete-'
-
-
-class DataNotFoundError(ValueError):
-  """A data set is not stored under data_dir; the message says how to get it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """What the trainer needs to know about a data set (normalisation in 0..1 pixel units)."""
-
-  name: str
-  tfds_name: str
-  num_classes: int
-  image_shape: tuple[int, int, int]  # (H, W, C) as fed to the model
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  flip: bool = True  # random horizontal flip in the weak view (USB flips SVHN too)
-  train_split: str = 'train'
-  test_split: str = 'test'
-  extra_unlabeled_split: str | None = None
-  labeled_from_extra: bool = False  # draw labels from train + extra, as USB does for SVHN
-  how_to_get: str = ''
-  in_memory: bool = True  # False: random-access source decoded per batch (ImageNet)
-  resize: bool = False  # resize shorter side to image_shape + center crop on read
-
-
-def _tfds_build_hint(tfds_name: str, extra: str = '') -> str:
-  return (
-    f'on a machine with internet run `tfds build {tfds_name} --data_dir=<data_dir>'
-    f'{extra}`, then copy <data_dir>/{tfds_name} into your data_dir (or point '
-    '--config.data.data_dir at it).'
-  )
-
-
-SPECS: dict[str, DatasetSpec] = {
-  # Mean/std: computed once from the 60,000 train images of the Debian IDX files as
-  # mean and population std of pixel/255 over all pixels (float64): 0.286041, 0.353024.
-  'fashion_mnist_debian': DatasetSpec(
-    name='fashion_mnist_debian',
-    tfds_name='fashion_mnist_debian',
-    num_classes=10,
-    image_shape=(28, 28, 1),
-    mean=(0.286041,),
-    std=(0.353024,),
-    how_to_get='install the Debian package: `apt-get install dataset-fashion-mnist` (it '
-    f'puts the IDX files in {FASHION_MNIST_DIR}); the first run stores them under '
-    'data_dir.',
-  ),
-  'cifar10': DatasetSpec(
-    name='cifar10',
-    tfds_name='cifar10',
-    num_classes=10,
-    image_shape=(32, 32, 3),
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    how_to_get=_tfds_build_hint('cifar10'),
-  ),
-  'cifar100': DatasetSpec(
-    name='cifar100',
-    tfds_name='cifar100',
-    num_classes=100,
-    image_shape=(32, 32, 3),
-    mean=(129.3 / 255, 124.1 / 255, 112.4 / 255),
-    std=(68.2 / 255, 65.4 / 255, 70.4 / 255),
-    how_to_get=_tfds_build_hint('cifar100'),
-  ),
-  'svhn_cropped': DatasetSpec(
-    name='svhn_cropped',
-    tfds_name='svhn_cropped',
-    num_classes=10,
-    image_shape=(32, 32, 3),
-    mean=(0.4380, 0.4440, 0.4730),
-    std=(0.1751, 0.1771, 0.1744),
-    extra_unlabeled_split='extra',
-    labeled_from_extra=True,
-    how_to_get=_tfds_build_hint('svhn_cropped'),
-  ),
-  'stl10': DatasetSpec(
-    name='stl10',
-    tfds_name='stl10',
-    num_classes=10,
-    image_shape=(96, 96, 3),
-    mean=(112.4 / 255, 109.1 / 255, 98.6 / 255),
-    std=(68.4 / 255, 66.6 / 255, 68.5 / 255),
-    extra_unlabeled_split='unlabelled',
-    how_to_get=_tfds_build_hint('stl10'),
-  ),
-  'imagenet2012': DatasetSpec(
-    name='imagenet2012',
-    tfds_name='imagenet2012',
-    num_classes=1000,
-    image_shape=(224, 224, 3),
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
-    test_split='validation',
-    in_memory=False,
-    resize=True,
-    how_to_get='put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and '
-    + _tfds_build_hint('imagenet2012', ' --file_format=array_record'),
-  ),
-  # Template only: sources.open_dataset('fake', '', fake_kwargs) replaces shape/classes.
-  'fake': DatasetSpec(
-    name='fake',
-    tfds_name='',
-    num_classes=10,
-    image_shape=(32, 32, 3),
-    mean=(0.5, 0.5, 0.5),
-    std=(0.25, 0.25, 0.25),
-    how_to_get='generated in memory.',
-  ),
-}
 
 
 # ----------------------------------------------------------------------------- image sources
@@ -321,7 +208,7 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def read_fashion_mnist(
-  source_dir: str = FASHION_MNIST_DIR, expected_counts: dict[str, int] | None = None
+  source_dir: str = specs.FASHION_MNIST_DIR, expected_counts: dict[str, int] | None = None
 ) -> dict:
   """{'train'|'test': (uint8 [N, 28, 28, 1], int64 [N])} from the IDX files, sizes checked."""
   expected_counts = FASHION_MNIST_COUNTS if expected_counts is None else expected_counts
@@ -333,8 +220,9 @@ def read_fashion_mnist(
     ]
     missing = [p for p in paths if not p.exists()]
     if missing:
-      raise DataNotFoundError(
-        f'Fashion-MNIST file {missing[0]} is missing: ' + SPECS['fashion_mnist_debian'].how_to_get
+      raise specs.DataNotFoundError(
+        f'Fashion-MNIST file {missing[0]} is missing: '
+        + specs.SPECS['fashion_mnist_debian'].how_to_get
       )
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     n = expected_counts[split]
@@ -468,10 +356,12 @@ def _upload_store(local_dir: str, remote_dir: str) -> None:
 
 
 def store_fashion_mnist(
-  data_dir: str, source_dir: str = FASHION_MNIST_DIR, expected_counts: dict[str, int] | None = None
+  data_dir: str,
+  source_dir: str = specs.FASHION_MNIST_DIR,
+  expected_counts: dict[str, int] | None = None,
 ) -> str:
   """Stores the Debian Fashion-MNIST IDX files once as `fashion_mnist_debian` under data_dir."""
-  name = SPECS['fashion_mnist_debian'].tfds_name
+  name = specs.SPECS['fashion_mnist_debian'].tfds_name
   if is_stored(data_dir, name):
     return stored_dir(data_dir, name)
   return store_arrays(
@@ -479,9 +369,9 @@ def store_fashion_mnist(
   )
 
 
-def open_builder(spec: DatasetSpec, data_dir: str):
+def open_builder(spec: specs.DatasetSpec, data_dir: str):
   """The prepared TFDS builder of `spec`, or DataNotFoundError saying how to get it."""
-  not_found = DataNotFoundError(
+  not_found = specs.DataNotFoundError(
     f'data set {spec.name!r} ({spec.tfds_name}) is not stored under data_dir={data_dir!r}: '
     + spec.how_to_get
   )
@@ -507,7 +397,7 @@ def _file_format(builder) -> str:
 
 def _split_size(builder, split: str) -> int:
   if split not in builder.info.splits:
-    raise DataNotFoundError(
+    raise specs.DataNotFoundError(
       f'{builder.name} under {builder.data_dir} has no split {split!r} '
       f'(it has {sorted(builder.info.splits)}); rebuild it.'
     )
@@ -575,13 +465,13 @@ def read_labels(builder, split: str) -> np.ndarray:
   return labels
 
 
-def open_split(builder, spec: DatasetSpec, split: str) -> tuple[ImageSource, np.ndarray]:
+def open_split(builder, spec: specs.DatasetSpec, split: str) -> tuple[ImageSource, np.ndarray]:
   """(ImageSource, int32 labels) of one split: in memory, or random access for big sets."""
   if spec.in_memory:
     images, labels = read_split(builder, split, spec.image_shape)
     return ArrayImageSource(images), labels
   if _file_format(builder) != 'array_record':
-    raise DataNotFoundError(
+    raise specs.DataNotFoundError(
       f'{spec.tfds_name} under {builder.data_dir} is stored as {_file_format(builder)}, '
       'which has no random access: rebuild it with `tfds build '
       f'{spec.tfds_name} --file_format=array_record --data_dir=<data_dir>`.'
@@ -619,20 +509,6 @@ def make_fake(
   return out
 
 
-def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple, tuple]:
-  """Per-channel mean and population std of pixel/255 over uint8 [N, H, W, C] (float64)."""
-  channels = images.shape[-1]
-  total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
-  for start in range(0, len(images), chunk):
-    x = images[start : start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
-    total += x.sum(0)
-    total_sq += (x * x).sum(0)
-    count += len(x)
-  mean = total / count
-  std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-  return tuple(float(m) for m in mean), tuple(float(s) for s in std)
-
-
 # ----------------------------------------------------------------------------- SSL view
 
 
@@ -644,7 +520,7 @@ class SSLData:
   `unlabeled_images` (train minus validation, then the extra unlabeled split).
   """
 
-  spec: DatasetSpec
+  spec: specs.DatasetSpec
   train_images: ImageSource
   train_labels: np.ndarray  # int32 [N_train]
   labeled_idx: np.ndarray  # int64 [N_lb], positions in train
@@ -694,7 +570,7 @@ class SSLData:
 class RawData:
   """A data set's splits before any labeled/validation draw (labels int32, -1 = unknown)."""
 
-  spec: DatasetSpec
+  spec: specs.DatasetSpec
   train_images: ImageSource
   train_labels: np.ndarray  # int32 [N_train]
   test_images: ImageSource

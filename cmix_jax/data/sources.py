@@ -11,6 +11,7 @@ import numpy as np
 
 from cmix_jax.data import datasets
 from cmix_jax.data import own_data
+from cmix_jax.data import specs
 
 
 def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> datasets.RawData:
@@ -18,9 +19,9 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
   if name == 'fake':
     kwargs = dict(fake_kwargs or {})
     arrays = datasets.make_fake(**kwargs)
-    mean, std = datasets.channel_stats(arrays['train'][0])
+    mean, std = specs.channel_stats(arrays['train'][0])
     spec = dataclasses.replace(
-      datasets.SPECS['fake'],
+      specs.SPECS['fake'],
       num_classes=int(kwargs.get('num_classes', 10)),
       image_shape=tuple(arrays['train'][0].shape[1:]),
       mean=mean,
@@ -31,15 +32,15 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
   else:
     if name.startswith(('npz:', 'folder:')):
       spec = own_data.resolve(name, data_dir)
-    elif name in datasets.SPECS:
-      spec = datasets.SPECS[name]
+    elif name in specs.SPECS:
+      spec = specs.SPECS[name]
     else:
       raise ValueError(
         f'unknown data set {name!r}: use one of '
-        f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH.'
+        f'{", ".join(sorted(specs.SPECS))}, npz:PATH or folder:PATH.'
       )
     if spec.name == 'fashion_mnist_debian' and not datasets.is_stored(data_dir, spec.tfds_name):
-      datasets.store_fashion_mnist(data_dir, datasets.FASHION_MNIST_DIR)
+      datasets.store_fashion_mnist(data_dir, specs.FASHION_MNIST_DIR)
     builder = datasets.open_builder(spec, data_dir)
     parts = {
       'train': datasets.open_split(builder, spec, spec.train_split),
