@@ -14,6 +14,7 @@ from cmix_jax import metrics as metrics_lib
 from cmix_jax import parallel
 from cmix_jax import steps
 from cmix_jax.data import datasets
+from cmix_jax.data import image_sources
 from cmix_jax.data import pipeline
 
 SPLITS = ('test', 'val', 'unlabeled')
@@ -69,7 +70,7 @@ def split_arrays(data: datasets.SSLData, split: str):
   if split == 'test':
     return data.test_images, data.test_labels
   if split == 'val':
-    val_images = datasets.ArrayImageSource(data.train_images.get(data.val_idx))
+    val_images = image_sources.ArrayImageSource(data.train_images.get(data.val_idx))
     return val_images, data.train_labels[data.val_idx]
   if split == 'unlabeled':
     return data.unlabeled_images, np.maximum(data.unlabeled_labels, 0)

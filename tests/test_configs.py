@@ -9,6 +9,7 @@ import pytest
 
 from cmix_jax import config_validation
 from cmix_jax.data import datasets
+from cmix_jax.data import image_sources
 from cmix_jax.data import specs
 from configs import classic_cv
 
@@ -82,11 +83,11 @@ def _svhn_like_raw():
   spec = dataclasses.replace(specs.SPECS['svhn_cropped'], num_classes=4, image_shape=(2, 2, 1))
   return datasets.RawData(
     spec=spec,
-    train_images=datasets.ArrayImageSource(train_images),
+    train_images=image_sources.ArrayImageSource(train_images),
     train_labels=(np.arange(20) % 2).astype(np.int32),
-    test_images=datasets.ArrayImageSource(arrays['test'][0]),
+    test_images=image_sources.ArrayImageSource(arrays['test'][0]),
     test_labels=arrays['test'][1],
-    extra_images=datasets.ArrayImageSource(extra_images),
+    extra_images=image_sources.ArrayImageSource(extra_images),
     extra_labels=(2 + np.arange(30) % 2).astype(np.int32),
   )
 

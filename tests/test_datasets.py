@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cmix_jax.data import datasets
+from cmix_jax.data import image_sources
 from cmix_jax.data import specs
 from tests import helpers
 
@@ -171,7 +172,7 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
   )
   builder = datasets.open_builder(spec, data_dir)
   source, got_labels = datasets.open_split(builder, spec, 'train')
-  assert isinstance(source, datasets.TfdsImageSource) and len(source) == 7
+  assert isinstance(source, image_sources.TfdsImageSource) and len(source) == 7
   np.testing.assert_array_equal(got_labels, labels)
   assert os.path.exists(
     os.path.join(datasets.stored_dir(data_dir, 'wide_images'), 'cmix_labels_train.npy')
@@ -179,7 +180,9 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
   got = source.get(np.array([5, 0, 5]))
   assert got.shape == (3, 4, 4, 3) and got.dtype == np.uint8
   for row, i in enumerate([5, 0, 5]):
-    np.testing.assert_array_equal(got[row], datasets.resize_shorter_center_crop(images[i], (4, 4)))
+    np.testing.assert_array_equal(
+      got[row], image_sources.resize_shorter_center_crop(images[i], (4, 4))
+    )
 
 
 def test_tfrecord_store_reads_in_memory_and_refuses_random_access(tmp_path):
@@ -220,21 +223,23 @@ def test_tfrecord_store_reads_in_memory_and_refuses_random_access(tmp_path):
 def test_resize_shorter_side_and_center_crop_by_hand():
   image = np.tile(np.arange(8, dtype=np.uint8), (4, 1))[..., None]  # [4, 8, 1], value = column
   # Shorter side already 4: no resize, keep the middle columns 2..5.
-  np.testing.assert_array_equal(datasets.resize_shorter_center_crop(image, (4, 4)), image[:, 2:6])
+  np.testing.assert_array_equal(
+    image_sources.resize_shorter_center_crop(image, (4, 4)), image[:, 2:6]
+  )
   flat = np.full((2, 4, 3), 77, np.uint8)
-  out = datasets.resize_shorter_center_crop(flat, (4, 4))  # upscale x2 to 4x8, crop 4x4
+  out = image_sources.resize_shorter_center_crop(flat, (4, 4))  # upscale x2 to 4x8, crop 4x4
   assert out.shape == (4, 4, 3) and np.all(out == 77)
 
 
 def test_subset_and_concat_sources_map_indices():
-  a = datasets.ArrayImageSource(np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1))
-  b = datasets.ArrayImageSource(np.arange(100, 103, dtype=np.uint8).reshape(3, 1, 1, 1))
-  sub = datasets.SubsetImageSource(a, np.array([4, 1, 3]))
-  cat = datasets.ConcatImageSource([sub, b])
+  a = image_sources.ArrayImageSource(np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1))
+  b = image_sources.ArrayImageSource(np.arange(100, 103, dtype=np.uint8).reshape(3, 1, 1, 1))
+  sub = image_sources.SubsetImageSource(a, np.array([4, 1, 3]))
+  cat = image_sources.ConcatImageSource([sub, b])
   assert len(sub) == 3 and len(cat) == 6
   np.testing.assert_array_equal(cat.get(np.array([5, 0, 3, 1, 5])).ravel(), [102, 4, 100, 1, 102])
   with pytest.raises(ValueError, match='uint8'):
-    datasets.ArrayImageSource(np.zeros((2, 3, 3, 1), np.float32))
+    image_sources.ArrayImageSource(np.zeros((2, 3, 3, 1), np.float32))
 
 
 FAKE = dict(num_train=40, num_test=12, image_shape=(6, 6, 3), num_classes=4, seed=3)

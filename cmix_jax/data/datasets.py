@@ -22,12 +22,13 @@ import socket
 import struct
 import tempfile
 import uuid
-from typing import Any, Protocol
+from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
 
 from cmix_jax import storage
+from cmix_jax.data import image_sources
 from cmix_jax.data import specs
 from cmix_jax.data import splits
 
@@ -35,144 +36,6 @@ STORE_VERSION = '1.0.0'  # version of every data set we store ourselves
 FASHION_MNIST_COUNTS = {'train': 60_000, 'test': 10_000}
 _READ_CHUNK = 4096  # examples decoded per chunk when reading a whole split
 _INCOMPLETE_PREFIX = '.incomplete-'
-
-
-# ----------------------------------------------------------------------------- image sources
-
-
-class ImageSource(Protocol):
-  """Random access to uint8 images: in memory (numpy) or decoded on demand (ImageNet)."""
-
-  image_shape: tuple[int, int, int]
-
-  def __len__(self) -> int: ...
-
-  def get(self, indices: np.ndarray) -> np.ndarray:
-    """uint8 [n, H, W, C] images at `indices` (int array, any order, repeats allowed)."""
-    ...
-
-
-class ArrayImageSource:
-  """An in-memory uint8 [N, H, W, C] array as an ImageSource."""
-
-  def __init__(self, images: np.ndarray):
-    images = np.asarray(images)
-    if images.dtype != np.uint8 or images.ndim != 4:
-      raise ValueError(
-        f'ArrayImageSource needs uint8 [N, H, W, C] images, got {images.dtype} {images.shape}.'
-      )
-    self.images = images
-    self.image_shape = tuple(images.shape[1:])
-
-  def __len__(self) -> int:
-    return len(self.images)
-
-  def get(self, indices: np.ndarray) -> np.ndarray:
-    return self.images[np.asarray(indices, np.int64)]  # [n, H, W, C]
-
-
-class SubsetImageSource:
-  """The images of `base` at `positions` (no copy): position j reads base[positions[j]]."""
-
-  def __init__(self, base: ImageSource, positions: np.ndarray):
-    self.base = base
-    self.positions = np.asarray(positions, np.int64)
-    self.image_shape = tuple(base.image_shape)
-
-  def __len__(self) -> int:
-    return len(self.positions)
-
-  def get(self, indices: np.ndarray) -> np.ndarray:
-    return self.base.get(self.positions[np.asarray(indices, np.int64)])
-
-
-class ConcatImageSource:
-  """Sources one after the other (no copy): the train part, then an extra unlabeled split."""
-
-  def __init__(self, sources: Sequence[ImageSource]):
-    shapes = {tuple(s.image_shape) for s in sources}
-    if len(shapes) != 1:
-      raise ValueError(f'cannot concatenate image sources of different shapes {shapes}.')
-    self.sources = list(sources)
-    self.image_shape = shapes.pop()
-    self.offsets = np.cumsum([0] + [len(s) for s in sources])  # [S + 1]
-
-  def __len__(self) -> int:
-    return int(self.offsets[-1])
-
-  def get(self, indices: np.ndarray) -> np.ndarray:
-    indices = np.asarray(indices, np.int64)
-    out = np.empty((len(indices),) + self.image_shape, np.uint8)  # [n, H, W, C]
-    which = np.searchsorted(self.offsets, indices, side='right') - 1  # [n]
-    for s, source in enumerate(self.sources):
-      rows = np.nonzero(which == s)[0]
-      if len(rows):
-        out[rows] = source.get(indices[rows] - self.offsets[s])
-    return out
-
-
-def resize_shorter_center_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Resizes so the shorter side fits `size`, then center-crops to exactly `size` (H, W)."""
-  from PIL import Image
-
-  height, width = image.shape[:2]
-  out_h, out_w = size
-  scale = max(out_h / height, out_w / width)
-  new_h, new_w = max(out_h, round(height * scale)), max(out_w, round(width * scale))
-  squeeze = image.ndim == 3 and image.shape[2] == 1
-  pil = Image.fromarray(image[..., 0] if squeeze else image)
-  if (new_h, new_w) != (height, width):
-    pil = pil.resize((new_w, new_h), Image.BICUBIC)
-  top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
-  out = np.asarray(pil.crop((left, top, left + out_w, top + out_h)))
-  return out[..., None] if squeeze else out
-
-
-def decode_image(data: bytes, channels: int) -> np.ndarray:
-  """PNG/JPEG bytes -> uint8 [H, W, channels] (grayscale or RGB)."""
-  from PIL import Image
-
-  mode = 'L' if channels == 1 else 'RGB'
-  with Image.open(io.BytesIO(data)) as pil:
-    image = np.asarray(pil if pil.mode == mode else pil.convert(mode), np.uint8)
-  return image[..., None] if image.ndim == 2 else image
-
-
-class TfdsImageSource:
-  """Random access to an ArrayRecord TFDS split, decoding (and resizing) per request."""
-
-  def __init__(
-    self, data_source, image_shape: tuple[int, int, int], resize: bool, num_threads: int = 8
-  ):
-    self.data_source = data_source  # TFDS data source opened with SkipDecoding for images
-    self.image_shape = tuple(image_shape)
-    self.resize = resize
-    self.num_threads = num_threads
-    self._pool = None
-
-  def __len__(self) -> int:
-    return len(self.data_source)
-
-  def _decode(self, data: bytes) -> np.ndarray:
-    image = decode_image(data, self.image_shape[2])
-    if self.resize:
-      image = resize_shorter_center_crop(image, self.image_shape[:2])
-    if image.shape != self.image_shape:
-      raise ValueError(
-        f'stored image of shape {image.shape} where {self.image_shape} was '
-        'expected: the data set holds images of mixed sizes.'
-      )
-    return image
-
-  def get(self, indices: np.ndarray) -> np.ndarray:
-    indices = np.asarray(indices, np.int64)
-    records = self.data_source.__getitems__(indices.tolist())
-    out = np.empty((len(indices),) + self.image_shape, np.uint8)  # [n, H, W, C]
-    if self._pool is None:
-      self._pool = concurrent.futures.ThreadPoolExecutor(self.num_threads)
-    for i, image in enumerate(self._pool.map(self._decode, [r['image'] for r in records])):
-      out[i] = image
-    return out
 
 
 # ----------------------------------------------------------------------------- IDX files
@@ -424,7 +287,7 @@ def read_split(
     def read_chunk(start: int) -> None:  # one task per chunk: per-image tasks cost more
       records = source.__getitems__(list(range(start, min(start + _READ_CHUNK, n))))
       for i, record in enumerate(records):
-        images[start + i] = decode_image(record['image'], image_shape[2])
+        images[start + i] = image_sources.decode_image(record['image'], image_shape[2])
       labels[start : start + len(records)] = [r['label'] for r in records]
 
     with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
@@ -465,11 +328,13 @@ def read_labels(builder, split: str) -> np.ndarray:
   return labels
 
 
-def open_split(builder, spec: specs.DatasetSpec, split: str) -> tuple[ImageSource, np.ndarray]:
+def open_split(
+  builder, spec: specs.DatasetSpec, split: str
+) -> tuple[image_sources.ImageSource, np.ndarray]:
   """(ImageSource, int32 labels) of one split: in memory, or random access for big sets."""
   if spec.in_memory:
     images, labels = read_split(builder, split, spec.image_shape)
-    return ArrayImageSource(images), labels
+    return image_sources.ArrayImageSource(images), labels
   if _file_format(builder) != 'array_record':
     raise specs.DataNotFoundError(
       f'{spec.tfds_name} under {builder.data_dir} is stored as {_file_format(builder)}, '
@@ -477,7 +342,9 @@ def open_split(builder, spec: specs.DatasetSpec, split: str) -> tuple[ImageSourc
       f'{spec.tfds_name} --file_format=array_record --data_dir=<data_dir>`.'
     )
   _split_size(builder, split)
-  source = TfdsImageSource(_skip_decoding_source(builder, split), spec.image_shape, spec.resize)
+  source = image_sources.TfdsImageSource(
+    _skip_decoding_source(builder, split), spec.image_shape, spec.resize
+  )
   return source, read_labels(builder, split)
 
 
@@ -521,14 +388,14 @@ class SSLData:
   """
 
   spec: specs.DatasetSpec
-  train_images: ImageSource
+  train_images: image_sources.ImageSource
   train_labels: np.ndarray  # int32 [N_train]
   labeled_idx: np.ndarray  # int64 [N_lb], positions in train
   val_idx: np.ndarray  # int64 [N_val], positions in train
-  unlabeled_images: ImageSource
+  unlabeled_images: image_sources.ImageSource
   unlabeled_labels: np.ndarray  # int32 [N_ulb], hidden labels; -1 where unknown
   unlabeled_train_idx: np.ndarray  # int64, train position of unlabeled j < len(this)
-  test_images: ImageSource
+  test_images: image_sources.ImageSource
   test_labels: np.ndarray  # int32 [N_test]
   # int64 [N_ulb]: positions of the kept unlabeled samples in the whole unlabeled set (train
   # minus validation, then extra) when data.unlabeled_size draws a subset; None = all of it.
@@ -571,11 +438,13 @@ class RawData:
   """A data set's splits before any labeled/validation draw (labels int32, -1 = unknown)."""
 
   spec: specs.DatasetSpec
-  train_images: ImageSource
+  train_images: image_sources.ImageSource
   train_labels: np.ndarray  # int32 [N_train]
-  test_images: ImageSource
+  test_images: image_sources.ImageSource
   test_labels: np.ndarray  # int32 [N_test]
-  extra_images: ImageSource | None = None  # extra unlabeled split (SVHN extra, STL-10 ...)
+  extra_images: image_sources.ImageSource | None = (
+    None  # extra unlabeled split (SVHN extra, STL-10 ...)
+  )
   extra_labels: np.ndarray | None = None  # int32 [N_extra]
 
 
@@ -583,7 +452,7 @@ def merge_extra_into_train(raw: RawData) -> RawData:
   """Train followed by the extra split as one labeled pool (SVHN: 73,257 + 531,131 images)."""
   return dataclasses.replace(
     raw,
-    train_images=ConcatImageSource([raw.train_images, raw.extra_images]),
+    train_images=image_sources.ConcatImageSource([raw.train_images, raw.extra_images]),
     train_labels=np.concatenate([raw.train_labels, raw.extra_labels]).astype(np.int32),
     extra_images=None,
     extra_labels=None,
@@ -616,11 +485,11 @@ def make_ssl_data(
   unlabeled = (
     raw.train_images
     if len(keep) == len(train_labels)
-    else SubsetImageSource(raw.train_images, keep)
+    else image_sources.SubsetImageSource(raw.train_images, keep)
   )
   unlabeled_labels = train_labels[keep]
   if raw.extra_images is not None:
-    unlabeled = ConcatImageSource([unlabeled, raw.extra_images])
+    unlabeled = image_sources.ConcatImageSource([unlabeled, raw.extra_images])
     unlabeled_labels = np.concatenate([unlabeled_labels, raw.extra_labels])
   subset = None
   if int(unlabeled_size) != unlabeled_size or unlabeled_size < -1:
@@ -639,7 +508,7 @@ def make_ssl_data(
     subset = splits.unlabeled_subset(
       unlabeled_labels, unlabeled_size, num_classes, seed, keep=in_pool
     )  # int64 [unlabeled_size], sorted
-    unlabeled = SubsetImageSource(unlabeled, subset)
+    unlabeled = image_sources.SubsetImageSource(unlabeled, subset)
     unlabeled_labels = unlabeled_labels[subset]
     keep = keep[subset[subset < len(keep)]]
   return SSLData(

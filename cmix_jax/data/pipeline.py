@@ -16,6 +16,7 @@ import numpy as np
 
 from cmix_jax import parallel
 from cmix_jax.data import datasets
+from cmix_jax.data import image_sources
 
 LABELED_STREAM = 0
 UNLABELED_STREAM = 1
@@ -191,7 +192,7 @@ def eval_batch_layout(batch_size: int, local_devices: int, process_count: int) -
 
 
 def eval_batches(
-  images: datasets.ImageSource,
+  images: image_sources.ImageSource,
   labels: np.ndarray,
   batch_size: int,
   *,

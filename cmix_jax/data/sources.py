@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 
 from cmix_jax.data import datasets
+from cmix_jax.data import image_sources
 from cmix_jax.data import own_data
 from cmix_jax.data import specs
 
@@ -28,7 +29,7 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
       std=std,
       extra_unlabeled_split='unlabeled' if 'unlabeled' in arrays else None,
     )
-    parts = {k: (datasets.ArrayImageSource(x), y) for k, (x, y) in arrays.items()}
+    parts = {k: (image_sources.ArrayImageSource(x), y) for k, (x, y) in arrays.items()}
   else:
     if name.startswith(('npz:', 'folder:')):
       spec = own_data.resolve(name, data_dir)
