@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cmix_jax.data import datasets
+from cmix_jax.data import idx
 from cmix_jax.data import image_sources
 from cmix_jax.data import specs
 from tests import helpers
@@ -38,22 +39,22 @@ def test_read_idx_hand_written_files(tmp_path):
   (tmp_path / 'a-idx3-ubyte').write_bytes(raw)
   (tmp_path / 'a-idx3-ubyte.gz').write_bytes(gzip.compress(raw))
   for name in ('a-idx3-ubyte', 'a-idx3-ubyte.gz'):
-    x = datasets.read_idx(str(tmp_path / name))
+    x = idx.read_idx(str(tmp_path / name))
     assert x.dtype == np.uint8 and x.shape == (2, 2, 3)
     assert x[1, 0, 2] == 8 and x[0, 1, 0] == 3
   # int32 [3], big-endian: 1, 256, -2.
   raw = bytes([0, 0, 0x0C, 1, 0, 0, 0, 3]) + b'\x00\x00\x00\x01\x00\x00\x01\x00\xff\xff\xff\xfe'
   (tmp_path / 'b').write_bytes(raw)
-  np.testing.assert_array_equal(datasets.read_idx(str(tmp_path / 'b')), [1, 256, -2])
+  np.testing.assert_array_equal(idx.read_idx(str(tmp_path / 'b')), [1, 256, -2])
 
 
 def test_read_idx_refuses_bad_magic_and_truncation(tmp_path):
   (tmp_path / 'bad').write_bytes(bytes([1, 0, 8, 1, 0, 0, 0, 1, 5]))
   with pytest.raises(ValueError, match='not an IDX file'):
-    datasets.read_idx(str(tmp_path / 'bad'))
+    idx.read_idx(str(tmp_path / 'bad'))
   (tmp_path / 'short').write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 4, 5, 6]))
   with pytest.raises(ValueError, match='truncated'):
-    datasets.read_idx(str(tmp_path / 'short'))
+    idx.read_idx(str(tmp_path / 'short'))
 
 
 def _write_fashion_like(directory, counts, seed=0):
@@ -85,7 +86,7 @@ def test_fashion_mnist_stored_on_first_use_read_back_and_interrupted_store_rebui
   counts = {'train': 30, 'test': 20}
   arrays = _write_fashion_like(tmp_path / 'src', counts)
   monkeypatch.setattr(specs, 'FASHION_MNIST_DIR', str(tmp_path / 'src'))
-  monkeypatch.setattr(datasets, 'FASHION_MNIST_COUNTS', counts)
+  monkeypatch.setattr(idx, 'FASHION_MNIST_COUNTS', counts)
   data_dir = str(tmp_path / 'tfds')
   # Leftovers of an interrupted attempt: a partial target and a dead process's temp dir.
   partial = os.path.join(data_dir, 'fashion_mnist_debian', '1.0.0')
@@ -117,7 +118,7 @@ def test_fashion_mnist_stored_on_first_use_read_back_and_interrupted_store_rebui
 def test_fashion_mnist_wrong_counts_and_missing_files(tmp_path, monkeypatch):
   _write_fashion_like(tmp_path / 'src', {'train': 12, 'test': 10})
   with pytest.raises(ValueError, match='expected 60000 uint8 28x28 images'):
-    datasets.read_fashion_mnist(str(tmp_path / 'src'))
+    idx.read_fashion_mnist(str(tmp_path / 'src'))
   monkeypatch.setattr(specs, 'FASHION_MNIST_DIR', str(tmp_path / 'nowhere'))
   with pytest.raises(specs.DataNotFoundError, match='apt-get install dataset-fashion-mnist'):
     helpers.load_ssl_data('fashion_mnist_debian', str(tmp_path / 'tfds'), 40, 0)
@@ -125,7 +126,7 @@ def test_fashion_mnist_wrong_counts_and_missing_files(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not REAL_FASHION, reason='Debian package dataset-fashion-mnist not installed')
 def test_real_fashion_mnist_files_sizes_balance_and_normalisation_constants():
-  arrays = datasets.read_fashion_mnist()
+  arrays = idx.read_fashion_mnist()
   train_x, train_y = arrays['train']
   assert train_x.shape == (60000, 28, 28, 1) and arrays['test'][0].shape == (10000, 28, 28, 1)
   np.testing.assert_array_equal(np.bincount(train_y), [6000] * 10)
