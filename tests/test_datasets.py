@@ -15,6 +15,7 @@ from cmix_jax.data import datasets
 from cmix_jax.data import idx
 from cmix_jax.data import image_sources
 from cmix_jax.data import specs
+from cmix_jax.data import tfds_store
 from tests import helpers
 
 REAL_FASHION = all(
@@ -96,10 +97,10 @@ def test_fashion_mnist_stored_on_first_use_read_back_and_interrupted_store_rebui
     data_dir, f'.incomplete-fashion_mnist_debian.{socket.gethostname()}.{_dead_pid()}.abcd'
   )
   os.makedirs(stale)
-  assert not datasets.is_stored(data_dir, 'fashion_mnist_debian')
+  assert not tfds_store.is_stored(data_dir, 'fashion_mnist_debian')
 
   data = helpers.load_ssl_data('fashion_mnist_debian', data_dir, num_labels=10, seed=0)
-  assert datasets.is_stored(data_dir, 'fashion_mnist_debian')
+  assert tfds_store.is_stored(data_dir, 'fashion_mnist_debian')
   assert sorted(os.listdir(data_dir)) == ['fashion_mnist_debian']  # stale temp dir removed
   assert not os.path.exists(os.path.join(partial, 'half-written.array_record'))
   assert data.spec.image_shape == (28, 28, 1) and data.num_classes == 10
@@ -160,7 +161,7 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
   images = rng.integers(0, 256, (7, 6, 10, 3), dtype=np.uint8)
   labels = np.array([0, 1, 2, 0, 1, 2, 0])
   data_dir = str(tmp_path)
-  datasets.store_arrays('wide_images', data_dir, {'train': (images, labels)}, num_classes=3)
+  tfds_store.store_arrays('wide_images', data_dir, {'train': (images, labels)}, num_classes=3)
   spec = specs.DatasetSpec(
     name='wide',
     tfds_name='wide_images',
@@ -176,7 +177,7 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
   assert isinstance(source, image_sources.TfdsImageSource) and len(source) == 7
   np.testing.assert_array_equal(got_labels, labels)
   assert os.path.exists(
-    os.path.join(datasets.stored_dir(data_dir, 'wide_images'), 'cmix_labels_train.npy')
+    os.path.join(tfds_store.stored_dir(data_dir, 'wide_images'), 'cmix_labels_train.npy')
   )
   got = source.get(np.array([5, 0, 5]))
   assert got.shape == (3, 4, 4, 3) and got.dtype == np.uint8

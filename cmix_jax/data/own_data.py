@@ -15,8 +15,8 @@ import re
 import numpy as np
 
 from cmix_jax import storage
-from cmix_jax.data import datasets
 from cmix_jax.data import specs
+from cmix_jax.data import tfds_store
 
 STATS_FILE = 'stats.json'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -254,13 +254,13 @@ def _stored_name(path: str, fingerprint: str, name: str | None) -> str:
 
 
 def read_stats(data_dir: str, tfds_name: str) -> dict:
-  return storage.read_json(storage.as_path(datasets.stored_dir(data_dir, tfds_name)) / STATS_FILE)
+  return storage.read_json(storage.as_path(tfds_store.stored_dir(data_dir, tfds_name)) / STATS_FILE)
 
 
 def _store(kind: str, path: str, data_dir: str, name: str | None, fingerprint: str, reader) -> str:
   """Stores once: an existing store of the same fingerprint is reused; returns the TFDS name."""
   tfds_name = _stored_name(path, fingerprint, name)
-  if datasets.is_stored(data_dir, tfds_name, [STATS_FILE]):
+  if tfds_store.is_stored(data_dir, tfds_name, [STATS_FILE]):
     stored = read_stats(data_dir, tfds_name)
     if stored.get('fingerprint') != fingerprint:
       raise ValueError(
@@ -284,7 +284,7 @@ def _store(kind: str, path: str, data_dir: str, name: str | None, fingerprint: s
     'stats_from': 'train split, pixel/255',
     'counts': {split: int(len(y)) for split, (_, y) in parts.items()},
   }
-  datasets.store_arrays(
+  tfds_store.store_arrays(
     tfds_name, data_dir, parts, num_classes, class_names, extra_json={STATS_FILE: stats}
   )
   return tfds_name

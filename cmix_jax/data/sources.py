@@ -13,6 +13,7 @@ from cmix_jax.data import datasets
 from cmix_jax.data import image_sources
 from cmix_jax.data import own_data
 from cmix_jax.data import specs
+from cmix_jax.data import tfds_store
 
 
 def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> datasets.RawData:
@@ -40,8 +41,8 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
         f'unknown data set {name!r}: use one of '
         f'{", ".join(sorted(specs.SPECS))}, npz:PATH or folder:PATH.'
       )
-    if spec.name == 'fashion_mnist_debian' and not datasets.is_stored(data_dir, spec.tfds_name):
-      datasets.store_fashion_mnist(data_dir, specs.FASHION_MNIST_DIR)
+    if spec.name == 'fashion_mnist_debian' and not tfds_store.is_stored(data_dir, spec.tfds_name):
+      tfds_store.store_fashion_mnist(data_dir, specs.FASHION_MNIST_DIR)
     builder = datasets.open_builder(spec, data_dir)
     parts = {
       'train': datasets.open_split(builder, spec, spec.train_split),
