@@ -15,6 +15,7 @@ from cmix_jax.data import datasets
 from cmix_jax.data import idx
 from cmix_jax.data import image_sources
 from cmix_jax.data import specs
+from cmix_jax.data import tfds_read
 from cmix_jax.data import tfds_store
 from tests import helpers
 
@@ -172,8 +173,8 @@ def test_random_access_source_decodes_resizes_and_caches_labels(tmp_path):
     in_memory=False,
     resize=True,
   )
-  builder = datasets.open_builder(spec, data_dir)
-  source, got_labels = datasets.open_split(builder, spec, 'train')
+  builder = tfds_read.open_builder(spec, data_dir)
+  source, got_labels = tfds_read.open_split(builder, spec, 'train')
   assert isinstance(source, image_sources.TfdsImageSource) and len(source) == 7
   np.testing.assert_array_equal(got_labels, labels)
   assert os.path.exists(
@@ -214,12 +215,12 @@ def test_tfrecord_store_reads_in_memory_and_refuses_random_access(tmp_path):
     mean=(0.5,) * 3,
     std=(0.5,) * 3,
   )
-  builder = datasets.open_builder(spec, str(tmp_path))
-  x, y = datasets.read_split(builder, 'train', (5, 5, 3))
+  builder = tfds_read.open_builder(spec, str(tmp_path))
+  x, y = tfds_read.read_split(builder, 'train', (5, 5, 3))
   np.testing.assert_array_equal(x, images)
   np.testing.assert_array_equal(y, np.arange(9) % 3)
   with pytest.raises(specs.DataNotFoundError, match='--file_format=array_record'):
-    datasets.open_split(builder, dataclasses.replace(spec, in_memory=False), 'train')
+    tfds_read.open_split(builder, dataclasses.replace(spec, in_memory=False), 'train')
 
 
 def test_resize_shorter_side_and_center_crop_by_hand():

@@ -13,6 +13,7 @@ from cmix_jax.data import datasets
 from cmix_jax.data import image_sources
 from cmix_jax.data import own_data
 from cmix_jax.data import specs
+from cmix_jax.data import tfds_read
 from cmix_jax.data import tfds_store
 
 
@@ -43,13 +44,13 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
       )
     if spec.name == 'fashion_mnist_debian' and not tfds_store.is_stored(data_dir, spec.tfds_name):
       tfds_store.store_fashion_mnist(data_dir, specs.FASHION_MNIST_DIR)
-    builder = datasets.open_builder(spec, data_dir)
+    builder = tfds_read.open_builder(spec, data_dir)
     parts = {
-      'train': datasets.open_split(builder, spec, spec.train_split),
-      'test': datasets.open_split(builder, spec, spec.test_split),
+      'train': tfds_read.open_split(builder, spec, spec.train_split),
+      'test': tfds_read.open_split(builder, spec, spec.test_split),
     }
     if spec.extra_unlabeled_split:
-      parts['unlabeled'] = datasets.open_split(builder, spec, spec.extra_unlabeled_split)
+      parts['unlabeled'] = tfds_read.open_split(builder, spec, spec.extra_unlabeled_split)
   if tuple(parts['train'][0].image_shape) != tuple(spec.image_shape):
     raise ValueError(
       f'{name}: stored images are {parts["train"][0].image_shape}, spec says '
