@@ -9,6 +9,7 @@ import pytest
 
 from cmix_jax import config_validation
 from cmix_jax.data import datasets
+from cmix_jax.data import fake_data
 from cmix_jax.data import image_sources
 from cmix_jax.data import specs
 from configs import classic_cv
@@ -73,7 +74,7 @@ def test_classic_cv_cites_the_shipped_reference_table_that_compare_reads():
 
 def _svhn_like_raw():
   """SVHN's spec on fake data: 20 train images (labels 0..1 from i % 2) and 30 extra (2..3)."""
-  arrays = datasets.make_fake(num_train=20, num_test=4, image_shape=(2, 2, 1), num_classes=4)
+  arrays = fake_data.make_fake(num_train=20, num_test=4, image_shape=(2, 2, 1), num_classes=4)
   train_images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1) * np.ones(
     (1, 2, 2, 1), np.uint8
   )

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from cmix_jax.data import datasets
+from cmix_jax.data import fake_data
 from cmix_jax.data import idx
 from cmix_jax.data import image_sources
 from cmix_jax.data import specs
@@ -249,10 +249,10 @@ FAKE = dict(num_train=40, num_test=12, image_shape=(6, 6, 3), num_classes=4, see
 
 
 def test_fake_data_is_deterministic_and_balanced():
-  a, b = datasets.make_fake(**FAKE), datasets.make_fake(**FAKE)
+  a, b = fake_data.make_fake(**FAKE), fake_data.make_fake(**FAKE)
   np.testing.assert_array_equal(a['train'][0], b['train'][0])
   np.testing.assert_array_equal(np.bincount(a['train'][1]), [10] * 4)
-  assert not np.array_equal(a['train'][0], datasets.make_fake(**dict(FAKE, seed=4))['train'][0])
+  assert not np.array_equal(a['train'][0], fake_data.make_fake(**dict(FAKE, seed=4))['train'][0])
 
 
 def test_ssl_view_unlabeled_excludes_validation_and_optionally_labeled():
@@ -282,7 +282,7 @@ def test_extra_unlabeled_split_is_appended_with_unknown_labels():
   assert data.num_unlabeled == 45
   np.testing.assert_array_equal(data.unlabeled_labels[40:], [-1] * 5)
   np.testing.assert_array_equal(data.unlabeled_labels[:40], data.train_labels)
-  extra = datasets.make_fake(**dict(FAKE, num_unlabeled=5))['unlabeled'][0]
+  extra = fake_data.make_fake(**dict(FAKE, num_unlabeled=5))['unlabeled'][0]
   np.testing.assert_array_equal(data.unlabeled_images.get(np.arange(40, 45)), extra)
 
 

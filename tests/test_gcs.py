@@ -16,7 +16,7 @@ from cmix_jax import dynamics
 from cmix_jax import metrics
 from cmix_jax import plots
 from cmix_jax import storage
-from cmix_jax.data import datasets
+from cmix_jax.data import fake_data
 from cmix_jax.data import own_data
 from cmix_jax.data import splits
 from cmix_jax.data import tfds_store
@@ -116,7 +116,7 @@ def _write_digits(root_dir, arrays):
 
 
 def test_own_data_from_the_bucket_stored_in_the_bucket_reads_like_local(gcs, tmp_path):
-  fake = datasets.make_fake(num_train=24, num_test=8, image_shape=(8, 8, 1), num_classes=2)
+  fake = fake_data.make_fake(num_train=24, num_test=8, image_shape=(8, 8, 1), num_classes=2)
   arrays = {
     'x_train': fake['train'][0],
     'y_train': fake['train'][1],

@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 
 from cmix_jax.data import datasets
+from cmix_jax.data import fake_data
 from cmix_jax.data import image_sources
 from cmix_jax.data import own_data
 from cmix_jax.data import specs
@@ -21,7 +22,7 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
   """Opens `name` (a SPECS key, 'npz:PATH', 'folder:PATH' or 'fake'), storing ours on first use."""
   if name == 'fake':
     kwargs = dict(fake_kwargs or {})
-    arrays = datasets.make_fake(**kwargs)
+    arrays = fake_data.make_fake(**kwargs)
     mean, std = specs.channel_stats(arrays['train'][0])
     spec = dataclasses.replace(
       specs.SPECS['fake'],
