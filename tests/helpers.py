@@ -19,9 +19,9 @@ from cmix_jax import resume
 from cmix_jax import run_setup
 from cmix_jax import steps
 from cmix_jax import train
-from cmix_jax.data import datasets
 from cmix_jax.data import pipeline
 from cmix_jax.data import sources
+from cmix_jax.data import ssl_data
 from tests import gcs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,9 +40,9 @@ def load_ssl_data(
   include_lb_to_ulb: bool = True,
   fake_kwargs: dict | None = None,
   unlabeled_size: int = 0,
-) -> datasets.SSLData:
-  """sources.open_dataset + datasets.make_ssl_data, as a run draws them (by arguments)."""
-  return datasets.make_ssl_data(
+) -> ssl_data.SSLData:
+  """sources.open_dataset + ssl_data.make_ssl_data, as a run draws them (by arguments)."""
+  return ssl_data.make_ssl_data(
     sources.open_dataset(name, data_dir, fake_kwargs),
     num_labels,
     seed,
@@ -58,7 +58,7 @@ class Parts:
 
   config: Any
   topo: parallel.Topology
-  data: Any  # datasets.SSLData
+  data: Any  # ssl_data.SSLData
   info: steps.DataInfo
   model: Any
   tx: Any

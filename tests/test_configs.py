@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from cmix_jax import config_validation
-from cmix_jax.data import datasets
 from cmix_jax.data import fake_data
 from cmix_jax.data import image_sources
 from cmix_jax.data import specs
+from cmix_jax.data import ssl_data
 from configs import classic_cv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def _svhn_like_raw():
     (1, 2, 2, 1), np.uint8
   )
   spec = dataclasses.replace(specs.SPECS['svhn_cropped'], num_classes=4, image_shape=(2, 2, 1))
-  return datasets.RawData(
+  return ssl_data.RawData(
     spec=spec,
     train_images=image_sources.ArrayImageSource(train_images),
     train_labels=(np.arange(20) % 2).astype(np.int32),
@@ -96,7 +96,7 @@ def _svhn_like_raw():
 def test_svhn_labels_are_drawn_from_train_and_extra():
   raw = _svhn_like_raw()
   assert raw.spec.labeled_from_extra
-  data = datasets.make_ssl_data(raw, num_labels=8, seed=0)
+  data = ssl_data.make_ssl_data(raw, num_labels=8, seed=0)
   # Classes 2 and 3 live only in extra: a class-balanced draw of 8 takes 2 of each.
   assert sorted(data.labeled_labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
   images = data.labeled_images()[:, 0, 0, 0]  # [8] pixel = image id
@@ -114,7 +114,7 @@ def test_without_labeled_from_extra_labels_stay_in_train():
   raw = _svhn_like_raw()
   raw = dataclasses.replace(raw, spec=dataclasses.replace(raw.spec, labeled_from_extra=False))
   with pytest.raises(ValueError, match='class 2 has only 0 examples'):  # extra is not drawn
-    datasets.make_ssl_data(raw, num_labels=8, seed=0)
+    ssl_data.make_ssl_data(raw, num_labels=8, seed=0)
 
 
 def test_bad_classic_cv_argument_names_the_format():

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 from cmix_jax import parallel
-from cmix_jax.data import datasets
 from cmix_jax.data import image_sources
+from cmix_jax.data import ssl_data
 
 LABELED_STREAM = 0
 UNLABELED_STREAM = 1
@@ -104,7 +104,7 @@ class TrainIterator:
 
   def __init__(
     self,
-    data: datasets.SSLData,
+    data: ssl_data.SSLData,
     *,
     global_batch: int,
     uratio: int,

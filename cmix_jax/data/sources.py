@@ -1,24 +1,24 @@
 """Opens a data set by its config name: a TFDS data set, an own npz/folder source, or fake data.
 
-`open_dataset` is the one entry point the run uses (then `datasets.make_ssl_data` draws the
-labeled/validation/unlabeled split from the seed); `datasets` holds the TFDS side, `own_data`
-the npz/folder side.
+`open_dataset` is the one entry point the run uses (then `ssl_data.make_ssl_data` draws the
+labeled/validation/unlabeled split from the seed); `tfds_store` and `tfds_read` hold the TFDS
+side, `own_data` the npz/folder side, `fake_data` the fake one.
 """
 
 import dataclasses
 
 import numpy as np
 
-from cmix_jax.data import datasets
 from cmix_jax.data import fake_data
 from cmix_jax.data import image_sources
 from cmix_jax.data import own_data
 from cmix_jax.data import specs
+from cmix_jax.data import ssl_data
 from cmix_jax.data import tfds_read
 from cmix_jax.data import tfds_store
 
 
-def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> datasets.RawData:
+def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> ssl_data.RawData:
   """Opens `name` (a SPECS key, 'npz:PATH', 'folder:PATH' or 'fake'), storing ours on first use."""
   if name == 'fake':
     kwargs = dict(fake_kwargs or {})
@@ -59,7 +59,7 @@ def open_dataset(name: str, data_dir: str, fake_kwargs: dict | None = None) -> d
     )
   extra_images, extra_labels = parts.get('unlabeled', (None, None))
   as_int32 = lambda y: None if y is None else np.asarray(y).astype(np.int32)
-  return datasets.RawData(
+  return ssl_data.RawData(
     spec=spec,
     train_images=parts['train'][0],
     train_labels=as_int32(parts['train'][1]),

@@ -1,12 +1,7 @@
-"""Data sets on the host: specs, TFDS storage/reading, and the SSL view (labeled/unlabeled/test).
+"""The SSL view of a data set: labeled, validation, unlabeled and test sets drawn from a seed.
 
-TFDS and TensorFlow are imported only inside the functions that touch TFDS, so fake data and
-the pipeline tests run without them.
-
-data_dir may be local or gs://. A data set we store into a bucket is built in a local temp
-folder (ArrayRecord has no GCS writer) and uploaded, dataset_info.json last, so a half upload
-never looks complete. ArrayRecord data sets in a bucket are read by array_record's own GCS
-reader; TFRecord ones by tf.data (TF's GCS client).
+`make_ssl_data` turns the RawData that `sources.open_dataset` returns into SSLData; the draws
+themselves are in `splits`. Views index the raw image sources and copy no images.
 """
 
 import dataclasses
@@ -16,9 +11,6 @@ import numpy as np
 from cmix_jax.data import image_sources
 from cmix_jax.data import specs
 from cmix_jax.data import splits
-
-
-# ----------------------------------------------------------------------------- SSL view
 
 
 @dataclasses.dataclass
