@@ -27,7 +27,7 @@ from cmix_jax import parallel
 from cmix_jax import reports
 from cmix_jax import steps
 from cmix_jax import storage
-from cmix_jax.data import sources
+from cmix_jax.data import catalog
 from cmix_jax.data import specs
 from cmix_jax.data import splits
 from cmix_jax.data import ssl_data
@@ -139,7 +139,7 @@ def keep_tensorflow_off_accelerators() -> None:
 def open_data(config):
   """The raw data set (spec, splits), before any labeled/unlabeled split is drawn."""
   fake = config.data.get('fake', None)
-  return sources.open_dataset(
+  return catalog.open_dataset(
     config.data.name,
     os.path.expanduser(config.data.data_dir),
     fake.to_dict() if fake is not None else None,

@@ -47,7 +47,7 @@ sys.path.insert(0, ROOT)
 from cmix_jax import metrics
 from cmix_jax import storage
 from cmix_jax.data import augment
-from cmix_jax.data import sources
+from cmix_jax.data import catalog
 from cmix_jax.data import splits
 from cmix_jax.data import ssl_data
 
@@ -153,7 +153,7 @@ def data_dir(config) -> str:
 
 def draw_split(config, seed: int, raw=None) -> ssl_data.SSLData:
   """Our labeled / validation / unlabeled sets for `seed`, by our own code (no training)."""
-  raw = raw if raw is not None else sources.open_dataset(config.data.name, data_dir(config))
+  raw = raw if raw is not None else catalog.open_dataset(config.data.name, data_dir(config))
   return ssl_data.make_ssl_data(
     raw,
     config.data.num_labels,
@@ -686,7 +686,7 @@ def main(argv=None) -> int:
         print(f'done     {path}')
         continue
       if raw is None:
-        raw = sources.open_dataset(config.data.name, data_dir(config))
+        raw = catalog.open_dataset(config.data.name, data_dir(config))
       print(f'running  {base} seed {seed}, {args.steps} steps', flush=True)
       record = run_one(config, base, seed, raw, args)
       write_json(path, record)

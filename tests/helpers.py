@@ -19,8 +19,8 @@ from cmix_jax import resume
 from cmix_jax import run_setup
 from cmix_jax import steps
 from cmix_jax import train
+from cmix_jax.data import catalog
 from cmix_jax.data import pipeline
-from cmix_jax.data import sources
 from cmix_jax.data import ssl_data
 from tests import gcs
 
@@ -41,9 +41,9 @@ def load_ssl_data(
   fake_kwargs: dict | None = None,
   unlabeled_size: int = 0,
 ) -> ssl_data.SSLData:
-  """sources.open_dataset + ssl_data.make_ssl_data, as a run draws them (by arguments)."""
+  """catalog.open_dataset + ssl_data.make_ssl_data, as a run draws them (by arguments)."""
   return ssl_data.make_ssl_data(
-    sources.open_dataset(name, data_dir, fake_kwargs),
+    catalog.open_dataset(name, data_dir, fake_kwargs),
     num_labels,
     seed,
     val_size,

@@ -9,7 +9,7 @@ import pytest
 from cmix_jax import evaluate
 from cmix_jax import run_setup
 from cmix_jax import train
-from cmix_jax.data import sources
+from cmix_jax.data import catalog
 from cmix_jax.data import ssl_data
 from tests import tiny
 
@@ -80,7 +80,7 @@ def test_final_selection_reports_the_last_step_and_keeps_no_best(monkeypatch, tm
 
 
 def test_validation_slice_is_disjoint_seeded_and_never_trained_on():
-  raw = sources.open_dataset(
+  raw = catalog.open_dataset(
     'fake', '', dict(num_train=256, num_test=40, image_shape=(12, 12, 1), num_classes=4, seed=0)
   )
   data = ssl_data.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)

@@ -1,6 +1,6 @@
 """Bring your own data: a .npz file or an image folder, validated, stored once as TFDS.
 
-`sources.open_dataset('npz:PATH', ...)` / `('folder:PATH', ...)` store the source on first use as
+`catalog.open_dataset('npz:PATH', ...)` / `('folder:PATH', ...)` store the source on first use as
 `own_<name>_<fingerprint>` under data_dir (ArrayRecord, splits train/test[/unlabeled]) with a
 stats.json beside it holding num_classes, image shape, class names and the train split's
 per-channel mean/std, so nothing about the data is hard-coded. Sources and data_dir may be

@@ -111,7 +111,7 @@ SPECS: dict[str, DatasetSpec] = {
     how_to_get='put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and '
     + _tfds_build_hint('imagenet2012', ' --file_format=array_record'),
   ),
-  # Template only: sources.open_dataset('fake', '', fake_kwargs) replaces shape/classes.
+  # Template only: catalog.open_dataset('fake', '', fake_kwargs) replaces shape/classes.
   'fake': DatasetSpec(
     name='fake',
     tfds_name='',

@@ -1,6 +1,6 @@
 """The SSL view of a data set: labeled, validation, unlabeled and test sets drawn from a seed.
 
-`make_ssl_data` turns the RawData that `sources.open_dataset` returns into SSLData; the draws
+`make_ssl_data` turns the RawData that `catalog.open_dataset` returns into SSLData; the draws
 themselves are in `splits`. Views index the raw image sources and copy no images.
 """
 

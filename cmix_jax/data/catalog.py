@@ -1,4 +1,4 @@
-"""Opens a data set by its config name: a TFDS data set, an own npz/folder source, or fake data.
+"""The data sets a config can name, opened by `open_dataset`: TFDS, own npz/folder data, fake.
 
 `open_dataset` is the one entry point the run uses (then `ssl_data.make_ssl_data` draws the
 labeled/validation/unlabeled split from the seed); `tfds_store` and `tfds_read` hold the TFDS
