@@ -1,9 +1,12 @@
-"""What several test modules share: the parts of a run without a workdir, the step harness,
-the subprocess driver (one process or two over loopback), and checkpoint comparisons."""
+"""What several test modules share: data sets with their split, Fashion-MNIST-like IDX files,
+the parts of a run without a workdir, the step harness, the subprocess driver (one process or
+two over loopback), and checkpoint comparisons."""
 
 import dataclasses
+import gzip
 import json
 import os
+import struct
 import subprocess
 import sys
 from typing import Any
@@ -50,6 +53,29 @@ def load_ssl_data(
     include_lb_to_ulb,
     unlabeled_size,
   )
+
+
+def _idx_bytes(array: np.ndarray, code: int) -> bytes:
+  """`array` as an IDX file: magic 0,0,code,ndim; big-endian uint32 dims; big-endian data."""
+  header = bytes([0, 0, code, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
+  return header + array.astype(array.dtype.newbyteorder('>')).tobytes()
+
+
+def write_fashion_like(directory, counts, seed=0):
+  """Small Fashion-MNIST-style IDX files (Debian names); returns the arrays written."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  arrays = {}
+  for split, prefix in (('train', 'train'), ('test', 't10k')):
+    n = counts[split]
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    with open(os.path.join(directory, f'{prefix}-images-idx3-ubyte.gz'), 'wb') as f:
+      f.write(gzip.compress(_idx_bytes(images, 0x08)))
+    with open(os.path.join(directory, f'{prefix}-labels-idx1-ubyte.gz'), 'wb') as f:
+      f.write(gzip.compress(_idx_bytes(labels, 0x08)))
+    arrays[split] = (images, labels)
+  return arrays
 
 
 @dataclasses.dataclass
