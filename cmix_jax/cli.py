@@ -41,11 +41,11 @@ def _bad_input_errors() -> tuple[type, ...]:
   from cmix_jax import config_validation
   from cmix_jax import lease
   from cmix_jax import storage
-  from cmix_jax.data import datasets
+  from cmix_jax.data import specs
 
   return (
     config_validation.ConfigError,
-    datasets.DataNotFoundError,
+    specs.DataNotFoundError,
     storage.StorageError,
     lease.LeaseHeldError,
   )

@@ -14,7 +14,7 @@ from cmix_jax import algorithms
 from cmix_jax import checks
 from cmix_jax import models
 from cmix_jax import parallel
-from cmix_jax.data import datasets
+from cmix_jax.data import specs
 
 _XLA_FLAG = re.compile(r'--[A-Za-z0-9_]+(=\S*)?$')
 _HOST_PORT = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d+)$')
@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 
 def _known_dataset(name: str) -> bool:
-  return name in datasets.SPECS or name.startswith(('npz:', 'folder:'))
+  return name in specs.SPECS or name.startswith(('npz:', 'folder:'))
 
 
 def _integers(config, low: int, *fields) -> list[str]:
@@ -137,7 +137,7 @@ def _data_errors(
   if not _known_dataset(data.name):
     errors.append(
       f'unknown data set {data.name!r}: use one of '
-      f'{", ".join(sorted(datasets.SPECS))}, npz:PATH or folder:PATH '
+      f'{", ".join(sorted(specs.SPECS))}, npz:PATH or folder:PATH '
       '(--config.data.name).'
     )
   errors += _integers(config, 1, 'data.num_labels', 'data.batch_size', 'data.eval_batch_size')

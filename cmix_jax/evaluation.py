@@ -13,8 +13,9 @@ import numpy as np
 from cmix_jax import metrics as metrics_lib
 from cmix_jax import parallel
 from cmix_jax import steps
-from cmix_jax.data import datasets
+from cmix_jax.data import image_sources
 from cmix_jax.data import pipeline
+from cmix_jax.data import ssl_data
 
 SPLITS = ('test', 'val', 'unlabeled')
 
@@ -60,7 +61,7 @@ def make_eval_fn(
   return parallel.parallelize(step, topo, backend=backend, donate_first=False)
 
 
-def split_arrays(data: datasets.SSLData, split: str):
+def split_arrays(data: ssl_data.SSLData, split: str):
   """(images, labels) of the test split, the labeled validation slice or the unlabeled pool.
 
   The unlabeled pool's labels are its hidden labels, unknown ones (-1) read as class 0:
@@ -69,7 +70,7 @@ def split_arrays(data: datasets.SSLData, split: str):
   if split == 'test':
     return data.test_images, data.test_labels
   if split == 'val':
-    val_images = datasets.ArrayImageSource(data.train_images.get(data.val_idx))
+    val_images = image_sources.ArrayImageSource(data.train_images.get(data.val_idx))
     return val_images, data.train_labels[data.val_idx]
   if split == 'unlabeled':
     return data.unlabeled_images, np.maximum(data.unlabeled_labels, 0)
@@ -138,7 +139,7 @@ class Evaluator:
   def evaluate_split(
     self,
     state,
-    data: datasets.SSLData,
+    data: ssl_data.SSLData,
     split: str = 'test',
     *,
     use_ema: bool = True,
@@ -149,7 +150,7 @@ class Evaluator:
     sums, _, _ = self._accumulate(eval_fn, state, *split_arrays(data, split))
     return result_from_sums(sums, self.num_bins)
 
-  def logits(self, state, data: datasets.SSLData, split: str, *, use_ema: bool = True):
+  def logits(self, state, data: ssl_data.SSLData, split: str, *, use_ema: bool = True):
     """(logits [N, C], labels [N]) of `split`, this process's examples (for fitting a temperature)."""
     eval_fn = make_eval_fn(
       self.model, self.info, self.topo, self.backend, use_ema, return_logits=True

@@ -27,9 +27,10 @@ from cmix_jax import parallel
 from cmix_jax import reports
 from cmix_jax import steps
 from cmix_jax import storage
-from cmix_jax.data import datasets
-from cmix_jax.data import sources
+from cmix_jax.data import catalog
+from cmix_jax.data import specs
 from cmix_jax.data import splits
+from cmix_jax.data import ssl_data
 
 # Fields that may change when a run is resumed (they do not change what is computed).
 RESUMABLE_FIELDS = frozenset(
@@ -64,7 +65,7 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: str
   topo: parallel.Topology
-  data: datasets.SSLData
+  data: ssl_data.SSLData
   info: steps.DataInfo
   model: Any
   tx: Any
@@ -138,16 +139,16 @@ def keep_tensorflow_off_accelerators() -> None:
 def open_data(config):
   """The raw data set (spec, splits), before any labeled/unlabeled split is drawn."""
   fake = config.data.get('fake', None)
-  return sources.open_dataset(
+  return catalog.open_dataset(
     config.data.name,
     os.path.expanduser(config.data.data_dir),
     fake.to_dict() if fake is not None else None,
   )
 
 
-def split_data(config, raw) -> datasets.SSLData:
+def split_data(config, raw) -> ssl_data.SSLData:
   """Labeled / validation / unlabeled sets of a raw data set, drawn from the config's seed."""
-  return datasets.make_ssl_data(
+  return ssl_data.make_ssl_data(
     raw,
     config.data.num_labels,
     config.seed,
@@ -161,11 +162,11 @@ def _static_data_facts(config) -> tuple[int | None, int | None]:
   """(num_classes, num_train) known before reading any data, so checks come first."""
   if config.data.name == 'fake' and config.data.get('fake') is not None:
     return int(config.data.fake.num_classes), int(config.data.fake.num_train)
-  spec = datasets.SPECS.get(config.data.name)
+  spec = specs.SPECS.get(config.data.name)
   return (spec.num_classes if spec else None), None
 
 
-def data_info(data: datasets.SSLData) -> steps.DataInfo:
+def data_info(data: ssl_data.SSLData) -> steps.DataInfo:
   spec = data.spec
   return steps.DataInfo(
     num_labeled=data.num_labeled,
@@ -185,7 +186,7 @@ def _algorithm(config) -> algorithms.Algorithm:
     raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
 
 
-def _write_run_files(config, workdir: str, data: datasets.SSLData) -> None:
+def _write_run_files(config, workdir: str, data: ssl_data.SSLData) -> None:
   """config.json (the resolved config) and split.json (the drawn indices, for audits)."""
   storage.write_text(
     storage.as_path(workdir) / 'config.json', config.to_json_best_effort(indent=2, sort_keys=True)

@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cmix_jax import config_validation
-from cmix_jax.data import datasets
+from cmix_jax.data import specs
 
 TARGETS = ('tpu', 'gpu', 'slurm')
 TARBALL = 'cmix_jax.tar.gz'  # `git archive` of HEAD (in the repo root, git-ignored), copied to every TPU worker
@@ -261,7 +261,7 @@ def _paths(args: argparse.Namespace, config) -> tuple[str, str]:
 
 def _check_config(config, config_flag: str, num_devices: int) -> None:
   """The config's own checks (batch divisibility, ...) for the target's device count."""
-  spec = datasets.SPECS.get(config.data.name)
+  spec = specs.SPECS.get(config.data.name)
   errors = config_validation.config_errors(config, num_devices, spec and spec.num_classes)
   if errors:
     raise LaunchError(
@@ -318,7 +318,7 @@ def train_argv(p: Plan, python: str = 'python') -> list[str]:
 
 def tfds_build_argv(p: Plan) -> list[str] | None:
   """`tfds build NAME --data_dir=...` for a TFDS data set, None for ours / fake / own data."""
-  spec = datasets.SPECS.get(p.config.data.name)
+  spec = specs.SPECS.get(p.config.data.name)
   if spec is None or spec.tfds_name not in TFDS_BUILDABLE:
     return None
   argv = ['tfds', 'build', spec.tfds_name, f'--data_dir={p.data_dir}']

@@ -47,9 +47,9 @@ sys.path.insert(0, ROOT)
 from cmix_jax import metrics
 from cmix_jax import storage
 from cmix_jax.data import augment
-from cmix_jax.data import datasets
-from cmix_jax.data import sources
+from cmix_jax.data import catalog
 from cmix_jax.data import splits
+from cmix_jax.data import ssl_data
 
 CONFIG = 'configs/fmnist_dynamics.py'
 # What experiments/study.py sets on top of CONFIG for its runs (dotted key -> value).
@@ -151,10 +151,10 @@ def data_dir(config) -> str:
   return path if os.path.isabs(path) or storage.is_remote(path) else os.path.join(ROOT, path)
 
 
-def draw_split(config, seed: int, raw=None) -> datasets.SSLData:
+def draw_split(config, seed: int, raw=None) -> ssl_data.SSLData:
   """Our labeled / validation / unlabeled sets for `seed`, by our own code (no training)."""
-  raw = raw if raw is not None else sources.open_dataset(config.data.name, data_dir(config))
-  return datasets.make_ssl_data(
+  raw = raw if raw is not None else catalog.open_dataset(config.data.name, data_dir(config))
+  return ssl_data.make_ssl_data(
     raw,
     config.data.num_labels,
     seed,
@@ -164,7 +164,7 @@ def draw_split(config, seed: int, raw=None) -> datasets.SSLData:
   )
 
 
-def split_indices(data: datasets.SSLData) -> dict:
+def split_indices(data: ssl_data.SSLData) -> dict:
   """Train positions of each set, as split.json records them (unlabeled: its subset's)."""
   return {
     'labeled_idx': np.asarray(data.labeled_idx, np.int64).tolist(),
@@ -410,7 +410,7 @@ def _images(source, idx) -> np.ndarray:
   return images[..., 0] if images.shape[-1] == 1 else images
 
 
-def build_loaders(semilearn, args, data: datasets.SSLData, aug: dict) -> dict:
+def build_loaders(semilearn, args, data: ssl_data.SSLData, aug: dict) -> dict:
   """semilearn's BasicDataset + get_data_loader over our split: train_lb, train_ulb, eval."""
   from semilearn.datasets.cv_datasets.datasetbase import BasicDataset
 
@@ -686,7 +686,7 @@ def main(argv=None) -> int:
         print(f'done     {path}')
         continue
       if raw is None:
-        raw = sources.open_dataset(config.data.name, data_dir(config))
+        raw = catalog.open_dataset(config.data.name, data_dir(config))
       print(f'running  {base} seed {seed}, {args.steps} steps', flush=True)
       record = run_one(config, base, seed, raw, args)
       write_json(path, record)

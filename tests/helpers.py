@@ -1,9 +1,12 @@
-"""What several test modules share: the parts of a run without a workdir, the step harness,
-the subprocess driver (one process or two over loopback), and checkpoint comparisons."""
+"""What several test modules share: data sets with their split, Fashion-MNIST-like IDX files,
+the parts of a run without a workdir, the step harness, the subprocess driver (one process or
+two over loopback), and checkpoint comparisons."""
 
 import dataclasses
+import gzip
 import json
 import os
+import struct
 import subprocess
 import sys
 from typing import Any
@@ -19,9 +22,9 @@ from cmix_jax import resume
 from cmix_jax import run_setup
 from cmix_jax import steps
 from cmix_jax import train
-from cmix_jax.data import datasets
+from cmix_jax.data import catalog
 from cmix_jax.data import pipeline
-from cmix_jax.data import sources
+from cmix_jax.data import ssl_data
 from tests import gcs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,10 +43,10 @@ def load_ssl_data(
   include_lb_to_ulb: bool = True,
   fake_kwargs: dict | None = None,
   unlabeled_size: int = 0,
-) -> datasets.SSLData:
-  """sources.open_dataset + datasets.make_ssl_data, as a run draws them (by arguments)."""
-  return datasets.make_ssl_data(
-    sources.open_dataset(name, data_dir, fake_kwargs),
+) -> ssl_data.SSLData:
+  """catalog.open_dataset + ssl_data.make_ssl_data, as a run draws them (by arguments)."""
+  return ssl_data.make_ssl_data(
+    catalog.open_dataset(name, data_dir, fake_kwargs),
     num_labels,
     seed,
     val_size,
@@ -52,13 +55,36 @@ def load_ssl_data(
   )
 
 
+def _idx_bytes(array: np.ndarray, code: int) -> bytes:
+  """`array` as an IDX file: magic 0,0,code,ndim; big-endian uint32 dims; big-endian data."""
+  header = bytes([0, 0, code, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
+  return header + array.astype(array.dtype.newbyteorder('>')).tobytes()
+
+
+def write_fashion_like(directory, counts, seed=0):
+  """Small Fashion-MNIST-style IDX files (Debian names); returns the arrays written."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(directory, exist_ok=True)
+  arrays = {}
+  for split, prefix in (('train', 'train'), ('test', 't10k')):
+    n = counts[split]
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    with open(os.path.join(directory, f'{prefix}-images-idx3-ubyte.gz'), 'wb') as f:
+      f.write(gzip.compress(_idx_bytes(images, 0x08)))
+    with open(os.path.join(directory, f'{prefix}-labels-idx1-ubyte.gz'), 'wb') as f:
+      f.write(gzip.compress(_idx_bytes(labels, 0x08)))
+    arrays[split] = (images, labels)
+  return arrays
+
+
 @dataclasses.dataclass
 class Parts:
   """What the train steps need: a run's parts, built from a config alone."""
 
   config: Any
   topo: parallel.Topology
-  data: Any  # datasets.SSLData
+  data: Any  # ssl_data.SSLData
   info: steps.DataInfo
   model: Any
   tx: Any

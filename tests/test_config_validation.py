@@ -7,7 +7,7 @@ import pytest
 from cmix_jax import algorithms
 from cmix_jax import config_validation
 from cmix_jax import run_setup
-from cmix_jax.data import datasets
+from cmix_jax.data import specs
 from configs import default
 from tests import tiny
 
@@ -216,7 +216,7 @@ def test_missing_data_set_says_how_to_get_it(tmp_path):
   config.data.name = 'cifar10'
   config.data.num_labels = 40
   config.data.data_dir = str(tmp_path / 'empty')
-  with pytest.raises(datasets.DataNotFoundError, match='tfds build cifar10'):
+  with pytest.raises(specs.DataNotFoundError, match='tfds build cifar10'):
     run_setup.build_run(config, str(tmp_path / 'w'))
   assert not os.path.exists(tmp_path / 'w')
 

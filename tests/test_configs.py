@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from cmix_jax import config_validation
-from cmix_jax.data import datasets
+from cmix_jax.data import fake_data
+from cmix_jax.data import image_sources
+from cmix_jax.data import specs
+from cmix_jax.data import ssl_data
 from configs import classic_cv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +30,7 @@ def test_every_paper_setting_builds_and_validates():
   assert len(settings) == (4 * 3 + 1) * 3 * 2 * 3
   for algorithm, dataset, num_labels, seed, variant in settings:
     config = classic_cv.get_config(f'{algorithm},{dataset},{num_labels},{seed},{variant}')
-    num_classes = datasets.SPECS[config.data.name].num_classes
+    num_classes = specs.SPECS[config.data.name].num_classes
     for devices in (1, 8):
       errors = config_validation.config_errors(config, devices, num_classes)
       assert not errors, (algorithm, dataset, num_labels, seed, variant, errors)
@@ -71,21 +74,21 @@ def test_classic_cv_cites_the_shipped_reference_table_that_compare_reads():
 
 def _svhn_like_raw():
   """SVHN's spec on fake data: 20 train images (labels 0..1 from i % 2) and 30 extra (2..3)."""
-  arrays = datasets.make_fake(num_train=20, num_test=4, image_shape=(2, 2, 1), num_classes=4)
+  arrays = fake_data.make_fake(num_train=20, num_test=4, image_shape=(2, 2, 1), num_classes=4)
   train_images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1) * np.ones(
     (1, 2, 2, 1), np.uint8
   )
   extra_images = (100 + np.arange(30, dtype=np.uint8)).reshape(30, 1, 1, 1) * np.ones(
     (1, 2, 2, 1), np.uint8
   )
-  spec = dataclasses.replace(datasets.SPECS['svhn_cropped'], num_classes=4, image_shape=(2, 2, 1))
-  return datasets.RawData(
+  spec = dataclasses.replace(specs.SPECS['svhn_cropped'], num_classes=4, image_shape=(2, 2, 1))
+  return ssl_data.RawData(
     spec=spec,
-    train_images=datasets.ArrayImageSource(train_images),
+    train_images=image_sources.ArrayImageSource(train_images),
     train_labels=(np.arange(20) % 2).astype(np.int32),
-    test_images=datasets.ArrayImageSource(arrays['test'][0]),
+    test_images=image_sources.ArrayImageSource(arrays['test'][0]),
     test_labels=arrays['test'][1],
-    extra_images=datasets.ArrayImageSource(extra_images),
+    extra_images=image_sources.ArrayImageSource(extra_images),
     extra_labels=(2 + np.arange(30) % 2).astype(np.int32),
   )
 
@@ -93,7 +96,7 @@ def _svhn_like_raw():
 def test_svhn_labels_are_drawn_from_train_and_extra():
   raw = _svhn_like_raw()
   assert raw.spec.labeled_from_extra
-  data = datasets.make_ssl_data(raw, num_labels=8, seed=0)
+  data = ssl_data.make_ssl_data(raw, num_labels=8, seed=0)
   # Classes 2 and 3 live only in extra: a class-balanced draw of 8 takes 2 of each.
   assert sorted(data.labeled_labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
   images = data.labeled_images()[:, 0, 0, 0]  # [8] pixel = image id
@@ -111,7 +114,7 @@ def test_without_labeled_from_extra_labels_stay_in_train():
   raw = _svhn_like_raw()
   raw = dataclasses.replace(raw, spec=dataclasses.replace(raw.spec, labeled_from_extra=False))
   with pytest.raises(ValueError, match='class 2 has only 0 examples'):  # extra is not drawn
-    datasets.make_ssl_data(raw, num_labels=8, seed=0)
+    ssl_data.make_ssl_data(raw, num_labels=8, seed=0)
 
 
 def test_bad_classic_cv_argument_names_the_format():

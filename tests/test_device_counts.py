@@ -9,7 +9,7 @@ import pytest
 
 from cmix_jax import config_validation
 from cmix_jax import parallel
-from cmix_jax.data import datasets
+from cmix_jax.data import specs
 from configs import classic_cv
 from tests import helpers
 
@@ -48,7 +48,7 @@ def test_classic_cv_settings_validate_on_every_device_count():
     if seed:
       continue  # the seed changes nothing that validation reads
     config = classic_cv.get_config(f'{algorithm},{dataset},{num_labels},{seed},{variant}')
-    num_classes = datasets.SPECS[config.data.name].num_classes
+    num_classes = specs.SPECS[config.data.name].num_classes
     for devices in DEVICE_COUNTS:
       errors = config_validation.config_errors(config, devices, num_classes)
       assert not errors, (algorithm, dataset, num_labels, variant, devices, errors)

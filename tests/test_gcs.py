@@ -16,9 +16,10 @@ from cmix_jax import dynamics
 from cmix_jax import metrics
 from cmix_jax import plots
 from cmix_jax import storage
-from cmix_jax.data import datasets
+from cmix_jax.data import fake_data
 from cmix_jax.data import own_data
 from cmix_jax.data import splits
+from cmix_jax.data import tfds_store
 from tests import gcs as gcs_lib
 from tests import helpers
 
@@ -115,7 +116,7 @@ def _write_digits(root_dir, arrays):
 
 
 def test_own_data_from_the_bucket_stored_in_the_bucket_reads_like_local(gcs, tmp_path):
-  fake = datasets.make_fake(num_train=24, num_test=8, image_shape=(8, 8, 1), num_classes=2)
+  fake = fake_data.make_fake(num_train=24, num_test=8, image_shape=(8, 8, 1), num_classes=2)
   arrays = {
     'x_train': fake['train'][0],
     'y_train': fake['train'][1],
@@ -127,7 +128,7 @@ def test_own_data_from_the_bucket_stored_in_the_bucket_reads_like_local(gcs, tmp
   remote = helpers.load_ssl_data(f'npz:{ROOT}/src/digits.npz', f'{ROOT}/tfds', 4, seed=0)
   local = helpers.load_ssl_data(f'npz:{tmp_path / "digits.npz"}', str(tmp_path / 'tfds'), 4, seed=0)
   assert remote.spec.tfds_name == local.spec.tfds_name  # same bytes, same fingerprint
-  assert datasets.is_stored(f'{ROOT}/tfds', remote.spec.tfds_name, ['stats.json'])
+  assert tfds_store.is_stored(f'{ROOT}/tfds', remote.spec.tfds_name, ['stats.json'])
   stored = _objects(f'tfds/{remote.spec.tfds_name}/')
   assert any(name.endswith('array_record-00000-of-00001') for name in stored)
   for part in ('train', 'test'):  # ArrayRecord read back from the bucket, byte for byte

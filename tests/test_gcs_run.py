@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 
 from cmix_jax import checkpointing
 from cmix_jax import storage
-from cmix_jax.data import datasets
+from cmix_jax.data import fake_data
 from tests import gcs as gcs_lib
 from tests import helpers
 from tests import tiny
@@ -42,7 +42,7 @@ def _train_records(workdir):
 
 def test_bucket_run_is_killed_resumes_exactly_and_evaluates(gcs):
   fake = tiny.config().data.fake  # the tiny run's data, as an npz source in the bucket
-  arrays = datasets.make_fake(
+  arrays = fake_data.make_fake(
     fake.num_train, fake.num_test, fake.image_shape, fake.num_classes, seed=fake.seed
   )
   storage.save_npz(

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmix_jax.data import datasets
 from cmix_jax.data import own_data
 from cmix_jax.data import pipeline
+from cmix_jax.data import specs
+from cmix_jax.data import tfds_store
 from tests import helpers
 
 CLASSES = ('cat', 'dog', 'eel')
@@ -79,7 +80,7 @@ def test_same_source_is_stored_once_and_a_changed_source_gets_a_new_store(tmp_pa
   np.savez(path, **{k: v for k, v in arrays.items() if k != 'x_unlabeled'})
   data_dir = str(tmp_path / 'tfds')
   name = own_data.store_npz(path, data_dir)
-  info = os.path.join(datasets.stored_dir(data_dir, name), 'dataset_info.json')
+  info = os.path.join(tfds_store.stored_dir(data_dir, name), 'dataset_info.json')
   before = os.stat(info).st_mtime_ns
   assert own_data.store_npz(path, data_dir) == name
   assert os.stat(info).st_mtime_ns == before
@@ -125,9 +126,9 @@ def test_bad_npz_is_refused_before_writing(changes, message, tmp_path):
 
 
 def test_missing_npz_and_folder_give_data_not_found(tmp_path):
-  with pytest.raises(datasets.DataNotFoundError, match='npz file .* not found'):
+  with pytest.raises(specs.DataNotFoundError, match='npz file .* not found'):
     own_data.store_npz(str(tmp_path / 'none.npz'), str(tmp_path))
-  with pytest.raises(datasets.DataNotFoundError, match='image folder .* not found'):
+  with pytest.raises(specs.DataNotFoundError, match='image folder .* not found'):
     own_data.store_folder(str(tmp_path / 'none'), str(tmp_path))
 
 
@@ -178,7 +179,7 @@ def test_grayscale_npz_gets_a_channel_axis(tmp_path):
   np.testing.assert_array_equal(data.train_images.get(np.arange(6))[..., 0], x)
   with open(
     os.path.join(
-      datasets.stored_dir(str(tmp_path / 'tfds'), data.spec.tfds_name), own_data.STATS_FILE
+      tfds_store.stored_dir(str(tmp_path / 'tfds'), data.spec.tfds_name), own_data.STATS_FILE
     )
   ) as f:
     stats = json.load(f)

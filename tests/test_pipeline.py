@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from cmix_jax.data import datasets
+from cmix_jax.data import image_sources
 from cmix_jax.data import pipeline
 from tests import helpers
 
@@ -119,7 +119,10 @@ def test_bad_layout_is_refused_with_the_fix():
   with pytest.raises(ValueError, match='eval_batch_size'):
     next(
       pipeline.eval_batches(
-        datasets.ArrayImageSource(np.zeros((5, 2, 2, 1), np.uint8)), np.zeros(5), 0, local_devices=4
+        image_sources.ArrayImageSource(np.zeros((5, 2, 2, 1), np.uint8)),
+        np.zeros(5),
+        0,
+        local_devices=4,
       )
     )
 
@@ -140,7 +143,7 @@ def test_bad_layout_is_refused_with_the_fix():
 )
 def test_eval_padding_covers_every_example_once(num, batch, local_devices, process_count):
   images = np.arange(num, dtype=np.uint8).reshape(num, 1, 1, 1) + 1  # image = index + 1
-  source = datasets.ArrayImageSource(images)
+  source = image_sources.ArrayImageSource(images)
   labels = np.arange(num) % 3
   per_process = [
     list(

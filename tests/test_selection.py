@@ -9,8 +9,8 @@ import pytest
 from cmix_jax import evaluate
 from cmix_jax import run_setup
 from cmix_jax import train
-from cmix_jax.data import datasets
-from cmix_jax.data import sources
+from cmix_jax.data import catalog
+from cmix_jax.data import ssl_data
 from tests import tiny
 
 # Accuracy reported at steps 1..4 for the split that selects: the best is step 2 (0.75);
@@ -80,12 +80,12 @@ def test_final_selection_reports_the_last_step_and_keeps_no_best(monkeypatch, tm
 
 
 def test_validation_slice_is_disjoint_seeded_and_never_trained_on():
-  raw = sources.open_dataset(
+  raw = catalog.open_dataset(
     'fake', '', dict(num_train=256, num_test=40, image_shape=(12, 12, 1), num_classes=4, seed=0)
   )
-  data = datasets.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)
-  again = datasets.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)
-  other = datasets.make_ssl_data(raw, num_labels=32, seed=4, val_size=20)
+  data = ssl_data.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)
+  again = ssl_data.make_ssl_data(raw, num_labels=32, seed=3, val_size=20)
+  other = ssl_data.make_ssl_data(raw, num_labels=32, seed=4, val_size=20)
   np.testing.assert_array_equal(data.val_idx, again.val_idx)
   np.testing.assert_array_equal(data.labeled_idx, again.labeled_idx)
   assert not np.array_equal(data.val_idx, other.val_idx)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from cmix_jax.data import sources
+from cmix_jax.data import catalog
 from cmix_jax.data import splits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def _fake_config(steps: int = 3):
 
 
 def _fake_raw():
-  return sources.open_dataset(
+  return catalog.open_dataset(
     'fake', '', {'num_train': 200, 'num_test': 30, 'image_shape': (28, 28, 1)}
   )
 

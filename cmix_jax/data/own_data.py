@@ -1,6 +1,6 @@
 """Bring your own data: a .npz file or an image folder, validated, stored once as TFDS.
 
-`sources.open_dataset('npz:PATH', ...)` / `('folder:PATH', ...)` store the source on first use as
+`catalog.open_dataset('npz:PATH', ...)` / `('folder:PATH', ...)` store the source on first use as
 `own_<name>_<fingerprint>` under data_dir (ArrayRecord, splits train/test[/unlabeled]) with a
 stats.json beside it holding num_classes, image shape, class names and the train split's
 per-channel mean/std, so nothing about the data is hard-coded. Sources and data_dir may be
@@ -15,7 +15,8 @@ import re
 import numpy as np
 
 from cmix_jax import storage
-from cmix_jax.data import datasets
+from cmix_jax.data import specs
+from cmix_jax.data import tfds_store
 
 STATS_FILE = 'stats.json'
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
@@ -111,7 +112,7 @@ def validate_splits(parts: dict, source: str, class_names=None) -> tuple[int, tu
 def read_npz(path: str) -> tuple[dict, tuple | None]:
   """Validated ({split: (uint8 [N,H,W,C], int64 [N])}, class_names) from a .npz file."""
   if not storage.as_path(path).is_file():
-    raise datasets.DataNotFoundError(
+    raise specs.DataNotFoundError(
       f'npz file {path!r} not found: give npz:PATH to a .npz with x_train, y_train, x_test, y_test.'
     )
   with np.load(io.BytesIO(storage.as_path(path).read_bytes()), allow_pickle=False) as npz:
@@ -182,7 +183,7 @@ def read_folder(path: str) -> tuple[dict, tuple]:
   root = storage.as_path(path)
   train_dir, test_dir = os.fspath(root / 'train'), os.fspath(root / 'test')
   if not (root / 'train').is_dir() or not (root / 'test').is_dir():
-    raise datasets.DataNotFoundError(
+    raise specs.DataNotFoundError(
       f'{path!r} needs train/<class>/ and test/<class>/ folders of .png/.jpg images.'
     )
   class_names = tuple(sorted(d.name for d in (root / 'train').iterdir() if d.is_dir()))
@@ -253,13 +254,13 @@ def _stored_name(path: str, fingerprint: str, name: str | None) -> str:
 
 
 def read_stats(data_dir: str, tfds_name: str) -> dict:
-  return storage.read_json(storage.as_path(datasets.stored_dir(data_dir, tfds_name)) / STATS_FILE)
+  return storage.read_json(storage.as_path(tfds_store.stored_dir(data_dir, tfds_name)) / STATS_FILE)
 
 
 def _store(kind: str, path: str, data_dir: str, name: str | None, fingerprint: str, reader) -> str:
   """Stores once: an existing store of the same fingerprint is reused; returns the TFDS name."""
   tfds_name = _stored_name(path, fingerprint, name)
-  if datasets.is_stored(data_dir, tfds_name, [STATS_FILE]):
+  if tfds_store.is_stored(data_dir, tfds_name, [STATS_FILE]):
     stored = read_stats(data_dir, tfds_name)
     if stored.get('fingerprint') != fingerprint:
       raise ValueError(
@@ -270,7 +271,7 @@ def _store(kind: str, path: str, data_dir: str, name: str | None, fingerprint: s
     return tfds_name
   parts, class_names = reader(path)
   num_classes, shape = validate_splits(parts, path, class_names)
-  mean, std = datasets.channel_stats(parts['train'][0])
+  mean, std = specs.channel_stats(parts['train'][0])
   stats = {
     'kind': kind,
     'source': os.fspath(storage.as_path(path)),
@@ -283,7 +284,7 @@ def _store(kind: str, path: str, data_dir: str, name: str | None, fingerprint: s
     'stats_from': 'train split, pixel/255',
     'counts': {split: int(len(y)) for split, (_, y) in parts.items()},
   }
-  datasets.store_arrays(
+  tfds_store.store_arrays(
     tfds_name, data_dir, parts, num_classes, class_names, extra_json={STATS_FILE: stats}
   )
   return tfds_name
@@ -299,17 +300,17 @@ def store_npz(path: str, data_dir: str, name: str | None = None) -> str:
 def store_folder(path: str, data_dir: str, name: str | None = None) -> str:
   """Validates and stores train/<class>/, test/<class>/[, unlabeled/] images once."""
   if not storage.as_path(path).is_dir():
-    raise datasets.DataNotFoundError(
+    raise specs.DataNotFoundError(
       f'image folder {path!r} not found: give folder:PATH to '
       'a folder with train/<class>/ and test/<class>/.'
     )
   return _store('folder', path, data_dir, name, _fingerprint_folder(path), read_folder)
 
 
-def spec_from_store(display_name: str, data_dir: str, tfds_name: str) -> datasets.DatasetSpec:
+def spec_from_store(display_name: str, data_dir: str, tfds_name: str) -> specs.DatasetSpec:
   """The DatasetSpec of a stored own data set, read from its stats.json."""
   stats = read_stats(data_dir, tfds_name)
-  return datasets.DatasetSpec(
+  return specs.DatasetSpec(
     name=display_name,
     tfds_name=tfds_name,
     num_classes=int(stats['num_classes']),
@@ -321,7 +322,7 @@ def spec_from_store(display_name: str, data_dir: str, tfds_name: str) -> dataset
   )
 
 
-def resolve(name: str, data_dir: str) -> datasets.DatasetSpec:
+def resolve(name: str, data_dir: str) -> specs.DatasetSpec:
   """'npz:PATH' / 'folder:PATH' -> spec of the stored copy (storing it on first use)."""
   kind, _, path = name.partition(':')
   path = os.fspath(storage.as_path(path))  # `~` expanded; gs:// kept

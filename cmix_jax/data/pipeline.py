@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from cmix_jax import parallel
-from cmix_jax.data import datasets
+from cmix_jax.data import image_sources
+from cmix_jax.data import ssl_data
 
 LABELED_STREAM = 0
 UNLABELED_STREAM = 1
@@ -103,7 +104,7 @@ class TrainIterator:
 
   def __init__(
     self,
-    data: datasets.SSLData,
+    data: ssl_data.SSLData,
     *,
     global_batch: int,
     uratio: int,
@@ -191,7 +192,7 @@ def eval_batch_layout(batch_size: int, local_devices: int, process_count: int) -
 
 
 def eval_batches(
-  images: datasets.ImageSource,
+  images: image_sources.ImageSource,
   labels: np.ndarray,
   batch_size: int,
   *,

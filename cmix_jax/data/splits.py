@@ -1,6 +1,6 @@
 """Class-balanced labeled and validation splits, drawn from a seed, and their audit file.
 
-Order of draws (datasets.make_ssl_data): validation first, from the whole train split, with
+Order of draws (ssl_data.make_ssl_data): validation first, from the whole train split, with
 `np.random.default_rng([seed, VAL_STREAM])`; then the labeled set from the remaining examples
 with `np.random.default_rng(seed)`. With val_size = 0 the labeled set is therefore the same as
 without a validation slice. Last, when data.unlabeled_size asks for it, the unlabeled subset
