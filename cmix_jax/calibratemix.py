@@ -27,6 +27,10 @@ from cmix_jax import dynamics
 from cmix_jax import mixup
 from cmix_jax.parallel import AXIS
 
+PASSES = (2, 1)  # calibratemix.passes: two_pass_loss (the reference) | fused_loss
+PAIR_SPACES = ('pixels', 'features')  # calibratemix.pair_space: what pairing compares
+PAIR_SCOPES = ('global', 'device')  # calibratemix.pair_scope: whose batch is split and paired
+
 
 def difficulties(dyn, batch, pseudo_label, config):
   """(labeled [B], unlabeled [U]) difficulty of this device's samples from the tables."""

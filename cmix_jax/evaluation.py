@@ -17,6 +17,8 @@ from cmix_jax.data import datasets
 from cmix_jax.data import pipeline
 
 SPLITS = ('test', 'val', 'unlabeled')
+# config.eval.selection -> the split whose accuracy picks the kept checkpoint (None: the last).
+SELECTION_SPLITS = {'final': None, 'best_val': 'val', 'best_test': 'test'}
 
 
 def eval_sums_step(

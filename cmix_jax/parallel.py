@@ -276,6 +276,7 @@ def set_xla_flags(flags: str) -> list[str]:
 
 
 DISTRIBUTED_MODES = ('auto', 'explicit', 'off')
+CPU_COLLECTIVES = ('', 'gloo', 'mpi')  # distributed.cpu_collectives; '' = JAX's own
 _SLURM_VARS = (
   'SLURM_JOB_ID',
   'SLURM_STEP_NODELIST',

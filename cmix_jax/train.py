@@ -21,6 +21,7 @@ import tqdm
 
 from cmix_jax import checkpointing
 from cmix_jax import console
+from cmix_jax import evaluation
 from cmix_jax import lease
 from cmix_jax import parallel
 from cmix_jax import reports
@@ -110,7 +111,7 @@ def check_finite(state, config) -> None:
 
 
 def selection_metric(config) -> str | None:
-  return {'best_test': 'test', 'best_val': 'val'}.get(config.eval.selection)
+  return evaluation.SELECTION_SPLITS[config.eval.selection]
 
 
 def evaluate(run: run_setup.Run, state, split: str = 'test') -> dict:
