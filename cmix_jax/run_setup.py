@@ -1,11 +1,14 @@
 """Assembles a run: validates the config, checks the workdir, loads data, builds the parts.
 
-Nothing is written before every check has passed: `build_run` validates the whole config
-(with the data set's facts), checks that the data dir can be read and the workdir written
-(local or gs://), builds the algorithm, model and optimizer, takes the workdir lease (one
-writing run per workdir), and only then writes `config.json` and `split.json`. A resumed
-workdir must hold the same config (`check_workdir_config`, but for RESUMABLE_FIELDS).
-Where the run starts (fresh or from a checkpoint) is `resume`'s; the loop is `train`'s.
+Nothing is written before every check has passed: `build_run` fills the config from
+configs/default.py (`config_validation.with_defaults`; the one place a config enters, from
+`train_and_evaluate` or a workdir's config.json), validates it (with the data set's facts),
+checks that the data dir can be read and the workdir written (local or gs://), builds the
+algorithm, model and optimizer, takes the workdir lease (one writing run per workdir), and
+only then writes `config.json` and `split.json`. A resumed workdir must hold the same config
+(`check_workdir_config`, but for RESUMABLE_FIELDS; fields its config.json predates count as
+their defaults). Where the run starts (fresh or from a checkpoint) is `resume`'s; the loop is
+`train`'s.
 """
 
 import dataclasses
@@ -101,11 +104,18 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
-  """Refuses to resume a workdir whose saved config differs (unless allowed)."""
+  """Refuses to resume a workdir whose saved config differs (unless allowed).
+
+  Fields the saved config.json predates count as their defaults (what that run computed with).
+  """
   path = storage.as_path(workdir) / 'config.json'
   if not path.exists():
     return
   saved = storage.read_json(path)
+  try:
+    saved = json.loads(config_validation.with_defaults(saved).to_json())
+  except config_validation.ConfigError:
+    pass  # a field this version does not know: the comparison below names it
   diff = config_differences(saved, json.loads(config.to_json()))
   if diff and not allow_change:
     raise config_validation.ConfigError(
@@ -204,8 +214,11 @@ def _write_run_files(config, workdir: str, data: datasets.SSLData) -> None:
 def build_run(config, workdir: str, allow_config_change: bool = False, write: bool = True) -> Run:
   """Validates, loads data and builds everything; writes nothing before all checks pass.
 
-  `write=False` (evaluation of an existing workdir) skips the config check and the writes.
+  `config` may lack fields (a workdir's older config.json, a partial config): they take their
+  defaults, and the Run holds the filled copy. `write=False` (evaluation of an existing workdir)
+  skips the config check and the writes.
   """
+  config = config_validation.with_defaults(config)
   topo = _checked_topology(config)
   algorithm = _algorithm(config)
   storage.check_readable(config.data.data_dir)
