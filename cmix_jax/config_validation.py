@@ -64,8 +64,14 @@ def _merge_into(target: ml_collections.ConfigDict, source, prefix: str) -> list[
         f'unknown config field {field}: configs/default.py has no such field; '
         'check its spelling or remove it.'
       )
-    elif isinstance(target[key], ml_collections.ConfigDict) and hasattr(value, 'items'):
-      problems += _merge_into(target[key], value, f'{field}.')
+    elif isinstance(target[key], ml_collections.ConfigDict):
+      if hasattr(value, 'items'):
+        problems += _merge_into(target[key], value, f'{field}.')
+      else:
+        problems.append(
+          f'{field}={value!r}: configs/default.py has a group of fields here; set them '
+          f'one by one (--config.{field}.NAME=VALUE).'
+        )
     else:
       try:
         target[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value

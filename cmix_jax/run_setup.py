@@ -126,13 +126,11 @@ def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
 
 def start_backend(config) -> None:
   """Backend flags and multi-host join: both must happen before the first computation."""
-  parallel.set_xla_flags(config.get('xla_flags', ''))
-  dist = config.get('distributed', None)
-  if dist is not None:
-    try:
-      logging.info('distributed: %s', parallel.start_distributed(dist))
-    except ValueError as e:
-      raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
+  parallel.set_xla_flags(config.xla_flags)
+  try:
+    logging.info('distributed: %s', parallel.start_distributed(config.distributed))
+  except ValueError as e:
+    raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
 
 
 def keep_tensorflow_off_accelerators() -> None:
@@ -147,7 +145,7 @@ def keep_tensorflow_off_accelerators() -> None:
 
 def open_data(config):
   """The raw data set (spec, splits), before any labeled/unlabeled split is drawn."""
-  fake = config.data.get('fake', None)
+  fake = config.data.fake
   return sources.open_dataset(
     config.data.name,
     os.path.expanduser(config.data.data_dir),
@@ -163,13 +161,13 @@ def split_data(config, raw) -> datasets.SSLData:
     config.seed,
     val_size=config.data.val_size,
     include_lb_to_ulb=config.data.include_lb_to_ulb,
-    unlabeled_size=config.data.get('unlabeled_size', 0),
+    unlabeled_size=config.data.unlabeled_size,
   )
 
 
 def _static_data_facts(config) -> tuple[int | None, int | None]:
   """(num_classes, num_train) known before reading any data, so checks come first."""
-  if config.data.name == 'fake' and config.data.get('fake') is not None:
+  if config.data.name == 'fake' and config.data.fake is not None:
     return int(config.data.fake.num_classes), int(config.data.fake.num_train)
   spec = datasets.SPECS.get(config.data.name)
   return (spec.num_classes if spec else None), None
@@ -252,7 +250,7 @@ def build_run(config, workdir: str, allow_config_change: bool = False, write: bo
       evaluator=make_evaluator(config, info, topo),
       manager=checkpointing.create_manager(workdir, config.max_to_keep),
       best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
-      writer=reports.metric_writer(workdir, write and is_lead and config.get('tensorboard', True)),
+      writer=reports.metric_writer(workdir, write and is_lead and config.tensorboard),
       is_lead=is_lead,
       sharded_field='dynamics' if base_step.tables_sharded(config) else None,
       lease=held,
@@ -279,7 +277,7 @@ def make_evaluator(config, info: steps.DataInfo, topo: parallel.Topology) -> eva
     steps.create_eval_model(config, info.num_classes, topo.num_devices),
     info,
     topo,
-    config.get('parallel_backend', 'pmap'),
+    config.parallel_backend,
     config.data.eval_batch_size,
     config.eval.num_bins,
   )

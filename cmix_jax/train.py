@@ -98,7 +98,7 @@ def summarize_metrics(step_metrics: list) -> dict:
 
 def check_finite(state, config) -> None:
   """Stops the run once more non-finite steps happened than allowed."""
-  allowed = config.get('max_nonfinite_steps', 0)
+  allowed = config.max_nonfinite_steps
   count = int(parallel.first_replica_to_host(state.nonfinite_steps))
   if count > allowed:
     first = int(parallel.first_replica_to_host(state.first_nonfinite_step))

@@ -267,6 +267,11 @@ def test_defaults_refuse_a_value_of_another_type():
     "  data.batch_size='many' must be of type int, as in configs/default.py: set "
     '--config.data.batch_size accordingly.'
   )
+  with pytest.raises(
+    config_validation.ConfigError, match='distributed=None: configs/default.py has'
+  ):
+    config_validation.with_defaults({'distributed': None})  # a group is never None
+  assert config_validation.with_defaults({'data': {'fake': None}}).data.fake is None  # optional
 
 
 def test_good_configs_have_no_errors():
