@@ -51,7 +51,7 @@ def split_rows(x, sizes):
 
 def tables_sharded(config) -> bool:
   """Whether each device owns 1/D of the dynamics tables (the one place this is read)."""
-  return bool(config.get('dynamics_sharded', False))
+  return bool(config.dynamics_sharded)
 
 
 def table_layout(config) -> dict:

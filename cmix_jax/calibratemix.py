@@ -27,6 +27,10 @@ from cmix_jax import dynamics
 from cmix_jax import mixup
 from cmix_jax.parallel import AXIS
 
+PASSES = (2, 1)  # calibratemix.passes: two_pass_loss (the reference) | fused_loss
+PAIR_SPACES = ('pixels', 'features')  # calibratemix.pair_space: what pairing compares
+PAIR_SCOPES = ('global', 'device')  # calibratemix.pair_scope: whose batch is split and paired
+
 
 def difficulties(dyn, batch, pseudo_label, config):
   """(labeled [B], unlabeled [U]) difficulty of this device's samples from the tables."""
@@ -48,7 +52,7 @@ def fused_difficulties(dyn, batch, config):
 
 def global_scope(config) -> bool:
   """True when the split and pairing see the global batch (pair_scope='global')."""
-  return config.calibratemix.get('pair_scope', 'global') == 'global'
+  return config.calibratemix.pair_scope == 'global'
 
 
 def mixed_sets(
@@ -74,7 +78,7 @@ def mixed_sets(
     pair_lb=pair_lb,
     pair_ulb=pair_ulb,
     random_pairing=cm.random_pairing,
-    pair_downsample=cm.get('pair_downsample', 1),
+    pair_downsample=cm.pair_downsample,
   )
   if global_scope(config):
     return mixup.global_targeted_mixup(key, axis_name=AXIS, **kwargs)
@@ -113,7 +117,7 @@ def two_pass_loss(
   `second_pass_only` (the control arm) nothing is mixed: the second pass's SSL loss alone.
   """
   kw = dict(model=model, algorithm=algorithm, config=config)
-  if config.calibratemix.get('second_pass_only', False):
+  if config.calibratemix.second_pass_only:
     second = base_step.base_pass(params, first.batch_stats, first.algo_state, batch, views, **kw)
     return second.loss, second, {f'pass2_{k}': v for k, v in second.metrics.items()}
   pseudo_label = first.pseudo.label

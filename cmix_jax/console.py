@@ -114,8 +114,8 @@ def print_plan(run, start_step: int, log_path: str) -> None:
   c, d = run.config, run.data
   cm = c.calibratemix
   method = c.algorithm + (
-    f' + CalibrateMix (passes={cm.passes}, pair_scope='
-    f'{cm.get("pair_scope", "global")}, from step {cm.warmup_steps + 1})'
+    f' + CalibrateMix (passes={cm.passes}, pair_scope={cm.pair_scope}, '
+    f'from step {cm.warmup_steps + 1})'
     if cm.enabled
     else ''
   )
@@ -130,7 +130,7 @@ def print_plan(run, start_step: int, log_path: str) -> None:
         f'  data      {c.data.name}: {d.num_labeled} labeled, {len(d.val_idx)} validation, '
         f'{d.num_unlabeled} unlabeled, {len(d.test_labels)} test; {d.num_classes} classes of '
         f'{shape}',
-        f'  devices   {parallel.describe(run.topo)}, {c.get("parallel_backend", "pmap")}; per '
+        f'  devices   {parallel.describe(run.topo)}, {c.parallel_backend}; per '
         f'step {c.data.batch_size} labeled + {ulb} unlabeled images',
         f'  steps     {c.num_train_steps}{resume}; evaluate every {c.eval_every}, checkpoint every '
         f'{c.checkpoint_every}',
@@ -158,11 +158,7 @@ def print_summary(run, report: dict, log_path: str) -> None:
           if run.config.eval.plots
           else []
         ),
-        *(
-          [f'  TensorBoard: tensorboard --logdir={run.workdir}']
-          if run.config.get('tensorboard', True)
-          else []
-        ),
+        *([f'  TensorBoard: tensorboard --logdir={run.workdir}'] if run.config.tensorboard else []),
         f'  log       {log_path}',
       ]
     ),

@@ -47,7 +47,10 @@ class EvaluateError(RuntimeError):
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved in `workdir` (its bucket checked first when gs://)."""
+  """The config a training run saved in `workdir` (its bucket checked first when gs://).
+
+  As saved: `run_setup.build_run` gives the fields an older config.json lacks their defaults.
+  """
   storage.check_readable(workdir)
   path = storage.as_path(workdir) / 'config.json'
   if not path.exists():

@@ -18,6 +18,8 @@ from cmix_jax.data import pipeline
 from cmix_jax.data import ssl_data
 
 SPLITS = ('test', 'val', 'unlabeled')
+# config.eval.selection -> the split whose accuracy picks the kept checkpoint (None: the last).
+SELECTION_SPLITS = {'final': None, 'best_val': 'val', 'best_test': 'test'}
 
 
 def eval_sums_step(

@@ -276,6 +276,7 @@ def set_xla_flags(flags: str) -> list[str]:
 
 
 DISTRIBUTED_MODES = ('auto', 'explicit', 'off')
+CPU_COLLECTIVES = ('', 'gloo', 'mpi')  # distributed.cpu_collectives; '' = JAX's own
 _SLURM_VARS = (
   'SLURM_JOB_ID',
   'SLURM_STEP_NODELIST',
@@ -336,9 +337,9 @@ def detect_cluster(
 
 def _explicit_settings(dist, env: Mapping[str, str]) -> tuple[str, int, int]:
   """(coordinator address, process count, process id): config first, CMIX_* env second."""
-  address = dist.get('coordinator_address', '') or env.get('CMIX_COORDINATOR_ADDRESS', '')
-  num = dist.get('num_processes', 0) or _count(env, 'CMIX_NUM_PROCESSES')
-  pid = dist.get('process_id', -1)
+  address = dist.coordinator_address or env.get('CMIX_COORDINATOR_ADDRESS', '')
+  num = dist.num_processes or _count(env, 'CMIX_NUM_PROCESSES')
+  pid = dist.process_id
   pid = pid if pid >= 0 else int(env.get('CMIX_PROCESS_ID', '0'))
   return address, int(num), int(pid)
 
@@ -358,12 +359,12 @@ def start_distributed(
   Must run before the first computation starts the backend.
   """
   env = os.environ if env is None else env
-  mode = dist.get('mode', 'auto')
+  mode = dist.mode
   if mode not in DISTRIBUTED_MODES:
     raise ValueError(
       f'distributed.mode={mode!r}: use one of {DISTRIBUTED_MODES} (--config.distributed.mode).'
     )
-  if dist.get('cpu_collectives', ''):
+  if dist.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', dist.cpu_collectives)
   if mode == 'off':
     return 'single process (distributed.mode=off)'

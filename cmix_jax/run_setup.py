@@ -1,11 +1,14 @@
 """Assembles a run: validates the config, checks the workdir, loads data, builds the parts.
 
-Nothing is written before every check has passed: `build_run` validates the whole config
-(with the data set's facts), checks that the data dir can be read and the workdir written
-(local or gs://), builds the algorithm, model and optimizer, takes the workdir lease (one
-writing run per workdir), and only then writes `config.json` and `split.json`. A resumed
-workdir must hold the same config (`check_workdir_config`, but for RESUMABLE_FIELDS).
-Where the run starts (fresh or from a checkpoint) is `resume`'s; the loop is `train`'s.
+Nothing is written before every check has passed: `build_run` fills the config from
+configs/default.py (`config_validation.with_defaults`; the one place a config enters, from
+`train_and_evaluate` or a workdir's config.json), validates it (with the data set's facts),
+checks that the data dir can be read and the workdir written (local or gs://), builds the
+algorithm, model and optimizer, takes the workdir lease (one writing run per workdir), and
+only then writes `config.json` and `split.json`. A resumed workdir must hold the same config
+(`check_workdir_config`, but for RESUMABLE_FIELDS; fields its config.json predates count as
+their defaults). Where the run starts (fresh or from a checkpoint) is `resume`'s; the loop is
+`train`'s.
 """
 
 import dataclasses
@@ -102,11 +105,18 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
-  """Refuses to resume a workdir whose saved config differs (unless allowed)."""
+  """Refuses to resume a workdir whose saved config differs (unless allowed).
+
+  Fields the saved config.json predates count as their defaults (what that run computed with).
+  """
   path = storage.as_path(workdir) / 'config.json'
   if not path.exists():
     return
   saved = storage.read_json(path)
+  try:
+    saved = json.loads(config_validation.with_defaults(saved).to_json())
+  except config_validation.ConfigError:
+    pass  # a field this version does not know: the comparison below names it
   diff = config_differences(saved, json.loads(config.to_json()))
   if diff and not allow_change:
     raise config_validation.ConfigError(
@@ -117,13 +127,11 @@ def check_workdir_config(config, workdir: str, allow_change: bool) -> None:
 
 def start_backend(config) -> None:
   """Backend flags and multi-host join: both must happen before the first computation."""
-  parallel.set_xla_flags(config.get('xla_flags', ''))
-  dist = config.get('distributed', None)
-  if dist is not None:
-    try:
-      logging.info('distributed: %s', parallel.start_distributed(dist))
-    except ValueError as e:
-      raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
+  parallel.set_xla_flags(config.xla_flags)
+  try:
+    logging.info('distributed: %s', parallel.start_distributed(config.distributed))
+  except ValueError as e:
+    raise config_validation.ConfigError(f'invalid config:\n  {e}') from None
 
 
 def keep_tensorflow_off_accelerators() -> None:
@@ -138,7 +146,7 @@ def keep_tensorflow_off_accelerators() -> None:
 
 def open_data(config):
   """The raw data set (spec, splits), before any labeled/unlabeled split is drawn."""
-  fake = config.data.get('fake', None)
+  fake = config.data.fake
   return catalog.open_dataset(
     config.data.name,
     os.path.expanduser(config.data.data_dir),
@@ -154,13 +162,13 @@ def split_data(config, raw) -> ssl_data.SSLData:
     config.seed,
     val_size=config.data.val_size,
     include_lb_to_ulb=config.data.include_lb_to_ulb,
-    unlabeled_size=config.data.get('unlabeled_size', 0),
+    unlabeled_size=config.data.unlabeled_size,
   )
 
 
 def _static_data_facts(config) -> tuple[int | None, int | None]:
   """(num_classes, num_train) known before reading any data, so checks come first."""
-  if config.data.name == 'fake' and config.data.get('fake') is not None:
+  if config.data.name == 'fake' and config.data.fake is not None:
     return int(config.data.fake.num_classes), int(config.data.fake.num_train)
   spec = specs.SPECS.get(config.data.name)
   return (spec.num_classes if spec else None), None
@@ -205,8 +213,11 @@ def _write_run_files(config, workdir: str, data: ssl_data.SSLData) -> None:
 def build_run(config, workdir: str, allow_config_change: bool = False, write: bool = True) -> Run:
   """Validates, loads data and builds everything; writes nothing before all checks pass.
 
-  `write=False` (evaluation of an existing workdir) skips the config check and the writes.
+  `config` may lack fields (a workdir's older config.json, a partial config): they take their
+  defaults, and the Run holds the filled copy. `write=False` (evaluation of an existing workdir)
+  skips the config check and the writes.
   """
+  config = config_validation.with_defaults(config)
   topo = _checked_topology(config)
   algorithm = _algorithm(config)
   storage.check_readable(config.data.data_dir)
@@ -240,7 +251,7 @@ def build_run(config, workdir: str, allow_config_change: bool = False, write: bo
       evaluator=make_evaluator(config, info, topo),
       manager=checkpointing.create_manager(workdir, config.max_to_keep),
       best_manager=checkpointing.create_manager(os.path.join(workdir, 'best'), 1),
-      writer=reports.metric_writer(workdir, write and is_lead and config.get('tensorboard', True)),
+      writer=reports.metric_writer(workdir, write and is_lead and config.tensorboard),
       is_lead=is_lead,
       sharded_field='dynamics' if base_step.tables_sharded(config) else None,
       lease=held,
@@ -267,7 +278,7 @@ def make_evaluator(config, info: steps.DataInfo, topo: parallel.Topology) -> eva
     steps.create_eval_model(config, info.num_classes, topo.num_devices),
     info,
     topo,
-    config.get('parallel_backend', 'pmap'),
+    config.parallel_backend,
     config.data.eval_batch_size,
     config.eval.num_bins,
   )

@@ -92,15 +92,15 @@ def create_model(
   BN decay; BN statistics are cross-replica (SyncBN) as model.cross_replica_bn says (None: on
   more than one device).
   """
-  bn_momentum = config.model.get('bn_momentum')
-  sync_bn = parallel.use_cross_replica_bn(config.model.get('cross_replica_bn'), num_devices)
+  bn_momentum = config.model.bn_momentum
+  sync_bn = parallel.use_cross_replica_bn(config.model.cross_replica_bn, num_devices)
   precision = model_precision(config)
   return models.create_model(
     config.model.name,
     num_classes,
     dtype=dtype or config.model.dtype,
     bn_axis_name=AXIS if sync_bn else None,
-    conv_grad=config.model.get('conv_grad', 'xla'),
+    conv_grad=config.model.conv_grad,
     conv_precision=models.lax_precision(precision['conv']),
     dense_precision=models.lax_precision(precision['matmul']),
     **({} if bn_momentum is None else {'bn_momentum': float(bn_momentum)}),
@@ -109,7 +109,7 @@ def create_model(
 
 def model_precision(config: ml_collections.ConfigDict) -> dict:
   """model.precision resolved on this backend: {'setting', 'resolved', 'conv', 'matmul'}."""
-  return models.resolve_precision(config.model.get('precision', 'auto'), jax.default_backend())
+  return models.resolve_precision(config.model.precision, jax.default_backend())
 
 
 def create_eval_model(

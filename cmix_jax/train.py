@@ -21,6 +21,7 @@ import tqdm
 
 from cmix_jax import checkpointing
 from cmix_jax import console
+from cmix_jax import evaluation
 from cmix_jax import lease
 from cmix_jax import parallel
 from cmix_jax import reports
@@ -97,7 +98,7 @@ def summarize_metrics(step_metrics: list) -> dict:
 
 def check_finite(state, config) -> None:
   """Stops the run once more non-finite steps happened than allowed."""
-  allowed = config.get('max_nonfinite_steps', 0)
+  allowed = config.max_nonfinite_steps
   count = int(parallel.first_replica_to_host(state.nonfinite_steps))
   if count > allowed:
     first = int(parallel.first_replica_to_host(state.first_nonfinite_step))
@@ -110,7 +111,7 @@ def check_finite(state, config) -> None:
 
 
 def selection_metric(config) -> str | None:
-  return {'best_test': 'test', 'best_val': 'val'}.get(config.eval.selection)
+  return evaluation.SELECTION_SPLITS[config.eval.selection]
 
 
 def evaluate(run: run_setup.Run, state, split: str = 'test') -> dict:

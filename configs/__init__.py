@@ -1,0 +1,1 @@
+"""Run configurations; default.py holds every field and its default, the others start from it."""

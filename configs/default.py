@@ -60,6 +60,9 @@ def get_config():
   # Class-balanced, seeded subset of the unlabeled set (labeled samples kept in it when
   # include_lb_to_ulb), so short runs revisit each sample often; 0 or -1 = all of it.
   config.data.unlabeled_size = 0
+  # data.name='fake' (tests, benchmarks): a ConfigDict of fake_data.make_fake's arguments
+  # (num_train, num_test, image_shape, num_classes, seed); None = its own sizes. Unused otherwise.
+  config.data.fake = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'cnn_small'  # cnn_small | wrn_28_2 | wrn_28_8 | wrn_37_2 | resnet50

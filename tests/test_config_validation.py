@@ -35,7 +35,8 @@ def _leaves(config, prefix=''):
 
 
 # (field, bad value, fragment of its one error line). Every non-boolean field of
-# configs/default.py has at least one row, whatever switch would read it (test below).
+# configs/default.py has at least one row (or rows of its subfields), whatever switch would
+# read it (test below).
 BAD = [
   ('seed', -1, 'seed=-1 must be an integer >= 0'),
   ('algorithm', 'meanteacher', "algorithm='meanteacher': use one of"),
@@ -75,6 +76,10 @@ BAD = [
   ('data.val_size', -10, 'data.val_size=-10'),
   ('data.unlabeled_size', -2, 'data.unlabeled_size=-2 must be an integer >= -1'),
   ('data.unlabeled_size', 300, 'data.unlabeled_size=300 exceeds the 256 training examples'),
+  ('data.fake.num_train', 0, 'data.fake.num_train=0 must be an integer >= 1'),
+  ('data.fake.num_test', 0, 'data.fake.num_test=0 must be an integer >= 1'),
+  ('data.fake.num_classes', 1, 'data.fake.num_classes=1 must be an integer >= 2'),
+  ('data.fake.image_shape', (12, 12), 'data.fake.image_shape=(12, 12): use (height, width'),
   ('model.name', 'vit', "model.name='vit': use one of"),
   ('model.dtype', 'float16', 'model.dtype'),
   ('model.bn_momentum', 1.0, 'bn_momentum=1.0'),
@@ -133,10 +138,21 @@ def test_each_bad_value_gives_one_line_whatever_switch_is_on(key, value, message
 
 def test_every_field_of_the_default_config_has_a_rule():
   config = default.get_config()
-  checked = {key for key, _, _ in BAD}
   leaves = set(_leaves(config))
-  unchecked = {k for k in leaves - checked - FREE if not isinstance(_get(config, k), bool)}
-  assert not unchecked, f'fields without a validation rule (add one and a BAD row): {unchecked}'
+  unruled = {k for k in leaves if config_validation.rule_of(k) is None}
+  assert not unruled, f'fields without a row in config_validation.FIELD_RULES: {unruled}'
+  stale = {f for f in config_validation.FIELD_RULES if not any(_within(k, f) for k in leaves)}
+  assert not stale, f'FIELD_RULES rows of fields configs/default.py does not have: {stale}'
+  booleans = {k for k in leaves if isinstance(_get(config, k), bool)}
+  free = {k for k in leaves if config_validation.rule_of(k) is config_validation.anything}
+  assert free <= booleans | FREE, f'fields that accept any value: {free - booleans - FREE}'
+  checked = {key for key, _, _ in BAD}
+  unchecked = {k for k in leaves - booleans - FREE if not any(_within(c, k) for c in checked)}
+  assert not unchecked, f'fields without a BAD row (a value their rule refuses): {unchecked}'
+
+
+def _within(field, group):
+  return field == group or field.startswith(f'{group}.')
 
 
 @pytest.mark.parametrize(
@@ -219,6 +235,43 @@ def test_missing_data_set_says_how_to_get_it(tmp_path):
   with pytest.raises(specs.DataNotFoundError, match='tfds build cifar10'):
     run_setup.build_run(config, str(tmp_path / 'w'))
   assert not os.path.exists(tmp_path / 'w')
+
+
+def test_defaults_fill_what_a_config_lacks():
+  partial = {'seed': 3, 'data': {'num_labels': 80}, 'calibratemix': {'enabled': True}}
+  expected = default.get_config()
+  expected.seed, expected.data.num_labels, expected.calibratemix.enabled = 3, 80, True
+  merged = config_validation.with_defaults(partial)
+  assert merged.to_dict() == expected.to_dict()
+  assert config_validation.with_defaults(merged).to_dict() == expected.to_dict()  # idempotent
+  config = tiny.config()  # a full config (with fake data) is kept as it is, not shared
+  merged = config_validation.with_defaults(config)
+  assert merged.to_dict() == config.to_dict() and merged.data.fake is not config.data.fake
+
+
+def test_defaults_refuse_an_unknown_field_naming_it():
+  with pytest.raises(config_validation.ConfigError) as info:
+    config_validation.with_defaults({'seed': 1, 'data': {'nme': 'cifar10'}, 'optim': {'lr': 0.1}})
+  assert str(info.value) == (
+    'invalid config:\n  unknown config field data.nme: configs/default.py has no such field; '
+    'check its spelling or remove it.'
+  )
+  with pytest.raises(config_validation.ConfigError, match='unknown config field no_such_group'):
+    config_validation.with_defaults({'no_such_group': {'x': 1}})
+
+
+def test_defaults_refuse_a_value_of_another_type():
+  with pytest.raises(config_validation.ConfigError) as info:
+    config_validation.with_defaults({'data': {'batch_size': 'many'}})
+  assert str(info.value).splitlines()[1] == (
+    "  data.batch_size='many' must be of type int, as in configs/default.py: set "
+    '--config.data.batch_size accordingly.'
+  )
+  with pytest.raises(
+    config_validation.ConfigError, match='distributed=None: configs/default.py has'
+  ):
+    config_validation.with_defaults({'distributed': None})  # a group is never None
+  assert config_validation.with_defaults({'data': {'fake': None}}).data.fake is None  # optional
 
 
 def test_good_configs_have_no_errors():

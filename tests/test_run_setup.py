@@ -1,10 +1,12 @@
 """run_setup.py: every check before any write, and the check of a resumed workdir's config."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import ml_collections
 import pytest
 
 from cmix_jax import config_validation
@@ -65,3 +67,47 @@ def test_resume_refuses_a_different_config_and_names_the_field(tmp_path):
   )  # the explicit flag allows it
   changed.log_every = 1  # logging cadence may change freely
   run_setup.build_run(changed, str(tmp_path))
+
+
+def _older_config_json(workdir, *fields) -> dict:
+  """Rewrites workdir/config.json as a version of cmix_jax without `fields` wrote it."""
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  for field in fields:
+    *parents, leaf = field.split('.')
+    node = saved
+    for part in parents:
+      node = node[part]
+    del node[leaf]
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  return saved
+
+
+def test_an_older_workdir_gets_the_defaults_of_the_fields_it_predates(tmp_path):
+  config = tiny.config()
+  run_setup.build_run(config, str(tmp_path))
+  predated = ('calibratemix.pair_scope', 'data.unlabeled_size', 'model.conv_grad')
+  older = _older_config_json(str(tmp_path), *predated)
+  # Evaluation reads it back (evaluate.load_config): the missing fields take their defaults.
+  run = run_setup.build_run(ml_collections.ConfigDict(older), str(tmp_path), write=False)
+  assert json.loads(run.config.to_json()) == json.loads(config.to_json())
+  # Resuming compares it as the run computed it: at the defaults, but for a changed one.
+  changed = tiny.config()
+  changed.calibratemix.pair_scope = 'device'
+  with pytest.raises(config_validation.ConfigError, match=r'\(fields: calibratemix.pair_scope\)'):
+    run_setup.build_run(changed, str(tmp_path))
+  run_setup.build_run(config, str(tmp_path))
+  # A field this version does not know is named as a difference (and refused by the merge).
+  with open(tmp_path / 'config.json') as f:
+    saved = json.load(f)
+  saved['data']['retired_field'] = 1
+  with open(tmp_path / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  with pytest.raises(config_validation.ConfigError, match=r'\(fields: data.retired_field\)'):
+    run_setup.build_run(config, str(tmp_path))
+  with pytest.raises(
+    config_validation.ConfigError, match='unknown config field data.retired_field'
+  ):
+    run_setup.build_run(ml_collections.ConfigDict(saved), str(tmp_path), write=False)

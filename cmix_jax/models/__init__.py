@@ -14,15 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from cmix_jax.models.cnn import CNNSmall
-from cmix_jax.models.conv import CONV_GRADS, PRECISIONS, lax_precision, resolve_precision
+from cmix_jax.models.conv import (
+  CONV_GRADS,
+  PRECISION_SETTINGS,
+  PRECISIONS,
+  lax_precision,
+  resolve_precision,
+)
 from cmix_jax.models.resnet import ResNet, resnet50
 from cmix_jax.models.wrn import WideResNet, wrn_28_2, wrn_28_8, wrn_37_2
 
 __all__ = [
   'CONV_GRADS',
   'PRECISIONS',
+  'PRECISION_SETTINGS',
   'CNNSmall',
   'MODEL_NAMES',
+  'TRAIN_DTYPES',
   'ResNet',
   'WideResNet',
   'create_model',
@@ -41,7 +49,10 @@ _BUILDERS = {
   'resnet50': resnet50,
 }
 MODEL_NAMES = tuple(_BUILDERS)
-COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+# config.model.dtype: what training computes in (float16 would need loss scaling, which the
+# step does not do); evaluation may compute in float16 too.
+TRAIN_DTYPES = ('float32', 'bfloat16')
+COMPUTE_DTYPES = (*TRAIN_DTYPES, 'float16')
 
 
 def _compute_dtype(dtype) -> Any:

@@ -24,6 +24,7 @@ PRECISIONS = {
   'float32': ('highest', 'highest'),
   'usb': ('default', 'highest'),
 }
+PRECISION_SETTINGS = ('auto', *PRECISIONS)  # config.model.precision; auto resolves per backend
 
 
 def _phase_taps(size: int, stride: int, pad_lo: int) -> tuple[np.ndarray, int, int]:
@@ -134,9 +135,9 @@ def resolve_precision(setting: str, platform: str) -> dict:
   XLA's default precision computes float32 convs and matmuls in TF32 on Ampere+ GPUs and in full
   float32 on CPU, so on a CPU every setting but 'float32' leaves today's numerics as they are.
   """
-  name = ('usb' if platform == 'gpu' else 'default') if setting == 'auto' else setting
-  if name not in PRECISIONS:
+  if setting not in PRECISION_SETTINGS:
     raise ValueError(f'precision={setting!r}; use auto or one of {tuple(PRECISIONS)}.')
+  name = ('usb' if platform == 'gpu' else 'default') if setting == 'auto' else setting
   conv, matmul = PRECISIONS[name]
   return {'setting': setting, 'resolved': name, 'conv': conv, 'matmul': matmul}
 
