@@ -1,25 +1,11 @@
 """experiments/bench.py: the --smoke run on the 8 test devices, presets, the peak table."""
 
-import importlib.util
-import os
 import types
 
 import jax
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location(
-    'bench_under_test', os.path.join(ROOT, 'experiments', 'bench.py')
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load()
+from experiments import bench
 
 
 def _rows(out: str) -> dict:
@@ -128,11 +114,8 @@ def _printed_bounds(text: str) -> tuple[float, float]:
 
 def test_torch_compare_prints_ours_over_torch(monkeypatch, capsys):
   pytest.importorskip('torch')
-  spec = importlib.util.spec_from_file_location(
-    'bench_torch_under_test', os.path.join(ROOT, 'experiments', 'bench_torch.py')
-  )
-  bench_torch = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench_torch)
+  from experiments import bench_torch
+
   ours = types.SimpleNamespace(  # our side on the small model: the table's plumbing is tested
     time_ours=lambda *args, **kw: bench.time_ours(
       *args, model='cnn_small', image_shape=(12, 12, 1), **kw
