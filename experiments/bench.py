@@ -127,20 +127,25 @@ def _block(tree):
   jax.tree.map(lambda x: x.block_until_ready(), tree)
 
 
+def compiled_step(config, workdir: str) -> tuple:
+  """(run, its compiled train step, the initial state, the first batch, the batch iterator)."""
+  run = run_setup.build_run(config, workdir)
+  state, _ = resume.initial_state(run)
+  state = parallel.stack_state(state, run.topo, run.sharded_field)
+  kind = 'mix' if config.calibratemix.enabled else 'base'
+  batches = pipeline.train_batches(config, run.data, run.algorithm, run.topo, 0)
+  batch = next(batches)
+  fns = step_lib.make_step_fns(run.model, run.tx, run.algorithm, config, run.info, run.topo)
+  return run, fns[kind].lower(state, batch).compile(), state, batch, batches
+
+
 def time_train_step(config, warmup: int, steps: int, with_eval: bool = True):
   """(median seconds per step, one device's FLOPs per step or None, eval img/s, devices).
 
   with_eval=False skips the evaluation timing (eval img/s is then None).
   """
   with tempfile.TemporaryDirectory() as workdir:
-    run = run_setup.build_run(config, workdir)
-    state, _ = resume.initial_state(run)
-    state = parallel.stack_state(state, run.topo, run.sharded_field)
-    kind = 'mix' if config.calibratemix.enabled else 'base'
-    batches = pipeline.train_batches(config, run.data, run.algorithm, run.topo, 0)
-    batch = next(batches)
-    fns = step_lib.make_step_fns(run.model, run.tx, run.algorithm, config, run.info, run.topo)
-    step = fns[kind].lower(state, batch).compile()  # timed and costed
+    run, step, state, batch, batches = compiled_step(config, workdir)  # timed and costed
     flops = step_flops(step)
     times = []
     for i in range(warmup + steps):

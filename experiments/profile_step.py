@@ -22,23 +22,11 @@ import time
 import jax
 
 from cmix_jax import parallel
-from cmix_jax import run_setup
 from configs import default
 from experiments import bench
 from experiments import common
 
 SKIP = ('ThunkExecutor::Execute', 'ThunkExecutor::Execute (wait for completion)')
-
-
-def compiled_step(config):
-  """(compiled step, state, batch, iterator) of a bench config on one device."""
-  run = run_setup.build_run(config, tempfile.mkdtemp())
-  state, _ = run_setup.initial_state(run)
-  state = parallel.stack_state(state, run.topo, run.sharded_field)
-  batches = run_setup.train_iterator(run, 0)
-  batch = next(batches)
-  kind = 'mix' if config.calibratemix.enabled else 'base'
-  return run_setup.make_step_fns(run)[kind].lower(state, batch).compile(), state, batch, batches
 
 
 def trace_steps(step, state, batch, steps: int, trace_dir: str) -> float:
@@ -88,14 +76,14 @@ def main(argv=None):
     args.variant, args.batch_size, args.uratio, args.model, shape, num_devices=1
   )
   config.model.conv_grad = args.conv_grad
-  step, state, batch, batches = compiled_step(config)
-  for _ in range(2):  # warm-up
-    state, _ = step(state, batch)
-  jax.block_until_ready(state.params)
-  with tempfile.TemporaryDirectory() as trace_dir:
+  with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as trace_dir:
+    _, step, state, batch, batches = bench.compiled_step(config, workdir)
+    for _ in range(2):  # warm-up
+      state, _ = step(state, batch)
+    jax.block_until_ready(state.params)
     wall = trace_steps(step, state, batch, args.steps, trace_dir) / args.steps
     ns, count, threads = kinds(trace_dir)
-  batches.close()
+    batches.close()
   ms = {k: v / 1e6 / args.steps for k, v in ns.items()}
   pool_ms = 1e3 * wall * threads
   print(

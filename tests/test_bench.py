@@ -141,3 +141,15 @@ def test_torch_compare_prints_ours_over_torch(monkeypatch, capsys):
     (t_lo, t_hi), (o_lo, o_hi), (r_lo, r_hi) = (_printed_bounds(c[i]) for i in (5, 8, 9))
     assert o_lo / t_hi <= r_hi and r_lo <= o_hi / t_lo  # the ratio of the printed throughputs
   assert 'augmentation alone at B=2' in out and '0.250 s/step' in out
+
+
+def test_profile_step_groups_one_traced_step_by_thunk_kind(capsys):
+  # profile_step compiles its step through bench.compiled_step, as the timings do.
+  from experiments import profile_step
+
+  profile_step.main(
+    ['--model=cnn_small', '--image_shape=12,12,1', '--batch_size=4', '--uratio=1', '--steps=1']
+  )
+  out = capsys.readouterr().out
+  assert 'fixmatch cnn_small B=4 uratio=1' in out and '| thunk kind |' in out
+  assert '| untraced: Eigen conv kernels + idle |' in out
