@@ -2,7 +2,7 @@
 
 Command (the main grid, 130 runs at 40 and 250 labels, ~2-4 h on an idle 2-core CPU;
 experiments/results/fmnist_controlled/):
-  python experiments/study.py
+  python -m experiments.study
 One run by hand:
   python -m cmix_jax.main --config=configs/fmnist_dynamics.py --workdir=runs/one \
       --config.algorithm=softmatch --config.calibratemix.enabled=True

@@ -2,7 +2,7 @@
 
 Command (the rung: FixMatch and SoftMatch x {base, control, two-pass, fused}, seeds 0-2,
 results in experiments/results/fmnist_controlled/maturity/):
-  python experiments/study.py --config=configs/fmnist_maturity.py --seeds=0,1,2 \
+  python -m experiments.study --config=configs/fmnist_maturity.py --seeds=0,1,2 \
       --variants=base,control,cmix,cmix_fused --root=runs/fmnist_maturity \
       --out=experiments/results/fmnist_controlled/maturity
 Sizing: a 1,000-image class-balanced pool over 3,200 steps, warm-up 448 (14 %, as the main

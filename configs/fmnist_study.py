@@ -1,6 +1,6 @@
 """The CPU reproduction study on Fashion-MNIST (experiments/results/README.md).
 
-Command (one run; `python experiments/sweep.py fmnist_study --run` runs the whole grid,
+Command (one run; `python -m experiments.sweep fmnist_study --run` runs the whole grid,
 superseded by configs/fmnist_dynamics.py, see experiments/results/README.md):
   python -m cmix_jax.main --config=configs/fmnist_study.py --workdir=runs/study/one \
       --config.algorithm=softmatch --config.calibratemix.enabled=True --config.data.num_labels=40

@@ -1,8 +1,8 @@
 """Throughput of the whole train step (WRN-28-2, CIFAR shapes) and of evaluation, any device.
 
-  python experiments/bench.py --paper       # the paper's step on every local GPU/TPU/CPU device
-  python experiments/bench.py --batch_sizes=16 --breakdown      # the CPU figures of the README
-  python experiments/bench.py --smoke       # tiny model and batch: proves it runs (seconds)
+  python -m experiments.bench --paper       # the paper's step on every local GPU/TPU/CPU device
+  python -m experiments.bench --batch_sizes=16 --breakdown      # the CPU figures of the README
+  python -m experiments.bench --smoke       # tiny model and batch: proves it runs (seconds)
 
 --paper is SoftMatch, SoftMatch + CalibrateMix passes=1 and passes=2 at the paper's batch
 (64 labeled + 448 unlabeled, weak + strong views: 960 images per step), WRN-28-2, bfloat16,
@@ -21,11 +21,8 @@ import argparse
 import os
 import re
 import resource
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +35,17 @@ from cmix_jax import run_setup
 from cmix_jax import steps as step_lib
 from cmix_jax.data import pipeline
 from configs import default
+from configs import tiny
+from experiments import common
 
-VARIANTS = {  # name -> (algorithm, CalibrateMix on, passes)
-  'fixmatch': ('fixmatch', False, 2),
-  'fixmatch+cmix1': ('fixmatch', True, 1),
-  'fixmatch+cmix2': ('fixmatch', True, 2),
-  'softmatch': ('softmatch', False, 2),
-  'softmatch+cmix1': ('softmatch', True, 1),
-  'softmatch+cmix2': ('softmatch', True, 2),
-  'supervised': ('supervised', False, 2),
+VARIANTS = {  # name -> (algorithm, variant of common.VARIANTS)
+  'fixmatch': ('fixmatch', 'base'),
+  'fixmatch+cmix1': ('fixmatch', 'cmix_fused'),
+  'fixmatch+cmix2': ('fixmatch', 'cmix'),
+  'softmatch': ('softmatch', 'base'),
+  'softmatch+cmix1': ('softmatch', 'cmix_fused'),
+  'softmatch+cmix2': ('softmatch', 'cmix'),
+  'supervised': ('supervised', 'base'),
 }
 # Dense bf16 FLOP/s of one JAX device from the vendors' data sheets (no sparsity; NVIDIA's
 # SXM parts; TPU v4/v5p: one chip = one JAX device). The first name found in the device's
@@ -100,30 +99,20 @@ def bench_config(
   num_test: int = 1024,
 ) -> ml_collections.ConfigDict:
   """A config on fake data of `image_shape` for one variant."""
-  algorithm, cmix, passes = VARIANTS[variant]
+  algorithm, name = VARIANTS[variant]
   c = default.get_config()
   c.algorithm = algorithm
   c.num_train_steps = 1000
   c.num_devices = num_devices
   c.progress_bar = False
-  c.data.name = 'fake'
-  c.data.fake = ml_collections.ConfigDict(
-    dict(
-      num_train=max(4096, batch_size * uratio * 4),
-      num_test=num_test,
-      image_shape=tuple(image_shape),
-      num_classes=10,
-      seed=0,
-    )
-  )
+  tiny.fake_data(c, max(4096, batch_size * uratio * 4), num_test, image_shape, num_classes=10)
   c.data.num_labels = 40
   c.data.batch_size = batch_size
   c.data.uratio = uratio
   c.data.eval_batch_size = eval_batch_size
   c.model.name = model
   c.model.dtype = dtype
-  c.calibratemix.enabled = cmix
-  c.calibratemix.passes = passes
+  c.update_from_flattened_dict(common.VARIANTS[name])
   c.calibratemix.warmup_steps = 0
   c.eval.plots = False
   return c
@@ -138,20 +127,25 @@ def _block(tree):
   jax.tree.map(lambda x: x.block_until_ready(), tree)
 
 
+def compiled_step(config, workdir: str) -> tuple:
+  """(run, its compiled train step, the initial state, the first batch, the batch iterator)."""
+  run = run_setup.build_run(config, workdir)
+  state, _ = resume.initial_state(run)
+  state = parallel.stack_state(state, run.topo, run.sharded_field)
+  kind = 'mix' if config.calibratemix.enabled else 'base'
+  batches = pipeline.train_batches(config, run.data, run.algorithm, run.topo, 0)
+  batch = next(batches)
+  fns = step_lib.make_step_fns(run.model, run.tx, run.algorithm, config, run.info, run.topo)
+  return run, fns[kind].lower(state, batch).compile(), state, batch, batches
+
+
 def time_train_step(config, warmup: int, steps: int, with_eval: bool = True):
   """(median seconds per step, one device's FLOPs per step or None, eval img/s, devices).
 
   with_eval=False skips the evaluation timing (eval img/s is then None).
   """
   with tempfile.TemporaryDirectory() as workdir:
-    run = run_setup.build_run(config, workdir)
-    state, _ = resume.initial_state(run)
-    state = parallel.stack_state(state, run.topo, run.sharded_field)
-    kind = 'mix' if config.calibratemix.enabled else 'base'
-    batches = pipeline.train_batches(config, run.data, run.algorithm, run.topo, 0)
-    batch = next(batches)
-    fns = step_lib.make_step_fns(run.model, run.tx, run.algorithm, config, run.info, run.topo)
-    step = fns[kind].lower(state, batch).compile()  # timed and costed
+    run, step, state, batch, batches = compiled_step(config, workdir)  # timed and costed
     flops = step_flops(step)
     times = []
     for i in range(warmup + steps):
@@ -208,13 +202,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype='float32') -> float:
   """Measured dense matmul FLOP/s in `dtype` on the default device."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * n**3 / float(np.median(times))
+  return 2 * n**3 / common.median_seconds(lambda: f(a), repeats)
 
 
 def device_peak(device, dtype: str) -> tuple[float, str]:
@@ -226,17 +214,6 @@ def device_peak(device, dtype: str) -> tuple[float, str]:
         return peak, f'{name} dense bf16, data sheet'
     return matmul_peak(8192, dtype=dtype), f'measured {dtype} matmul (unknown accelerator)'
   return matmul_peak(dtype=dtype), f'measured {dtype} matmul'  # CPU: AMX makes bf16 faster
-
-
-def _median_seconds(fn, warmup: int, steps: int) -> float:
-  """Median wall time of fn() (blocked) over `steps` calls after `warmup` + 1 (compile) calls."""
-  times = []
-  for i in range(warmup + 1 + steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    if i > warmup:
-      times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def model_grad_seconds(
@@ -267,29 +244,22 @@ def model_grad_seconds(
 
     return jax.grad(loss, has_aux=True)(params)
 
-  return _median_seconds(lambda: grad(variables['params'], variables['batch_stats']), warmup, steps)
+  params, stats = variables['params'], variables['batch_stats']
+  return common.median_seconds(lambda: grad(params, stats), steps, warmup + 1)  # + compile
 
 
 def augment_seconds(
   batch_size: int, uratio: int, warmup: int, steps: int, image_shape=(32, 32, 3)
 ) -> float:
   """Median seconds of one step's on-device augmentation alone (weak lb, weak + strong ulb)."""
-  from cmix_jax.data import augment
+  from experiments import bench_augment
 
-  @jax.jit
-  def views(key, x_lb, x_ulb):  # uint8 [B, H, W, C], [U, H, W, C]
-    key_lb, key_w, key_s = jax.random.split(key, 3)
-    return (
-      augment.augment_batch(key_lb, x_lb, strong=False),
-      augment.augment_batch(key_w, x_ulb, strong=False),
-      augment.augment_batch(key_s, x_ulb, strong=True),
-    )
-
+  views = bench_augment.step_views  # uint8 [B, H, W, C], [U, H, W, C]
   rng = np.random.default_rng(0)
   x_lb = rng.integers(0, 256, (batch_size,) + tuple(image_shape), dtype=np.uint8)
   x_ulb = rng.integers(0, 256, (uratio * batch_size,) + tuple(image_shape), dtype=np.uint8)
   keys = iter(jax.random.split(jax.random.key(0), warmup + steps + 1))
-  return _median_seconds(lambda: views(next(keys), x_lb, x_ulb), warmup, steps)
+  return common.median_seconds(lambda: views(next(keys), x_lb, x_ulb), steps, warmup + 1)
 
 
 def peak_memory_bytes() -> int:
@@ -317,9 +287,7 @@ DEFAULTS = dict(
 
 def parse_args(argv=None) -> argparse.Namespace:
   """Flags; a flag given explicitly wins over --paper / --smoke, which win over DEFAULTS."""
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  parser = common.arg_parser(__doc__)
   parser.add_argument(
     '--paper',
     action='store_true',
@@ -347,11 +315,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       f'--{key}', type=type(value), default=None, help=f'{helps[key]} (default {value})'
     )
   parser.add_argument('--num_devices', type=int, default=-1, help='local devices; -1 = all')
-  parser.add_argument(
-    '--xla_flags',
-    default=default.get_config().xla_flags,
-    help="backend flags as config.xla_flags ('' = XLA's defaults)",
-  )
+  common.add_xla_flags(parser)
   parser.add_argument(
     '--breakdown',
     action='store_true',
@@ -410,7 +374,7 @@ def main(argv=None):
       gflop = f'{flops / 1e9:.4g}' if flops else 'n/a'
       base_time.setdefault((b, VARIANTS[variant][0]), secs)
       over = secs / base_time[(b, VARIANTS[variant][0])] - 1
-      note = f' ({100 * over:+.1f}% over base)' if VARIANTS[variant][1] else ''
+      note = f' ({100 * over:+.1f}% over base)' if VARIANTS[variant][1] != 'base' else ''
       print(
         f'| {b} | {variant}{note} | {devices} | {n} | {secs:.4f} | {n / secs:.1f} | '
         f'{n / secs / devices:.1f} | {gflop} | {frac} | {eval_ips:.0f} |',

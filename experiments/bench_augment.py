@@ -5,19 +5,18 @@ unlabeled strong (B = 64, mu = 7). Times that step jitted on the local backend, 
 CIFAR-shaped 32x32x3 and Fashion-MNIST-shaped 28x28x1 images, and each part alone.
 Prints images/s from the median of several runs after warm-up (compile excluded).
 
-  python experiments/bench_augment.py [--runs 10] [--warmup 2]
+  python -m experiments.bench_augment [--runs 10] [--warmup 2]
 """
 
 import argparse
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cmix_jax.data import augment
+from experiments import common
 
 NUM_LB, NUM_ULB = 64, 448
 
@@ -28,7 +27,7 @@ def _views(key, images, strong: bool):
 
 
 @jax.jit
-def _step_views(key, x_lb, x_ulb):
+def step_views(key, x_lb, x_ulb):
   """The three views of one step, as the train step makes them."""
   key_lb, key_w, key_s = jax.random.split(key, 3)
   return (
@@ -36,18 +35,6 @@ def _step_views(key, x_lb, x_ulb):
     augment.augment_batch(key_w, x_ulb, strong=False),
     augment.augment_batch(key_s, x_ulb, strong=True),
   )
-
-
-def _median_seconds(fn, runs: int, warmup: int) -> float:
-  """Median wall time of fn() (blocking on its result) after warm-up calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def main():
@@ -64,9 +51,9 @@ def main():
   for shape in ((32, 32, 3), (28, 28, 1)):
     x_lb = jnp.asarray(rng.integers(0, 256, (NUM_LB, *shape), dtype=np.uint8))
     x_ulb = jnp.asarray(rng.integers(0, 256, (NUM_ULB, *shape), dtype=np.uint8))
-    weak = _median_seconds(lambda: _views(key, x_ulb, False), args.runs, args.warmup)
-    strong = _median_seconds(lambda: _views(key, x_ulb, True), args.runs, args.warmup)
-    step = _median_seconds(lambda: _step_views(key, x_lb, x_ulb), args.runs, args.warmup)
+    weak = common.median_seconds(lambda: _views(key, x_ulb, False), args.runs, args.warmup)
+    strong = common.median_seconds(lambda: _views(key, x_ulb, True), args.runs, args.warmup)
+    step = common.median_seconds(lambda: step_views(key, x_lb, x_ulb), args.runs, args.warmup)
     total = NUM_LB + 2 * NUM_ULB
     name = 'x'.join(map(str, shape))
     print(

@@ -1,7 +1,7 @@
 """Each WRN-28-2 convolution alone: forward, input and kernel gradient, XLA against torch.
 
-  python experiments/bench_convs.py                 # N = 240 images (B = 16 at uratio 7)
-  python experiments/bench_convs.py --n=960 --conv_grad=subpixel
+  python -m experiments.bench_convs                 # N = 240 images (B = 16 at uratio 7)
+  python -m experiments.bench_convs --n=960 --conv_grad=subpixel
 
 XLA side: jitted lax.conv_general_dilated (NHWC) and its two VJPs, under the default config's
 xla_flags; torch side (when installed): F.conv2d, torch.nn.grad.conv2d_input / conv2d_weight
@@ -9,13 +9,7 @@ xla_flags; torch side (when installed): F.conv2d, torch.nn.grad.conv2d_input / c
 layer by how often WRN-28-2 has it.
 """
 
-import argparse
 import os
-import statistics
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 from jax import lax
@@ -23,6 +17,7 @@ from jax import lax
 from cmix_jax import parallel
 from cmix_jax.models import conv
 from configs import default
+from experiments import common
 
 # (name, input side, C_in, C_out, kernel, stride, layers of WRN-28-2 with this shape)
 LAYERS = (
@@ -41,13 +36,7 @@ LAYERS = (
 
 def median_ms(fn, repeats: int) -> float:
   """Median wall ms of fn() (its result blocked on) after one warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  return 1e3 * common.median_seconds(fn, repeats)
 
 
 def xla_layer(n, side, c_in, c_out, k, s, conv_grad, repeats) -> tuple[float, float, float]:
@@ -82,9 +71,7 @@ def torch_layer(torch, n, side, c_in, c_out, k, s, repeats) -> tuple[float, floa
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  parser = common.arg_parser(__doc__)
   parser.add_argument('--n', type=int, default=240, help='images per call')
   parser.add_argument('--conv_grad', default='xla', choices=conv.CONV_GRADS)
   parser.add_argument('--repeats', type=int, default=5)

@@ -13,17 +13,12 @@ First it prints what `calibratemix.pair_scope=global` moves between devices per 
 read off the traced program, at CIFAR and ImageNet shapes on 8 devices: full-size images,
 downsampled images and features.
 
-  python experiments/bench_pairing.py [--runs 30] [--warmup 3] [--imagenet] [--bytes_only]
+  python -m experiments.bench_pairing [--runs 30] [--warmup 3] [--imagenet] [--bytes_only]
 """
 
 import argparse
 import functools
 import os
-import statistics
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.extend
@@ -33,7 +28,7 @@ import numpy as np
 from cmix_jax import dynamics
 from cmix_jax import mixup
 from cmix_jax import parallel
-from configs import default
+from experiments import common
 
 N_ANCHORS, POOL, IMAGE, K, NUM_CLASSES = 32, 224, (32, 32, 3), 15, 10
 COLLECTIVES = ('all_gather', 'reduce_scatter')
@@ -135,17 +130,7 @@ def _median_times(fns, runs: int, warmup: int) -> list[float]:
   Not interleaved: right after torch ops, torch's OpenMP threads keep spinning for a while
   and steal the cores from the next case (the jitted kernel measured 3x slower that way).
   """
-  medians = []
-  for fn in fns:
-    for _ in range(warmup):
-      fn()
-    record = []
-    for _ in range(runs):
-      start = time.perf_counter()
-      fn()
-      record.append(time.perf_counter() - start)
-    medians.append(statistics.median(record))
-  return medians
+  return [common.median_seconds(fn, runs, warmup) for fn in fns]
 
 
 @jax.jit
@@ -252,11 +237,7 @@ def main():
     action='store_true',
     help='also time the dynamics step at ImageNet size (5.2 GB of tables)',
   )
-  parser.add_argument(
-    '--xla_flags',
-    default=default.get_config().xla_flags,
-    help="backend flags as config.xla_flags ('' = XLA's defaults)",
-  )
+  common.add_xla_flags(parser)
   parser.add_argument(
     '--bytes_only',
     action='store_true',

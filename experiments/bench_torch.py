@@ -1,10 +1,10 @@
 """PyTorch reference train steps (USB's WRN-28-2, FixMatch, SoftMatch+CalibrateMix) on this machine.
 
   pip install torch==2.13.0                       # the optional extra (setup.cfg: torch)
-  python experiments/bench_torch.py               # B=16, 3 timed steps, torch side only
-  python experiments/bench_torch.py --batch_sizes=16,64 --variants=fixmatch,softmatch+cmix2
-  python experiments/bench_torch.py --compare     # also time OUR steps (experiments/bench.py)
-  python experiments/bench_torch.py --compare --batch_sizes=16,64 --conv_grad=xla,subpixel
+  python -m experiments.bench_torch               # B=16, 3 timed steps, torch side only
+  python -m experiments.bench_torch --batch_sizes=16,64 --variants=fixmatch,softmatch+cmix2
+  python -m experiments.bench_torch --compare     # also time OUR steps (experiments/bench.py)
+  python -m experiments.bench_torch --compare --batch_sizes=16,64 --conv_grad=xla,subpixel
 
 The torch steps follow the reference code (USB `semilearn` + the CalibrateMix reference's
 `softmatch_calibratemix.py`) op for op: one concatenated forward (use_cat), USB losses and
@@ -21,12 +21,10 @@ activations above glibc's 32 MB mmap threshold are freshly mapped and page-fault
 step (about 1M minor faults per step at 480 images), so B=64 figures carry that effect.
 """
 
-import argparse
 import math
 import os
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -34,7 +32,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-EXPERIMENTS_DIR = os.path.dirname(os.path.abspath(__file__))
+from experiments import common
+from experiments import usb_models
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (3, 32, 32)  # CHW, as the reference feeds its network
 TORCH_VARIANTS = ('fixmatch', 'softmatch', 'softmatch+cmix2')
@@ -113,15 +113,7 @@ class WideResNet(nn.Module):
     self.groups = nn.Sequential(*groups)
     self.bn_final = nn.BatchNorm2d(channels[3], eps=1e-3, momentum=1e-3)
     self.classifier = nn.Linear(channels[3], num_classes)
-    for module in self.modules():  # USB's initialisation
-      if isinstance(module, nn.Conv2d):
-        nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='leaky_relu')
-      elif isinstance(module, nn.BatchNorm2d):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-      elif isinstance(module, nn.Linear):
-        nn.init.xavier_normal_(module.weight)
-        nn.init.zeros_(module.bias)
+    usb_models.init_weights(self)
 
   def forward(self, x):  # [N, 3, 32, 32]
     out = self.groups(self.conv1(x))  # [N, 128, 8, 8]
@@ -203,6 +195,13 @@ class Trainer:
     self.update_ema()
     lap('EMA update (shadow + ema_model load_state_dict)')
 
+  def finish_step(self, loss, lap, logged) -> dict:
+    """apply_update, then the step's log: every tensor of logged() read with `.item()`."""
+    self.apply_update(loss, lap)
+    log = {name: value.item() for name, value in logged().items()}
+    lap('logging (.item())')
+    return log
+
   @torch.no_grad()
   def dist_align(self, probs_ulb):  # [U, C] -> [U, C]
     """Uniform distribution alignment (USB DistAlignEMAHook): update p_model, then rescale."""
@@ -271,15 +270,11 @@ def fixmatch_step(trainer: Trainer, batch: dict, lap) -> dict:
   unsup_loss = masked_ce(logits_ulb_s, pseudo_label, mask)
   loss = sup_loss + unsup_loss
   lap('forward + losses')
-  trainer.apply_update(loss, lap)
-  log = dict(
-    sup_loss=sup_loss.item(),
-    unsup_loss=unsup_loss.item(),
-    total_loss=loss.item(),
-    util_ratio=mask.mean().item(),
+  return trainer.finish_step(
+    loss,
+    lap,
+    lambda: dict(sup_loss=sup_loss, unsup_loss=unsup_loss, total_loss=loss, util_ratio=mask.mean()),
   )
-  lap('logging (.item())')
-  return log
 
 
 def softmatch_loss(trainer: Trainer, logits_lb, logits_ulb_w, logits_ulb_s, y_lb):
@@ -328,10 +323,7 @@ def softmatch_cmix_step(trainer: Trainer, batch: dict, lap, mix: bool = True) ->
   trainer.update_aum(logits_lb.detach(), y_lb, batch['idx_lb'])
   if not mix:
     lap('AUM bookkeeping')
-    trainer.apply_update(loss_1, lap)
-    log = dict(total_loss=loss_1.item(), util_ratio=mask.mean().item())
-    lap('logging (.item())')
-    return log
+    return trainer.finish_step(loss_1, lap, lambda: dict(total_loss=loss_1, util_ratio=mask.mean()))
 
   # Median splits: AUM for labeled, APM at the pseudo-label for unlabeled (stable sort).
   aum = trainer.aum_sum[batch['idx_lb']] / (trainer.aum_count[batch['idx_lb']] + 1e-8)  # [B]
@@ -364,17 +356,18 @@ def softmatch_cmix_step(trainer: Trainer, batch: dict, lap, mix: bool = True) ->
   loss_2 = mix_1 + mix_2 + base_2
   total_loss = loss_1 + loss_2
   lap('forward 2 + losses')
-  trainer.apply_update(total_loss, lap)
-  log = dict(
-    loss_1=loss_1.item(),
-    mix_1=mix_1.item(),
-    mix_2=mix_2.item(),
-    loss_2=loss_2.item(),
-    total_loss=total_loss.item(),
-    util_ratio=mask_2.mean().item(),
+  return trainer.finish_step(
+    total_loss,
+    lap,
+    lambda: dict(
+      loss_1=loss_1,
+      mix_1=mix_1,
+      mix_2=mix_2,
+      loss_2=loss_2,
+      total_loss=total_loss,
+      util_ratio=mask_2.mean(),
+    ),
   )
-  lap('logging (.item())')
-  return log
 
 
 STEP_FNS = {
@@ -470,9 +463,8 @@ def op_table(variant: str, batch_size: int, uratio: int, device: str, rows: int 
 
 def import_our_bench():
   """experiments/bench.py (our step), or a clear error while the package is not importable."""
-  sys.path.insert(0, EXPERIMENTS_DIR)
   try:
-    import bench
+    from experiments import bench
   except Exception as e:
     raise SystemExit(
       f'--compare needs experiments/bench.py and the cmix_jax package importable, but the '
@@ -489,9 +481,7 @@ def import_our_bench():
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  parser = common.arg_parser(__doc__)
   parser.add_argument('--batch_sizes', default='16', help='comma-separated labeled batch sizes')
   parser.add_argument('--uratio', type=int, default=7)
   parser.add_argument(

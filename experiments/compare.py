@@ -1,7 +1,7 @@
 """Side-by-side table of finished runs: mean +- std over seeds, USB's published error, dECE.
 
-  python experiments/compare.py runs/sweeps/fmnist_study --out=runs/compare/fmnist
-  python experiments/compare.py RUN_A RUN_B ... [--group_by=calibratemix.passes]
+  python -m experiments.compare runs/sweeps/fmnist_study --out=runs/compare/fmnist
+  python -m experiments.compare RUN_A RUN_B ... [--group_by=calibratemix.passes]
       [--reference=experiments/usb_reference_results.csv] [--paper=paper.csv] [--out=DIR]
 
 A path is a run workdir (holds config.json; finished when it holds eval.json) or a
@@ -18,7 +18,6 @@ USB's (cifar10, cifar100, svhn, stl10); algorithm is the base name, or
 `<base>+calibratemix` / `<base>+randmix` for the variants.
 """
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -29,16 +28,13 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from cmix_jax import metrics as metrics_lib
 from cmix_jax import plots
 from cmix_jax import storage
+from experiments import common
 
 # USB's published classic-CV error rates, shipped beside this script
-DEFAULT_REFERENCE = os.path.join(
-  os.path.dirname(os.path.abspath(__file__)), 'usb_reference_results.csv'
-)
+DEFAULT_REFERENCE = os.path.join(common.EXPERIMENTS, 'usb_reference_results.csv')
 # our data.name -> USB's dataset name (the reference CSV's names)
 DATASET_ALIASES = {
   'svhn_cropped': 'svhn',
@@ -49,7 +45,7 @@ DATASET_ALIASES = {
   'imagenet2012': 'imagenet',
   'imagenet': 'imagenet',
 }
-VARIANTS = ('base', 'cmix', 'randmix')
+VARIANTS = ('base', 'cmix', 'randmix')  # of common.VARIANTS: the paper's arms
 VARIANT_LABELS = {'base': '', 'cmix': ' +CalibrateMix', 'randmix': ' +random mixup'}
 VARIANT_SUFFIXES = {'base': '', 'cmix': '+calibratemix', 'randmix': '+randmix'}
 ALGORITHM_ORDER = ('supervised', 'fullysupervised', 'fixmatch', 'flexmatch', 'softmatch')
@@ -89,19 +85,17 @@ def discover(paths) -> tuple:
       raise ValueError(f'{path} is not a directory; pass run workdirs or folders holding them.')
     for root, dirs, files in storage.walk(path):
       dirs.sort()
-      if 'config.json' in files or 'eval.json' in files:
-        (finished if 'eval.json' in files else unfinished).append(os.fspath(root))
+      if 'config.json' in files or common.FINISHED_FILE in files:
+        (finished if common.FINISHED_FILE in files else unfinished).append(os.fspath(root))
         dirs[:] = []  # a run's subfolders (checkpoints) hold no further runs
   return sorted(set(finished)), sorted(set(unfinished))
 
 
 def _get(config: dict, dotted: str, source: str):
-  node = config
-  for part in dotted.split('.'):
-    if not isinstance(node, dict) or part not in node:
-      raise KeyError(f'{source} has no "{dotted}"')
-    node = node[part]
-  return node
+  try:
+    return common.dotted(config, dotted)
+  except KeyError:
+    raise KeyError(f'{source} has no "{dotted}"') from None
 
 
 def _read_json(path: str):
@@ -109,14 +103,6 @@ def _read_json(path: str):
     return storage.read_json(path)
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f'cannot read {path}: {e}') from e
-
-
-def variant_of(config: dict) -> str:
-  """base | cmix | randmix from calibratemix.enabled / random_pairing."""
-  cm = config.get('calibratemix', {}) or {}
-  if not cm.get('enabled', False):
-    return 'base'
-  return 'randmix' if cm.get('random_pairing', False) else 'cmix'
 
 
 def load_run(workdir: str, group_by=()) -> Run:
@@ -147,7 +133,7 @@ def load_run(workdir: str, group_by=()) -> Run:
     dataset=DATASET_ALIASES.get(data_name, data_name),
     num_labels=num_labels,
     algorithm=algorithm,
-    variant=variant_of(config),
+    variant=common.variant_of(config, VARIANTS),
     extra=extra,
     seed=seed,
     selection=str(report.get('selection', 'unknown')),
@@ -460,9 +446,7 @@ def pooled_reliability(runs) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  parser = common.arg_parser(__doc__)
   parser.add_argument('workdirs', nargs='+', help='run workdirs or folders holding them')
   parser.add_argument(
     '--group_by', default='', help='comma-separated dotted config keys that also split groups'

@@ -1,9 +1,9 @@
 """Fault drill: runs each fault case against fresh temp workdirs and prints one line per case.
 
-  python experiments/faults.py [--keep]     # exit status 1 if any case fails
+  python -m experiments.faults [--keep]     # exit status 1 if any case fails
 
-Every case runs `python -m cmix_jax.main --config=experiments/faults.py` (this file is also
-the config: a tiny fake-data job, 2 fake CPU devices) as a subprocess and checks what a user
+Every case runs `python -m cmix_jax.main --config=configs/tiny.py:faults` (a tiny fake-data
+job, 2 fake CPU devices) as a subprocess and checks what a user
 would see: exit status, one error line without a traceback, what is left in the workdir, and
 that a resumed run ends in the same state as an uninterrupted one (every array of the final
 checkpoint equal). The small-disk case mounts a tmpfs (needs root); where it cannot, it says
@@ -20,41 +20,12 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS, CHECKPOINT_EVERY = 300, 100
+from configs import tiny
+from experiments import common
+
+CONFIG = 'configs/tiny.py:faults'
+STEPS, CHECKPOINT_EVERY = tiny.FAULT_STEPS, tiny.FAULT_CHECKPOINT_EVERY
 DEVICES = 2
-
-
-def get_config():
-  """The drill's job: FixMatch + CalibrateMix, tiny CNN, fake 12x12 data, 300 steps."""
-  import ml_collections
-
-  sys.path.insert(0, REPO)
-  from configs import default
-
-  config = default.get_config()
-  config.num_train_steps = STEPS
-  config.log_every = 50
-  config.eval_every = STEPS
-  config.checkpoint_every = CHECKPOINT_EVERY
-  config.progress_bar = False
-  config.data.name = 'fake'
-  config.data.fake = ml_collections.ConfigDict(
-    dict(  # fake data set: sizes and shape
-      num_train=256, num_test=40, image_shape=(12, 12, 1), num_classes=4, seed=0
-    )
-  )
-  config.data.num_labels = 32
-  config.data.val_size = 0
-  config.data.batch_size = 16
-  config.data.uratio = 2
-  config.data.eval_batch_size = 16
-  config.model.name = 'cnn_small_nobn'
-  config.ssl.p_cutoff = 0.3
-  config.calibratemix.enabled = True
-  config.calibratemix.warmup_steps = 50
-  config.eval.plots = False
-  return config
 
 
 # ----------------------------------------------------------------------------
@@ -62,20 +33,13 @@ def get_config():
 
 
 def main_command(workdir: str, *overrides: str) -> list[str]:
-  return [
-    sys.executable,
-    '-m',
-    'cmix_jax.main',
-    f'--config={os.path.abspath(__file__)}',
-    f'--workdir={workdir}',
-    *overrides,
-  ]
+  return common.main_command(CONFIG, workdir, flags=overrides)
 
 
 def environment() -> dict:
   env = dict(
     os.environ,
-    PYTHONPATH=REPO,
+    PYTHONPATH=common.REPO,
     TF_CPP_MIN_LOG_LEVEL='3',
     XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES}',
   )
@@ -85,7 +49,7 @@ def environment() -> dict:
 def run_main(workdir: str, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess:
   return subprocess.run(
     main_command(workdir, *overrides),
-    cwd=REPO,
+    cwd=common.REPO,
     env=environment(),
     capture_output=True,
     text=True,
@@ -98,33 +62,21 @@ def error_lines(stderr: str) -> list[str]:
   return [line for line in stderr.splitlines() if line.startswith('error: ')]
 
 
-def final_state(workdir: str):
-  """(step, {path: numpy array}) of the newest checkpoint, read back with orbax."""
-  import jax
-  import numpy as np
-  import orbax.checkpoint as ocp
-
-  ckpts = os.path.join(workdir, 'checkpoints')
-  step = max(int(name) for name in os.listdir(ckpts) if name.isdigit())
-  path = os.path.join(ckpts, str(step), 'state')
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  restored = checkpointer.restore(
-    path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  )
-  flat = jax.tree_util.tree_flatten_with_path(restored)[0]
-  return step, {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
-
-
 def same_end(reference: str, workdir: str) -> str:
   """'' if both runs end at the same step with equal arrays, else what differs."""
+  import jax
   import numpy as np
 
-  step_a, state_a = final_state(reference)
-  step_b, state_b = final_state(workdir)
+  step_a, state_a, _ = common.read_checkpoint(reference)
+  step_b, state_b, _ = common.read_checkpoint(workdir)
   if step_a != step_b:
     return f'final step {step_b} != {step_a}'
-  differing = [k for k in state_a if not np.array_equal(state_a[k], state_b.get(k))]
+  arrays_b = dict(jax.tree_util.tree_flatten_with_path(state_b)[0])
+  differing = [
+    jax.tree_util.keystr(path)
+    for path, x in jax.tree_util.tree_flatten_with_path(state_a)[0]
+    if not np.array_equal(x, arrays_b.get(path))
+  ]
   return f'{len(differing)} arrays differ, e.g. {differing[:2]}' if differing else ''
 
 
@@ -138,6 +90,21 @@ def garble(path: str) -> None:
 def copy_run(src: str, dst: str) -> str:
   shutil.copytree(src, dst, symlinks=True)
   return dst
+
+
+def rerun_damaged(root: str, workdir: str, moved_aside: str, done: str):
+  """Reruns a damaged copy of the reference run: passes when the damaged checkpoint is now
+  `moved_aside` in checkpoints/ and the run ends as the uninterrupted one did."""
+  proc = run_main(workdir)
+  entries = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
+  diff = same_end(os.path.join(root, 'reference'), workdir) if proc.returncode == 0 else 'n/a'
+  ok = proc.returncode == 0 and moved_aside in entries and not diff
+  return (
+    done,
+    f'status {proc.returncode}, checkpoints/ = {entries}, end state '
+    f'{"equal to uninterrupted" if not diff else diff}',
+    ok,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -176,7 +143,7 @@ def case_reference(root: str):
   workdir = os.path.join(root, 'reference')
   start = time.time()
   proc = run_main(workdir)
-  ok = proc.returncode == 0 and os.path.exists(os.path.join(workdir, 'eval.json'))
+  ok = proc.returncode == 0 and common.is_finished(workdir)
   return (
     'corrected rerun (no bad override), uninterrupted',
     f'status {proc.returncode} in {time.time() - start:.0f}s, eval.json '
@@ -188,15 +155,8 @@ def case_reference(root: str):
 def case_corrupt_newest(root: str):
   workdir = copy_run(os.path.join(root, 'reference'), os.path.join(root, 'corrupt'))
   garble(os.path.join(workdir, 'checkpoints', str(STEPS)))
-  proc = run_main(workdir)
-  entries = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
-  diff = same_end(os.path.join(root, 'reference'), workdir) if proc.returncode == 0 else 'n/a'
-  ok = proc.returncode == 0 and f'{STEPS}.unreadable' in entries and not diff
-  return (
-    f'garbled every file of checkpoint {STEPS}, reran',
-    f'status {proc.returncode}, checkpoints/ = {entries}, end state '
-    f'{"equal to uninterrupted" if not diff else diff}',
-    ok,
+  return rerun_damaged(
+    root, workdir, f'{STEPS}.unreadable', f'garbled every file of checkpoint {STEPS}, reran'
   )
 
 
@@ -204,15 +164,8 @@ def case_leftover_tmp(root: str):
   workdir = copy_run(os.path.join(root, 'reference'), os.path.join(root, 'leftover'))
   ckpts = os.path.join(workdir, 'checkpoints')
   os.rename(os.path.join(ckpts, str(STEPS)), os.path.join(ckpts, f'{STEPS}.orbax-checkpoint-tmp'))
-  proc = run_main(workdir)
-  entries = sorted(os.listdir(ckpts))
-  diff = same_end(os.path.join(root, 'reference'), workdir) if proc.returncode == 0 else 'n/a'
-  ok = proc.returncode == 0 and f'{STEPS}.partial' in entries and not diff
-  return (
-    f'left a cut-off save {STEPS}.orbax-checkpoint-tmp, reran',
-    f'status {proc.returncode}, checkpoints/ = {entries}, end state '
-    f'{"equal to uninterrupted" if not diff else diff}',
-    ok,
+  return rerun_damaged(
+    root, workdir, f'{STEPS}.partial', f'left a cut-off save {STEPS}.orbax-checkpoint-tmp, reran'
   )
 
 
@@ -265,7 +218,7 @@ def case_sigterm(root: str):
   workdir = os.path.join(root, 'preempted')
   proc = subprocess.Popen(
     main_command(workdir),
-    cwd=REPO,
+    cwd=common.REPO,
     env=environment(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
@@ -297,7 +250,7 @@ def case_second_writer(root: str):
   longer = '--config.num_train_steps=100000'  # the holder outlives the second start
   holder = subprocess.Popen(
     main_command(workdir, longer),
-    cwd=REPO,
+    cwd=common.REPO,
     env=environment(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,

@@ -1,10 +1,10 @@
 """Prints (--dry_run) or runs the commands that train one config on Cloud TPU, a GPU node or SLURM.
 
-  python experiments/launch.py --target=tpu --name=cmix-v4 --zone=us-central2-b \\
+  python -m experiments.launch --target=tpu --name=cmix-v4 --zone=us-central2-b \\
       --accelerator_type=v4-32 --bucket=my-bucket --spot \\
       --config=configs/classic_cv.py:softmatch,cifar10,40,0,cmix --dry_run
-  python experiments/launch.py --target=gpu --config=configs/classic_cv.py:fixmatch,svhn,40,0
-  python experiments/launch.py --target=slurm --nodes=4 --gpus_per_node=8 --bucket=my-bucket \\
+  python -m experiments.launch --target=gpu --config=configs/classic_cv.py:fixmatch,svhn,40,0
+  python -m experiments.launch --target=slurm --nodes=4 --gpus_per_node=8 --bucket=my-bucket \\
       --config=configs/classic_cv.py:softmatch,cifar100,400,0,cmix --dry_run \\
       -- --config.calibratemix.passes=1
 
@@ -19,20 +19,15 @@ SLURM document; tests check the printed lines, not a real cloud.
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
 import subprocess
 import sys
 
-from etils import epath
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
 from cmix_jax import config_validation
 from cmix_jax.data import specs
+from experiments import common
 
 TARGETS = ('tpu', 'gpu', 'slurm')
 TARBALL = 'cmix_jax.tar.gz'  # `git archive` of HEAD (in the repo root, git-ignored), copied to every TPU worker
@@ -61,7 +56,7 @@ class _Parser(argparse.ArgumentParser):
   """argparse whose errors are one LaunchError line instead of usage + exit."""
 
   def error(self, message):
-    raise LaunchError(f'{message} (see `python experiments/launch.py --help`).')
+    raise LaunchError(f'{message} (see `python -m experiments.launch --help`).')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +69,7 @@ class Step:
 
 
 def make_parser() -> argparse.ArgumentParser:
-  parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = common.arg_parser(__doc__, _Parser)
   parser.add_argument('--target', required=True, choices=TARGETS, help='where to train')
   parser.add_argument(
     '--config',
@@ -128,18 +123,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 def load_config(config_flag: str):
   """The ConfigDict of `file[:argument]`, as ml_collections' config_flags builds it."""
-  path, _, argument = config_flag.partition(':')
-  file = epath.Path(path if os.path.isabs(path) else os.path.join(REPO, path))
-  if not file.exists():
-    raise LaunchError(
-      f'--config file {path} does not exist: give a path such as '
-      'configs/classic_cv.py:fixmatch,cifar10,40,0 (relative to the repo).'
-    )
-  spec = importlib.util.spec_from_file_location(f'launch_config_{file.stem}', str(file))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
   try:
-    return module.get_config(argument) if argument else module.get_config()
+    return common.load_config(config_flag)
+  except FileNotFoundError as e:
+    raise LaunchError(
+      f'--config file {config_flag.partition(":")[0]} does not exist: give a path such as '
+      'configs/classic_cv.py:fixmatch,cifar10,40,0 (relative to the repo).'
+    ) from e
   except ValueError as e:
     raise LaunchError(f'--config={config_flag}: {e}') from e
 
@@ -305,15 +295,9 @@ def plan(args: argparse.Namespace) -> Plan:
 
 def train_argv(p: Plan, python: str = 'python') -> list[str]:
   """The argv of cmix_jax.main for this plan."""
-  return [
-    python,
-    '-m',
-    'cmix_jax.main',
-    f'--config={p.args.config}',
-    f'--config.data.data_dir={p.data_dir}',
-    f'--workdir={p.workdir}',
-    *p.args.overrides,
-  ]
+  return common.main_command(
+    p.args.config, p.workdir, flags=p.args.overrides, python=python, data_dir=p.data_dir
+  )
 
 
 def tfds_build_argv(p: Plan) -> list[str] | None:
@@ -467,7 +451,7 @@ def main(argv=None) -> int:
       print(f'# {step.what}:\n{shlex.join(step.argv)}')
       continue
     print(f'# {i}. {step.what}\n{shlex.join(step.argv)}', flush=True)
-    result = subprocess.run(step.argv, cwd=REPO, check=False)
+    result = subprocess.run(step.argv, cwd=common.REPO, check=False)
     if result.returncode:
       print(
         f'launch.py: step {i} ({step.what}) failed with exit code {result.returncode}; '

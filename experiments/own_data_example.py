@@ -1,9 +1,9 @@
 """Your own data, worked end to end: scikit-learn's bundled digits as a .npz and as a folder.
 
-  python experiments/own_data_example.py                    # build data, train, print metrics
-  python experiments/own_data_example.py --format=folder    # same run from the image folder
-  python experiments/own_data_example.py --build_only       # just write the two data sources
-  python experiments/own_data_example.py --config.calibratemix.enabled=True  # any config flag
+  python -m experiments.own_data_example                    # build data, train, print metrics
+  python -m experiments.own_data_example --format=folder    # same run from the image folder
+  python -m experiments.own_data_example --build_only       # just write the two data sources
+  python -m experiments.own_data_example --config.calibratemix.enabled=True  # any config flag
 
 Writes OUT/digits.npz (x_train, y_train, x_test, y_test, class_names; uint8 8x8x1) and the
 same images as OUT/digits_folder/{train,test}/<class>/*.png, then trains FixMatch on it with
@@ -14,19 +14,15 @@ identical run, test accuracy 0.900, ECE 0.034, NLL 0.365 (final EMA checkpoint);
 --config.calibratemix.enabled=True (out runs/own_data_cm, ~1 min): 0.907, ECE 0.042, NLL 0.361.
 """
 
-import argparse
 import io
 import os
 import shlex
 import subprocess
-import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 from cmix_jax import storage
+from experiments import common
 
 TEST_PER_CLASS = 30
 
@@ -93,20 +89,11 @@ def train_command(data_name: str, workdir: str, steps: int, data_dir: str) -> li
     'log_every': max(steps // 10, 1),
     'calibratemix.warmup_steps': steps // 4,
   }
-  return [
-    sys.executable,
-    '-m',
-    'cmix_jax.main',
-    '--config=configs/default.py',
-    f'--workdir={workdir}',
-    *[f'--config.{k}={v}' for k, v in overrides.items()],
-  ]
+  return common.main_command('configs/default.py', workdir, overrides)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  parser = common.arg_parser(__doc__)
   parser.add_argument(
     '--out', default='runs/own_data', help='where data and the run go (local or gs://)'
   )
@@ -130,7 +117,7 @@ def main(argv=None):
   workdir = os.path.join(out, f'run_{args.format}')
   cmd = train_command(data_name, workdir, args.steps, os.path.join(out, 'tfds')) + extra
   print('$', ' '.join(shlex.quote(c) for c in cmd), flush=True)
-  subprocess.run(cmd, cwd=ROOT, check=True)
+  subprocess.run(cmd, cwd=common.REPO, check=True)
   report = storage.read_json(os.path.join(workdir, 'eval.json'))
   print(
     f'{args.format}: step {report["step"]} ({report["selection"]} checkpoint), '

@@ -1,8 +1,8 @@
 """Per-op profile of one train step on this machine (jax.profiler), grouped by XLA thunk kind.
 
-  python experiments/profile_step.py                             # FixMatch, WRN-28-2, B=16
-  python experiments/profile_step.py --conv_grad=subpixel --batch_size=64
-  python experiments/profile_step.py --model=cnn_small --image_shape=28,28,1
+  python -m experiments.profile_step                             # FixMatch, WRN-28-2, B=16
+  python -m experiments.profile_step --conv_grad=subpixel --batch_size=64
+  python -m experiments.profile_step --model=cnn_small --image_shape=28,28,1
 
 Traces --steps steps after compiling and warming up, then sums the trace's events of XLA's
 host threads by kind (the thunk name without its .N suffix: transpose_copy_fusion,
@@ -12,37 +12,21 @@ the convolutions' compute is what the traced kinds leave of the pool's two threa
 ('untraced: Eigen conv kernels + idle'). Each kind: ms per step summed over threads.
 """
 
-import argparse
 import collections
 import glob
 import os
 import re
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench
 import jax
 
 from cmix_jax import parallel
-from cmix_jax import run_setup
 from configs import default
+from experiments import bench
+from experiments import common
 
 SKIP = ('ThunkExecutor::Execute', 'ThunkExecutor::Execute (wait for completion)')
-
-
-def compiled_step(config):
-  """(compiled step, state, batch, iterator) of a bench config on one device."""
-  run = run_setup.build_run(config, tempfile.mkdtemp())
-  state, _ = run_setup.initial_state(run)
-  state = parallel.stack_state(state, run.topo, run.sharded_field)
-  batches = run_setup.train_iterator(run, 0)
-  batch = next(batches)
-  kind = 'mix' if config.calibratemix.enabled else 'base'
-  return run_setup.make_step_fns(run)[kind].lower(state, batch).compile(), state, batch, batches
 
 
 def trace_steps(step, state, batch, steps: int, trace_dir: str) -> float:
@@ -76,9 +60,7 @@ def kinds(trace_dir: str) -> tuple[collections.Counter, collections.Counter, int
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  parser = common.arg_parser(__doc__)
   parser.add_argument('--variant', default='fixmatch', choices=sorted(bench.VARIANTS))
   parser.add_argument('--batch_size', type=int, default=16)
   parser.add_argument('--uratio', type=int, default=7)
@@ -94,14 +76,14 @@ def main(argv=None):
     args.variant, args.batch_size, args.uratio, args.model, shape, num_devices=1
   )
   config.model.conv_grad = args.conv_grad
-  step, state, batch, batches = compiled_step(config)
-  for _ in range(2):  # warm-up
-    state, _ = step(state, batch)
-  jax.block_until_ready(state.params)
-  with tempfile.TemporaryDirectory() as trace_dir:
+  with tempfile.TemporaryDirectory() as workdir, tempfile.TemporaryDirectory() as trace_dir:
+    _, step, state, batch, batches = bench.compiled_step(config, workdir)
+    for _ in range(2):  # warm-up
+      state, _ = step(state, batch)
+    jax.block_until_ready(state.params)
     wall = trace_steps(step, state, batch, args.steps, trace_dir) / args.steps
     ns, count, threads = kinds(trace_dir)
-  batches.close()
+    batches.close()
   ms = {k: v / 1e6 / args.steps for k, v in ns.items()}
   pool_ms = 1e3 * wall * threads
   print(

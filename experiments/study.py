@@ -1,9 +1,9 @@
 """The controlled study: CalibrateMix against its base, its second pass and its ablations.
 
-  python experiments/study.py                       # runs what is missing, then the table
-  python experiments/study.py --dry_run             # lists the runs and their state
-  python experiments/study.py --table_only          # re-aggregates the result files
-  python experiments/study.py --config=configs/fmnist_maturity.py --seeds=0,1,2 \
+  python -m experiments.study                       # runs what is missing, then the table
+  python -m experiments.study --dry_run             # lists the runs and their state
+  python -m experiments.study --table_only          # re-aggregates the result files
+  python -m experiments.study --config=configs/fmnist_maturity.py --seeds=0,1,2 \
       --variants=base,control,cmix,cmix_fused --family=maturity --labels=40 \
       --root=runs/fmnist_maturity --out=experiments/results/fmnist_controlled/maturity
 
@@ -23,7 +23,6 @@ files alone. `--config.*` arguments go to every run unchanged (and are recorded;
 folder holds one setting).
 """
 
-import argparse
 import json
 import math
 import os
@@ -34,26 +33,12 @@ import traceback
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
-
-import compare
 from cmix_jax import storage
+from experiments import common
+from experiments import compare
 
 CONFIG = 'configs/fmnist_dynamics.py'
 BASES = ('fixmatch', 'softmatch')
-# variant -> config overrides on top of a base algorithm
-VARIANTS = {
-  'base': {},
-  'control': {'calibratemix.enabled': True, 'calibratemix.second_pass_only': True},
-  'cmix': {'calibratemix.enabled': True},
-  'cmix_fused': {'calibratemix.enabled': True, 'calibratemix.passes': 1},
-  'split_random': {'calibratemix.enabled': True, 'calibratemix.pair_k_frac': 1.0},
-  'randmix': {'calibratemix.enabled': True, 'calibratemix.random_pairing': True},
-  'ls': {'ssl.label_smoothing': 0.1},
-}
 VARIANT_LABELS = {
   'base': '',
   'control': ' + second pass, no mixup (control)',
@@ -69,18 +54,14 @@ ACC_MARGIN = 0.005  # "without costing accuracy": the 95 % interval stays above 
 
 def cells(variants=DEFAULT_VARIANTS, labels=(None,)) -> list[tuple]:
   """(algorithm, variant, labels) of every cell: per label count, supervised, then each base."""
-  unknown = sorted(set(variants) - set(VARIANTS))
+  unknown = sorted(set(variants) - set(common.VARIANTS))
   if unknown:
-    raise ValueError(f'unknown variants {unknown}; use some of {", ".join(VARIANTS)}.')
+    raise ValueError(f'unknown variants {unknown}; use some of {", ".join(common.VARIANTS)}.')
   return [
     cell
     for n in labels
     for cell in [('supervised', 'base', n)] + [(b, v, n) for b in BASES for v in variants]
   ]
-
-
-def run_name(algorithm: str, variant: str, seed: int, labels=None) -> str:
-  return f'{algorithm}-{variant}' + ('' if labels is None else f'-n{labels}') + f'-s{seed}'
 
 
 def grid(seeds, variants=DEFAULT_VARIANTS, labels=(None,)) -> list[dict]:
@@ -90,7 +71,7 @@ def grid(seeds, variants=DEFAULT_VARIANTS, labels=(None,)) -> list[dict]:
   """
   return [
     {
-      'name': run_name(a, v, s, n),
+      'name': common.run_name(a, v, s, n),
       'algorithm': a,
       'variant': v,
       'labels': n,
@@ -99,7 +80,7 @@ def grid(seeds, variants=DEFAULT_VARIANTS, labels=(None,)) -> list[dict]:
         'algorithm': a,
         'seed': s,
         **({} if n is None else {'data.num_labels': n}),
-        **VARIANTS[v],
+        **common.VARIANTS[v],
       },
     }
     for s in seeds
@@ -116,23 +97,20 @@ def state_of(run: dict, out: str, root: str) -> str:
   workdir = storage.as_path(root) / run['name']
   if storage.as_path(result_path(out, run['name'])).exists():
     return 'done'
-  if (workdir / 'eval.json').exists():
+  if common.is_finished(workdir):
     return 'analyse'
   return 'resume' if (workdir / 'checkpoints').is_dir() else 'run'
 
 
 def train_command(run: dict, workdir: str, config: str, user: dict, python: str) -> list[str]:
   """argv of one training run: the cell's overrides, then the user's (`--config.*`)."""
-  argv = [python, '-m', 'cmix_jax.main', f'--config={config}', f'--workdir={workdir}']
-  argv += [f'--config.{k}={v}' for k, v in {**run['overrides'], **user}.items()]
-  return argv + ['--config.progress_bar=False']
+  overrides = {**run['overrides'], **user}
+  return common.main_command(config, workdir, overrides, ['--config.progress_bar=False'], python)
 
 
 def log_path(workdir: str) -> str:
   """Local file for a run's output: beside its workdir, or under runs/study_logs/ for gs://."""
-  if storage.is_remote(workdir):
-    return os.path.join('runs', 'study_logs', os.path.basename(workdir.rstrip('/')) + '.log')
-  return os.path.abspath(os.path.expanduser(workdir)) + '.log'
+  return common.log_path(workdir, os.path.join('runs', 'study_logs'))
 
 
 def train(run: dict, workdir: str, config: str, user: dict) -> float:
@@ -145,7 +123,7 @@ def train(run: dict, workdir: str, config: str, user: dict) -> float:
       train_command(run, workdir, config, user, sys.executable),
       stdout=log,
       stderr=subprocess.STDOUT,
-      cwd=ROOT,
+      cwd=common.REPO,
     )
   if code:
     raise RuntimeError(f'{run["name"]} failed (exit {code}); see {log_file}')
@@ -153,14 +131,9 @@ def train(run: dict, workdir: str, config: str, user: dict) -> float:
 
 
 def analyse(workdir: str) -> dict:
-  import study_analysis
+  from experiments import study_analysis
 
   return study_analysis.analyze(workdir)
-
-
-def write_json(path: str, record) -> None:
-  """Written whole, local or gs:// (a killed study never leaves half a result file)."""
-  storage.write_json(path, record, indent=1, sort_keys=True, allow_nan=True)
 
 
 def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
@@ -186,7 +159,7 @@ def complete(run: dict, out: str, root: str, config: str, user: dict) -> dict:
     **analyse(workdir),
   }
   record['analysis_seconds'] = time.time() - start
-  write_json(result_path(out, run['name']), record)
+  common.write_json(result_path(out, run['name']), record)
   return record
 
 
@@ -445,7 +418,7 @@ def cell_order(cell: tuple) -> tuple:
   return (
     -1 if labels is None else labels,
     algorithms.index(algorithm) if algorithm in algorithms else len(algorithms),
-    list(VARIANTS).index(variant) if variant in VARIANTS else len(VARIANTS),
+    list(common.VARIANTS).index(variant) if variant in common.VARIANTS else len(common.VARIANTS),
   )
 
 
@@ -637,7 +610,7 @@ def write_table(out: str, family: str = 'main') -> tuple[str, dict]:
     raise SystemExit(f'no result files in {out}/runs yet: run the study first.')
   markdown, summary = table(results, family)
   storage.write_text(storage.as_path(out) / 'table.md', markdown)
-  write_json(os.path.join(out, 'summary.json'), summary)
+  common.write_json(os.path.join(out, 'summary.json'), summary)
   return markdown, summary
 
 
@@ -661,13 +634,11 @@ def parse_overrides(extra: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
+  parser = common.arg_parser(__doc__)
   parser.add_argument('--seeds', default='0,1,2,3,4', help='comma-separated seeds (labeled draws)')
   parser.add_argument(
     '--out',
-    default=os.path.join(HERE, 'results', 'fmnist_controlled'),
+    default=os.path.join(common.EXPERIMENTS, 'results', 'fmnist_controlled'),
     help='results folder: runs/*.json, table.md, summary.json',
   )
   parser.add_argument('--root', default='runs/fmnist_controlled', help='run workdirs')
@@ -675,7 +646,7 @@ def main(argv=None) -> int:
   parser.add_argument(
     '--variants',
     default=','.join(DEFAULT_VARIANTS),
-    help=f'variants of each base to run (supervised always runs); of {",".join(VARIANTS)}',
+    help=f'variants of each base to run (supervised always runs); of {",".join(common.VARIANTS)}',
   )
   parser.add_argument(
     '--labels',

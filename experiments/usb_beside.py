@@ -1,9 +1,9 @@
 """USB's own FixMatch and SoftMatch (semilearn, unmodified) on our data draw and our network.
 
   pip install --no-deps semilearn==0.3.2 torchvision==0.28.0   # setup.cfg's usb extra says why
-  python experiments/usb_beside.py                                    # what is missing
-  python experiments/usb_beside.py --bases=softmatch --seeds=0 --steps=3 --out=runs/usb_smoke
-  python experiments/usb_compare.py                                   # USB beside ours
+  python -m experiments.usb_beside                                    # what is missing
+  python -m experiments.usb_beside --bases=softmatch --seeds=0 --steps=3 --out=runs/usb_smoke
+  python -m experiments.usb_compare                                   # USB beside ours
 
 Each run trains semilearn's algorithm class (built with `semilearn.get_config` and
 `semilearn.get_algorithm`, trained by its own `AlgorithmBase.train` loop and hooks) on CPU:
@@ -39,17 +39,13 @@ import types
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
-
 from cmix_jax import metrics
 from cmix_jax import storage
 from cmix_jax.data import augment
 from cmix_jax.data import catalog
 from cmix_jax.data import splits
 from cmix_jax.data import ssl_data
+from experiments import common
 
 CONFIG = 'configs/fmnist_dynamics.py'
 # What experiments/study.py sets on top of CONFIG for its runs (dotted key -> value).
@@ -132,12 +128,7 @@ DIFFERENCES = [
 
 def study_config(steps: int, config_path: str = CONFIG):
   """CONFIG with STUDY_OVERRIDES and `steps` training steps."""
-  spec = importlib.util.spec_from_file_location(
-    'usb_beside_config', os.path.join(ROOT, config_path)
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = common.load_config(config_path)
   for key, value in STUDY_OVERRIDES.items():
     node, *rest = key.split('.')
     config[node][rest[0]] = value
@@ -148,7 +139,7 @@ def study_config(steps: int, config_path: str = CONFIG):
 def data_dir(config) -> str:
   """The config's data_dir; a relative one is taken from the repository root."""
   path = os.path.expanduser(config.data.data_dir)
-  return path if os.path.isabs(path) or storage.is_remote(path) else os.path.join(ROOT, path)
+  return path if os.path.isabs(path) or storage.is_remote(path) else os.path.join(common.REPO, path)
 
 
 def draw_split(config, seed: int, raw=None) -> ssl_data.SSLData:
@@ -483,7 +474,7 @@ def train_usb(config, base: str, seed: int, data, num_workers: int, threads: int
   """Trains semilearn's `base` on our split; returns test logits, USB's accuracy, counts."""
   import torch
 
-  import usb_models
+  from experiments import usb_models
 
   torch.set_num_threads(threads)
   semilearn, applied = import_semilearn()
@@ -544,7 +535,7 @@ def our_split_file(our_root: str, base: str, num_labels: int, seed: int) -> str:
   """split.json of our matching base run under --our_root ('' when no root is given)."""
   if not our_root:
     return ''
-  return os.path.join(our_root, f'{base}-base-n{num_labels}-s{seed}', splits.SPLIT_FILE)
+  return os.path.join(our_root, common.run_name(base, 'base', seed, num_labels), splits.SPLIT_FILE)
 
 
 def cpu_model() -> str:
@@ -562,7 +553,7 @@ def cpu_model() -> str:
 def git_commit() -> str:
   """HEAD of this checkout, with '+dirty' when tracked files differ from it."""
   run = lambda *a: subprocess.run(
-    ['git', *a], cwd=ROOT, capture_output=True, text=True, check=False
+    ['git', *a], cwd=common.REPO, capture_output=True, text=True, check=False
   ).stdout.strip()
   head = run('rev-parse', 'HEAD') or 'unknown'
   return head + ('+dirty' if run('status', '--porcelain', '--untracked-files=no') else '')
@@ -648,11 +639,6 @@ def run_one(config, base: str, seed: int, raw, args) -> dict:
   }
 
 
-def write_json(path: str, record) -> None:
-  """Written whole (a killed run never leaves half a result file)."""
-  storage.write_json(path, record, indent=1, sort_keys=True, allow_nan=True)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--bases', default=','.join(BASES), help='fixmatch,softmatch')
@@ -689,7 +675,7 @@ def main(argv=None) -> int:
         raw = catalog.open_dataset(config.data.name, data_dir(config))
       print(f'running  {base} seed {seed}, {args.steps} steps', flush=True)
       record = run_one(config, base, seed, raw, args)
-      write_json(path, record)
+      common.write_json(path, record)
       m = record['metrics']
       print(
         f'wrote    {path}: accuracy {m["accuracy"]:.4f} ECE {m["ece"]:.4f} '

@@ -1,7 +1,7 @@
 """USB's FixMatch / SoftMatch (experiments/usb_beside.py) beside ours, seed by seed: a Markdown table.
 
-  python experiments/usb_compare.py
-  python experiments/usb_compare.py --usb=DIR --ours=DIR --our_root=DIR --out=table.md
+  python -m experiments.usb_compare
+  python -m experiments.usb_compare --usb=DIR --ours=DIR --our_root=DIR --out=table.md
 
 --usb holds usb_beside.py's `<base>-n<labels>-s<seed>.json`; --ours holds our study's
 `<base>-base-n<labels>-s<seed>.json` (keys metrics.accuracy, metrics.ece); --our_workdirs
@@ -23,12 +23,8 @@ import os
 import re
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
-
-import compare
+from experiments import common
+from experiments import compare
 
 BASES = ('fixmatch', 'softmatch')
 METRICS = (('accuracy', 'accuracy'), ('ece', 'ECE (10 bins)'))
@@ -66,7 +62,7 @@ def load_workdirs(folder: str, labels: int) -> dict:
   found = {}
   for name in sorted(os.listdir(folder)):
     match = OURS_FILE.match(name + '.json')
-    path = os.path.join(folder, name, 'eval.json')
+    path = os.path.join(folder, name, common.FINISHED_FILE)
     if not match or match['base'] not in BASES or not os.path.exists(path):
       continue
     if int(match['labels'] or labels) != labels:
@@ -80,14 +76,15 @@ def load_workdirs(folder: str, labels: int) -> dict:
 
 def save_workdir_records(workdirs: dict, folder: str, labels: int) -> list[str]:
   """Writes each workdir-sourced record of ours as `<base>-base-n<labels>-s<seed>.json`."""
-  import usb_beside
+  from experiments import usb_beside
 
   os.makedirs(folder, exist_ok=True)
   written = []
   for (base, seed), record in sorted(workdirs.items()):
-    path = os.path.join(folder, f'{base}-base-n{labels}-s{seed}.json')
+    name = common.run_name(base, 'base', seed, labels)
+    path = os.path.join(folder, f'{name}.json')
     out = {
-      'name': f'{base}-base-n{labels}-s{seed}',
+      'name': name,
       'algorithm': base,
       'seed': seed,
       'metrics': {k: v for k, v in record['metrics'].items() if isinstance(v, (int, float))},
@@ -225,12 +222,12 @@ def per_seed_table(usb: dict, ours: dict) -> str:
 
 def audit(usb: dict, our_root: str) -> list[str]:
   """Split and hyperparameter checks of every USB run against our workdir of the same draw."""
-  import usb_beside
+  from experiments import usb_beside
 
   notes = []
   for (base, seed), record in sorted(usb.items()):
     labels = record['hyperparameters']['data.num_labels']
-    name = f'{base}-base-n{labels}-s{seed}'
+    name = common.run_name(base, 'base', seed, labels)
     roots = [r for r in our_root.split(',') if os.path.exists(os.path.join(r, name, 'split.json'))]
     workdir = os.path.join(roots[0] if roots else '', name)
     split_file = os.path.join(workdir, 'split.json')
@@ -308,11 +305,11 @@ def main(argv=None) -> int:
   parser.add_argument('--replicate', type=int, default=1, help="usb_beside's --replicate")
   parser.add_argument('--out', default='', help='also write the Markdown here')
   args = parser.parse_args(argv)
-  usb = load_folder(os.path.join(ROOT, args.usb), USB_FILE, args.labels)
-  replicas = load_folder(os.path.join(ROOT, args.usb), USB_FILE, args.labels, args.replicate)
+  usb = load_folder(os.path.join(common.REPO, args.usb), USB_FILE, args.labels)
+  replicas = load_folder(os.path.join(common.REPO, args.usb), USB_FILE, args.labels, args.replicate)
   files = {}
   for folder in reversed([f for f in args.ours.split(',') if f]):  # the first folder wins
-    files.update(load_folder(os.path.join(ROOT, folder), OURS_FILE, args.labels))
+    files.update(load_folder(os.path.join(common.REPO, folder), OURS_FILE, args.labels))
   workdirs = load_workdirs(args.our_workdirs, args.labels)
   if args.save_ours:
     print('\n'.join(save_workdir_records(workdirs, args.save_ours, args.labels)))

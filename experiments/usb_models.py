@@ -33,7 +33,7 @@ class CNNSmall(nn.Module):
       nn.BatchNorm2d(w, eps=BN_EPS, momentum=round(1.0 - bn_momentum, 12)) for w in widths
     )
     self.classifier = nn.Linear(widths[-1], num_classes)
-    init_like_flax(self)
+    init_weights(self)
 
   def forward(self, x, only_fc: bool = False, only_feat: bool = False):
     if only_fc:
@@ -46,8 +46,9 @@ class CNNSmall(nn.Module):
     return {'logits': self.classifier(feat), 'feat': feat}
 
 
-def init_like_flax(model: nn.Module) -> None:
-  """cnn.py's initializers, in place."""
+def init_weights(model: nn.Module) -> None:
+  """USB's initialisation, in place (cnn.py's initializers are the same scheme): convs
+  kaiming_normal_(fan_out, leaky_relu), BN 1 and 0, dense xavier_normal_ with a zero bias."""
   for m in model.modules():
     if isinstance(m, nn.Conv2d):
       nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='leaky_relu')

@@ -4,7 +4,6 @@ two over loopback), and checkpoint comparisons."""
 
 import dataclasses
 import gzip
-import json
 import os
 import struct
 import subprocess
@@ -13,7 +12,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from cmix_jax import algorithms
 from cmix_jax import base_step
@@ -28,6 +26,14 @@ from cmix_jax.data import ssl_data
 from tests import gcs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A run's reliability.json: two bins, 40 test images.
+RELIABILITY_TABLE = {
+  'bin_lo': [0.0, 0.5],
+  'bin_hi': [0.5, 1.0],
+  'count': [10, 30],
+  'mean_conf': [0.4, 0.8],
+  'accuracy': [0.3, 0.9],
+}
 
 
 # ----------------------------------------------------------------------------
@@ -155,25 +161,31 @@ def assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
 
 
 # ----------------------------------------------------------------------------
-# Whole runs in subprocesses (tests/run_driver.py), and what they leave in a workdir.
+# Whole runs in subprocesses (tests/run_driver.py, `python -m ...`), and what they leave.
 
 
 def _driver_env() -> dict:
   env = dict(os.environ, PYTHONPATH=REPO)
-  env.pop('XLA_FLAGS', None)  # the driver sets its own device count
+  env.pop('XLA_FLAGS', None)  # a plain process (the driver sets its own device count)
   return env
 
 
-def driver(*args, check=True, timeout=240) -> subprocess.CompletedProcess:
-  """Runs tests/run_driver.py with `args`; AssertionError with its output if it fails."""
-  proc = subprocess.run(
-    [sys.executable, '-m', 'tests.run_driver', *args],
+def python_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """`python -m module args` from the repo root as a user starts it, its output captured."""
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
     cwd=REPO,
     env=_driver_env(),
     capture_output=True,
     text=True,
     timeout=timeout,
+    check=False,
   )
+
+
+def driver(*args, check=True, timeout=240) -> subprocess.CompletedProcess:
+  """Runs tests/run_driver.py with `args`; AssertionError with its output if it fails."""
+  proc = python_module('tests.run_driver', *args, timeout=timeout)
   if check and proc.returncode:
     raise AssertionError(
       f'driver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}'
@@ -211,20 +223,6 @@ def two_processes(workdir, *args, timeout=300, devices=4) -> list:
   finally:  # a hung pair (the failure some tests look for) is not left running
     for p in procs:
       p.kill()
-
-
-def latest_state(workdir):
-  """The newest checkpoint's (step, state as numpy, meta), whatever topology saved it."""
-  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'meta'))
-  step = mngr.latest_step()
-  path = os.path.join(workdir, 'checkpoints', str(step))
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(os.path.join(path, 'state')).item_metadata.tree
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  state = checkpointer.restore(os.path.join(path, 'state'), restore_args=as_numpy)
-  with open(os.path.join(path, 'meta', 'metadata')) as f:
-    meta = json.load(f)
-  return step, state, meta
 
 
 def assert_same_state(a, b):

@@ -52,7 +52,7 @@ def _literal(text: str):
 
 
 def build_config(args):
-  from tests import tiny
+  from configs import tiny
 
   config = tiny.config()
   config.update_from_flattened_dict(
@@ -94,7 +94,6 @@ def main(argv=None):
   args = parse_args(argv if argv is not None else sys.argv[1:])
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={args.devices}'
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from cmix_jax import checkpointing
   from cmix_jax import train
 

@@ -1,25 +1,11 @@
 """experiments/bench.py: the --smoke run on the 8 test devices, presets, the peak table."""
 
-import importlib.util
-import os
 import types
 
 import jax
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location(
-    'bench_under_test', os.path.join(ROOT, 'experiments', 'bench.py')
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load()
+from experiments import bench
 
 
 def _rows(out: str) -> dict:
@@ -128,11 +114,8 @@ def _printed_bounds(text: str) -> tuple[float, float]:
 
 def test_torch_compare_prints_ours_over_torch(monkeypatch, capsys):
   pytest.importorskip('torch')
-  spec = importlib.util.spec_from_file_location(
-    'bench_torch_under_test', os.path.join(ROOT, 'experiments', 'bench_torch.py')
-  )
-  bench_torch = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench_torch)
+  from experiments import bench_torch
+
   ours = types.SimpleNamespace(  # our side on the small model: the table's plumbing is tested
     time_ours=lambda *args, **kw: bench.time_ours(
       *args, model='cnn_small', image_shape=(12, 12, 1), **kw
@@ -158,3 +141,15 @@ def test_torch_compare_prints_ours_over_torch(monkeypatch, capsys):
     (t_lo, t_hi), (o_lo, o_hi), (r_lo, r_hi) = (_printed_bounds(c[i]) for i in (5, 8, 9))
     assert o_lo / t_hi <= r_hi and r_lo <= o_hi / t_lo  # the ratio of the printed throughputs
   assert 'augmentation alone at B=2' in out and '0.250 s/step' in out
+
+
+def test_profile_step_groups_one_traced_step_by_thunk_kind(capsys):
+  # profile_step compiles its step through bench.compiled_step, as the timings do.
+  from experiments import profile_step
+
+  profile_step.main(
+    ['--model=cnn_small', '--image_shape=12,12,1', '--batch_size=4', '--uratio=1', '--steps=1']
+  )
+  out = capsys.readouterr().out
+  assert 'fixmatch cnn_small B=4 uratio=1' in out and '| thunk kind |' in out
+  assert '| untraced: Eigen conv kernels + idle |' in out

@@ -15,7 +15,7 @@ from cmix_jax import calibratemix
 from cmix_jax import dynamics
 from cmix_jax import steps
 from cmix_jax.parallel import AXIS
-from tests import tiny
+from configs import tiny
 
 NUM_CLASSES, B, U, N_LB, N_ULB = 4, 8, 16, 32, 64
 

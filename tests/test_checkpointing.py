@@ -14,6 +14,7 @@ import pytest
 from cmix_jax import checkpointing
 from cmix_jax import storage
 from cmix_jax import train
+from experiments import common
 from tests import helpers
 
 STATE = {'w': jnp.arange(6.0), 'b': jnp.ones((2, 3), jnp.int32)}
@@ -197,7 +198,7 @@ def test_corrupt_newest_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
   assert sorted(os.listdir(ckpts)) == ['2', '4', '4.partial', '4.unreadable']
   assert os.listdir(best) == ['4.partial']
   assert 'Checkpoint of step 4 is unreadable' in proc.stderr
-  step_a, state_a, _ = helpers.latest_state(straight)
-  step_b, state_b, _ = helpers.latest_state(damaged)
+  step_a, state_a, _ = common.read_checkpoint(straight)
+  step_b, state_b, _ = common.read_checkpoint(damaged)
   assert step_a == step_b == 4
   helpers.assert_same_state(state_a, state_b)

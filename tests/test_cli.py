@@ -3,30 +3,17 @@ status 1, and a crash keeps its traceback."""
 
 import errno
 import os
-import subprocess
-import sys
 
 import pytest
 
 from cmix_jax import checkpointing
 from cmix_jax import cli
 from cmix_jax import config_validation
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 
 def _main(*args, module='cmix_jax.main'):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  env.pop('XLA_FLAGS', None)
-  return subprocess.run(
-    [sys.executable, '-m', module, *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-  )
+  return helpers.python_module(module, *args)
 
 
 def _error_lines(stderr):

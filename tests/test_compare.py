@@ -1,7 +1,6 @@
 """experiments/compare.py on fake workdirs: mean +- std, USB difference, paired dECE, files."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,18 +8,10 @@ import sys
 
 import pytest
 
+from experiments import compare
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, 'experiments', 'compare.py')
-
-
-def _load_compare():
-  spec = importlib.util.spec_from_file_location('compare_under_test', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-compare = _load_compare()
 
 REFERENCE = """# USB numbers (test copy)
 # a second comment line
@@ -31,13 +22,6 @@ softmatch,svhn,250,2.15,0.05
 PAPER = """algorithm,dataset,num_labels,error_mean,error_std,ece_mean,ece_std
 FixMatch + CalibrateMix,cifar10,40,7.50,0.50,1.20,0.10
 """
-TABLE = {
-  'bin_lo': [0.0, 0.5],
-  'bin_hi': [0.5, 1.0],
-  'count': [10, 30],
-  'mean_conf': [0.4, 0.8],
-  'accuracy': [0.3, 0.9],
-}
 
 
 def write_run(
@@ -79,7 +63,7 @@ def write_run(
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(report, f)
     with open(os.path.join(workdir, 'reliability.json'), 'w') as f:
-      json.dump(TABLE, f)
+      json.dump(helpers.RELIABILITY_TABLE, f)
   return workdir
 
 
@@ -179,7 +163,8 @@ def test_cli_writes_table_csv_and_reliability(study):
   result = subprocess.run(
     [
       sys.executable,
-      SCRIPT,
+      '-m',
+      'experiments.compare',
       str(study / 'runs'),
       f'--reference={study / "ref.csv"}',
       f'--paper={study / "paper.csv"}',

@@ -9,7 +9,7 @@ from cmix_jax import config_validation
 from cmix_jax import run_setup
 from cmix_jax.data import specs
 from configs import default
-from tests import tiny
+from configs import tiny
 
 
 def _set(config, key, value):

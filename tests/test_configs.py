@@ -1,7 +1,7 @@
 """Every config we ship builds and validates (no training), so none rots."""
 
 import dataclasses
-import importlib.util
+import importlib
 import os
 
 import numpy as np
@@ -13,15 +13,11 @@ from cmix_jax.data import image_sources
 from cmix_jax.data import specs
 from cmix_jax.data import ssl_data
 from configs import classic_cv
+from configs import tiny
+from experiments import common
+from experiments import compare
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_every_paper_setting_builds_and_validates():
@@ -62,11 +58,6 @@ def test_classic_cv_cites_the_shipped_reference_table_that_compare_reads():
   doc = classic_cv.__doc__
   assert '../' not in doc and '/work/' not in doc
   assert 'experiments/usb_reference_results.csv' in doc
-  spec = importlib.util.spec_from_file_location(
-    'compare_for_configs', os.path.join(REPO, 'experiments', 'compare.py')
-  )
-  compare = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(compare)
   assert compare.DEFAULT_REFERENCE == os.path.join(REPO, 'experiments', 'usb_reference_results.csv')
   reference = compare.load_reference(compare.DEFAULT_REFERENCE)
   assert reference[('fixmatch', 'cifar10', '40')]['error_mean'] == 8.33  # the docstring's figure
@@ -126,7 +117,32 @@ def test_bad_classic_cv_argument_names_the_format():
 
 @pytest.mark.parametrize('name', ['default', 'fmnist_study', 'fmnist_dynamics', 'fmnist_maturity'])
 def test_cpu_configs_validate(name):
-  config = _load(name).get_config()
+  config = importlib.import_module(f'configs.{name}').get_config()
   errors = config_validation.config_errors(config, 1, 10, 60000)
   assert not errors
   assert config.data.name == 'fashion_mnist_debian'
+
+
+def test_tiny_config_is_the_tests_job_and_the_fault_drills():
+  job = tiny.get_config()
+  assert job.to_dict() == tiny.config().to_dict()
+  assert (job.data.name, job.data.fake.image_shape, job.data.fake.num_classes) == (
+    'fake',
+    (12, 12, 1),
+    4,
+  )
+  assert (job.num_train_steps, job.data.batch_size, job.data.uratio) == (4, 16, 2)
+  drill = common.load_config('configs/tiny.py:faults')  # as cmix_jax.main reads it
+  assert drill.to_dict() == tiny.get_config('faults').to_dict()
+  assert (drill.num_train_steps, drill.checkpoint_every, drill.eval_every, drill.log_every) == (
+    tiny.FAULT_STEPS,
+    tiny.FAULT_CHECKPOINT_EVERY,
+    300,
+    50,
+  )
+  assert drill.calibratemix.enabled and drill.calibratemix.warmup_steps == 50
+  assert drill.data.fake == job.data.fake and drill.model.name == job.model.name
+  for config, devices in ((job, 1), (drill, 2)):
+    assert not config_validation.config_errors(config, devices, 4, 256)
+  with pytest.raises(ValueError, match='faults'):
+    tiny.get_config('fault')

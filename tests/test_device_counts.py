@@ -1,9 +1,7 @@
 """Every shipped config runs unchanged on 1, 2, 4 and 8 devices (fake CPU devices)."""
 
-import importlib.util
-import os
+import importlib
 
-import ml_collections
 import numpy as np
 import pytest
 
@@ -11,17 +9,11 @@ from cmix_jax import config_validation
 from cmix_jax import parallel
 from cmix_jax.data import specs
 from configs import classic_cv
+from configs import default
+from configs import tiny
 from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNTS = (1, 2, 4, 8)
-
-
-def _load(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _variants(config):
@@ -38,7 +30,7 @@ def _variants(config):
 
 @pytest.mark.parametrize('name', ['default', 'fmnist_study', 'fmnist_dynamics'])
 def test_cpu_configs_validate_on_every_device_count(name):
-  for config in _variants(_load(name).get_config()):
+  for config in _variants(importlib.import_module(f'configs.{name}').get_config()):
     for devices in DEVICE_COUNTS:
       assert config_validation.config_errors(config, devices, 10, 60000) == [], devices
 
@@ -56,12 +48,8 @@ def test_classic_cv_settings_validate_on_every_device_count():
 
 def _default_on_fake_data(num_devices: int):
   """The default config unchanged except for fake data of its shape (28x28x1, 10 classes)."""
-  config = _load('default').get_config()
+  config = tiny.fake_data(default.get_config(), 1000, 1234, (28, 28, 1), num_classes=10)
   config.num_devices = num_devices
-  config.data.name = 'fake'
-  config.data.fake = ml_collections.ConfigDict(
-    dict(num_train=1000, num_test=1234, image_shape=(28, 28, 1), num_classes=10, seed=0)
-  )
   config.calibratemix.enabled = True
   config.calibratemix.warmup_steps = 0  # step 0 base, step 1 CalibrateMix
   config.progress_bar = False

@@ -7,8 +7,8 @@ import numpy as np
 from cmix_jax import parallel
 from cmix_jax import steps
 from cmix_jax.data import augment
+from configs import tiny
 from tests import helpers
-from tests import tiny
 
 
 def test_bfloat16_trained_run_evaluates_with_float32_logits():

@@ -9,8 +9,8 @@ from cmix_jax import calibratemix
 from cmix_jax import dynamics
 from cmix_jax import parallel
 from cmix_jax import steps
+from configs import tiny
 from tests import helpers
-from tests import tiny
 
 
 def _run(passes, warmup=1):

@@ -1,7 +1,6 @@
 """gs:// paths against a real local GCS endpoint (fake-gcs-server): every layer that writes or
 reads a workdir or a data dir, and the preflight errors."""
 
-import importlib.util
 import io
 import os
 
@@ -20,6 +19,8 @@ from cmix_jax.data import fake_data
 from cmix_jax.data import own_data
 from cmix_jax.data import splits
 from cmix_jax.data import tfds_store
+from experiments import common
+from experiments import compare
 from tests import gcs as gcs_lib
 from tests import helpers
 
@@ -186,25 +187,8 @@ def test_preflight_of_a_local_workdir_writes_nothing(tmp_path):
     storage.check_writable(str(tmp_path / 'file' / 'run'))
 
 
-def _load_script(name):
-  path = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', f'{name}.py'
-  )
-  spec = importlib.util.spec_from_file_location(f'{name}_under_gcs_test', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_compare_and_sweep_read_and_write_the_bucket(gcs):
-  compare, sweep = _load_script('compare'), _load_script('sweep')
-  table = {
-    'bin_lo': [0.0, 0.5],
-    'bin_hi': [0.5, 1.0],
-    'count': [10, 30],
-    'mean_conf': [0.4, 0.8],
-    'accuracy': [0.3, 0.9],
-  }
+  # sweep.py's skip check (common.is_finished) and compare.py, both on a bucket
   runs = f'{ROOT}/sweeps/grid'
   for seed, error in ((0, 0.1), (1, 0.2)):
     run = f'{runs}/fix_{seed}'
@@ -215,9 +199,9 @@ def test_compare_and_sweep_read_and_write_the_bucket(gcs):
     storage.write_json(
       f'{run}/eval.json', {'accuracy': 1 - error, 'ece': 0.05, 'selection': 'final', 'step': 9}
     )
-    storage.write_json(f'{run}/reliability.json', table)
+    storage.write_json(f'{run}/reliability.json', helpers.RELIABILITY_TABLE)
   storage.write_json(f'{runs}/unfinished/config.json', {'seed': 5})
-  assert sweep.is_finished(f'{runs}/fix_0') and not sweep.is_finished(f'{runs}/unfinished')
+  assert common.is_finished(f'{runs}/fix_0') and not common.is_finished(f'{runs}/unfinished')
   finished, unfinished = compare.discover([runs])
   assert finished == [f'{runs}/fix_0', f'{runs}/fix_1'] and unfinished == [f'{runs}/unfinished']
   assert compare.main([runs, f'--out={ROOT}/compare', '--reference=']) == 0
@@ -233,7 +217,7 @@ def test_compare_and_sweep_read_and_write_the_bucket(gcs):
 
 def test_run_assembly_refuses_a_missing_bucket_before_writing(gcs, tmp_path):
   from cmix_jax import run_setup
-  from tests import tiny
+  from configs import tiny
 
   with pytest.raises(storage.StorageError, match='gs://no-such-bucket does not exist'):
     run_setup.build_run(tiny.config(), 'gs://no-such-bucket/run')

@@ -2,36 +2,14 @@
 SIGKILL, exact resume with the lease taken over, and `python -m cmix_jax.evaluate` reading the
 workdir back."""
 
-import os
-import subprocess
-import sys
-
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
-
-from cmix_jax import checkpointing
 from cmix_jax import storage
 from cmix_jax.data import fake_data
+from configs import tiny
+from experiments import common
 from tests import gcs as gcs_lib
 from tests import helpers
-from tests import tiny
 
 ROOT = f'gs://{gcs_lib.BUCKET}/e2e'
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _state(workdir):
-  """The newest checkpoint's (step, state as numpy, meta), read back through orbax/epath."""
-  directory = checkpointing.checkpoint_dir(workdir)
-  step = ocp.CheckpointManager(directory, item_names=('state', 'meta')).latest_step()
-  checkpointer = ocp.PyTreeCheckpointer()
-  path = directory / str(step) / 'state'
-  tree = checkpointer.metadata(path).item_metadata.tree
-  state = checkpointer.restore(
-    path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  )
-  return step, state, storage.read_json(directory / str(step) / 'meta' / 'metadata')
 
 
 def _train_records(workdir):
@@ -66,12 +44,15 @@ def test_bucket_run_is_killed_resumes_exactly_and_evaluates(gcs):
     check=False,
   )
   assert proc.returncode == -9, proc.stderr[-3000:]
-  assert _state(killed)[0] == 2
+  assert common.read_checkpoint(killed)[0] == 2
   assert storage.read_json(f'{killed}/lease.json')['pid'] > 0  # the killed run's lease is left
   resumed = helpers.driver(f'--workdir={killed}', *data)
   assert 'Taking over the workdir lease' in resumed.stderr
   assert not storage.as_path(f'{killed}/lease.json').exists()  # released at the clean end
-  (step_a, state_a, meta_a), (step_b, state_b, meta_b) = _state(straight), _state(killed)
+  (step_a, state_a, meta_a), (step_b, state_b, meta_b) = (
+    common.read_checkpoint(straight),
+    common.read_checkpoint(killed),
+  )
   assert step_a == step_b == 4 and meta_a == meta_b
   helpers.assert_same_state(state_a, state_b)
   assert _train_records(straight).keys() == _train_records(killed).keys() == {2, 4}
@@ -84,16 +65,7 @@ def test_bucket_run_is_killed_resumes_exactly_and_evaluates(gcs):
     assert len(events) == runs, events
     assert all(b'train/loss' in p.read_bytes() for p in events)  # uploaded with the scalars
   report = storage.read_json(f'{killed}/eval.json')
-  env = dict(os.environ, PYTHONPATH=REPO)
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run(
-    [sys.executable, '-m', 'cmix_jax.evaluate', f'--workdir={killed}'],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=240,
-  )
+  proc = helpers.python_module('cmix_jax.evaluate', f'--workdir={killed}', timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   evaluated = storage.read_json(f'{killed}/eval_latest_4.json')
   assert evaluated['metrics']['accuracy'] == report['final']['accuracy']

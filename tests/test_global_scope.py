@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from cmix_jax import parallel
+from configs import tiny
 from tests import helpers
-from tests import tiny
 
 
 @pytest.mark.parametrize('passes', [2, 1])

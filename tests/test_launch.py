@@ -1,7 +1,6 @@
 """experiments/launch.py: the dry run's gcloud / sbatch lines, their quoting, and flag checks."""
 
 import configparser
-import importlib.util
 import os
 import re
 import shlex
@@ -10,8 +9,9 @@ import sys
 
 import pytest
 
+from experiments import launch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, 'experiments', 'launch.py')
 PAPER = 'configs/classic_cv.py:softmatch,cifar10,40,0,cmix'
 TPU = [
   '--target=tpu',
@@ -20,16 +20,6 @@ TPU = [
   '--bucket=my-bucket',
   f'--config={PAPER}',
 ]
-
-
-def _load():
-  spec = importlib.util.spec_from_file_location('launch_under_test', SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-launch = _load()
 
 
 def _dry_run(argv, capsys) -> list[list[str]]:
@@ -302,7 +292,8 @@ def test_script_runs_from_the_command_line():
   result = subprocess.run(
     [
       sys.executable,
-      SCRIPT,
+      '-m',
+      'experiments.launch',
       '--target=gpu',
       '--config=configs/default.py',
       '--data_dir=d',
@@ -325,9 +316,9 @@ def test_docs_cloud_md_shows_what_the_dry_runs_print(capsys):
     blocks = _bash_blocks(f.read())
   checked = 0
   for command, printed in zip(blocks, blocks[1:]):
-    if not command.startswith('python experiments/launch.py'):
+    if not command.startswith('python -m experiments.launch'):
       continue
-    argv = shlex.split(command.replace('\\\n', ' '))[2:]
+    argv = shlex.split(command.replace('\\\n', ' '))[3:]
     assert '--dry_run' in argv
     assert launch.main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out.splitlines()

@@ -219,7 +219,7 @@ def test_nonpositive_timeout_is_refused(tmp_path):
 
 def test_run_assembly_refuses_a_busy_workdir_before_writing(tmp_path):
   from cmix_jax import run_setup
-  from tests import tiny
+  from configs import tiny
 
   workdir = str(tmp_path / 'run')
   boot = lease_lib._boot_id()

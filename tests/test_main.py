@@ -4,15 +4,13 @@ the command line runs on the real default data and shows a readable console."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
 from cmix_jax import train
-from tests import tiny
+from configs import tiny
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_fmnist = pytest.mark.skipif(
   not os.path.isdir('/usr/share/datasets/fashion-mnist'),
   reason='the default data needs the Debian package dataset-fashion-mnist (make install)',
@@ -117,22 +115,9 @@ def test_main_module_runs_from_the_command_line(data_dir, tmp_path):
       'calibratemix.passes': 2,
     }.items()
   ]
-  env = dict(os.environ, PYTHONPATH=REPO)
-  env.pop('XLA_FLAGS', None)  # a plain single-device process, as a user starts it
-  proc = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'cmix_jax.main',
-      '--config=configs/default.py',
-      f'--workdir={workdir}',
-      *flags,
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  # a plain single-device process (XLA_FLAGS unset), as a user starts it
+  proc = helpers.python_module(
+    'cmix_jax.main', '--config=configs/default.py', f'--workdir={workdir}', *flags
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(workdir, 'eval.json')) as f:

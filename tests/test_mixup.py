@@ -1,9 +1,7 @@
 """Tests for cmix_jax.mixup: dissimilar pairing, median split, mixing, BCE, targeted mixup."""
 
 import functools
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -390,14 +388,8 @@ def test_downsample_averages_blocks():
 
 def test_bench_counts_the_global_scope_traffic_by_hand():
   """experiments/bench_pairing.py reads the collectives off the traced per-device program."""
-  spec = importlib.util.spec_from_file_location(
-    'bench_pairing',
-    os.path.join(
-      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments', 'bench_pairing.py'
-    ),
-  )
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  from experiments import bench_pairing as bench
+
   pixels = 32 * 32 * 3 * 4  # f32 bytes of one image
   scalars = (64 + 448) * 4 * 2  # difficulties, labels / pseudo-labels of the global batch
   full = bench.global_pairing_bytes(64, 7, (32, 32, 3), 8)

@@ -186,20 +186,10 @@ def test_grayscale_npz_gets_a_channel_axis(tmp_path):
   np.testing.assert_allclose(stats['std'], [x.std() / 255], rtol=1e-9)
 
 
-def _load_example():
-  """experiments/own_data_example.py, imported by path (experiments/ is not a package)."""
-  import importlib.util
-
-  script = os.path.join(os.path.dirname(__file__), '..', 'experiments', 'own_data_example.py')
-  spec = importlib.util.spec_from_file_location('own_data_example_under_test', script)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_worked_example_writes_the_same_digits_as_npz_and_folder(tmp_path):
   """The README's worked example: its npz and its folder read back as the same arrays."""
-  example = _load_example()
+  from experiments import own_data_example as example
+
   arrays = example.digits_arrays()
   assert arrays['x_train'].shape == (1497, 8, 8, 1) and arrays['x_test'].shape == (300, 8, 8, 1)
   assert np.bincount(arrays['y_test']).tolist() == [30] * 10

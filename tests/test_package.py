@@ -15,7 +15,7 @@ def _module_name(path: pathlib.Path) -> str:
 
 
 def _imports(path: pathlib.Path, known: set[str]) -> set[str]:
-  """cmix_jax modules `path` imports anywhere in its body (function-level imports too)."""
+  """Modules of ours `path` imports anywhere in its body (function-level imports too)."""
   found = set()
   for node in ast.walk(ast.parse(path.read_text())):
     if isinstance(node, ast.Import):
@@ -29,7 +29,9 @@ def _imports(path: pathlib.Path, known: set[str]) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-  files = {_module_name(p): p for p in (ROOT / 'cmix_jax').rglob('*.py')}
+  """Module -> the modules of ours it imports, over cmix_jax, configs and experiments."""
+  folders = ('cmix_jax', 'configs', 'experiments')
+  files = {_module_name(p): p for f in folders for p in (ROOT / f).rglob('*.py')}
   graph = {name: _imports(path, set(files)) - {name} for name, path in files.items()}
   # `from cmix_jax.pkg.mod import x` runs pkg/__init__ first; that is not a cycle of ours.
   return {name: {d for d in deps if not name.startswith(d + '.')} for name, deps in graph.items()}

@@ -12,8 +12,8 @@ from cmix_jax import evaluate
 from cmix_jax import resume
 from cmix_jax import run_setup
 from cmix_jax import train
+from configs import tiny
 from tests import helpers
-from tests import tiny
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_previous(tmp_path):

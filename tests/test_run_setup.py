@@ -11,7 +11,7 @@ import pytest
 
 from cmix_jax import config_validation
 from cmix_jax import run_setup
-from tests import tiny
+from configs import tiny
 
 
 @pytest.mark.parametrize(

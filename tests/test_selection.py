@@ -11,7 +11,7 @@ from cmix_jax import run_setup
 from cmix_jax import train
 from cmix_jax.data import catalog
 from cmix_jax.data import ssl_data
-from tests import tiny
+from configs import tiny
 
 # Accuracy reported at steps 1..4 for the split that selects: the best is step 2 (0.75);
 # step 4 ties it and must not replace it (strictly better only, like USB).

@@ -9,8 +9,8 @@ import pytest
 from cmix_jax import dynamics
 from cmix_jax import parallel
 from cmix_jax import steps
+from configs import tiny
 from tests import helpers
-from tests import tiny
 
 
 def test_learning_rate_schedule_is_usb_cosine():

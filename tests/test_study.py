@@ -1,6 +1,5 @@
 """experiments/study.py and study_analysis.py: grid, skip/resume, paired intervals, AUROC."""
 
-import importlib.util
 import json
 import math
 import os
@@ -8,20 +7,10 @@ import os
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments import common
+from experiments import study
+from experiments import study_analysis as analysis
 
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-    f'{name}_under_test', os.path.join(ROOT, 'experiments', f'{name}.py')
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-study = _load('study')
-analysis = _load('study_analysis')
 T_975_DF2 = 4.302652729911275  # Student-t 97.5 % quantile, 2 degrees of freedom
 
 
@@ -71,7 +60,7 @@ def test_grid_lists_every_cell_seed_by_seed_with_its_overrides():
 
 def test_dry_run_lists_runs_states_and_passes_config_overrides(tmp_path, capsys):
   out, root = tmp_path / 'out', tmp_path / 'runs'
-  study.write_json(study.result_path(str(out), 'supervised-base-s0'), {'seed': 0})
+  common.write_json(study.result_path(str(out), 'supervised-base-s0'), {'seed': 0})
   (root / 'fixmatch-base-s0').mkdir(parents=True)
   (root / 'fixmatch-base-s0' / 'eval.json').write_text('{}')
   (root / 'fixmatch-cmix-s0' / 'checkpoints').mkdir(parents=True)
@@ -99,9 +88,29 @@ def test_dry_run_lists_runs_states_and_passes_config_overrides(tmp_path, capsys)
     study.main(['--dry_run', '--config.seed=3'])
 
 
+def _main_without_training(monkeypatch, out, root, train, analyse, *flags):
+  """study.main over the fixmatch base and cmix runs of seed 0, `train` and `analyse` standing
+  in for the real ones, no table or pictures."""
+  monkeypatch.setattr(study, 'train', train)
+  monkeypatch.setattr(study, 'analyse', analyse)
+  monkeypatch.setattr(study, 'write_table', lambda out, family: ('', {'primary': []}))
+  monkeypatch.setattr(study, 'write_pictures', lambda *a: [])
+  study.main(
+    [
+      '--seeds=0',
+      '--labels=',
+      '--only=fixmatch-',
+      '--variants=base,cmix',
+      f'--out={out}',
+      f'--root={root}',
+      *flags,
+    ]
+  )
+
+
 def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypatch):
   out, root = tmp_path / 'out', tmp_path / 'runs'
-  study.write_json(study.result_path(str(out), 'supervised-base-s0'), {'seed': 0})
+  common.write_json(study.result_path(str(out), 'supervised-base-s0'), {'seed': 0})
   (root / 'fixmatch-base-s0').mkdir(parents=True)
   (root / 'fixmatch-base-s0' / 'eval.json').write_text('{}')
   trained, analysed = [], []
@@ -114,21 +123,8 @@ def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypa
     analysed.append(os.path.basename(workdir))
     return {'metrics': {'accuracy': 0.5, 'ece': 0.1}}
 
-  monkeypatch.setattr(study, 'train', fake_train)
-  monkeypatch.setattr(study, 'analyse', fake_analyse)
-  monkeypatch.setattr(study, 'write_table', lambda out, family: ('', {'primary': []}))
-  monkeypatch.setattr(study, 'write_pictures', lambda *a: [])
-  study.main(
-    [
-      '--seeds=0',
-      '--labels=',
-      '--only=fixmatch-',
-      '--variants=base,cmix',
-      f'--out={out}',
-      f'--root={root}',
-      '--config.num_train_steps=7',
-    ]
-  )
+  steps = '--config.num_train_steps=7'
+  _main_without_training(monkeypatch, out, root, fake_train, fake_analyse, steps)
   assert trained == [('fixmatch-cmix-s0', {'num_train_steps': '7'})]  # base only analysed
   assert analysed == ['fixmatch-base-s0', 'fixmatch-cmix-s0']
   record = json.loads((out / 'runs' / 'fixmatch-cmix-s0.json').read_text())
@@ -137,17 +133,7 @@ def test_finished_runs_are_skipped_trained_runs_only_analysed(tmp_path, monkeypa
   assert json.loads((out / 'runs' / 'fixmatch-base-s0.json').read_text())['train_seconds'] is None
   trained.clear()
   analysed.clear()
-  study.main(
-    [
-      '--seeds=0',
-      '--labels=',
-      '--only=fixmatch-',
-      '--variants=base,cmix',
-      f'--out={out}',
-      f'--root={root}',
-      '--config.num_train_steps=7',
-    ]
-  )
+  _main_without_training(monkeypatch, out, root, fake_train, fake_analyse, steps)
   assert not trained and not analysed  # everything finished: nothing reruns
 
 
@@ -180,12 +166,12 @@ def _record(
   machine='m1',
 ):
   rec = {
-    'name': study.run_name(algorithm, variant, seed, labels),
+    'name': common.run_name(algorithm, variant, seed, labels),
     'algorithm': algorithm,
     'variant': variant,
     'labels': labels,
     'seed': seed,
-    'overrides': {'algorithm': algorithm, 'seed': seed, **study.VARIANTS[variant]},
+    'overrides': {'algorithm': algorithm, 'seed': seed, **common.VARIANTS[variant]},
     'user_overrides': user or {},
     'metrics': {'accuracy': acc, 'ece': ece, 'nll': 1.0, 'brier': 0.5},
     'ts': {'temperature': 1.2, 'metrics': {'ece': ece / 2}},
@@ -205,7 +191,7 @@ def _record(
 
 def _write(out, records):
   for r in records:
-    study.write_json(study.result_path(str(out), r['name']), r)
+    common.write_json(study.result_path(str(out), r['name']), r)
 
 
 def test_paired_interval_hand_values():
@@ -367,20 +353,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, ca
       raise FileNotFoundError('dynamics.npz is missing')
     return {'metrics': {'accuracy': 0.5, 'ece': 0.1}}
 
-  monkeypatch.setattr(study, 'train', lambda *a: 1.0)
-  monkeypatch.setattr(study, 'analyse', fake_analyse)
-  monkeypatch.setattr(study, 'write_table', lambda out, family: ('', {'primary': []}))
-  monkeypatch.setattr(study, 'write_pictures', lambda *a: [])
-  study.main(
-    [
-      '--seeds=0',
-      '--labels=',
-      '--only=fixmatch-',
-      '--variants=base,cmix',
-      f'--out={out}',
-      f'--root={root}',
-    ]
-  )
+  _main_without_training(monkeypatch, out, root, lambda *a: 1.0, fake_analyse)
   assert 'FAILED: fixmatch-cmix-s0' in capsys.readouterr().out
   assert sorted(os.listdir(out / 'runs')) == ['fixmatch-base-s0.json']
 
@@ -388,7 +361,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path, monkeypatch, ca
 def test_one_tiny_run_end_to_end_leaves_a_result_file_and_a_table(tmp_path):
   config = tmp_path / 'tiny_study.py'
   config.write_text(
-    'from tests import tiny\n\n\n'
+    'from configs import tiny\n\n\n'
     'def get_config():\n'
     '  c = tiny.config(steps=6)  # FixMatch base: one step program to compile\n'
     '  c.calibratemix.warmup_steps = 2\n'

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from cmix_jax import train
+from configs import tiny
+from experiments import common
 from tests import helpers
-from tests import tiny
 
 
 def _train_records(workdir):
@@ -29,10 +30,10 @@ def test_sigkill_after_checkpoint_then_resume_equals_uninterrupted(tmp_path):
     check=False,
   )
   assert proc.returncode == -9, proc.stderr[-2000:]  # really killed, no clean exit
-  assert helpers.latest_state(killed)[0] == 2
+  assert common.read_checkpoint(killed)[0] == 2
   helpers.driver(f'--workdir={killed}', '--devices=2', '--set=calibratemix.enabled=True')
-  step_a, state_a, _ = helpers.latest_state(straight)
-  step_b, state_b, _ = helpers.latest_state(killed)
+  step_a, state_a, _ = common.read_checkpoint(straight)
+  step_b, state_b, _ = common.read_checkpoint(killed)
   assert step_a == step_b == 4
   helpers.assert_same_state(state_a, state_b)  # params, EMA, optimizer, dynamics, algo, rng
   drop_timing = lambda r: {k: v for k, v in r.items() if k != 'steps_per_sec'}
@@ -48,7 +49,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
   workdir = str(tmp_path / 'preempted')
   proc = helpers.driver(f'--workdir={workdir}', '--sigterm_after_step=2')
   assert 'Preempted: checkpoint saved at step 2' in proc.stdout
-  assert helpers.latest_state(workdir)[0] == 2
+  assert common.read_checkpoint(workdir)[0] == 2
   proc = helpers.driver(f'--workdir={workdir}')
   assert 'RESULT False 4' in proc.stdout
 
@@ -69,12 +70,12 @@ def test_steps_between_logs_never_sync_with_the_host():
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / 'nan')
   helpers.driver(f'--workdir={workdir}', '--set=num_train_steps=4')
-  _, good, _ = helpers.latest_state(workdir)
+  _, good, _ = common.read_checkpoint(workdir)
   config = tiny.config(steps=8)
   config.optim.lr = 1e38  # valid, but the update's norm overflows: a non-finite step
   with pytest.raises(train.NonFiniteError, match='first at step 4'):
     train.train_and_evaluate(config, workdir, allow_config_change=True)
-  step, state, _ = helpers.latest_state(workdir)
+  step, state, _ = common.read_checkpoint(workdir)
   assert step == 4
   helpers.assert_same_state(good, state)
 
@@ -85,8 +86,8 @@ def test_two_processes_over_loopback_equal_one_process(tmp_path):
   helpers.driver(f'--workdir={single}', '--devices=8')
   for p, out, err in helpers.two_processes(multi):
     assert p.returncode == 0, f'{out}\n{err[-4000:]}'
-  _, state_single, _ = helpers.latest_state(single)
-  _, state_multi, _ = helpers.latest_state(multi)
+  _, state_single, _ = common.read_checkpoint(single)
+  _, state_multi, _ = common.read_checkpoint(multi)
   flat_s = jax.tree_util.tree_flatten_with_path(state_single)[0]
   flat_m = dict(jax.tree_util.tree_flatten_with_path(state_multi)[0])
   for path, x in flat_s:
@@ -118,8 +119,8 @@ def test_sharded_run_of_one_host_resumes_as_two_hosts_on_fewer_devices(tmp_path)
   for p, out, err in helpers.two_processes(moved, *sharded, devices=2):
     assert p.returncode == 0, f'{out}\n{err[-4000:]}'
     assert 'RESULT False 6' in out
-  step_a, state_a, _ = helpers.latest_state(straight)
-  step_b, state_b, _ = helpers.latest_state(moved)
+  step_a, state_a, _ = common.read_checkpoint(straight)
+  step_b, state_b, _ = common.read_checkpoint(moved)
   assert step_a == step_b == 6
   tables_a, tables_b = state_a['dynamics'], state_b['dynamics']
   assert tables_a['apm'].shape[0] == 1 and tables_b['apm'].shape[0] == 4

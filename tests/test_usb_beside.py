@@ -5,31 +5,14 @@ import argparse
 import importlib.util
 import json
 import math
-import os
-import sys
 
 import numpy as np
 import pytest
 
 from cmix_jax.data import catalog
 from cmix_jax.data import splits
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXPERIMENTS = os.path.join(ROOT, 'experiments')
-
-
-def _load(name: str):
-  """An experiments/ script as a module (its folder on sys.path, as when run)."""
-  if EXPERIMENTS not in sys.path:
-    sys.path.insert(0, EXPERIMENTS)
-  spec = importlib.util.spec_from_file_location(f'{name}_under_test', f'{EXPERIMENTS}/{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-usb_beside = _load('usb_beside')
-usb_compare = _load('usb_compare')
+from experiments import usb_beside
+from experiments import usb_compare
 
 
 def _fake_config(steps: int = 3):
@@ -281,8 +264,8 @@ def test_network_forward_and_bn_update_equal_flax():
   import jax
   import torch
 
-  import usb_models
   from cmix_jax.models import cnn
+  from experiments import usb_models
 
   flax_model = cnn.CNNSmall(num_classes=10, bn_momentum=0.99)
   x = np.random.default_rng(1).normal(size=(240, 28, 28, 1)).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Scripts around cmix_jax (studies, sweeps, benchmarks, drills); run `python -m experiments.NAME`."""
