@@ -19,31 +19,24 @@ from cmix_jax import steps
 # `run` below is a run_setup.Run (config, topo, info, model, tx, algorithm, managers, ...).
 
 
+def _host_state(run, key):
+  """The run's fresh host state from `key` (one device's zero dynamics shard when sharded)."""
+  shards = run.topo.num_devices if run.sharded_field else 1
+  return steps.create_train_state(
+    run.config, run.model, run.tx, run.algorithm, run.info, key, dynamics_shards=shards
+  )
+
+
 def fresh_state(run):
   """A new state in the checkpoint layout (zero dynamics shards when sharded)."""
-  state = steps.create_train_state(
-    run.config,
-    run.model,
-    run.tx,
-    run.algorithm,
-    run.info,
-    jax.random.key(run.config.seed),
-    dynamics_shards=run.topo.num_devices if run.sharded_field else 1,
-  )
+  state = _host_state(run, jax.random.key(run.config.seed))
   return parallel.host_state_to_checkpoint_layout(state, run.topo, run.sharded_field)
 
 
 def abstract_state(run):
   """Shape/dtype/sharding skeleton of `fresh_state(run)`, traced without running or compiling
   the model's init (a resumed run needs only the skeleton)."""
-  shards = run.topo.num_devices if run.sharded_field else 1
-
-  def create(key):
-    return steps.create_train_state(
-      run.config, run.model, run.tx, run.algorithm, run.info, key, dynamics_shards=shards
-    )
-
-  host = jax.eval_shape(create, jax.random.key(run.config.seed))
+  host = jax.eval_shape(lambda key: _host_state(run, key), jax.random.key(run.config.seed))
   state = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=run.topo.replicated), host
   )
