@@ -20,17 +20,18 @@ import pathlib
 import statistics
 import sys
 
+from experiments import common
+
 METRICS = (('accuracy', 'metrics.accuracy'), ('ECE', 'metrics.ece'))
 
 
 def value(record: dict, dotted: str) -> float:
   """A number of a result record by dotted path; NaN where it is missing."""
-  node = record
-  for part in dotted.split('.'):
-    if not isinstance(node, dict) or node.get(part) is None:
-      return math.nan
-    node = node[part]
-  return float(node)
+  try:
+    node = common.dotted(record, dotted)
+  except KeyError:
+    return math.nan
+  return math.nan if node is None else float(node)
 
 
 def machine_of(record: dict):
