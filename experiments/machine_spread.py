@@ -21,6 +21,7 @@ import statistics
 import sys
 
 from experiments import common
+from experiments import study as study_results
 
 METRICS = (('accuracy', 'metrics.accuracy'), ('ECE', 'metrics.ece'))
 
@@ -34,16 +35,6 @@ def value(record: dict, dotted: str) -> float:
   return math.nan if node is None else float(node)
 
 
-def machine_of(record: dict):
-  """The machine id a run trained on (None where the file records none)."""
-  return ((record.get('provenance') or {}).get('train') or {}).get('machine_id')
-
-
-def cell_of(record: dict) -> tuple:
-  """(algorithm, variant, labels): the runs that differ only by seed."""
-  return (record['algorithm'], record['variant'], record.get('labels'))
-
-
 def load_folder(folder: str) -> list[dict]:
   """Every result file (`*.json` with a `name`) of one folder, sorted by file name."""
   records = [json.loads(p.read_text()) for p in sorted(pathlib.Path(folder).glob('*.json'))]
@@ -53,19 +44,18 @@ def load_folder(folder: str) -> list[dict]:
 def machine_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
   """(first, other) for each run name recorded on two machines: the first file seen and the
   first later file of the same name whose machine id differs."""
-  first, pairs = {}, []
+  first, pairs = {}, {}
   for r in records:
     name = r['name']
-    if name not in first:
-      first[name] = r
-    elif machine_of(r) != machine_of(first[name]) and name not in {a['name'] for a, _ in pairs}:
-      pairs.append((first[name], r))
-  return pairs
+    first.setdefault(name, r)
+    if name not in pairs and study_results.machine_of(r) != study_results.machine_of(first[name]):
+      pairs[name] = (first[name], r)
+  return list(pairs.values())
 
 
 def seed_sd(study: list[dict], cell: tuple, dotted: str) -> tuple[float, int]:
   """Standard deviation over seeds of one cell's metric in the study, and how many seeds."""
-  values = [value(r, dotted) for r in study if cell_of(r) == cell]
+  values = [value(r, dotted) for r in study if study_results.cell_of(r) == cell]
   values = [v for v in values if math.isfinite(v)]
   return (statistics.stdev(values) if len(values) >= 2 else math.nan), len(values)
 
@@ -75,12 +65,14 @@ def spread_rows(study: list[dict], reruns: list[dict]) -> list[dict]:
   (a = the first file of the name, the study's where it has one), difference, seed SD, noise."""
   rows = []
   for a, b in machine_pairs(study + reruns):
-    row = {'name': a['name'], 'machines': (machine_of(a), machine_of(b))}
+    row = {
+      'name': a['name'],
+      'machines': (study_results.machine_of(a), study_results.machine_of(b)),
+    }
     for label, dotted in METRICS:
       va, vb = value(a, dotted), value(b, dotted)
-      sd, n = seed_sd(study, cell_of(a), dotted)
+      sd, row['seeds'] = seed_sd(study, study_results.cell_of(a), dotted)
       row[label] = {'a': va, 'b': vb, 'b_minus_a': vb - va, 'equal': va == vb, 'seed_sd': sd}
-      row['seeds'] = n
     boots = [r.get('ece_bootstrap') or {} for r in (a, b)]
     halves = [(x['high'] - x['low']) / 2 for x in boots if 'high' in x and 'low' in x]
     row['ece_bootstrap_half_width'] = max(halves) if halves else math.nan
