@@ -553,14 +553,18 @@ def _pooled_reliability(runs: list[dict], root: str) -> dict:
 
 
 def forest_rows(summary: dict) -> list[dict]:
-  """The pre-registered comparisons as forest-plot rows (ECE and accuracy in points)."""
+  """The pre-registered comparisons as forest-plot rows: ECE and accuracy in points, an AUROC
+  difference x 100 so that it reads on the same axis (0.01 AUROC = 1)."""
   rows = []
   for row in summary['primary']:
     scale = _scale(row['metric'])[0]
+    metric = row['metric']
+    if metric == 'AUROC':
+      scale, metric = 100, 'AUROC x 100'
     labels = '' if row['labels'] is None else f', {row["labels"]} labels'
     rows.append(
       {
-        'label': f'{row["id"]} {row["base"]}{labels}: {row["comparison"]} ({row["metric"]})',
+        'label': f'{row["id"]} {row["base"]}{labels}: {row["comparison"]} ({metric})',
         'group': row['id'],
         'mean': scale * row['mean'],
         'low': scale * row['low'],
@@ -585,7 +589,7 @@ def write_pictures(runs: list[dict], root: str, out: str, seed: int, summary: di
     written += plots.forest_plot(
       rows,
       str(folder / f'forest_{summary["family"]}.png'),
-      'paired difference (points; AUROC as is)',
+      'paired difference (points; AUROC x 100)',
       title,
     )
   for labels in sorted({r['labels'] for r in runs}, key=lambda n: -1 if n is None else n):

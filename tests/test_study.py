@@ -273,6 +273,37 @@ def test_primary_family_holm_verdicts_only_when_complete(tmp_path):
   assert '| fixmatch + second pass, no mixup (control), 40 labels | 0 1 2 3 4 |' in markdown
 
 
+def test_forest_rows_put_points_and_auroc_on_one_axis():
+  row = {'base': 'fixmatch', 'labels': 40, 'comparison': 'c', 'n': 3}
+  summary = {
+    'primary': [
+      {
+        **row,
+        'id': 'M3',
+        'metric': 'metrics.ece',
+        'mean': -0.0186,
+        'low': -0.0466,
+        'high': 0.0094,
+        'verdict': 'not shown',
+      },
+      {
+        **row,
+        'id': 'M1',
+        'metric': 'AUROC',
+        'mean': 0.017,
+        'low': -0.012,
+        'high': 0.047,
+        'verdict': 'higher (shown)',
+      },
+    ]
+  }
+  ece, auroc = study.forest_rows(summary)
+  assert (ece['mean'], ece['low'], ece['high']) == pytest.approx((-1.86, -4.66, 0.94))
+  assert ece['label'] == 'M3 fixmatch, 40 labels: c (metrics.ece)' and not ece['shown']
+  assert (auroc['mean'], auroc['low'], auroc['high']) == pytest.approx((1.7, -1.2, 4.7))  # x 100
+  assert auroc['label'].endswith('(AUROC x 100)') and auroc['shown']
+
+
 def test_pairs_on_two_machines_are_counted():
   cells = study.by_cell(_family_records(range(3), machine_of_fused=lambda s: f'm{s}'))
   iv = study.paired(cells, ('fixmatch', 'cmix_fused', 40), ('fixmatch', 'base', 40), 'metrics.ece')
