@@ -3,14 +3,17 @@
 Command (the rung: FixMatch and SoftMatch x {base, control, two-pass, fused}, seeds 0-2,
 results in experiments/results/fmnist_controlled/maturity/):
   python -m experiments.study --config=configs/fmnist_maturity.py --seeds=0,1,2 \
-      --variants=base,control,cmix,cmix_fused --root=runs/fmnist_maturity \
-      --out=experiments/results/fmnist_controlled/maturity
+      --variants=base,control,cmix,cmix_fused --family=maturity --labels=40 \
+      --root=runs/fmnist_maturity --out=experiments/results/fmnist_controlled/maturity
+(27 runs, ~2.5 min each on an idle 2-core CPU.)
 Sizing: a 1,000-image class-balanced pool over 3,200 steps, warm-up 448 (14 %, as the main
 grid): (3,200 - 448) * 112 / 1,000 = 308 APM updates per unlabeled sample on average, against
 38.5 in the main grid (configs/fmnist_dynamics.py). Pool size and run length change together,
 so the rung asks whether matured APM carries information beyond confidence; a difference in
 ECE effect between rung and grid is read as exploratory, not as caused by maturity alone.
-Expected result: not yet run (see the study's README).
+Expected result (final EMA, test, mean of seeds 0-2): FixMatch 67.0 % / ECE 18.7 %, SoftMatch
+69.7 % / ECE 17.4 %; 303-309 APM updates per unlabeled sample; AUROC(APM) within 0.05 of
+AUROC(confidence) in every run.
 """
 
 from configs import fmnist_dynamics
