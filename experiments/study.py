@@ -349,11 +349,24 @@ def exploratory_word(iv: dict) -> str:
   return 'not shown'
 
 
-def exploratory(cell_map: dict) -> list[dict]:
-  """Every exploratory row whose two arms exist, per (base, labels)."""
+def exploratory_comparisons(family: str) -> list[tuple]:
+  """EXPLORATORY, then the other families' primary tests, less the family's own tests:
+  (what, arm a, arm b, metric), each pair of arms and metric once."""
+  own = {test[2:] for test in FAMILIES[family]['tests']}
+  others = [test[1:] for name, spec in FAMILIES.items() if name != family for test in spec['tests']]
+  comparisons, seen = [], set(own)
+  for what, a, b, metric in (*EXPLORATORY, *others):
+    if (a, b, metric) not in seen:
+      seen.add((a, b, metric))
+      comparisons.append((what, a, b, metric))
+  return comparisons
+
+
+def exploratory(cell_map: dict, family: str = 'main') -> list[dict]:
+  """Every exploratory row of the family whose two arms exist, per (base, labels)."""
   rows = []
   for base, labels in _bases_and_labels(cell_map):
-    for what, a, b, metric in EXPLORATORY:
+    for what, a, b, metric in exploratory_comparisons(family):
       a_cell, b_cell = _arm(base, a, labels), _arm(base, b, labels)
       if a_cell not in cell_map or b_cell not in cell_map:
         continue
@@ -507,7 +520,7 @@ def table(results, family: str = 'main') -> tuple[str, dict]:
     '| base | labels | comparison | metric | seeds | mean [95 % t-interval] | reading |',
     '|---|---|---|---|---|---|---|',
   ]
-  for row in exploratory(cell_map):
+  for row in exploratory(cell_map, family):
     scale, digits, unit = _scale(row['metric'])
     lines.append(
       f'| {row["base"]} | {row["labels"] or ""} | {row["comparison"]} | {row["metric"]}{unit} '

@@ -273,6 +273,17 @@ def test_primary_family_holm_verdicts_only_when_complete(tmp_path):
   assert '| fixmatch + second pass, no mixup (control), 40 labels | 0 1 2 3 4 |' in markdown
 
 
+def test_each_family_reads_the_others_primary_tests_as_exploratory():
+  main = study.exploratory_comparisons('main')
+  assert main == list(study.EXPLORATORY)  # M1 is already there, M2/M3 are P2/P1
+  maturity = [(a, b, metric) for _, a, b, metric in study.exploratory_comparisons('maturity')]
+  assert ('cmix', 'base', 'metrics.accuracy') in maturity  # P3, exploratory in the rung
+  assert ('cmix', 'split_random', 'metrics.ece') in maturity  # P4 (printed where both arms exist)
+  for test in study.FAMILIES['maturity']['tests']:
+    assert test[2:] not in maturity  # never both primary and exploratory
+  assert len(maturity) == len(set(maturity))
+
+
 def test_forest_rows_put_points_and_auroc_on_one_axis():
   row = {'base': 'fixmatch', 'labels': 40, 'comparison': 'c', 'n': 3}
   summary = {
