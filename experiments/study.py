@@ -602,7 +602,8 @@ def write_pictures(runs: list[dict], root: str, out: str, seed: int, summary: di
     written += plots.forest_plot(
       rows,
       str(folder / f'forest_{summary["family"]}.png'),
-      'paired difference (points; AUROC x 100)',
+      'paired difference (points'
+      + ('; AUROC x 100)' if any('AUROC' in r['label'] for r in rows) else ')'),
       title,
     )
   for labels in sorted({r['labels'] for r in runs}, key=lambda n: -1 if n is None else n):
