@@ -12,7 +12,7 @@ grid): (3,200 - 448) * 112 / 1,000 = 308 APM updates per unlabeled sample on ave
 so the rung asks whether matured APM carries information beyond confidence; a difference in
 ECE effect between rung and grid is read as exploratory, not as caused by maturity alone.
 Expected result (final EMA, test, mean of seeds 0-2): FixMatch 67.0 % / ECE 18.7 %, SoftMatch
-69.7 % / ECE 17.4 %; 303-309 APM updates per unlabeled sample; AUROC(APM) within 0.05 of
+69.7 % / ECE 17.4 %; 303-311 APM updates per unlabeled sample; AUROC(APM) within 0.05 of
 AUROC(confidence) in every run.
 """
 

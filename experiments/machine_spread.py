@@ -20,19 +20,9 @@ import pathlib
 import statistics
 import sys
 
-from experiments import common
 from experiments import study as study_results
 
 METRICS = (('accuracy', 'metrics.accuracy'), ('ECE', 'metrics.ece'))
-
-
-def value(record: dict, dotted: str) -> float:
-  """A number of a result record by dotted path; NaN where it is missing."""
-  try:
-    node = common.dotted(record, dotted)
-  except KeyError:
-    return math.nan
-  return math.nan if node is None else float(node)
 
 
 def load_folder(folder: str) -> list[dict]:
@@ -55,7 +45,9 @@ def machine_pairs(records: list[dict]) -> list[tuple[dict, dict]]:
 
 def seed_sd(study: list[dict], cell: tuple, dotted: str) -> tuple[float, int]:
   """Standard deviation over seeds of one cell's metric in the study, and how many seeds."""
-  values = [value(r, dotted) for r in study if study_results.cell_of(r) == cell]
+  values = [
+    study_results.metric_value(r, dotted) for r in study if study_results.cell_of(r) == cell
+  ]
   values = [v for v in values if math.isfinite(v)]
   return (statistics.stdev(values) if len(values) >= 2 else math.nan), len(values)
 
@@ -70,7 +62,7 @@ def spread_rows(study: list[dict], reruns: list[dict]) -> list[dict]:
       'machines': (study_results.machine_of(a), study_results.machine_of(b)),
     }
     for label, dotted in METRICS:
-      va, vb = value(a, dotted), value(b, dotted)
+      va, vb = (study_results.metric_value(r, dotted) for r in (a, b))
       sd, row['seeds'] = seed_sd(study, study_results.cell_of(a), dotted)
       row[label] = {'a': va, 'b': vb, 'b_minus_a': vb - va, 'equal': va == vb, 'seed_sd': sd}
     boots = [r.get('ece_bootstrap') or {} for r in (a, b)]

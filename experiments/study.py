@@ -182,7 +182,7 @@ def load_results(out: str) -> list[dict]:
   return results
 
 
-def _value(record: dict, metric: str):
+def metric_value(record: dict, metric: str):
   """A metric of a result record by dotted path ('metrics.ece', 'mechanism.auroc_apm')."""
   node = record
   for part in metric.split('.'):
@@ -214,8 +214,8 @@ def machine_of(record: dict):
 def _difference(ra: dict, rb: dict, metric: str) -> float:
   """a - b of one metric; 'mechanism' is AUROC(APM) - AUROC(confidence) of run a alone."""
   if metric == 'mechanism':
-    return _value(ra, 'mechanism.auroc_apm') - _value(ra, 'mechanism.auroc_confidence')
-  return _value(ra, metric) - _value(rb, metric)
+    return metric_value(ra, 'mechanism.auroc_apm') - metric_value(ra, 'mechanism.auroc_confidence')
+  return metric_value(ra, metric) - metric_value(rb, metric)
 
 
 def paired(cell_map: dict, a: tuple, b: tuple, metric: str) -> dict:
@@ -461,7 +461,7 @@ def run_summary(record: dict) -> dict:
     'overrides': record.get('overrides'),
     'user_overrides': record.get('user_overrides'),
     'metrics': {k: record['metrics'].get(k) for k in ('accuracy', 'ece', 'nll', 'brier')},
-    'ece_after_ts': _value(record, 'ts.metrics.ece'),
+    'ece_after_ts': metric_value(record, 'ts.metrics.ece'),
     'ece_bootstrap': record.get('ece_bootstrap'),
     'apm_count': record.get('apm_count'),
     'mechanism': record.get('mechanism'),
@@ -483,7 +483,7 @@ def table(results, family: str = 'main') -> tuple[str, dict]:
   summary = {'family': family, 'runs': [], 'cells': {}, 'primary': [], 'exploratory': []}
   for cell in sorted(cell_map, key=cell_order):
     runs = [cell_map[cell][s] for s in sorted(cell_map[cell])]
-    values = {h: [_value(r, m) for r in runs] for h, m, *_ in CELL_COLUMNS}
+    values = {h: [metric_value(r, m) for r in runs] for h, m, *_ in CELL_COLUMNS}
     lines.append(
       f'| {cell_label(cell)} | {" ".join(str(r["seed"]) for r in runs)} | '
       + ' | '.join(_pm(values[h], scale, digits) for h, _, scale, digits in CELL_COLUMNS)
@@ -603,7 +603,7 @@ def write_pictures(runs: list[dict], root: str, out: str, seed: int, summary: di
       rows,
       str(folder / f'forest_{summary["family"]}.png'),
       'paired difference (points'
-      + ('; AUROC x 100)' if any('AUROC' in r['label'] for r in rows) else ')'),
+      + ('; AUROC x 100)' if any(r['metric'] == 'AUROC' for r in summary['primary']) else ')'),
       title,
     )
   for labels in sorted({r['labels'] for r in runs}, key=lambda n: -1 if n is None else n):
